@@ -1,0 +1,133 @@
+"""Image files <-> tensors in [-1, 1].
+
+Everything that reads images (CLI, evaluation, training, latent extraction) goes through
+`load_image`, so that grayscale, palette, RGBA and 16-bit files are handled in one place and
+an unreadable file is reported by name.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
+
+
+class ImageReadError(OSError):
+    """An image file could not be read or decoded."""
+
+
+def find_images(root: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """All image files under `root` (a file, or a folder searched recursively), sorted by path."""
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"{root} does not exist")
+    if root.is_file():
+        return [root]
+    pattern = "**/*" if recursive else "*"
+    files = [p for p in root.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(files)
+
+
+def _to_rgb_array(img: Image.Image) -> np.ndarray:
+    """Any PIL mode -> HxWx3 uint8. 16-bit files are scaled, alpha is composited on white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if arr.max() > 255 else 255.0
+        arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(arr[..., None], 3, axis=2)
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0) + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(arr[..., None], 3, axis=2)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def load_image_uint8(path: str | os.PathLike) -> np.ndarray:
+    """Read a file as HxWx3 uint8 RGB; raises ImageReadError naming the file."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return _to_rgb_array(img)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # PIL raises many types for corrupt data
+        raise ImageReadError(f"cannot read image {path}: {exc}") from exc
+
+
+def uint8_to_tensor(arr: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 -> 3xHxW float32 in [-1, 1]."""
+    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float()
+    return t / 127.5 - 1.0
+
+
+def tensor_to_uint8(t: torch.Tensor) -> np.ndarray:
+    """3xHxW (or 1x3xHxW) tensor in [-1, 1] -> HxWx3 uint8, rounded like the evaluation protocol."""
+    if t.ndim == 4:
+        if t.shape[0] != 1:
+            raise ValueError(f"expected one image, got a batch of {t.shape[0]}")
+        t = t[0]
+    t = ((t.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return t.permute(1, 2, 0).numpy()
+
+
+def load_image(path: str | os.PathLike) -> torch.Tensor:
+    """Read an image file as a 3xHxW float32 tensor in [-1, 1]."""
+    return uint8_to_tensor(load_image_uint8(path))
+
+
+def save_image(t: torch.Tensor | np.ndarray, path: str | os.PathLike, overwrite: bool = True) -> Path:
+    """Write a [-1, 1] tensor (or uint8 array) atomically; the format follows the suffix."""
+    from dcae.utils.io import atomic_path
+
+    arr = t if isinstance(t, np.ndarray) else tensor_to_uint8(t)
+    path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        Image.fromarray(arr).save(tmp, format=fmt)
+    return path
+
+
+def center_crop_arr(arr: np.ndarray, size: int) -> np.ndarray:
+    """ADM center crop (guided-diffusion): box-halve while the short side >= 2*size, bicubic resize
+    of the short side to `size`, then a center crop. This is the reference evaluation protocol."""
+    img = Image.fromarray(arr)
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+    out = np.asarray(img)
+    top = (out.shape[0] - size) // 2
+    left = (out.shape[1] - size) // 2
+    return out[top : top + size, left : left + size]
+
+
+def make_grid(images: Iterable[torch.Tensor], nrow: int = 8, padding: int = 2, pad_value: float = 1.0) -> torch.Tensor:
+    """Tile 3xHxW tensors (same size) into one 3xH'xW' tensor, row-major."""
+    images = [im if im.ndim == 3 else im[0] for im in images]
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    c, h, w = images[0].shape
+    n = len(images)
+    ncol = min(nrow, n)
+    nrows = (n + ncol - 1) // ncol
+    grid = torch.full((c, nrows * (h + padding) + padding, ncol * (w + padding) + padding), pad_value)
+    for k, im in enumerate(images):
+        r, col = divmod(k, ncol)
+        y, x = padding + r * (h + padding), padding + col * (w + padding)
+        grid[:, y : y + h, x : x + w] = im.detach().float().cpu()
+    return grid
+
+
+# Truncated JPEGs raise instead of loading half an image silently.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
