@@ -1,0 +1,276 @@
+"""The DC-AE autoencoder: encoder, decoder and the user-facing `DCAE` model.
+
+Read top-down: Encoder (stem -> stages -> bottleneck with residual shortcut), Decoder (mirror), DCAE
+(encode/decode for images of any size, latent scaling, batch slicing, loading and saving).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from dcae.errors import NonFiniteError
+from dcae.models.config import DCAEConfig, get_config
+from dcae.models.layers import (
+    ChannelDuplicatingPixelShuffle,
+    ConvLayer,
+    OpSequential,
+    PixelUnshuffleChannelAveraging,
+    ResidualBlock,
+    SliceableInputConv,
+    SliceableOutputConv,
+    build_act,
+    build_block,
+    build_downsample,
+    build_norm,
+    build_upsample,
+)
+
+
+def _leading_empty_stages(depths: tuple[int, ...]) -> int:
+    """Stages of depth 0 at the start fold into the stem/head: each one is a x2 (un)shuffle there."""
+    n = 0
+    while depths[n] == 0:
+        n += 1
+    return n
+
+
+class _Coder(nn.Module):
+    """Shared bits of Encoder and Decoder: running stages, with optional gradient checkpointing."""
+
+    gradient_checkpointing: bool = False
+
+    def _run(self, stage: OpSequential, x: torch.Tensor) -> torch.Tensor:
+        for block in stage.op_list:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+
+class Encoder(_Coder):
+    def __init__(self, cfg: DCAEConfig) -> None:
+        super().__init__()
+        widths, depths = cfg.encoder_widths, cfg.encoder_depths
+        start = _leading_empty_stages(depths)
+        if start == 0:
+            self.project_in = ConvLayer(cfg.in_channels, widths[0], 3)
+        else:
+            self.project_in = build_downsample(cfg.encoder_downsample, cfg.in_channels, widths[start], 2**start)
+
+        stages = []
+        for i, (width, depth) in enumerate(zip(widths, depths)):
+            ops: list[nn.Module] = [
+                build_block(cfg.encoder_block_types[i], width, cfg.encoder_norm, cfg.encoder_act) for _ in range(depth)
+            ]
+            if i < len(widths) - 1 and depth > 0:
+                ops.append(
+                    ResidualBlock(
+                        build_downsample(cfg.encoder_downsample, width, widths[i + 1]),
+                        PixelUnshuffleChannelAveraging(width, widths[i + 1], 2),
+                    )
+                )
+            stages.append(OpSequential(ops))
+        self.stages = nn.ModuleList(stages)
+
+        out_conv = (
+            SliceableOutputConv(widths[-1], cfg.latent_channels)
+            if cfg.encoder_sliceable_out
+            else ConvLayer(widths[-1], cfg.latent_channels, 3)
+        )
+        self.project_out: nn.Module = OpSequential([out_conv])
+        if cfg.encoder_out_shortcut:
+            # Bottleneck residual: latent = conv(h) + mean over groups of consecutive channels of h.
+            self.project_out = ResidualBlock(
+                self.project_out, PixelUnshuffleChannelAveraging(widths[-1], cfg.latent_channels, 1)
+            )
+
+    def forward(self, x: torch.Tensor, latent_channels: int | None = None) -> torch.Tensor:
+        x = self.project_in(x)
+        for stage in self.stages:
+            x = self._run(stage, x)
+        if latent_channels is not None:
+            if not isinstance(self.project_out, OpSequential) or not isinstance(
+                self.project_out.op_list[0], SliceableOutputConv
+            ):
+                raise ValueError("latent_channels needs a model with a channel-sliceable latent (DC-AE 1.5)")
+            return self.project_out.op_list[0](x, out_channels=latent_channels)
+        return self.project_out(x)
+
+
+class Decoder(_Coder):
+    def __init__(self, cfg: DCAEConfig) -> None:
+        super().__init__()
+        widths, depths = cfg.decoder_widths, cfg.decoder_depths
+        n = len(widths)
+
+        in_conv = (
+            SliceableInputConv(cfg.latent_channels, widths[-1])
+            if cfg.decoder_sliceable_in
+            else ConvLayer(cfg.latent_channels, widths[-1], 3)
+        )
+        self.project_in: nn.Module = in_conv
+        if cfg.decoder_in_shortcut:
+            # Bottleneck residual: h = conv(z) + z with each channel repeated width/latent times.
+            self.project_in = ResidualBlock(in_conv, ChannelDuplicatingPixelShuffle(cfg.latent_channels, widths[-1], 1))
+
+        stages = []
+        for i, (width, depth) in enumerate(zip(widths, depths)):
+            ops: list[nn.Module] = []
+            if i < n - 1 and depth > 0:
+                ops.append(
+                    ResidualBlock(
+                        build_upsample(cfg.decoder_upsample, widths[i + 1], width),
+                        ChannelDuplicatingPixelShuffle(widths[i + 1], width, 2),
+                    )
+                )
+            norm, act = cfg.decoder_norms[i], cfg.decoder_acts[i]
+            ops += [build_block(cfg.decoder_block_types[i], width, norm, act) for _ in range(depth)]
+            stages.append(OpSequential(ops))
+        self.stages = nn.ModuleList(stages)  # stages[i] is stage i; they run from the last to the first
+
+        # The head: norm -> act -> conv (or a x2^k pixel-shuffle conv when the first stages are empty).
+        start = _leading_empty_stages(depths)
+        width = widths[start]
+        head_conv = (
+            ConvLayer(width, cfg.in_channels, 3)
+            if start == 0
+            else build_upsample(cfg.decoder_upsample, width, cfg.in_channels, 2**start)
+        )
+        self.project_out = OpSequential(
+            [build_norm(cfg.decoder_head_norm, width), build_act(cfg.decoder_head_act), head_conv]
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.project_in(z)
+        for stage in reversed(self.stages):
+            x = self._run(stage, x)
+        return self.project_out(x)
+
+
+class DCAE(nn.Module):
+    """Deep Compression Autoencoder. Images in [-1, 1] <-> latents (unscaled; see `scale_latents`)."""
+
+    def __init__(self, config: DCAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+
+    # --------------------------------------------------------------------- construction and I/O
+    @classmethod
+    def from_config(cls, config: str | DCAEConfig | os.PathLike) -> DCAE:
+        """Randomly initialised model from a zoo name, a DCAEConfig or a YAML/JSON config file."""
+        if isinstance(config, DCAEConfig):
+            return cls(config)
+        if isinstance(config, os.PathLike) or str(config).endswith((".yaml", ".yml", ".json")):
+            return cls(DCAEConfig.from_file(config))
+        return cls(get_config(str(config)))
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike, **kwargs) -> DCAE:
+        """Load released or saved weights: a Hub id, a local folder (original or diffusers format,
+        sharded or not) or a single .safetensors/.pt file. See `dcae.checkpoint.load_dcae`."""
+        from dcae.checkpoint import load_dcae
+
+        return load_dcae(source, **kwargs)
+
+    def save_pretrained(self, directory: str | os.PathLike, format: str = "original", overwrite: bool = False) -> Path:
+        """Write `directory` in the original (`model.safetensors` + config.json) or diffusers format."""
+        from dcae.checkpoint import save_dcae
+
+        return save_dcae(self, directory, format=format, overwrite=overwrite)
+
+    # --------------------------------------------------------------------- properties
+    @property
+    def spatial_compression(self) -> int:
+        return self.config.spatial_compression
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.config.scaling_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.latent_channels
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.encoder.gradient_checkpointing = enabled
+        self.decoder.gradient_checkpointing = enabled
+
+    # --------------------------------------------------------------------- encode / decode
+    def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents as a diffusion model sees them: z * scaling_factor (unit RMS, no shift)."""
+        return z * self.config.scaling_factor
+
+    def unscale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        return z / self.config.scaling_factor
+
+    def pad_to_multiple(self, x: torch.Tensor) -> torch.Tensor:
+        """Pad H and W up to a multiple of the compression factor (reflect where possible, else replicate)."""
+        f = self.spatial_compression
+        h, w = x.shape[-2:]
+        ph, pw = (-h) % f, (-w) % f
+        if ph == 0 and pw == 0:
+            return x
+        mode = "reflect" if ph < h and pw < w else "replicate"
+        return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+    def encode(
+        self,
+        x: torch.Tensor,
+        latent_channels: int | None = None,
+        batch_size: int | None = None,
+    ) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> latents (B, C, ceil(H/f), ceil(W/f)).
+
+        Sizes that are not a multiple of f are padded (`decode(encode(x))[..., :H, :W]` crops back;
+        `reconstruct` does both). `batch_size` splits the batch to bound memory. For DC-AE 1.5,
+        `latent_channels=k` returns only the first k channels of the structured latent.
+        """
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
+            raise ValueError(f"expected images of shape (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
+        x = self.pad_to_multiple(x.to(self._param_dtype()))
+        return self._batched(lambda xb: self._encode(xb, latent_channels), x, batch_size)
+
+    def decode(self, z: torch.Tensor, batch_size: int | None = None, check_finite: bool = False) -> torch.Tensor:
+        """Latents (unscaled) -> images in [-1, 1] (not clamped: clamp when converting to pixels)."""
+        if z.ndim != 4:
+            raise ValueError(f"expected latents of shape (B, C, h, w), got {tuple(z.shape)}")
+        if check_finite and not torch.isfinite(z).all():
+            raise NonFiniteError("latents contain NaN or Inf values; they cannot be decoded")
+        return self._batched(self._decode, z.to(self._param_dtype()), batch_size)
+
+    def reconstruct(self, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """decode(encode(x)) cropped back to the input size."""
+        h, w = x.shape[-2:]
+        return self.decode(self.encode(x, batch_size=batch_size), batch_size=batch_size)[..., :h, :w]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+    # Hooks that the tiled and fused paths override; plain calls by default.
+    def _encode(self, x: torch.Tensor, latent_channels: int | None = None) -> torch.Tensor:
+        return self.encoder(x, latent_channels=latent_channels)
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
+    def _param_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @staticmethod
+    def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int | None) -> torch.Tensor:
+        if batch_size is None or x.shape[0] <= batch_size:
+            return fn(x)
+        return torch.cat([fn(chunk) for chunk in x.split(batch_size)])
+
+    def extra_repr(self) -> str:
+        return f"name={self.config.name!r}, f{self.spatial_compression}c{self.latent_channels}"

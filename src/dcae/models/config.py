@@ -1,0 +1,257 @@
+"""DC-AE configuration: a small dataclass, loadable from YAML/JSON, plus the zoo of released models."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dcae.errors import UnknownModelError
+
+STAGE_TUPLES = (
+    "encoder_widths",
+    "encoder_depths",
+    "encoder_block_types",
+    "decoder_widths",
+    "decoder_depths",
+    "decoder_block_types",
+    "decoder_norms",
+    "decoder_acts",
+)
+
+
+@dataclass
+class DCAEConfig:
+    """Shape of a DC-AE. One entry per stage in the per-stage tuples; compression = 2 ** (stages - 1).
+
+    A stage with depth 0 at the start of the encoder folds into the stem (a pixel-unshuffle conv),
+    and mirrors into the decoder head.
+    """
+
+    name: str = "custom"
+    in_channels: int = 3
+    latent_channels: int = 32
+    encoder_widths: tuple[int, ...] = (128, 256, 512, 512, 1024, 1024)
+    encoder_depths: tuple[int, ...] = (0, 4, 8, 2, 2, 2)
+    encoder_block_types: tuple[str, ...] = ("ResBlock",) * 3 + ("EViTGLU",) * 3
+    encoder_norm: str = "trms2d"
+    encoder_act: str = "silu"
+    encoder_downsample: str = "pixel_unshuffle"  # or "conv" (stride-2, SANA)
+    encoder_out_shortcut: bool = True  # residual autoencoding at the bottleneck
+    encoder_sliceable_out: bool = False  # DC-AE 1.5 structured latent
+    decoder_widths: tuple[int, ...] = (128, 256, 512, 512, 1024, 1024)
+    decoder_depths: tuple[int, ...] = (0, 5, 10, 2, 2, 2)
+    decoder_block_types: tuple[str, ...] = ("ResBlock",) * 3 + ("EViTGLU",) * 3
+    decoder_norms: tuple[str, ...] = ("bn2d",) * 3 + ("trms2d",) * 3
+    decoder_acts: tuple[str, ...] = ("relu",) * 3 + ("silu",) * 3
+    decoder_upsample: str = "pixel_shuffle"  # or "interpolate" (SANA)
+    decoder_in_shortcut: bool = True
+    decoder_sliceable_in: bool = False
+    decoder_head_norm: str = "trms2d"
+    decoder_head_act: str = "relu"
+    scaling_factor: float = 1.0
+    # Where the released weights live (None for user-defined models).
+    hub_id: str | None = None
+    hub_id_diffusers: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in STAGE_TUPLES:
+            value = getattr(self, name)
+            if isinstance(value, str):
+                n = len(self.encoder_widths if name.startswith("encoder") else self.decoder_widths)
+                value = (value,) * n
+            setattr(self, name, tuple(value))
+        self.validate()
+
+    @property
+    def spatial_compression(self) -> int:
+        return 2 ** (len(self.encoder_widths) - 1)
+
+    def validate(self) -> None:
+        n_enc, n_dec = len(self.encoder_widths), len(self.decoder_widths)
+        problems = []
+        for name in STAGE_TUPLES:
+            n = n_enc if name.startswith("encoder") else n_dec
+            if len(getattr(self, name)) != n:
+                problems.append(f"{name} has {len(getattr(self, name))} entries, expected {n}")
+        if n_enc != n_dec:
+            problems.append(f"encoder has {n_enc} stages but decoder has {n_dec}")
+        if self.encoder_depths and self.encoder_depths[-1] == 0:
+            problems.append("the last encoder stage must have depth > 0")
+        if self.encoder_out_shortcut and self.encoder_widths[-1] % self.latent_channels:
+            problems.append(
+                f"encoder_out_shortcut needs the last width ({self.encoder_widths[-1]}) divisible by "
+                f"latent_channels ({self.latent_channels})"
+            )
+        if self.decoder_in_shortcut and self.decoder_widths[-1] % self.latent_channels:
+            problems.append(
+                f"decoder_in_shortcut needs the last width ({self.decoder_widths[-1]}) divisible by "
+                f"latent_channels ({self.latent_channels})"
+            )
+        if problems:
+            raise ValueError(f"invalid DCAEConfig {self.name!r}: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DCAEConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown DCAEConfig fields: {unknown}")
+        return cls(**d)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> DCAEConfig:
+        """Load from .yaml/.yml/.json. A file may name a zoo model and override fields: {base: name, ...}."""
+        path = Path(path)
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            d = yaml.safe_load(text)
+        else:
+            d = json.loads(text)
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a mapping of DCAEConfig fields")
+        base = d.pop("base", None)
+        if base is not None:
+            return dataclasses.replace(get_config(base), **{**d, "hub_id": None, "hub_id_diffusers": None})
+        return cls.from_dict(d)
+
+
+# ----------------------------------------------------------------------------- the zoo
+_ZOO: dict[str, DCAEConfig] = {}
+
+
+def register(cfg: DCAEConfig) -> DCAEConfig:
+    _ZOO[cfg.name] = cfg
+    return cfg
+
+
+def _in_mix(name: str, n_evit: int, latent: int, widths: tuple[int, ...], scaling: float) -> DCAEConfig:
+    return DCAEConfig(
+        name=name,
+        latent_channels=latent,
+        encoder_widths=widths,
+        encoder_depths=(0, 4, 8) + (2,) * n_evit,
+        encoder_block_types=("ResBlock",) * 3 + ("EViTGLU",) * n_evit,
+        decoder_widths=widths,
+        decoder_depths=(0, 5, 10) + (2,) * n_evit,
+        decoder_block_types=("ResBlock",) * 3 + ("EViTGLU",) * n_evit,
+        decoder_norms=("bn2d",) * 3 + ("trms2d",) * n_evit,
+        decoder_acts=("relu",) * 3 + ("silu",) * n_evit,
+        scaling_factor=scaling,
+        hub_id=f"mit-han-lab/{name}",
+        hub_id_diffusers=f"mit-han-lab/{name}-diffusers",
+    )
+
+
+_W6 = (128, 256, 512, 512, 1024, 1024)
+for _name, _scale in [("dc-ae-f32c32-in-1.0", 0.3189), ("dc-ae-f32c32-mix-1.0", 0.4552)]:
+    register(_in_mix(_name, 3, 32, _W6, _scale))
+for _name, _scale in [("dc-ae-f64c128-in-1.0", 0.2889), ("dc-ae-f64c128-mix-1.0", 0.4538)]:
+    register(_in_mix(_name, 4, 128, _W6 + (2048,), _scale))
+for _name, _scale in [("dc-ae-f128c512-in-1.0", 0.4883), ("dc-ae-f128c512-mix-1.0", 0.3620)]:
+    register(_in_mix(_name, 5, 512, _W6 + (2048, 2048), _scale))
+
+_SANA_ENCODER = dict(
+    encoder_widths=_W6,
+    encoder_depths=(2, 2, 2, 3, 3, 3),
+    encoder_block_types=("ResBlock",) * 3 + ("EViTS5GLU",) * 3,
+    encoder_downsample="conv",
+)
+for _name in ("dc-ae-f32c32-sana-1.0", "dc-ae-f32c32-sana-1.1"):
+    register(
+        DCAEConfig(
+            name=_name,
+            latent_channels=32,
+            **_SANA_ENCODER,
+            decoder_widths=_W6,
+            decoder_depths=(3, 3, 3, 3, 3, 3),
+            decoder_block_types=("ResBlock",) * 3 + ("EViTS5GLU",) * 3,
+            decoder_norms=("trms2d",) * 6,
+            decoder_acts=("silu",) * 6,
+            decoder_upsample="interpolate",
+            scaling_factor=0.41407,
+            hub_id=f"mit-han-lab/{_name}",
+            hub_id_diffusers=f"mit-han-lab/{_name}-diffusers",
+        )
+    )
+register(
+    DCAEConfig(
+        name="dc-ae-lite-f32c32-sana-1.1",
+        latent_channels=32,
+        **_SANA_ENCODER,
+        decoder_widths=_W6,
+        decoder_depths=(0, 3, 5, 4, 4, 4),
+        decoder_block_types=("ResBlock",) * 6,
+        decoder_norms=("trms2d",) * 6,
+        decoder_acts=("silu",) * 6,
+        decoder_head_act="silu",
+        scaling_factor=0.41407,
+        hub_id="mit-han-lab/dc-ae-lite-f32c32-sana-1.1",
+        hub_id_diffusers="mit-han-lab/dc-ae-lite-f32c32-sana-1.1-diffusers",
+    )
+)
+
+
+def _v15(name: str, widths: tuple[int, ...], scaling: float) -> DCAEConfig:
+    n = len(widths)
+    depths = (0, 5, 10) + (4,) * (n - 3)
+    return DCAEConfig(
+        name=name,
+        latent_channels=128,
+        encoder_widths=widths,
+        encoder_depths=depths,
+        encoder_block_types=("ResBlock",) * n,
+        encoder_out_shortcut=False,
+        encoder_sliceable_out=True,
+        decoder_widths=widths,
+        decoder_depths=depths,
+        decoder_block_types=("ResBlock",) * n,
+        decoder_norms=("trms2d",) * n,
+        decoder_acts=("silu",) * n,
+        decoder_in_shortcut=False,
+        decoder_sliceable_in=True,
+        decoder_head_act="silu",
+        scaling_factor=scaling,
+        hub_id=f"mit-han-lab/{name}",
+        hub_id_diffusers=f"mit-han-lab/{name}-diffusers",
+    )
+
+
+# DC-AE 1.5 f32c128's scaling factor is not published with the config; 1.0 until measured (`dcae eval`
+# reports the implied factor).
+register(_v15("dc-ae-1.5-f32c128", _W6, 1.0))
+register(_v15("dc-ae-1.5-f64c128", _W6 + (1024,), 0.5935))
+
+
+def list_models() -> list[str]:
+    """Names of the registered (released) configurations."""
+    return list(_ZOO)
+
+
+def get_config(name: str) -> DCAEConfig:
+    """A copy of a registered configuration; unknown names list the known ones and the closest match."""
+    if name in _ZOO:
+        return dataclasses.replace(_ZOO[name])
+    short = {n.removeprefix("dc-ae-"): n for n in _ZOO}
+    if name in short:
+        return dataclasses.replace(_ZOO[short[name]])
+    close = difflib.get_close_matches(name, list(_ZOO), n=1, cutoff=0.4)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise UnknownModelError(f"unknown model {name!r}.{hint} Known models: {', '.join(_ZOO)}")
+
+
+def find_by_hub_id(repo_id: str) -> DCAEConfig | None:
+    for cfg in _ZOO.values():
+        if repo_id in (cfg.hub_id, cfg.hub_id_diffusers):
+            return dataclasses.replace(cfg)
+    return None
