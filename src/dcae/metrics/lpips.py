@@ -49,8 +49,9 @@ class BlurPool2d(nn.Module):
         self.register_buffer("filt", (filt / filt.sum())[None, None].repeat(channels, 1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(F.pad(x, self.pad, mode="reflect"), self.filt.to(x.dtype), stride=self.stride,
-                        groups=x.shape[1])
+        return F.conv2d(
+            F.pad(x, self.pad, mode="reflect"), self.filt.to(x.dtype), stride=self.stride, groups=x.shape[1]
+        )
 
 
 def _conv(cin: int, cout: int, k: int = 3, stride: int = 1, padding: int = 1) -> nn.Conv2d:
@@ -76,12 +77,38 @@ def _vgg16_layers(shift_tolerant: bool) -> list[nn.Module]:
 def _alexnet_layers(shift_tolerant: bool) -> list[nn.Module]:
     """torchvision AlexNet `features`; shift-tolerant: stride-1 first conv, blur-pool doing every stride."""
     if not shift_tolerant:
-        return [_conv(3, 64, 11, 4, 2), nn.ReLU(), nn.MaxPool2d(3, 2), _conv(64, 192, 5, 1, 2), nn.ReLU(),
-                nn.MaxPool2d(3, 2), _conv(192, 384), nn.ReLU(), _conv(384, 256), nn.ReLU(), _conv(256, 256),
-                nn.ReLU(), nn.MaxPool2d(3, 2)]
-    return [_conv(3, 64, 11, 1, 2), BlurPool2d(64), nn.ReLU(), nn.MaxPool2d(3, 1), BlurPool2d(64),
-            _conv(64, 192, 5, 1, 2), nn.ReLU(), nn.MaxPool2d(3, 1), BlurPool2d(192), _conv(192, 384), nn.ReLU(),
-            _conv(384, 256), nn.ReLU(), _conv(256, 256), nn.ReLU()]
+        return [
+            _conv(3, 64, 11, 4, 2),
+            nn.ReLU(),
+            nn.MaxPool2d(3, 2),
+            _conv(64, 192, 5, 1, 2),
+            nn.ReLU(),
+            nn.MaxPool2d(3, 2),
+            _conv(192, 384),
+            nn.ReLU(),
+            _conv(384, 256),
+            nn.ReLU(),
+            _conv(256, 256),
+            nn.ReLU(),
+            nn.MaxPool2d(3, 2),
+        ]
+    return [
+        _conv(3, 64, 11, 1, 2),
+        BlurPool2d(64),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 1),
+        BlurPool2d(64),
+        _conv(64, 192, 5, 1, 2),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 1),
+        BlurPool2d(192),
+        _conv(192, 384),
+        nn.ReLU(),
+        _conv(384, 256),
+        nn.ReLU(),
+        _conv(256, 256),
+        nn.ReLU(),
+    ]
 
 
 # Where each of the five feature taps ends, as [start, end) indices into `features`; the indices are
@@ -209,7 +236,8 @@ class LPIPS(nn.Module):
             raise MissingWeightsError(
                 f"standard LPIPS ({self.net_type}) needs the torchvision ImageNet {self.net_type} weight file "
                 "(pass its path, e.g. --lpips-backbone vgg16-397923af.pth); shift-tolerant LPIPS "
-                "('stlpips-vgg' / 'stlpips-alex') works offline from 'pip install --no-deps stlpips-pytorch'")
+                "('stlpips-vgg' / 'stlpips-alex') works offline from 'pip install --no-deps stlpips-pytorch'"
+            )
         state = torchvision_features_to_slices(_load_state(backbone), self.net.bounds)
         state.update(_load_state(heads or lpips_heads(self.net_type)))
         # The scaling constants are not stored in the lpips heads file; they are fixed by the method.
@@ -222,8 +250,9 @@ class LPIPS(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         if x.shape != y.shape or x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"LPIPS expects two (B, 3, H, W) tensors of the same shape, got {tuple(x.shape)} "
-                             f"and {tuple(y.shape)}")
+            raise ValueError(
+                f"LPIPS expects two (B, 3, H, W) tensors of the same shape, got {tuple(x.shape)} and {tuple(y.shape)}"
+            )
         if normalize:  # [0, 1] -> [-1, 1]
             x, y = 2 * x - 1, 2 * y - 1
         # One trunk pass for both images halves the Python overhead and keeps BN-free nets exact.
@@ -265,7 +294,7 @@ def torchvision_features_to_slices(state: dict[str, torch.Tensor], bounds: tuple
         i = int(parts[idx_pos])
         k = next((k for k in range(5) if bounds[k] <= i < bounds[k + 1]), None)
         if k is not None:
-            out[f"net.slice{k + 1}.{i}.{'.'.join(parts[idx_pos + 1:])}"] = value
+            out[f"net.slice{k + 1}.{i}.{'.'.join(parts[idx_pos + 1 :])}"] = value
     if not out:
         raise MissingWeightsError("the LPIPS backbone file has no torchvision 'features.<i>.*' keys")
     return out

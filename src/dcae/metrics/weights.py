@@ -35,8 +35,9 @@ def package_file(package: str, relative: str, install_hint: str, what: str) -> P
         raise MissingWeightsError(f"{what} needs the weight files of the PyPI package '{package}': {install_hint}")
     path = root / relative
     if not path.is_file():
-        raise MissingWeightsError(f"{what}: {path} is missing from the installed '{package}' package; "
-                                  f"reinstall it: {install_hint}")
+        raise MissingWeightsError(
+            f"{what}: {path} is missing from the installed '{package}' package; reinstall it: {install_hint}"
+        )
     return path
 
 
@@ -47,8 +48,9 @@ LPIPS_HINT = "pip install --no-deps lpips"
 
 def stlpips_weights(net: str) -> Path:
     """Shift-tolerant LPIPS state dict (backbone + linear heads) shipped by stlpips-pytorch."""
-    return package_file("stlpips_pytorch", f"weights/vST0.0/{net}_shift_tolerant.pth", STLPIPS_HINT,
-                        f"shift-tolerant LPIPS ({net})")
+    return package_file(
+        "stlpips_pytorch", f"weights/vST0.0/{net}_shift_tolerant.pth", STLPIPS_HINT, f"shift-tolerant LPIPS ({net})"
+    )
 
 
 def lpips_heads(net: str) -> Path:
