@@ -67,8 +67,9 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike, overwrite: bool = True)
     return Path(path)
 
 
-def atomic_save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None,
-                            overwrite: bool = True) -> Path:
+def atomic_save_safetensors(
+    tensors: dict, path: str | os.PathLike, metadata: dict | None = None, overwrite: bool = True
+) -> Path:
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
