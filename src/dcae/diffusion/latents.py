@@ -1,0 +1,370 @@
+"""Precomputed DC-AE latents for diffusion training: extraction to safetensors shards, and a Dataset.
+
+Layout of an output folder:
+    index.json                  model, scaling factor, resolution, latent shape, labels, shard list, complete
+    files.txt                   the source image of every latent, in order (one relative path per line)
+    shard-00000.safetensors     latents (N, C, h, w) float32 already multiplied by the scaling factor,
+                                latents_flip (with --flip: the horizontally flipped image), labels (N,) int64
+
+Extraction is resumable: shards are written atomically, a restarted run re-checks the plan in index.json
+and skips every shard already on disk. Several processes (accelerate / torchrun) split the shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+from bisect import bisect_right
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dcae.data.images import ImageReadError, center_crop_arr, find_images, load_image_uint8
+from dcae.errors import NonFiniteError, UserError
+from dcae.utils.io import atomic_save_safetensors, atomic_write_json, atomic_write_text
+
+INDEX_NAME, FILES_NAME = "index.json", "files.txt"
+FORMAT = "dcae-latents/1"
+_WNID = re.compile(r"^(n\d{8})_(.+)$")  # ImageNet-style file names: n01440764_tench.JPEG
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:05d}.safetensors"
+
+
+# ----------------------------------------------------------------------------- labels
+@dataclass
+class Labels:
+    labels: list[int] | None  # one per image, or None: unconditional
+    class_names: list[str] | None
+    source: str | None  # "file", "folders", "filenames" or None
+    class_ids: list[str] | None = None  # e.g. WordNet ids for ImageNet file names
+
+
+def _class_indices(keys: list[str]) -> tuple[list[int], list[str]]:
+    names = sorted(set(keys))  # sorted WordNet ids give the standard ImageNet class order
+    lookup = {n: i for i, n in enumerate(names)}
+    return [lookup[k] for k in keys], names
+
+
+def read_labels_file(path: Path, rel_paths: list[str]) -> Labels:
+    """Labels from a JSON object {file: label} or lines '<file> <label>' (space, tab or comma separated). A
+    file may be given by its path relative to the data folder or by its name; a label by index or class name."""
+    text = Path(path).read_text()
+    table: dict[str, str] = {}
+    if path.suffix == ".json":
+        obj = json.loads(text)
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}: expected a JSON object mapping file names to labels")
+        table = {str(k): str(v) for k, v in obj.items()}
+    else:
+        for n, line in enumerate(text.splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = re.split(r"[\t,]|\s+", line, maxsplit=1)
+            if len(parts) != 2:
+                raise UserError(f"{path}:{n}: expected '<file> <label>', got {line!r}")
+            table[parts[0].strip()] = parts[1].strip()
+    raw, missing = [], []
+    for rel in rel_paths:
+        value = table.get(rel, table.get(Path(rel).name))
+        if value is None:
+            missing.append(rel)
+        raw.append(value)
+    if missing:
+        raise UserError(f"{path} has no label for {len(missing)} image(s), e.g. {missing[:3]}")
+    if all(re.fullmatch(r"\d+", v) for v in raw):
+        labels = [int(v) for v in raw]
+        return Labels(labels, [str(i) for i in range(max(labels) + 1)], "file")
+    labels, names = _class_indices(raw)
+    return Labels(labels, names, "file")
+
+
+def infer_labels(rel_paths: list[str], labels_file: str | os.PathLike | None = None) -> Labels:
+    """Class labels, in order of preference: a labels file; the first folder level (ImageFolder layout);
+    ImageNet-style `nXXXXXXXX_<name>` file names; otherwise none (unconditional)."""
+    if labels_file is not None:
+        return read_labels_file(Path(labels_file), rel_paths)
+    parts = [Path(p).parts for p in rel_paths]
+    if all(len(p) >= 2 for p in parts) and len({p[0] for p in parts}) > 1:
+        labels, names = _class_indices([p[0] for p in parts])
+        return Labels(labels, names, "folders")
+    matches = [_WNID.match(Path(p).stem) for p in rel_paths]
+    if all(matches):
+        labels, wnids = _class_indices([m.group(1) for m in matches])
+        readable: dict[str, str] = {}
+        for m in matches:  # the first file of a class names it
+            readable.setdefault(m.group(1), m.group(2).replace("_", " "))
+        return Labels(labels, [readable[w] for w in wnids], "filenames", class_ids=wnids)
+    return Labels(None, None, None)
+
+
+# ----------------------------------------------------------------------------- extraction
+class _CropDataset(torch.utils.data.Dataset):
+    """Decodes and ADM-center-crops images in DataLoader workers; errors come back as messages so that
+    the main process can name the file."""
+
+    def __init__(self, files: list[Path], resolution: int) -> None:
+        self.files, self.resolution = files, resolution
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        try:
+            arr = center_crop_arr(load_image_uint8(self.files[i]), self.resolution)
+            return torch.from_numpy(np.array(arr)), ""  # a writable copy of PIL's read-only buffer
+        except (ImageReadError, OSError) as exc:
+            return torch.zeros(self.resolution, self.resolution, 3, dtype=torch.uint8), str(exc) or repr(exc)
+
+
+def _plan_fingerprint(model: str, resolution: int, flip: bool, shard_size: int, rel_paths: list[str]) -> str:
+    h = hashlib.sha256(json.dumps([model, resolution, flip, shard_size]).encode())
+    for p in rel_paths:
+        h.update(p.encode() + b"\n")
+    return h.hexdigest()[:16]
+
+
+def shard_is_complete(path: Path, count: int, flip: bool) -> bool:
+    """A shard counts as done when it opens and holds `count` latents (and flipped ones when asked)."""
+    if not path.exists():
+        return False
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            ok = "latents" in keys and f.get_slice("latents").get_shape()[0] == count
+            return ok and (not flip or "latents_flip" in keys)
+    except Exception:
+        return False  # unreadable: recompute it
+
+
+def _to_model_input(batch_uint8: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    x = batch_uint8.to(device, non_blocking=True).permute(0, 3, 1, 2).to(dtype)
+    return x / 127.5 - 1.0
+
+
+@torch.no_grad()
+def extract_latents(
+    autoencoder,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    model_name: str | None = None,
+    resolution: int = 512,
+    flip: bool = False,
+    batch_size: int = 32,
+    shard_size: int = 1024,
+    labels_file: str | os.PathLike | None = None,
+    unconditional: bool = False,
+    num_workers: int = 2,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+    progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict:
+    """Encode every image under `data` into latent shards in `out`; returns the index. `autoencoder` is a
+    DCAE; `model_name` is what `DCAE.from_pretrained` can load it from later (recorded for decoding)."""
+    from tqdm.auto import tqdm
+
+    data, out = Path(data), Path(out)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    f = autoencoder.spatial_compression
+    if resolution % f:
+        raise UserError(f"resolution {resolution} is not a multiple of the autoencoder's compression f{f}")
+    if not data.exists():
+        raise UserError(f"data folder {data} does not exist")
+    files = find_images(data)
+    if not files:
+        raise UserError(f"no images found under {data}")
+    root = data if data.is_dir() else data.parent
+    rel_paths = [p.relative_to(root).as_posix() for p in files]
+    labels = Labels(None, None, None) if unconditional else infer_labels(rel_paths, labels_file)
+    model_name = model_name or autoencoder.config.name
+    fingerprint = _plan_fingerprint(model_name, resolution, flip, shard_size, rel_paths)
+    n_shards = (len(files) + shard_size - 1) // shard_size
+    shape = [autoencoder.latent_channels, resolution // f, resolution // f]
+    index = {
+        "format": FORMAT,
+        "model": model_name,
+        "model_config": autoencoder.config.to_dict(),
+        "scaling_factor": float(autoencoder.scaling_factor),
+        "resolution": resolution,
+        "latent_shape": shape,
+        "spatial_compression": f,
+        "flip": flip,
+        "dtype": "float32",
+        "num_images": len(files),
+        "shard_size": shard_size,
+        "shards": [
+            {"file": shard_name(k), "count": min(shard_size, len(files) - k * shard_size)} for k in range(n_shards)
+        ],
+        "num_classes": len(labels.class_names) if labels.labels is not None else 0,
+        "class_names": labels.class_names,
+        "class_ids": labels.class_ids,
+        "label_source": labels.source,
+        "data": str(data.resolve()),
+        "fingerprint": fingerprint,
+        "complete": False,
+    }
+
+    index_path = out / INDEX_NAME
+    if index_path.exists():
+        old = json.loads(index_path.read_text())
+        if old.get("fingerprint") != fingerprint and not overwrite:
+            raise UserError(
+                f"{out} holds latents of a different run (model, resolution, flip, shard size or image list "
+                "differ); choose another output folder or pass --overwrite"
+            )
+        if old.get("fingerprint") != fingerprint and rank == 0:  # overwrite: drop the old shards
+            for p in out.glob("shard-*.safetensors"):
+                p.unlink()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / FILES_NAME, "\n".join(rel_paths) + "\n")
+        atomic_write_json(index_path, index)
+
+    mine = [k for k in range(n_shards) if k % world_size == rank]
+    todo = [k for k in mine if not shard_is_complete(out / shard_name(k), index["shards"][k]["count"], flip)]
+    done_images = sum(index["shards"][k]["count"] for k in mine if k not in todo)
+    bar = tqdm(
+        total=sum(index["shards"][k]["count"] for k in mine),
+        initial=done_images,
+        unit="img",
+        desc=f"latents {out.name}",
+        disable=not progress or rank != 0,
+    )
+    autoencoder = autoencoder.to(device=device, dtype=dtype).eval()
+    for k in todo:
+        lo, hi = k * shard_size, min((k + 1) * shard_size, len(files))
+        loader = torch.utils.data.DataLoader(
+            _CropDataset(files[lo:hi], resolution),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+        )
+        chunks, flip_chunks, start = [], [], lo
+        for batch, errors in loader:
+            for j, err in enumerate(errors):
+                if err:
+                    raise ImageReadError(f"cannot read image {files[start + j]}: {err}")
+            x = _to_model_input(batch, device, dtype)
+            for dest, inp in ((chunks, x), (flip_chunks, x.flip(-1) if flip else None)):
+                if inp is None:
+                    continue
+                z = autoencoder.scale_latents(autoencoder.encode(inp)).float()
+                bad = ~torch.isfinite(z.flatten(1)).all(dim=1)
+                if bad.any():
+                    names = [str(files[start + j]) for j in bad.nonzero().flatten().tolist()]
+                    raise NonFiniteError(
+                        f"the autoencoder produced NaN/Inf latents for {len(names)} image(s), e.g. {names[:3]}; "
+                        "check the weights, or use --dtype float32 if you ran in half precision"
+                    )
+                dest.append(z.cpu())
+            start += len(batch)
+            bar.update(len(batch))
+        tensors = {"latents": torch.cat(chunks)}
+        if flip:
+            tensors["latents_flip"] = torch.cat(flip_chunks)
+        if labels.labels is not None:
+            tensors["labels"] = torch.tensor(labels.labels[lo:hi], dtype=torch.int64)
+        atomic_save_safetensors(tensors, out / shard_name(k), metadata={"model": model_name, "first": str(lo)})
+    bar.close()
+
+    # Only a run that sees every shard on disk marks the folder complete (other ranks may still be writing).
+    if rank == 0 and all(shard_is_complete(out / s["file"], s["count"], flip) for s in index["shards"]):
+        index["complete"] = True
+        atomic_write_json(index_path, index)
+    return index
+
+
+def read_index(root: str | os.PathLike) -> dict:
+    path = Path(root) / INDEX_NAME
+    if not path.exists():
+        raise UserError(f"{root} is not a latent folder (no {INDEX_NAME}); create one with `dcae latents`")
+    index = json.loads(path.read_text())
+    if index.get("format") != FORMAT:
+        raise UserError(f"{path}: unknown format {index.get('format')!r} (expected {FORMAT})")
+    return index
+
+
+# ----------------------------------------------------------------------------- reading back
+class LatentDataset(torch.utils.data.Dataset):
+    """Latents from `dcae latents`: items are (latent C x h x w float32, label int64; -1 when unconditional).
+
+    With flipped copies on disk, each item is the flipped latent with probability 1/2, decided by
+    (seed, epoch, index) so that training is reproducible and resumable; call `set_epoch` every epoch.
+    Small folders are loaded into memory; large ones are read lazily (memory-mapped safetensors).
+    """
+
+    def __init__(
+        self, root: str | os.PathLike, use_flip: bool = True, in_memory: bool | None = None, seed: int = 0
+    ) -> None:
+        self.root = Path(root)
+        self.index = read_index(root)
+        if not self.index.get("complete"):
+            raise UserError(f"{root}: latent extraction has not finished; rerun `dcae latents` to complete it")
+        self.counts = [s["count"] for s in self.index["shards"]]
+        self.offsets = np.cumsum([0, *self.counts]).tolist()
+        self.use_flip = use_flip and self.index.get("flip", False)
+        self.conditional = self.index.get("num_classes", 0) > 0
+        self.seed, self.epoch = seed, 0
+        if in_memory is None:
+            nbytes = self.offsets[-1] * int(np.prod(self.index["latent_shape"])) * 4 * (2 if self.use_flip else 1)
+            in_memory = nbytes <= 2 * 1024**3
+        self._memory: dict[str, torch.Tensor] | None = self._load_all() if in_memory else None
+        self._handles: dict[int, object] = {}
+
+    def _load_all(self) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        parts = [load_file(str(self.root / s["file"])) for s in self.index["shards"]]
+        return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.index.get("num_classes", 0))
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return tuple(self.index["latent_shape"])
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _flip(self, i: int) -> bool:
+        return self.use_flip and random.Random((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i).random() < 0.5
+
+    def _read(self, key: str, i: int) -> torch.Tensor:
+        if self._memory is not None:
+            return self._memory[key][i]
+        from safetensors import safe_open
+
+        k = bisect_right(self.offsets, i) - 1
+        if k not in self._handles:
+            self._handles[k] = safe_open(str(self.root / self.index["shards"][k]["file"]), framework="pt")
+        j = i - self.offsets[k]
+        return self._handles[k].get_slice(key)[j : j + 1][0]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        z = self._read("latents_flip" if self._flip(i) else "latents", i)
+        y = self._read("labels", i) if self.conditional else torch.tensor(-1)
+        return z.float(), y.long()
+
+    def __getstate__(self) -> dict:  # file handles do not cross process boundaries
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        return state
