@@ -87,14 +87,15 @@ def infer_config(state_dict: dict[str, torch.Tensor], source: str = "weights") -
     Several released models share shapes (in/mix, sana 1.0/1.1); where they also share the scaling
     factor any of them is right, otherwise the caller must say which one (`model_name=`).
     """
-    if key_scheme(state_dict) == "diffusers":
-        state_dict = diffusers_to_original(state_dict)
-    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    diffusers_keys = key_scheme(state_dict) == "diffusers"
     matches = []
     for name in list_models():
         with torch.device("meta"):
             model = DCAE(get_config(name))
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        # diffusers names are ambiguous for a few layouts: read them against each candidate's keys
+        sd = diffusers_to_original(state_dict, expected) if diffusers_keys else state_dict
+        shapes = {k: tuple(v.shape) for k, v in sd.items()}
         if _strip_bn_counters(expected) == _strip_bn_counters(shapes):
             matches.append(model.config)
     if not matches:

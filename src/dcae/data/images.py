@@ -67,7 +67,7 @@ def load_image_uint8(path: str | os.PathLike) -> np.ndarray:
 
 def uint8_to_tensor(arr: np.ndarray) -> torch.Tensor:
     """HxWx3 uint8 -> 3xHxW float32 in [-1, 1]."""
-    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float()
+    t = torch.from_numpy(np.array(arr, dtype=np.uint8)).permute(2, 0, 1).float()  # copy: PIL arrays are read-only
     return t / 127.5 - 1.0
 
 

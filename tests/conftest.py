@@ -1,0 +1,22 @@
+"""Shared test fixtures: where the real images are, and tiny model configurations."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# Tests run on 2 cores next to each other; one thread each keeps them from fighting.
+torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data; tests that need real photos skip clearly without it."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real images not found at {SHARED_DATA} (the project's shared data folder)")
+    return SHARED_DATA
