@@ -224,8 +224,8 @@ def _entry(result) -> dict:
 
     entry = as_json(result.summary)
     entry["lpips_net"] = result.summary.get("lpips_net")
-    entry["worst"] = [{"name": r.name, "psnr": r.key * -1} for r in result.extremes.worst()]
-    entry["best"] = [{"name": r.name, "psnr": r.key if r.key < 1e9 else None} for r in result.extremes.best()]
+    entry["worst"] = [as_json({"name": r.name, "psnr": r.psnr}) for r in result.extremes.worst()]
+    entry["best"] = [as_json({"name": r.name, "psnr": r.psnr}) for r in result.extremes.best()]
     entry["skipped"] = result.skipped
     return entry
 

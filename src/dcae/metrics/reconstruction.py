@@ -155,6 +155,7 @@ class _Ranked:
     key: float
     index: int
     name: str = field(compare=False)
+    psnr: float = field(compare=False)
     real: torch.Tensor = field(compare=False, repr=False)
     recon: torch.Tensor = field(compare=False, repr=False)
 
@@ -172,7 +173,7 @@ class Extremes:
             return
         p = psnr if math.isfinite(psnr) else 1e9
         for heap, key in ((self._best, p), (self._worst, -p)):
-            item = _Ranked(key, -index, name, real, recon)  # ties: keep the earlier file
+            item = _Ranked(key, -index, name, psnr, real, recon)  # ties: keep the earlier file
             if len(heap) < self.k:
                 heapq.heappush(heap, item)
             elif item > heap[0]:
