@@ -22,6 +22,8 @@ from dcae.errors import NonFiniteError, UserError
 from dcae.models import DCAE, DCAEConfig
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# Subprocesses get one thread, like the test process (conftest): two would fight over two busy cores.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def tiny_autoencoder(seed: int = 0) -> DCAE:
@@ -245,7 +247,7 @@ def test_cli_latents_survives_sigkill(tmp_path, ae_dir):
         "--workers",
         "0",
     ]
-    proc = subprocess.Popen([*cmd, "-o", str(tmp_path / "lat")], stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*cmd, "-o", str(tmp_path / "lat")], stderr=subprocess.DEVNULL, env=ENV)
     deadline = time.time() + 120
     while not list((tmp_path / "lat").glob("shard-*.safetensors")) and time.time() < deadline:
         time.sleep(0.02)
@@ -254,8 +256,8 @@ def test_cli_latents_survives_sigkill(tmp_path, ae_dir):
     done = len(list((tmp_path / "lat").glob("shard-*.safetensors")))
     assert 1 <= done < 12, f"the kill should interrupt the run ({done} of 12 shards written)"
     assert not read_index(tmp_path / "lat")["complete"]
-    subprocess.run([*cmd, "-o", str(tmp_path / "lat")], check=True, stderr=subprocess.DEVNULL)
-    subprocess.run([*cmd, "-o", str(tmp_path / "ref")], check=True, stderr=subprocess.DEVNULL)
+    subprocess.run([*cmd, "-o", str(tmp_path / "lat")], check=True, stderr=subprocess.DEVNULL, env=ENV)
+    subprocess.run([*cmd, "-o", str(tmp_path / "ref")], check=True, stderr=subprocess.DEVNULL, env=ENV)
     a, b = LatentDataset(tmp_path / "lat"), LatentDataset(tmp_path / "ref")
     assert len(a) == len(b) == 24
     assert all(torch.equal(a[i][0], b[i][0]) for i in range(24))

@@ -65,6 +65,159 @@ def cmd_latents(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- dcae diffusion train
+def cmd_train(args: argparse.Namespace) -> int:
+    from dcae.diffusion.trainer import config_to_dict, load_config, train
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not Path(config).exists():  # no config file, only overrides
+        config, overrides = None, [config, *overrides]
+    cfg = load_config(config, overrides)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        return 0
+    result = train(cfg, progress=not args.quiet)
+    if result["checkpoint"]:
+        print(f"step {result['step']}, loss {result['loss']:.4f}, checkpoint {result['checkpoint']}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- dcae sample
+def _parse_classes(text: str | None, meta: dict, num_classes: int) -> list[int] | None:
+    """'1,2,3' or class names / WordNet ids from the latent index ('tench,goldfish')."""
+    from dcae.errors import UserError
+
+    if not text:
+        return None
+    if num_classes == 0:
+        raise UserError("this model is unconditional: drop --classes")
+    names = meta.get("class_names") or []
+    ids = meta.get("class_ids") or []
+    out = []
+    for item in (s.strip() for s in text.split(",") if s.strip()):
+        if item.lstrip("-").isdigit():
+            k = int(item)
+        elif item in ids:
+            k = ids.index(item)
+        elif item in names:
+            k = names.index(item)
+        else:
+            raise UserError(f"unknown class {item!r}: use indices 0..{num_classes - 1} or names from the latent index")
+        if not 0 <= k < num_classes:
+            raise UserError(f"class {k} is out of range: the model has {num_classes} classes (0..{num_classes - 1})")
+        out.append(k)
+    return out
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from dcae.data.images import load_image, make_grid, save_image
+    from dcae.diffusion.sampling import sample
+    from dcae.diffusion.trainer import load_checkpoint
+    from dcae.errors import UserError
+    from dcae.utils.io import atomic_write_json
+
+    device = _device(args.device)
+    model, process, meta = load_checkpoint(args.ckpt, use_ema=not args.no_ema, device=device)
+    lat = meta["latents"] or {}
+    num_classes = int(meta["model_args"]["num_classes"])
+    classes = _parse_classes(args.classes, lat, num_classes)
+    if args.n < 1:
+        raise UserError("-n must be >= 1")
+    labels = [None] * args.n
+    if num_classes > 0:  # given classes in turn, else all classes evenly (what FID protocols use)
+        labels = [classes[i % len(classes)] if classes else i % num_classes for i in range(args.n)]
+    solver = args.solver if args.solver != "auto" else ("heun" if process.prediction == "velocity" else "dpm++")
+    lo, hi = (float(v) for v in args.guidance_interval.split(","))
+    source = args.autoencoder or lat.get("model")
+    if not source:
+        raise UserError("the checkpoint records no autoencoder: pass --autoencoder")
+    ae = _load_autoencoder(source).to(device).eval()
+    scaling = float(lat.get("scaling_factor") or ae.scaling_factor)
+    shape = tuple(lat.get("latent_shape") or (model.in_channels, model.input_size, model.input_size))
+
+    out = Path(args.output)
+    paths = [out / "images" / f"{i:06d}.png" for i in range(args.n)]
+    todo = [i for i in range(args.n) if args.overwrite or not paths[i].exists()]  # reruns resume
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=args.n, initial=args.n - len(todo), unit="img", desc="sampling", disable=args.n < 2)
+    for start in range(0, len(todo), args.batch_size):
+        idx = todo[start : start + args.batch_size]
+        # Noise per sample index, so that any batch size (and any resumed run) gives the same image i.
+        noise = torch.stack(
+            [torch.randn(shape, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + i)) for i in idx]
+        ).to(device)
+        y = torch.tensor([labels[i] for i in idx], device=device) if num_classes > 0 else None
+        with torch.no_grad(), autocast:
+            z = sample(
+                model,
+                process,
+                noise,
+                y=y,
+                null_class=num_classes,
+                steps=args.steps,
+                solver=solver,
+                cfg_scale=args.cfg,
+                guidance_interval=(lo, hi),
+                eta=args.eta,
+                generator=torch.Generator(device).manual_seed(args.seed + start),
+            )
+        if not torch.isfinite(z).all():
+            from dcae.errors import NonFiniteError
+
+            raise NonFiniteError("sampling produced NaN/Inf latents")
+        with torch.no_grad():
+            images = ae.decode(z / scaling).float()
+        for i, img in zip(idx, images):
+            save_image(img, paths[i])
+        bar.update(len(idx))
+    bar.close()
+
+    k = min(args.n, args.grid)
+    if k:
+        save_image(make_grid([load_image(p) for p in paths[:k]], nrow=min(8, k)), out / "grid.png")
+    names = lat.get("class_names") or []
+    atomic_write_json(
+        out / "samples.json",
+        {
+            "checkpoint": meta["path"],
+            "step": meta["step"],
+            "autoencoder": source,
+            "ema": not args.no_ema,
+            "solver": solver,
+            "steps": args.steps,
+            "cfg": args.cfg,
+            "guidance_interval": [lo, hi],
+            "seed": args.seed,
+            "labels": labels,
+            "class_names": [names[y] if y is not None and y < len(names) else None for y in labels],
+        },
+    )
+    print(f"{args.n} samples in {out / 'images'}" + (f", grid {out / 'grid.png'}" if k else ""))
+    if args.fid_ref:
+        score = compute_gfid(out / "images", args.fid_ref, device)
+        print(f"gFID {score:.3f} ({args.n} samples vs {args.fid_ref})")
+        atomic_write_json(out / "fid.json", {"fid": score, "num_samples": args.n, "reference": args.fid_ref})
+    return 0
+
+
+def compute_gfid(folder: Path, reference: str, device) -> float:
+    """gFID of a folder of samples against reference statistics (.npz with mu, sigma) via dcae.metrics.fid."""
+    from dcae.errors import UserError
+
+    try:
+        from dcae.metrics import fid
+    except ModuleNotFoundError as exc:
+        raise UserError("gFID needs dcae.metrics.fid, which this installation lacks") from exc
+    # Integration point with the evaluation package: folder statistics, then the Frechet distance.
+    return float(fid.fid_folder_vs_stats(folder, reference, device=device))
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("latents", help="precompute scaled DC-AE latents of an image folder for diffusion training")
     p.add_argument("--model", required=True, help="autoencoder: zoo name, Hub id, local folder or weight file")
@@ -82,9 +235,41 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace latents of a different earlier run")
     p.set_defaults(func=cmd_latents)
 
+    p = sub.add_parser("diffusion", help="latent diffusion models on DC-AE latents")
+    dsub = p.add_subparsers(dest="diffusion_command", metavar="WHAT")
+    t = dsub.add_parser(
+        "train",
+        help="train a DiT / U-ViT on a latent folder (resumes automatically)",
+        description="Options go before CONFIG: dcae diffusion train [--quiet] CONFIG.yaml key=value ...",
+    )
+    t.add_argument("config", nargs="?", help="YAML config (see configs/diffusion_*.yaml)")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=2e-4 max_steps=1000")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+    p.set_defaults(func=lambda args: p.print_help() or 2)
+
+    p = sub.add_parser("sample", help="sample images from a diffusion checkpoint (grid + single images, gFID)")
+    p.add_argument("--ckpt", required=True, help="checkpoint .pt or a training run folder (uses the latest)")
+    p.add_argument("-o", "--output", required=True, help="output folder: images/, grid.png, samples.json")
+    p.add_argument("-n", type=int, default=8, help="number of samples (default 8)")
+    p.add_argument("--classes", help="comma-separated class indices or names, used in turn (default: all evenly)")
+    p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--guidance-interval", default="0,1", help="guide only for t in [lo,hi] (0 data, 1 noise)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--solver", default="auto", choices=["auto", "heun", "euler", "dpm++", "ddim", "ddpm"])
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--grid", type=int, default=64, help="images in grid.png (0: none)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--autoencoder", help="override the autoencoder recorded in the checkpoint")
+    p.add_argument("--fid-ref", help="reference statistics .npz (mu, sigma): also report gFID")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="diffusion model compute dtype")
+    p.add_argument("--overwrite", action="store_true", help="regenerate images that exist")
+    p.set_defaults(func=cmd_sample)
+
 
 def register_bench(sub: argparse._SubParsersAction) -> None:
     pass
-
-
-_ = Path  # used by later commands

@@ -1,0 +1,269 @@
+"""`dcae diffusion train` and `dcae sample`: config handling, exact resume (also after SIGKILL), checkpoint
+rotation, sample grids decoded through the autoencoder, sampling CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dcae.cli import main as cli
+from dcae.diffusion.latents import extract_latents
+from dcae.diffusion.trainer import TrainConfig, list_checkpoints, load_checkpoint, load_config, train
+from dcae.errors import UserError
+from dcae.models import DCAE, DCAEConfig
+
+TINY_MODEL = {"depth": 2, "hidden_size": 32, "num_heads": 2}
+# Subprocesses get one thread, like the test process (conftest): two would fight over two busy cores.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def tiny_autoencoder() -> DCAE:
+    torch.manual_seed(0)
+    cfg = DCAEConfig(
+        name="tiny-f4c8",
+        latent_channels=8,
+        encoder_widths=(16, 32, 32),
+        encoder_depths=(0, 1, 1),
+        encoder_block_types=("ResBlock",) * 3,
+        decoder_widths=(16, 32, 32),
+        decoder_depths=(0, 1, 1),
+        decoder_block_types=("ResBlock",) * 3,
+        decoder_norms=("trms2d",) * 3,
+        decoder_acts=("silu",) * 3,
+        scaling_factor=0.5,
+    )
+    return DCAE.from_config(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def latents(tmp_path_factory) -> Path:
+    """16 random images in two class folders -> f4c8 latents 8x4x4 (with flips), decodable autoencoder."""
+    root = tmp_path_factory.mktemp("lat")
+    ae_dir = root / "ae"
+    ae = tiny_autoencoder()
+    ae.save_pretrained(ae_dir)
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        for i in range(8):
+            (root / "data" / c).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(root / "data" / c / f"{i}.png")
+    extract_latents(
+        ae,
+        root / "data",
+        root / "latents",
+        model_name=str(ae_dir),
+        resolution=16,
+        flip=True,
+        num_workers=0,
+        progress=False,
+    )
+    return root / "latents"
+
+
+def config(latents: Path, out: Path, **kw) -> TrainConfig:
+    overrides = [
+        f"data={latents}",
+        f"out={out}",
+        "batch_size=4",
+        "max_steps=6",
+        "log_every=2",
+        "ckpt_every=3",
+        "mixed_precision=no",
+        "num_workers=0",
+        "sample.every=0",
+        "sample.steps=2",
+        "sample.num=2",
+        "model.overrides={depth: 2, hidden_size: 32, num_heads: 2}",
+        "optim.lr=1e-3",
+    ]
+    overrides += [f"{k}={v}" for k, v in kw.items()]
+    return load_config(None, overrides)
+
+
+def states(out: Path) -> dict:
+    ckpt = torch.load(list_checkpoints(out)[-1], weights_only=False)
+    return {"model": ckpt["model"], "ema": ckpt["ema"], "opt": ckpt["optimizer"]["state"], "step": ckpt["step"]}
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"]
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs"
+    for i in a["opt"]:
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(a["opt"][i][k], b["opt"][i][k])
+
+
+def test_config_yaml_overrides_and_errors(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data: lat\nmixed_precision: no\nmodel:\n  name: UViT-S/2\noptim:\n  lr: 1.0e-4\n")
+    cfg = load_config(path, ["optim.lr=3e-4", "model.overrides.depth=4", "sample.classes=[1, 2]", "max_steps=7"])
+    assert cfg.model.name == "UViT-S/2" and cfg.optim.lr == 3e-4 and cfg.model.overrides == {"depth": 4}
+    assert cfg.sample.classes == [1, 2] and cfg.max_steps == 7 and cfg.mixed_precision == "no"
+    with pytest.raises(UserError, match="optim.lr_max"):
+        load_config(path, ["optim.lr_max=1"])
+    with pytest.raises(UserError, match="objective"):
+        load_config(path, ["diffusion.objective=score"])
+    with pytest.raises(UserError, match="learn_sigma"):
+        load_config(path, ["model.learn_sigma=true"])  # needs ddpm
+    with pytest.raises(UserError, match="expected float"):
+        load_config(path, ["optim.lr=fast"])
+    with pytest.raises(UserError, match="key=value"):
+        load_config(path, ["max_steps"])
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_resume_equals_uninterrupted_run(latents, tmp_path):
+    full = train(config(latents, tmp_path / "full"), progress=False)
+    assert full["step"] == 6 and np.isfinite(full["loss"])
+
+    train(config(latents, tmp_path / "split", max_steps=3), progress=False)  # stops after step 3...
+    assert [p.name for p in list_checkpoints(tmp_path / "split")] == ["step_0000003.pt"]
+    train(config(latents, tmp_path / "split"), progress=False)  # ...and the rerun continues to 6
+    assert_same_state(states(tmp_path / "full"), states(tmp_path / "split"))
+    with open(tmp_path / "split" / "log.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [2, 3, 4, 6]  # 3: where the first run ended
+    assert (tmp_path / "split" / "loss.png").stat().st_size > 1000
+
+    # A different seed gives different weights: the comparison above is not vacuous.
+    train(config(latents, tmp_path / "other", seed=1), progress=False)
+    with pytest.raises(AssertionError):
+        assert_same_state(states(tmp_path / "full"), states(tmp_path / "other"))
+
+
+def test_checkpoint_rotation_ddpm_uvit_and_decoded_samples(latents, tmp_path):
+    cfg = config(
+        latents,
+        tmp_path / "run",
+        **{
+            "model.name": "UViT-S/1",
+            "diffusion.objective": "ddpm",
+            "model.learn_sigma": "true",
+            "ckpt_every": 1,
+            "keep_last": 2,
+            "max_steps": 5,
+            "sample.every": 4,
+            "optim.warmup_steps": 3,
+        },
+    )
+    result = train(cfg, progress=False)
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_0000004.pt", "step_0000005.pt"]
+    assert result["checkpoint"].endswith("step_0000005.pt")
+    grids = sorted((tmp_path / "run" / "samples").glob("*.png"))
+    assert [g.name for g in grids] == ["step_0000004.png", "step_0000005.png"]
+    w, h = Image.open(grids[0]).size
+    assert (w, h) == (2 + 2 * (16 + 2), 2 + 16 + 2)  # two decoded 16 px samples in a padded row
+    model, process, meta = load_checkpoint(tmp_path / "run")
+    assert meta["step"] == 5 and process.learn_sigma and model.out_channels == 16
+    with open(tmp_path / "run" / "log.csv") as f:
+        lrs = [float(r["lr"]) for r in csv.DictReader(f)]
+    assert lrs[0] < lrs[-1] == 1e-3  # linear warmup, then constant
+
+    with pytest.raises(UserError, match="trained with"):  # resuming with another architecture is refused
+        train(config(latents, tmp_path / "run", **{"model.name": "DiT-S/1", "max_steps": 6}), progress=False)
+
+
+def test_too_small_dataset_and_unfinished_latents(latents, tmp_path):
+    with pytest.raises(UserError, match="fewer than one batch"):
+        train(config(latents, tmp_path / "a", batch_size=64), progress=False)
+    with pytest.raises(UserError, match="not a latent folder"):
+        train(config(tmp_path, tmp_path / "b"), progress=False)
+
+
+def test_sample_cli(latents, tmp_path, capsys):
+    train(config(latents, tmp_path / "run", max_steps=2, ckpt_every=2), progress=False)
+    out = tmp_path / "samples"
+    args = [
+        "sample",
+        "--ckpt",
+        str(tmp_path / "run"),
+        "-o",
+        str(out),
+        "-n",
+        "5",
+        "--classes",
+        "dog,0",
+        "--steps",
+        "3",
+        "--cfg",
+        "2.0",
+        "--batch-size",
+        "2",
+    ]
+    assert cli(args) == 0
+    images = sorted((out / "images").glob("*.png"))
+    assert len(images) == 5 and Image.open(images[0]).size == (16, 16)
+    meta = json.loads((out / "samples.json").read_text())
+    assert meta["labels"] == [1, 0, 1, 0, 1] and meta["class_names"][:2] == ["dog", "cat"]
+    assert meta["solver"] == "heun" and meta["step"] == 2
+    assert Image.open(out / "grid.png").size == (2 + 5 * 18, 20)
+
+    # Rerun with a different batch size: existing images are kept, a missing one is regenerated identically.
+    first = np.asarray(Image.open(images[3]))
+    images[3].unlink()
+    os.utime(images[0], (1, 1))
+    assert cli([*args[:-1], "3"]) == 0
+    assert images[0].stat().st_mtime == 1
+    assert np.array_equal(np.asarray(Image.open(images[3])), first)
+
+    capsys.readouterr()
+    assert cli([*args[:7], "--classes", "horse"]) == 2
+    assert "unknown class 'horse'" in capsys.readouterr().err
+    assert cli([*args[:7], "--classes", "7"]) == 2
+    assert cli(["sample", "--ckpt", str(tmp_path / "nothing"), "-o", str(out)]) == 2
+
+
+def test_train_cli_print_config(latents, tmp_path, capsys):
+    assert cli(["diffusion", "train", "configs/diffusion_cpu_small.yaml", "max_steps=3", "--print-config"]) == 0
+    text = capsys.readouterr().out
+    assert "max_steps: 3" in text and "DiT-S/1" in text
+    assert cli(["diffusion", "train", f"data={latents}", "batch_size=oops"]) == 2
+    assert "batch_size: expected int" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_gives_identical_weights(latents, tmp_path):
+    """Kill the real training command after its first checkpoint; the rerun matches an uninterrupted run."""
+    args = [
+        sys.executable,
+        "-m",
+        "dcae.cli",
+        "diffusion",
+        "train",
+        "--quiet",
+        f"data={latents}",
+        "batch_size=4",
+        "max_steps=40",
+        "log_every=5",
+        "ckpt_every=5",
+        "mixed_precision=no",
+        "num_workers=0",
+        "sample.every=0",
+        "sample.decode=false",
+        "sample.steps=2",
+        "model.overrides={depth: 4, hidden_size: 64, num_heads: 2}",
+    ]
+    proc = subprocess.Popen([*args, f"out={tmp_path / 'killed'}"], stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.time() + 120
+    while not list_checkpoints(tmp_path / "killed") and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps = [int(p.stem.split("_")[1]) for p in list_checkpoints(tmp_path / "killed")]
+    assert steps and max(steps) < 40, f"the kill should interrupt training (checkpoints at {steps})"
+    subprocess.run([*args, f"out={tmp_path / 'killed'}"], check=True, stderr=subprocess.DEVNULL, env=ENV)
+    subprocess.run([*args, f"out={tmp_path / 'ref'}"], check=True, stderr=subprocess.DEVNULL, env=ENV)
+    assert_same_state(states(tmp_path / "ref"), states(tmp_path / "killed"))
