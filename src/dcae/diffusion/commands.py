@@ -200,22 +200,30 @@ def cmd_sample(args: argparse.Namespace) -> int:
     )
     print(f"{args.n} samples in {out / 'images'}" + (f", grid {out / 'grid.png'}" if k else ""))
     if args.fid_ref:
-        score = compute_gfid(out / "images", args.fid_ref, device)
+        score = compute_gfid([str(p) for p in paths], args.fid_ref, device, resolution=lat.get("resolution"))
         print(f"gFID {score:.3f} ({args.n} samples vs {args.fid_ref})")
         atomic_write_json(out / "fid.json", {"fid": score, "num_samples": args.n, "reference": args.fid_ref})
     return 0
 
 
-def compute_gfid(folder: Path, reference: str, device) -> float:
-    """gFID of a folder of samples against reference statistics (.npz with mu, sigma) via dcae.metrics.fid."""
-    from dcae.errors import UserError
+def compute_gfid(images, reference: str, device, resolution: int | None = None, batch_size: int = 32) -> float:
+    """gFID of generated images (a folder or a list of files) against reference statistics (.npz with mu,
+    sigma, as pytorch-fid writes) or a reference image folder (ADM center crop to `resolution`), with
+    dcae.metrics' TF-Inception protocol."""
+    from dcae.metrics.data import collect_images
+    from dcae.metrics.fid import GaussianStats, InceptionFeatures, dataset_stats, fid_from_stats
 
-    try:
-        from dcae.metrics import fid
-    except ModuleNotFoundError as exc:
-        raise UserError("gFID needs dcae.metrics.fid, which this installation lacks") from exc
-    # Integration point with the evaluation package: folder statistics, then the Frechet distance.
-    return float(fid.fid_folder_vs_stats(folder, reference, device=device))
+    inception = InceptionFeatures().to(device).eval()
+    if str(reference).endswith(".npz"):
+        ref = GaussianStats.load(reference)
+    else:
+        ref, _ = dataset_stats(collect_images(reference), inception, resolution, batch_size, progress=True, desc="ref")
+    gen, skipped = dataset_stats(collect_images(images), inception, None, batch_size, progress=True, desc="gFID")
+    if skipped:
+        from dcae.errors import UserError
+
+        raise UserError(f"{len(skipped)} generated image(s) could not be read, e.g. {skipped[0]}")
+    return float(fid_from_stats(gen, ref))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -264,7 +272,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grid", type=int, default=64, help="images in grid.png (0: none)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--autoencoder", help="override the autoencoder recorded in the checkpoint")
-    p.add_argument("--fid-ref", help="reference statistics .npz (mu, sigma): also report gFID")
+    p.add_argument("--fid-ref", help="reference statistics .npz (mu, sigma) or image folder: also report gFID")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="diffusion model compute dtype")
     p.add_argument("--overwrite", action="store_true", help="regenerate images that exist")
