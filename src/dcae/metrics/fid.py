@@ -74,7 +74,9 @@ class InceptionFeatures(nn.Module):
             raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
         path = Path(path) if path is not None else fid_inception_weights()
         try:
-            self.model = torch.jit.load(str(path), map_location="cpu")
+            with warnings.catch_warnings():  # torch >= 2.10 deprecates jit.load; the file is TorchScript
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.model = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:  # a truncated download or a non-TorchScript file
             raise UserError(f"cannot load the FID Inception network from {path}: {exc}") from exc
         self.model.eval()
