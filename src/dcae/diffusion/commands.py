@@ -279,5 +279,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_sample)
 
 
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        nargs="+",
+        help="model families, e.g. DiT-S UViT-S (default: DiT-S on CPU, "
+        "DiT-XL and UViT-H on GPU); the patch size follows the setting",
+    )
+    p.add_argument("--batch", type=int, help="images per step (default: 2 on CPU, 32 on GPU)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    p.add_argument("--warmup", type=int, help="untimed steps (default 1 CPU, 3 GPU)")
+    p.add_argument("--steps", type=int, help="timed steps (default 2 CPU, 10 GPU)")
+    p.add_argument("--depth", type=int, help="override the depth of the named model (smaller CPU runs)")
+    p.add_argument("--json", help="write the records to this JSON file")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from dcae.diffusion.bench import main_from_args
+
+    return main_from_args(args)
+
+
 def register_bench(sub: argparse._SubParsersAction) -> None:
-    pass
+    p = sub.add_parser(
+        "diffusion",
+        help="DiT/U-ViT training and inference throughput on f8-p2, f32-p1 and f64-p1 latents (512 px)",
+    )
+    add_bench_args(p)
+    p.set_defaults(func=cmd_bench)

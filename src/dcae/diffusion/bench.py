@@ -1,0 +1,208 @@
+"""Throughput of one diffusion transformer on the latents of different autoencoders (DC-AE paper, Table 3).
+
+For 512 px images: SD-VAE-f8 latents 4x64x64 with patch 2 (1024 tokens), DC-AE-f32 32x16x16 with patch 1
+(256 tokens), DC-AE-f64 128x8x8 with patch 1 (64 tokens). The transformer is the same in all three; only
+its patch embedding and output layer change with the latent shape. Training = forward + flow-matching loss
++ backward + AdamW step; inference = one network evaluation (multiply by steps x 2 for CFG sampling).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from dcae.diffusion.flow import FlowMatching
+from dcae.diffusion.models import create_diffusion_model
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    channels: int
+    size: int
+    patch: int
+
+    @property
+    def tokens(self) -> int:
+        return (self.size // self.patch) ** 2
+
+
+SETTINGS = (
+    Setting("sd-vae-f8-p2", 4, 64, 2),
+    Setting("dc-ae-f32-p1", 32, 16, 1),
+    Setting("dc-ae-f64-p1", 128, 8, 1),
+)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device, warmup: int, steps: int) -> float:
+    """Seconds per call after `warmup` untimed calls (compilation, allocator warm-up)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def forward_flops(model: torch.nn.Module, setting: Setting, device: torch.device) -> float:
+    """FLOPs (2 x MACs) of one forward pass for one image, counted by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(1, setting.channels, setting.size, setting.size, device=device)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x, torch.full((1,), 500.0, device=device), torch.zeros(1, dtype=torch.long, device=device))
+    return float(counter.get_total_flops())
+
+
+def bench_one(
+    model_name: str,
+    setting: Setting,
+    batch: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    compile: bool = False,
+    warmup: int = 2,
+    steps: int = 5,
+    overrides: dict | None = None,
+) -> dict:
+    family = model_name.split("/")[0]
+    torch.manual_seed(0)
+    model = create_diffusion_model(
+        f"{family}/{setting.patch}", setting.channels, setting.size, num_classes=1000, **(overrides or {})
+    ).to(device)
+    params = sum(p.numel() for p in model.parameters())
+    flops = forward_flops(model, setting, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    run = torch.compile(model) if compile else model
+    process = FlowMatching()
+    x = torch.randn(batch, setting.channels, setting.size, setting.size, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    t = torch.full((batch,), 500.0, device=device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def train_step() -> None:
+        with autocast:
+            loss = process.loss(run, x, y, null_class=1000).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def infer_step() -> None:
+        with autocast:
+            run(x, t, y)
+
+    record = {
+        "model": family + "".join(f" ({k} {v})" for k, v in (overrides or {}).items()),
+        "setting": setting.name,
+        "latent_shape": [setting.channels, setting.size, setting.size],
+        "patch_size": setting.patch,
+        "tokens": setting.tokens,
+        "batch": batch,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
+        "compile": compile,
+        "params_m": round(params / 1e6, 2),
+        "fwd_gflops_per_img": round(flops / 1e9, 2),
+    }
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        model.train()
+        s_train = _timed(train_step, device, warmup, steps)
+        model.eval()
+        s_infer = _timed(infer_step, device, warmup, steps)
+    except torch.cuda.OutOfMemoryError:
+        record.update(train_img_s=None, infer_img_s=None, error="out of memory")
+        return record
+    record["train_img_s"] = round(batch / s_train, 3)
+    record["infer_img_s"] = round(batch / s_infer, 3)
+    # Achieved model FLOP rate: training counts forward + backward as 3 forwards.
+    record["train_tflops"] = round(3 * flops * batch / s_train / 1e12, 4)
+    record["infer_tflops"] = round(flops * batch / s_infer / 1e12, 4)
+    if device.type == "cuda":
+        record["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    return record
+
+
+def run_bench(
+    models: list[str],
+    batch: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    compile: bool = False,
+    warmup: int = 2,
+    steps: int = 5,
+    overrides: dict | None = None,
+    settings: tuple[Setting, ...] = SETTINGS,
+    log=print,
+) -> list[dict]:
+    """All settings for every model, each with its throughput ratio against the first (SD-VAE-f8) setting."""
+    records = []
+    for name in models:
+        rows = []
+        for s in settings:
+            r = bench_one(name, s, batch, device, dtype, compile, warmup, steps, overrides)
+            rows.append(r)
+            log(f"  {r['model']:<10} {s.name:<14} train {r['train_img_s']} img/s, infer {r['infer_img_s']} img/s")
+        base = rows[0]
+        for r in rows:
+            for k in ("train", "infer"):
+                a, b = r[f"{k}_img_s"], base[f"{k}_img_s"]
+                r[f"{k}_ratio_vs_f8"] = round(a / b, 2) if a and b else None
+        records += rows
+    return records
+
+
+def format_table(records: list[dict]) -> str:
+    lines = [
+        "| model | setting | tokens | batch | GFLOP/img | train img/s | x f8 | infer img/s | x f8 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        lines.append(
+            f"| {r['model']} | {r['setting']} | {r['tokens']} | {r['batch']} | {r['fwd_gflops_per_img']} | "
+            f"{r['train_img_s']} | {r['train_ratio_vs_f8']} | {r['infer_img_s']} | {r['infer_ratio_vs_f8']} |"
+        )
+    return "\n".join(lines)
+
+
+def main_from_args(args) -> int:
+    from dcae.utils.io import atomic_write_json
+
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.dtype, torch.bfloat16 if gpu else torch.float32)
+    models = args.model or (["DiT-XL", "UViT-H"] if gpu else ["DiT-S"])
+    if gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    overrides = {"depth": args.depth} if args.depth else None
+    records = run_bench(
+        models,
+        args.batch or (32 if gpu else 2),
+        device,
+        dtype,
+        compile=args.compile,
+        warmup=args.warmup if args.warmup is not None else (3 if gpu else 1),
+        steps=args.steps or (10 if gpu else 2),
+        overrides=overrides,
+    )
+    print(format_table(records))
+    if args.json:
+        atomic_write_json(args.json, records)
+        print(f"wrote {args.json}")
+    return 0
