@@ -209,7 +209,7 @@ def _eval_one(model, refs, args, settings, lpips, inception, cache, ref_stats, c
 
     if inception is not None and ref_stats is None:
         cache_key, ref_stats = cached_reference_stats(cache, refs, args.data, args.resolution, inception)
-        if ref_stats is not None and not args.no_progress:
+        if ref_stats is not None:
             print(f"dcae: using cached reference statistics {cache.path(cache_key)}", file=sys.stderr)
     result = evaluate_reconstruction(model, refs, settings, lpips=lpips, inception=inception, reference_stats=ref_stats)
     if inception is not None and ref_stats is None:

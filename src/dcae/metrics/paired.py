@@ -63,7 +63,7 @@ class PairedResult:
 
 
 def _to_batch(arr: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None]
+    return torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1)[None]
 
 
 def _load_pair(r: ImageRef, t: ImageRef, resolution: int | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -144,7 +144,10 @@ def load_autoencoder(
         from dcae.models import DCAE
 
         module = DCAE.from_pretrained(spec)
-    module = module.to(device=device, dtype=dtype).eval()
+    module = module.to(device=device)
+    if next(module.parameters()).dtype != dtype:  # diffusers warns about any dtype cast, even a no-op
+        module = module.to(dtype=dtype)
+    module.eval()
     module.requires_grad_(False)
     return wrap_autoencoder(module, spec)
 
