@@ -78,6 +78,11 @@ def models(tmp_path_factory) -> dict[str, str]:
     return {"kl": f"diffusers:{root / 'kl'}", "dcae": str(root / "dcae")}
 
 
+def _csv_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
     rc = main([str(a) for a in argv])
     out = capsys.readouterr()
@@ -85,15 +90,30 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 EVAL_KEYS = {
-    "model", "num_images", "psnr", "ssim", "lpips", "lpips_net", "fid", "fid_method", "latent_mean", "latent_rms",
-    "implied_scaling_factor", "images_per_s", "ae_images_per_s", "num_skipped", "skipped", "worst", "best",
-}  # fmt: skip
+    "model",
+    "num_images",
+    "psnr",
+    "ssim",
+    "lpips",
+    "lpips_net",
+    "fid",
+    "fid_method",
+    "latent_mean",
+    "latent_rms",
+    "implied_scaling_factor",
+    "images_per_s",
+    "ae_images_per_s",
+    "num_skipped",
+    "skipped",
+    "worst",
+    "best",
+}
 
 
 def test_eval_two_models_end_to_end(photos, models, tmp_path, capsys):
     out, js, cache = tmp_path / "out", tmp_path / "r.json", tmp_path / "cache"
-    argv = ["eval", "--model", models["kl"], "--model", models["dcae"], "--data", photos, "--resolution", 64,
-            "--batch-size", 2, "--workers", 0, "--out", out, "--json", js, "--fid-cache", cache, "--no-progress"]  # fmt: skip
+    argv = ["eval", "--model", models["kl"], "--model", models["dcae"], "--data", photos, "--resolution", 64]
+    argv += ["--batch-size", 2, "--workers", 0, "--out", out, "--json", js, "--fid-cache", cache, "--no-progress"]
     rc, stdout, stderr = _run(capsys, *argv)
     assert rc == 0, stderr
     doc = json.loads(js.read_text())
@@ -101,7 +121,7 @@ def test_eval_two_models_end_to_end(photos, models, tmp_path, capsys):
     entries = doc["models"]
     assert [e["model"] for e in entries] == [models["kl"], models["dcae"]]
     for e in entries:
-        assert EVAL_KEYS <= set(e), EVAL_KEYS - set(e)
+        assert set(e) >= EVAL_KEYS, EVAL_KEYS - set(e)
         assert all(k == k.lower() for k in e)
         assert e["num_images"] == 6 and e["num_skipped"] == 1  # grayscale and RGBA read, the corrupt file skipped
         assert "broken.png" in e["skipped"][0]["error"]
@@ -109,7 +129,7 @@ def test_eval_two_models_end_to_end(photos, models, tmp_path, capsys):
         assert e["fid"] > 0 and 0 < e["psnr"] < 40 and -1 < e["ssim"] < 1 and e["lpips"] > 0
         assert e["implied_scaling_factor"] == pytest.approx(1 / e["latent_rms"])
         assert "FID from 6 images" in e["fid_warning"]
-        rows = list(csv.DictReader(open(Path(e["per_image_csv"]))))
+        rows = _csv_rows(Path(e["per_image_csv"]))
         assert len(rows) == 6 and {"name", "psnr", "ssim", "lpips"} <= set(rows[0])
         assert np.mean([float(r["psnr"]) for r in rows]) == pytest.approx(e["psnr"], abs=1e-5)
         assert e["worst"][0]["psnr"] == pytest.approx(min(float(r["psnr"]) for r in rows), abs=1e-5)
@@ -168,15 +188,26 @@ def test_eval_reads_tar_shards_like_folders(photos, models, tmp_path, capsys):
             for name in chunk:
                 tar.add(photos / name, arcname=f"{Path(name).stem}.png")
             tar.add(photos / names[0], arcname=f"{Path(names[0]).stem}.json")  # not an image: ignored
-    common = ["--model", models["dcae"], "--resolution", 64, "--no-fid", "--lpips-net", "none", "--no-progress",
-              "--workers", 0]  # fmt: skip
-    rc, _, err = _run(capsys, "eval", *common, "--data", f"{shard_dir}/shard-{{000..001}}.tar",
-                      "--out", tmp_path / "tar")  # fmt: skip
+    common = [
+        "--model",
+        models["dcae"],
+        "--resolution",
+        64,
+        "--no-fid",
+        "--lpips-net",
+        "none",
+        "--no-progress",
+        "--workers",
+        0,
+    ]
+    rc, _, err = _run(
+        capsys, "eval", *common, "--data", f"{shard_dir}/shard-{{000..001}}.tar", "--out", tmp_path / "tar"
+    )
     assert rc == 0, err
     rc, _, err = _run(capsys, "eval", *common, "--data", photos, "--out", tmp_path / "dir")
     assert rc == 0, err
-    tar_rows = list(csv.DictReader(open(next((tmp_path / "tar").glob("per_image_*.csv")))))
-    dir_rows = list(csv.DictReader(open(next((tmp_path / "dir").glob("per_image_*.csv")))))
+    tar_rows = _csv_rows(next((tmp_path / "tar").glob("per_image_*.csv")))
+    dir_rows = _csv_rows(next((tmp_path / "dir").glob("per_image_*.csv")))
     assert len(tar_rows) == len(dir_rows) == 6
     assert tar_rows[0]["name"].startswith("shard-000.tar/")
     assert sorted(r["psnr"] for r in tar_rows) == sorted(r["psnr"] for r in dir_rows)
@@ -230,14 +261,15 @@ def test_metrics_command_pairs_by_name(photos, tmp_path, capsys):
         Image.open(photos / f"{name}.png").convert("RGB").save(test / f"{name}.jpg", quality=quality)
     Image.open(photos / "comic.png").resize((100, 100)).save(test / "comic.png")  # size mismatch: skipped
     shutil.copy(photos / "bridge.png", test / "extra.png")  # no partner
-    rc, out, err = _run(capsys, "metrics", ref, test, "--json", tmp_path / "m.json", "--csv", tmp_path / "m.csv",
-                        "--no-progress")  # fmt: skip
+    rc, out, err = _run(
+        capsys, "metrics", ref, test, "--json", tmp_path / "m.json", "--csv", tmp_path / "m.csv", "--no-progress"
+    )
     assert rc == 0, err
     res = json.loads((tmp_path / "m.json").read_text())
     assert res["num_pairs"] == 2 and res["num_skipped"] == 1
     assert res["unmatched_ref"] == 1 and res["unmatched_test"] == 1
     assert res["lpips_net"] == "stlpips-alex"
-    rows = {r["name"]: r for r in csv.DictReader(open(tmp_path / "m.csv"))}
+    rows = {r["name"]: r for r in _csv_rows(tmp_path / "m.csv")}
     # JPEG quality 30 is worse than 90 on every metric
     assert float(rows["baboon.png"]["psnr"]) < float(rows["face.png"]["psnr"])
     assert float(rows["baboon.png"]["lpips"]) > float(rows["face.png"]["lpips"])
