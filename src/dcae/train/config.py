@@ -1,0 +1,441 @@
+"""Training configuration: small dataclasses, loaded from YAML, with dotted `key=value` overrides.
+
+Where the defaults come from (DC-AE paper, arXiv 2410.10733, Sec. 3.3 / appendix; see docs/training.md):
+- three phases "low-resolution full training", "high-resolution latent adaptation", "low-resolution
+  head refinement", with their trainable sets and losses: the paper;
+- optimizer figures (AdamW lr 6.4e-5 wd 0.1 / lr 1.6e-5 wd 1e-3 / lr 5.4e-5 betas (0.5, 0.9)): the paper;
+- LPIPS weight, PatchGAN discriminator, hinge loss, adaptive GAN weight x0.5: not published by the
+  authors; taken from taming-transformers / latent-diffusion autoencoders (LPIPS weight 1.0), which a
+  community DC-AE reproduction follows (it uses LPIPS weight 0.25; set `loss.perceptual_weight=0.25`);
+- resolutions, steps and batch sizes: ours (the paper trains at 256 px, adapts at 512/1024 px).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dcae.errors import UserError
+
+PHASE_NAMES = {
+    1: "low-resolution full training",
+    2: "high-resolution latent adaptation",
+    3: "low-resolution head refinement",
+}
+# `{last}` expands to the index of the innermost stage (the one next to the latent).
+INNER_STAGE_PATTERNS = {
+    "encoder_inner_stage": "encoder.stages.{last}.*",
+    "decoder_inner_stage": "decoder.stages.{last}.*",
+}
+
+
+class ConfigError(UserError):
+    """A training config that cannot be used: unknown keys, wrong types, impossible values."""
+
+
+@dataclass
+class ModelConfig:
+    name: str | None = None  # a zoo name (random init), e.g. dc-ae-f32c32-in-1.0
+    config: dict[str, Any] | None = None  # DCAEConfig fields (a `base: <zoo name>` key starts from a zoo entry)
+    init: str | None = None  # weights to fine-tune: anything DCAE.from_pretrained accepts (folder, file, Hub id)
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    # Folders (searched recursively), webdataset-style .tar shards (globs allowed), image files, or
+    # "skimage:astronaut,coffee" (scikit-image's bundled photos, for offline demos and tests).
+    train: list[str] = field(default_factory=list)
+    val: list[str] = field(default_factory=list)
+    holdout: int = 0  # with no `val`: the last N train files (sorted by name) are held out for validation
+    crop: str = "random"  # random | center
+    resize: bool = True  # resize the short side to resolution * U(scale_range) before cropping
+    scale_range: tuple[float, float] = (1.0, 1.0)
+    hflip: float = 0.5  # probability of a horizontal flip
+    num_workers: int = 2  # DataLoader worker processes (0 = load in the training process)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6.4e-5
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine (decays to lr * min_lr_ratio at the last step)
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # max global grad norm; 0 disables (ours, the paper does not say)
+
+
+@dataclass
+class LossConfig:
+    l1_weight: float = 1.0
+    l2_weight: float = 0.0
+    perceptual_weight: float = 1.0  # taming/LDM use 1.0; a community DC-AE reproduction 0.25
+    perceptual_net: str = "stlpips-vgg"  # stlpips-vgg | stlpips-alex | lpips-vgg | lpips-alex
+    gan_weight: float = 0.0  # 0 = no GAN; phase 3 uses 0.5 (taming's disc_weight)
+    gan_adaptive: bool = True  # scale by |grad rec| / |grad gan| at the last decoder layer (taming)
+    gan_adaptive_max: float = 1e4  # clamp of that ratio (taming)
+    disc_start: int = 0  # phase step from which the discriminator trains and the GAN loss applies
+
+
+@dataclass
+class DiscConfig:
+    """pix2pix / taming NLayerDiscriminator (PatchGAN)."""
+
+    layers: int = 3
+    channels: int = 64
+    norm: str = "bn"  # bn | none
+    lr: float | None = None  # None: the phase's generator lr
+    betas: tuple[float, float] = (0.5, 0.9)
+    weight_decay: float = 0.0
+
+
+@dataclass
+class PhaseConfig:
+    resolution: int = 256
+    batch_size: int = 8  # per process
+    steps: int = 1000  # optimizer steps
+    max_minutes: float | None = None  # stop early after this much wall time (demos)
+    trainable: dict[str, str] = field(default_factory=lambda: {"all": "*"})  # name -> glob ("re:" = regex)
+    trainable_inner_stages: bool = False  # also train encoder.stages.{last}.* and decoder.stages.{last}.*
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    disc: DiscConfig = field(default_factory=DiscConfig)
+
+
+def _phase1() -> PhaseConfig:
+    # Paper: all parameters, L1 + perceptual, no GAN; AdamW lr 6.4e-5, wd 0.1, betas (0.9, 0.999).
+    return PhaseConfig(resolution=256, optim=OptimConfig(lr=6.4e-5, weight_decay=0.1, betas=(0.9, 0.999)))
+
+
+def _phase2() -> PhaseConfig:
+    # Paper: only the layers next to the latent (optionally the innermost stages); lr 1.6e-5, wd 1e-3.
+    return PhaseConfig(
+        resolution=512,
+        batch_size=4,
+        trainable={"encoder_out": "encoder.project_out.*", "decoder_in": "decoder.project_in.*"},
+        optim=OptimConfig(lr=1.6e-5, weight_decay=1e-3, betas=(0.9, 0.999)),
+    )
+
+
+def _phase3() -> PhaseConfig:
+    # Paper: only the decoder head (norm, act, conv), L1 + perceptual + GAN; lr 5.4e-5, betas (0.5, 0.9).
+    # Weight decay is not given for phase 3; we keep phase 2's small 1e-3. GAN settings: taming.
+    return PhaseConfig(
+        resolution=256,
+        trainable={"decoder_head": "decoder.project_out.*"},
+        optim=OptimConfig(lr=5.4e-5, weight_decay=1e-3, betas=(0.5, 0.9)),
+        loss=LossConfig(gan_weight=0.5),
+    )
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000  # steps; the last step of a phase always writes one
+    keep_last: int = 3
+
+
+@dataclass
+class LogConfig:
+    every: int = 10  # CSV / TensorBoard rows
+    image_every: int = 500  # reconstruction grid of the fixed validation batch (0 = start and end only)
+    tensorboard: bool = True  # when the tensorboard package is installed
+    progress: bool = True  # tqdm bar
+
+
+@dataclass
+class ValConfig:
+    every: int = 0  # held-out PSNR/SSIM during a phase (0 = only at the end of each phase)
+    resolutions: list[int] = field(default_factory=list)  # evaluated at each phase end; [] = the phase's own
+    max_images: int = 100
+    batch_size: int = 8
+    grid_images: int = 8
+    lpips: bool = False  # also report LPIPS (the loss network) on the held-out set
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/dcae"
+    seed: int = 0
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    grad_accum: int = 1
+    ema_decay: float = 0.9999  # 0 = no EMA; the exported result of each phase uses the EMA weights
+    find_unused_parameters: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    phase1: PhaseConfig = field(default_factory=_phase1)
+    phase2: PhaseConfig = field(default_factory=_phase2)
+    phase3: PhaseConfig = field(default_factory=_phase3)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    val: ValConfig = field(default_factory=ValConfig)
+
+    def phase(self, n: int) -> PhaseConfig:
+        return getattr(self, f"phase{n}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+# ----------------------------------------------------------------------------- loading
+def load_config(source: str | Path | dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """A TrainConfig from a YAML file (or a packaged name such as 'tiny'), a dict, or defaults, then
+    `key.sub=value` overrides (values parsed as YAML, converted to the field's type)."""
+    if source is None:
+        data: dict[str, Any] = {}
+    elif isinstance(source, dict):
+        data = source
+    else:
+        data = _read_yaml(resolve_config_path(source))
+    cfg = _build(TrainConfig, data, "")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. phase1.steps=100)")
+        _set_dotted(cfg, key.strip(), yaml.safe_load(value) if value.strip() else None)
+    validate(cfg)
+    return cfg
+
+
+def packaged_configs() -> dict[str, Path]:
+    """Default configs shipped inside the package: {'tiny': .../train_tiny.yaml, ...}."""
+    root = Path(__file__).resolve().parents[1] / "configs"
+    return {p.stem.removeprefix("train_"): p for p in sorted(root.glob("train_*.yaml"))}
+
+
+def resolve_config_path(source: str | Path) -> Path:
+    path = Path(source)
+    if path.is_file():
+        return path
+    shipped = packaged_configs()
+    if str(source) in shipped:
+        return shipped[str(source)]
+    raise ConfigError(f"config {source} not found (a YAML file or one of the packaged configs: {', '.join(shipped)})")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Dataclass `cls` from a mapping, recursively; unknown keys are errors with a suggestion."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    obj = cls()
+    for key, value in data.items():
+        _set_field(obj, str(key), value, where)
+    return obj
+
+
+def _set_field(obj: Any, key: str, value: Any, where: str) -> None:
+    hints = _hints(type(obj))
+    path = f"{where}.{key}" if where else key
+    if key not in hints:
+        close = difflib.get_close_matches(key, list(hints), n=1)
+        hint = f" (did you mean {where + '.' if where else ''}{close[0]}?)" if close else ""
+        raise ConfigError(f"unknown config key {path!r}{hint}")
+    tp = hints[key]
+    if dataclasses.is_dataclass(tp):
+        # Merge into the existing default so that a partial mapping keeps the other defaults.
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        sub = getattr(obj, key)
+        for k, v in value.items():
+            _set_field(sub, str(k), v, path)
+        return
+    setattr(obj, key, _coerce(value, tp, path))
+
+
+def _set_dotted(cfg: TrainConfig, key: str, value: Any) -> None:
+    parts = key.split(".")
+    obj: Any = cfg
+    for i, part in enumerate(parts[:-1]):
+        where = ".".join(parts[:i])
+        if isinstance(obj, dict):  # e.g. phase2.trainable.extra=... or model.config.latent_channels=...
+            obj = obj.setdefault(part, {})
+            continue
+        hints = _hints(type(obj))
+        if part not in hints:
+            _set_field(obj, part, None, where)  # raises the unknown-key error
+        sub = getattr(obj, part)
+        if sub is None and _is_dict_type(hints[part]):
+            sub = {}
+            setattr(obj, part, sub)
+        if not (dataclasses.is_dataclass(sub) or isinstance(sub, dict)):
+            raise ConfigError(f"config key {'.'.join(parts[: i + 1])!r} is not a section (cannot set {key})")
+        obj = sub
+    if isinstance(obj, dict):
+        obj[parts[-1]] = value
+    else:
+        _set_field(obj, parts[-1], value, ".".join(parts[:-1]))
+
+
+def _is_dict_type(tp: Any) -> bool:
+    return any(typing.get_origin(a) is dict for a in _union_args(tp))
+
+
+def _union_args(tp: Any) -> tuple:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return typing.get_args(tp)
+    return (tp,)
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """`value` as type `tp` (YAML 1.1 reads 6.4e-5 as a string: numbers are converted here)."""
+    args = _union_args(tp)
+    if len(args) > 1:  # Optional[...]
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    origin = typing.get_origin(tp)
+    try:
+        if tp is Any:
+            return value
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) else int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            if isinstance(value, (dict, list)) or value is None:
+                raise ValueError
+            return str(value)
+        if origin is tuple:
+            items = _as_list(value)
+            inner = typing.get_args(tp)
+            if len(inner) == 2 and inner[1] is Ellipsis:
+                return tuple(_coerce(v, inner[0], path) for v in items)
+            if len(items) != len(inner):
+                raise ValueError
+            return tuple(_coerce(v, t, path) for v, t in zip(items, inner))
+        if origin is list:
+            (inner,) = typing.get_args(tp)
+            return [_coerce(v, inner, path) for v in _as_list(value)]
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise ValueError
+            _, vt = typing.get_args(tp)
+            return {str(k): _coerce(v, vt, f"{path}.{k}") for k, v in value.items()}
+    except (TypeError, ValueError):
+        pass
+    else:
+        raise ConfigError(f"{path}: unsupported field type {tp}")
+    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _as_list(value: Any) -> list:
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, str):  # "0.9,0.999" on the command line
+        return [v.strip() for v in value.strip("[]()").split(",") if v.strip()]
+    if value is None:
+        return []
+    return [value]
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------- checks
+def validate(cfg: TrainConfig) -> None:
+    problems: list[str] = []
+    m = cfg.model
+    if sum(x is not None for x in (m.name, m.config)) > 1:
+        problems.append("model: give either model.name or model.config, not both")
+    if cfg.mixed_precision not in ("no", "bf16", "fp16"):
+        problems.append(f"mixed_precision must be no, bf16 or fp16, got {cfg.mixed_precision!r}")
+    if cfg.grad_accum < 1:
+        problems.append("grad_accum must be >= 1")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        problems.append("ema_decay must be in [0, 1)")
+    if cfg.data.crop not in ("random", "center"):
+        problems.append(f"data.crop must be random or center, got {cfg.data.crop!r}")
+    lo, hi = cfg.data.scale_range
+    if not 0 < lo <= hi:
+        problems.append(f"data.scale_range must be 0 < min <= max, got {cfg.data.scale_range}")
+    if not 0.0 <= cfg.data.hflip <= 1.0:
+        problems.append("data.hflip is a probability in [0, 1]")
+    if cfg.data.num_workers < 0 or cfg.data.holdout < 0:
+        problems.append("data.num_workers and data.holdout must be >= 0")
+    if cfg.checkpoint.every < 1 or cfg.checkpoint.keep_last < 1:
+        problems.append("checkpoint.every and checkpoint.keep_last must be >= 1")
+    if cfg.log.every < 1:
+        problems.append("log.every must be >= 1")
+    for n in (1, 2, 3):
+        p = cfg.phase(n)
+        where = f"phase{n}"
+        if p.resolution < 1 or p.batch_size < 1 or p.steps < 1:
+            problems.append(f"{where}: resolution, batch_size and steps must be >= 1")
+        if not p.trainable and not p.trainable_inner_stages:
+            problems.append(f"{where}.trainable: no parameter patterns (nothing would train)")
+        o, lo_ = p.optim, p.loss
+        if o.lr <= 0 or o.weight_decay < 0 or o.warmup_steps < 0 or o.grad_clip < 0:
+            problems.append(f"{where}.optim: lr must be > 0; weight_decay, warmup_steps, grad_clip >= 0")
+        if o.schedule not in ("constant", "cosine"):
+            problems.append(f"{where}.optim.schedule must be constant or cosine, got {o.schedule!r}")
+        if not all(0.0 <= b < 1.0 for b in o.betas):
+            problems.append(f"{where}.optim.betas must be in [0, 1)")
+        weights = (lo_.l1_weight, lo_.l2_weight, lo_.perceptual_weight, lo_.gan_weight)
+        if min(weights) < 0:
+            problems.append(f"{where}.loss: weights must be >= 0")
+        if lo_.l1_weight == lo_.l2_weight == lo_.perceptual_weight == 0:
+            problems.append(f"{where}.loss: no reconstruction loss (l1, l2 and perceptual weights are all 0)")
+        if lo_.perceptual_net not in ("stlpips-vgg", "stlpips-alex", "lpips-vgg", "lpips-alex"):
+            problems.append(f"{where}.loss.perceptual_net: unknown network {lo_.perceptual_net!r}")
+        if p.disc.norm not in ("bn", "none") or p.disc.layers < 1:
+            problems.append(f"{where}.disc: norm must be bn or none, layers >= 1")
+    if problems:
+        raise ConfigError("invalid training config:\n  " + "\n  ".join(problems))
+
+
+def dump_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

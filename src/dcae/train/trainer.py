@@ -1,0 +1,450 @@
+"""The training loop: the three DC-AE phases, one after the other, on top of HF accelerate.
+
+    train(cfg, phases=[1, 2, 3])      # what `dcae train CONFIG --phase all` runs
+
+Each phase: build the model from the previous phase's exported result (or `model.init` / a fresh init),
+freeze everything but the phase's trainable patterns, then the usual loop (nanoGPT style):
+    lr <- schedule(step); G forward/backward over grad_accum micro-batches; clip; step; EMA;
+    D forward/backward on the same batches (phase 3); log; validate; checkpoint.
+At the end: export (EMA weights) in the original and diffusers formats, held-out PSNR/SSIM as JSON,
+loss curves as PNG.
+
+Multi-GPU / multi-node: launch the same command with `accelerate launch -m dcae.cli train ...` or
+`torchrun --nproc_per_node N -m dcae.cli train ...`; accelerate wraps the model in DDP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dcae.errors import UserError
+from dcae.models import DCAE, DCAEConfig
+from dcae.train import monitor, params, state
+from dcae.train.config import PHASE_NAMES, TrainConfig, dump_yaml
+from dcae.train.data import (
+    ImageDataset,
+    Item,
+    ResumableBatchSampler,
+    load_val_images,
+    make_loader,
+    split_items,
+)
+from dcae.train.losses import AutoencoderLoss, PatchDiscriminator, build_perceptual
+from dcae.utils.io import atomic_write_json, atomic_write_text
+
+
+@dataclass
+class Session:
+    """What all phases of one command share."""
+
+    cfg: TrainConfig
+    out: Path
+    accelerator: Any
+    train_items: list[Item]
+    val_images: list[np.ndarray]
+    grid_images: list[np.ndarray]
+    init: str | None  # weights the first phase of this command starts from
+    resume: bool
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def print(self, *args: Any) -> None:
+        if self.main:
+            from tqdm import tqdm
+
+            tqdm.write(" ".join(str(a) for a in args))
+
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # Without a GPU, accelerate only sets up multi-process (gloo) training when told it runs on CPU.
+    cpu = not torch.cuda.is_available()
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)
+    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu, kwargs_handlers=[ddp])
+
+
+def train(
+    cfg: TrainConfig,
+    phases: list[int] = (1, 2, 3),
+    init: str | None = None,
+    resume: bool = False,
+    accelerator: Any = None,
+) -> dict[str, Any]:
+    """Run `phases` in order; returns {"phases": {n: metrics}, "model": path of the last export}."""
+    accelerator = accelerator or make_accelerator(cfg)
+    out = Path(cfg.out_dir)
+    train_items, val_items = split_items(cfg.data.train, cfg.data.val, cfg.data.holdout)
+    val_images, skipped = load_val_images(val_items, cfg.val.max_images) if accelerator.is_main_process else ([], 0)
+    grid_images = val_images[: cfg.val.grid_images]
+    if not grid_images and accelerator.is_main_process:  # no held-out set: show a few training images
+        grid_images, _ = load_val_images(train_items, cfg.val.grid_images)
+    s = Session(cfg, out, accelerator, train_items, val_images, grid_images, init or cfg.model.init, resume)
+    if s.main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+        s.print(
+            f"data: {len(train_items)} training images, {len(val_images)} held out"
+            + (f" ({skipped} unreadable)" if skipped else "")
+        )
+    results: dict[int, Any] = {}
+    export = None
+    for i, n in enumerate(phases):
+        export, results[n] = run_phase(s, n, first=i == 0)
+        accelerator.free_memory()
+    if s.main:
+        logs = {f"phase {n}": monitor.read_log(out / f"phase{n}" / "log.csv") for n in (1, 2, 3)}
+        monitor.plot_curves({k: v for k, v in logs.items() if v}, out / "loss_curves.png", "DC-AE training")
+        atomic_write_json(out / "summary.json", {"model": str(export), "phases": results})
+    accelerator.wait_for_everyone()
+    return {"model": export, "phases": results}
+
+
+# ----------------------------------------------------------------------------- model construction
+def build_model(cfg: TrainConfig) -> DCAE:
+    m = cfg.model
+    if m.config is not None:
+        d = dict(m.config)
+        base = d.pop("base", None)
+        if base is not None:
+            import dataclasses
+
+            from dcae.models.config import get_config
+
+            return DCAE(dataclasses.replace(get_config(base), **d, hub_id=None, hub_id_diffusers=None))
+        try:
+            return DCAE(DCAEConfig.from_dict(d))
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"model.config: {exc}") from exc
+    if m.name is not None:
+        return DCAE.from_config(m.name)
+    raise UserError("no model: set model.name (a zoo name), model.config (DCAEConfig fields) or --init")
+
+
+def starting_model(s: Session, n: int, first: bool) -> tuple[DCAE, str]:
+    """Phase 1 of a fresh run: model.init or a seeded random init. A later phase: the previous phase's
+    exported result; the first phase of a command started at phase 2/3 may take --init instead."""
+    prev = s.out / f"phase{n - 1}" / "model"
+    if first and s.init is not None:
+        return DCAE.from_pretrained(s.init), f"--init {s.init}"
+    if n > 1:
+        if not (prev / "config.json").is_file():
+            raise UserError(
+                f"phase {n} starts from phase {n - 1}'s result, but {prev} does not exist: "
+                f"run phase {n - 1} first (or --phase all), or pass --init"
+            )
+        return DCAE.from_pretrained(prev), f"phase {n - 1} result {prev}"
+    state.seed_everything(s.cfg.seed)
+    return build_model(s.cfg), "random init"
+
+
+def last_decoder_layer(model: DCAE) -> torch.Tensor:
+    """Weight of the conv that outputs pixels: where the adaptive GAN weight balances the gradients."""
+    return [p for n, p in model.decoder.project_out.named_parameters() if n.endswith("weight")][-1]
+
+
+# ----------------------------------------------------------------------------- one phase
+def run_phase(s: Session, n: int, first: bool) -> tuple[Path, dict[str, Any]]:
+    cfg, acc, phase = s.cfg, s.accelerator, s.cfg.phase(n)
+    folder = s.out / f"phase{n}"
+    ckpt_dir = folder / "checkpoints"
+    export_dir = folder / "model"
+    metrics_path = folder / "metrics.json"
+    if s.main:
+        state.remove_stale_temp_files(ckpt_dir)
+    latest = state.latest_checkpoint(ckpt_dir)
+    if metrics_path.is_file() and s.resume:
+        s.print(f"phase {n} ({PHASE_NAMES[n]}) already complete: {export_dir}")
+        return export_dir, json.loads(metrics_path.read_text())
+    if (latest is not None or metrics_path.is_file()) and not s.resume:
+        raise UserError(f"{folder} holds a previous run: pass --resume to continue it, or choose another --out")
+
+    model, origin = starting_model(s, n, first)
+    model.enable_gradient_checkpointing(cfg.model.gradient_checkpointing)
+    selected = params.select_trainable(model, params.phase_patterns(phase, model))
+    trainable_names = params.apply_trainable(model, selected)
+    s.print(f"\n=== phase {n}: {PHASE_NAMES[n]} ({phase.resolution} px, {phase.steps} steps) from {origin}")
+    s.print("trainable parameters:\n" + params.summary(model, selected))
+    if s.main:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / "trainable.txt", params.full_list(model) + "\n")
+
+    # Optimizers. Only trainable tensors go to AdamW, so frozen ones cannot be touched by weight decay.
+    o = phase.optim
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    loss_cfg = phase.loss
+    disc = d_opt = None
+    if loss_cfg.gan_weight > 0:
+        d = phase.disc
+        torch.manual_seed(cfg.seed + 1)
+        disc = PatchDiscriminator(3, d.channels, d.layers, d.norm)
+        d_opt = torch.optim.AdamW(disc.parameters(), lr=d.lr or o.lr, betas=d.betas, weight_decay=d.weight_decay)
+    perceptual = build_perceptual(loss_cfg.perceptual_net) if loss_cfg.perceptual_weight > 0 else None
+    if perceptual is not None:
+        perceptual.to(acc.device)
+    ema = state.EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+
+    if disc is not None:
+        model, opt, disc, d_opt = acc.prepare(model, opt, disc, d_opt)
+    else:
+        model, opt = acc.prepare(model, opt)
+    raw = acc.unwrap_model(model)
+    raw_disc = acc.unwrap_model(disc) if disc is not None else None
+    if ema is not None:
+        ema.shadow = {k: v.to(acc.device) for k, v in ema.shadow.items()}
+    loss_fn = AutoencoderLoss(loss_cfg, raw_disc, perceptual)
+    last_layer = last_decoder_layer(raw)
+
+    # Resume.
+    step, batches, skipped, elapsed = 0, 0, 0, 0.0
+    if latest is not None:
+        ck = state.load_checkpoint(latest)
+        raw.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        if disc is not None:
+            raw_disc.load_state_dict(ck["disc"])
+            d_opt.load_state_dict(ck["disc_optimizer"])
+        if ema is not None:
+            ema.load_state_dict(ck["ema"])
+        if acc.scaler is not None and ck.get("scaler"):
+            acc.scaler.load_state_dict(ck["scaler"])
+        step, batches, skipped, elapsed = ck["step"], ck["data"]["batches_consumed"], ck["skipped"], ck["elapsed"]
+        s.print(f"resumed phase {n} from {latest} (step {step}, data position {ck['data']})")
+
+    # Data: the position (epoch, batch) follows from the number of batches consumed.
+    dataset = ImageDataset(
+        s.train_items,
+        phase.resolution,
+        seed=cfg.seed * 1000 + n,
+        crop=cfg.data.crop,
+        resize=cfg.data.resize,
+        scale_range=cfg.data.scale_range,
+        hflip=cfg.data.hflip,
+    )
+    sampler = ResumableBatchSampler(
+        len(dataset), phase.batch_size, dataset.seed, acc.process_index, acc.num_processes, start_batch=batches
+    )
+    data_iter = iter(make_loader(dataset, sampler, cfg.data.num_workers, pin_memory=acc.device.type == "cuda"))
+    # RNG after the loader: creating its iterator draws a worker seed from the global generator.
+    if latest is not None:
+        state.set_rng_state(ck["rng"])
+    else:
+        state.seed_everything(cfg.seed + n)
+
+    logger = monitor.Logger(folder, step if latest is not None else None, cfg.log.tensorboard) if s.main else None
+    start_metrics = None
+    if s.main and first and latest is None and s.val_images:
+        start_metrics = _evaluate_all(s, raw, phase.resolution, perceptual)
+        s.print(f"held-out before phase {n}: {_fmt_metrics(start_metrics)}")
+    if s.main and latest is None:
+        _grid(s, raw, phase.resolution, folder / "samples" / f"step_{step:08d}.png")
+
+    params.set_train_mode(model)
+    if disc is not None:
+        disc.train()
+    from tqdm import tqdm
+
+    show = s.main and cfg.log.progress
+    bar = tqdm(total=phase.steps, initial=step, desc=f"phase {n}", disable=not show, dynamic_ncols=True)
+    images_per_step = phase.batch_size * cfg.grad_accum * acc.num_processes
+    t_start, t_last, step_at_last = time.time() - elapsed, time.time(), step
+    running: dict[str, float] = {}
+    stopped_early = False
+    while step < phase.steps:
+        lr = state.lr_at(step, phase.steps, o)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        if d_opt is not None:  # the discriminator follows the same schedule, relative to its own lr
+            for g in d_opt.param_groups:
+                g["lr"] = (phase.disc.lr or o.lr) * lr / o.lr
+        logs, batches, skipped = _train_step(
+            s, model, opt, disc, d_opt, loss_fn, last_layer, raw_disc, data_iter, step, batches, skipped, o
+        )
+        if ema is not None:
+            ema.update(raw)
+        step += 1
+        bar.update(1)
+
+        # Logging (main process), with loss values from this process's micro-batches.
+        for k, v in logs.items():
+            running[k] = running.get(k, 0.0) + v
+        if step % cfg.log.every == 0 or step == phase.steps:
+            now = time.time()
+            speed = images_per_step * (step - step_at_last) / max(now - t_last, 1e-9)
+            k_steps = max(1, step - step_at_last)
+            row = {k: v / k_steps for k, v in running.items()}
+            row.update(step=step, time_s=now - t_start, lr=lr, img_per_s=speed, skipped=skipped)
+            running, t_last, step_at_last = {}, now, step
+            if cfg.val.every and step % cfg.val.every == 0 and s.main and s.val_images:
+                m = monitor.evaluate(raw, s.val_images, phase.resolution, cfg.val.batch_size, acc.device)
+                row.update(val_psnr=m["psnr"], val_ssim=m["ssim"])
+                params.set_train_mode(model)
+            if logger is not None:
+                logger.log(row)
+            bar.set_postfix(
+                {k: f"{row[k]:.4f}" for k in ("loss", "lpips", "d_loss") if k in row} | {"img/s": f"{speed:.1f}"}
+            )
+        if s.main and cfg.log.image_every and step % cfg.log.image_every == 0:
+            _grid(s, raw, phase.resolution, folder / "samples" / f"step_{step:08d}.png")
+            params.set_train_mode(model)
+
+        if phase.max_minutes is not None:
+            stopped_early = _time_is_up(acc, t_start, phase.max_minutes) and step < phase.steps
+        if step % cfg.checkpoint.every == 0 or step == phase.steps or stopped_early:
+            ck = {
+                "phase": n,
+                "step": step,
+                "model": raw.state_dict(),
+                "optimizer": opt.state_dict(),
+                "disc": raw_disc.state_dict() if raw_disc is not None else None,
+                "disc_optimizer": d_opt.state_dict() if d_opt is not None else None,
+                "ema": ema.state_dict() if ema is not None else None,
+                "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+                "data": sampler.position(batches),
+                "skipped": skipped,
+                "elapsed": time.time() - t_start,
+                "rng": state.rng_state(),
+                "config": cfg.to_dict(),
+            }
+            if s.main:
+                state.save_checkpoint(ck, ckpt_dir, step, cfg.checkpoint.keep_last)
+            acc.wait_for_everyone()
+        if stopped_early:
+            s.print(f"phase {n}: max_minutes={phase.max_minutes} reached, stopping at step {step}")
+            break
+    bar.close()
+    if logger is not None:
+        logger.close()
+    del data_iter  # stops the worker processes
+
+    # Export (EMA weights when enabled), evaluate, plot.
+    final_sd = ema.state_dict_for(raw) if ema is not None else raw.state_dict()
+    skipped_total = int(acc.reduce(torch.tensor(skipped, device=acc.device), reduction="sum").item())
+    result: dict[str, Any] = {}
+    if s.main:
+        result = _finish_phase(s, n, raw.config, final_sd, folder, export_dir, perceptual)
+        result.update(
+            steps=step,
+            stopped_early=stopped_early,
+            weights="ema" if ema is not None else "raw",
+            skipped_images=skipped_total,
+            train_time_s=round(time.time() - t_start, 1),
+            start=start_metrics,
+            trainable_parameters=sum(p.numel() for p in trainable),
+            trainable_tensors=len(trainable_names),
+        )
+        atomic_write_json(metrics_path, result)  # written last: it marks the phase as complete
+    acc.wait_for_everyone()
+    return export_dir, result
+
+
+def _train_step(s, model, opt, disc, d_opt, loss_fn, last_layer, raw_disc, data_iter, step, batches, skipped, o):
+    """One optimizer step: grad_accum micro-batches for G, then the same batches for D (phase 3).
+
+    D is updated after G (not interleaved) so that with fp16 the grad scaler unscales each optimizer's
+    gradients exactly once. During the G pass D's parameters are frozen (its gradients from the
+    generator loss are not wanted), and the unwrapped D is called so DDP does not expect a reduction.
+    """
+    acc, accum = s.accelerator, s.cfg.grad_accum
+    gan = loss_fn.gan_active(step)
+    logs: dict[str, torch.Tensor] = defaultdict(float)
+    pairs = []
+    if raw_disc is not None:
+        raw_disc.requires_grad_(False)
+    for micro in range(accum):
+        x, n_skipped = next(data_iter)
+        x = x.to(acc.device, non_blocking=True)
+        skipped += n_skipped
+        batches += 1
+        sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(model)
+        with sync:
+            with acc.autocast():
+                rec = model(x)
+                loss, parts = loss_fn.generator(x, rec, step, last_layer, disc=raw_disc)
+            acc.backward(loss / accum)
+        for k, v in parts.items():
+            logs[k] = logs[k] + v / accum
+        if gan:
+            pairs.append((x, rec.detach()))
+    if o.grad_clip > 0:
+        acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], o.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+    if gan:
+        raw_disc.requires_grad_(True)
+        for micro, (x, rec) in enumerate(pairs):
+            sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(disc)
+            with sync:
+                with acc.autocast():
+                    d_loss, d_parts = loss_fn.discriminator(disc, x, rec)
+                acc.backward(d_loss / accum)
+            for k, v in d_parts.items():
+                logs[k] = logs[k] + v / accum
+        d_opt.step()
+        d_opt.zero_grad(set_to_none=True)
+    return {k: float(v) for k, v in logs.items()}, batches, skipped
+
+
+def _time_is_up(acc, t_start: float, minutes: float) -> bool:
+    # All processes must agree, or one would wait forever for the others' gradients.
+    up = torch.tensor(float(time.time() - t_start > minutes * 60), device=acc.device)
+    return bool(acc.reduce(up, reduction="sum").item() > 0)
+
+
+def _grid(s: Session, model: nn.Module, resolution: int, path: Path) -> None:
+    if s.grid_images:
+        monitor.save_recon_grid(model, s.grid_images, resolution, path, s.accelerator.device, s.cfg.val.batch_size)
+
+
+def _evaluate_all(s: Session, model: nn.Module, resolution: int, perceptual: nn.Module | None) -> list[dict]:
+    resolutions = s.cfg.val.resolutions or [resolution]
+    lp = perceptual if s.cfg.val.lpips else None
+    return [
+        monitor.evaluate(model, s.val_images, r, s.cfg.val.batch_size, s.accelerator.device, lpips=lp)
+        for r in resolutions
+    ]
+
+
+def _fmt_metrics(ms: list[dict]) -> str:
+    return "; ".join(
+        f"{m['resolution']}px PSNR {m['psnr']:.2f} SSIM {m['ssim']:.4f}"
+        + (f" LPIPS {m['lpips']:.4f}" if "lpips" in m else "")
+        for m in ms
+    )
+
+
+def _finish_phase(s, n, config, final_sd, folder, export_dir, perceptual) -> dict[str, Any]:
+    """Export in both formats, evaluate the exported weights at the validation resolutions, plot."""
+    model = DCAE(config).to(s.accelerator.device)
+    model.load_state_dict(final_sd)
+    model.eval()
+    model.save_pretrained(export_dir, format="original", overwrite=True)
+    result: dict[str, Any] = {"phase": n, "name": PHASE_NAMES[n], "model": str(export_dir)}
+    try:
+        model.save_pretrained(folder / "model-diffusers", format="diffusers", overwrite=True)
+        result["model_diffusers"] = str(folder / "model-diffusers")
+    except UserError as exc:  # e.g. shapes diffusers' AutoencoderDC cannot express
+        s.print(f"note: no diffusers export: {exc}")
+    if s.val_images:
+        result["eval"] = _evaluate_all(s, model, s.cfg.phase(n).resolution, perceptual)
+        s.print(f"held-out after phase {n}: {_fmt_metrics(result['eval'])}")
+    _grid(s, model, s.cfg.phase(n).resolution, folder / "samples" / "final.png")
+    rows = monitor.read_log(folder / "log.csv")
+    if monitor.plot_curves({f"phase {n}": rows}, folder / "loss_curves.png", f"phase {n}: {PHASE_NAMES[n]}"):
+        result["loss_curves"] = str(folder / "loss_curves.png")
+    return result
