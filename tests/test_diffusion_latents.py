@@ -86,6 +86,8 @@ def test_extract_folders_flip_and_read_back(tmp_path):
     assert index["class_names"] == ["apple", "zebra"] and index["label_source"] == "folders"
     assert [s["count"] for s in index["shards"]] == [4, 2]
     assert read_index(tmp_path / "lat")["complete"]
+    all_latents = torch.cat([LatentDataset(tmp_path / "lat", use_flip=False)[i][0] for i in range(6)])
+    assert abs(index["latent_rms"] - all_latents.square().mean().sqrt().item()) < 1e-4
 
     ds = LatentDataset(tmp_path / "lat", use_flip=False)
     assert len(ds) == 6 and ds.num_classes == 2 and ds.latent_shape == (8, 8, 8)
@@ -216,7 +218,10 @@ def test_cli_latents(tmp_path, ae_dir, capsys):
         "--flip",
     ]
     assert cli(args) == 0
-    assert "3 images -> 1 shards" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "3 images -> 1 shards" in captured.out
+    rms = read_index(tmp_path / "lat")["latent_rms"]
+    assert ("far from 1" in captured.err) == (not 0.5 < rms < 2.0)
     index = read_index(tmp_path / "lat")
     assert index["model"] == str(ae_dir) and index["flip"] and index["num_classes"] == 2
     assert (tmp_path / "lat" / "files.txt").read_text().split() == ["x/a.png", "y/b.png", "y/c.png"]

@@ -8,6 +8,7 @@ its patch embedding and output layer change with the latent shape. Training = fo
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -42,15 +43,18 @@ def _sync(device: torch.device) -> None:
 
 
 def _timed(fn, device: torch.device, warmup: int, steps: int) -> float:
-    """Seconds per call after `warmup` untimed calls (compilation, allocator warm-up)."""
+    """Median seconds per call after `warmup` untimed calls (compilation, allocator warm-up). The median
+    keeps a shared machine's hiccups out of the number."""
     for _ in range(warmup):
         fn()
-    _sync(device)
-    t0 = time.perf_counter()
+    times = []
     for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
         fn()
-    _sync(device)
-    return (time.perf_counter() - t0) / steps
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def forward_flops(model: torch.nn.Module, setting: Setting, device: torch.device) -> float:
@@ -112,6 +116,7 @@ def bench_one(
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": str(dtype).removeprefix("torch."),
         "compile": compile,
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "params_m": round(params / 1e6, 2),
         "fwd_gflops_per_img": round(flops / 1e9, 2),
     }
@@ -185,6 +190,8 @@ def main_from_args(args) -> int:
     else:
         device = torch.device(args.device)
     gpu = device.type == "cuda"
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.dtype, torch.bfloat16 if gpu else torch.float32)
     models = args.model or (["DiT-XL", "UViT-H"] if gpu else ["DiT-S"])
     if gpu:
@@ -198,7 +205,7 @@ def main_from_args(args) -> int:
         dtype,
         compile=args.compile,
         warmup=args.warmup if args.warmup is not None else (3 if gpu else 1),
-        steps=args.steps or (10 if gpu else 2),
+        steps=args.steps or (10 if gpu else 3),
         overrides=overrides,
     )
     print(format_table(records))

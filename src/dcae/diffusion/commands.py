@@ -62,6 +62,15 @@ def cmd_latents(args: argparse.Namespace) -> int:
             f"{index['num_images']} images -> {len(index['shards'])} shards of latents {index['latent_shape']} "
             f"x scaling {index['scaling_factor']:.4g}, {classes}, {status}: {args.output}"
         )
+        rms = index.get("latent_rms")
+        if rms is not None and not 0.5 < rms < 2.0:
+            import sys
+
+            print(
+                f"dcae: warning: the scaled latents have RMS {rms:.3g}, far from 1: this autoencoder's scaling "
+                f"factor does not suit its latents (about {index['scaling_factor'] / rms:.4g} would)",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -291,8 +300,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
     p.add_argument("--warmup", type=int, help="untimed steps (default 1 CPU, 3 GPU)")
-    p.add_argument("--steps", type=int, help="timed steps (default 2 CPU, 10 GPU)")
+    p.add_argument("--steps", type=int, help="timed steps, median reported (default 3 CPU, 10 GPU)")
     p.add_argument("--depth", type=int, help="override the depth of the named model (smaller CPU runs)")
+    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--json", help="write the records to this JSON file")
 
 

@@ -276,14 +276,32 @@ def extract_latents(
             tensors["latents_flip"] = torch.cat(flip_chunks)
         if labels.labels is not None:
             tensors["labels"] = torch.tensor(labels.labels[lo:hi], dtype=torch.int64)
-        atomic_save_safetensors(tensors, out / shard_name(k), metadata={"model": model_name, "first": str(lo)})
+        z = tensors["latents"].double()
+        stats = {"sumsq": repr(float(z.square().sum())), "numel": str(z.numel())}
+        atomic_save_safetensors(tensors, out / shard_name(k), metadata={"model": model_name, "first": str(lo), **stats})
     bar.close()
 
     # Only a run that sees every shard on disk marks the folder complete (other ranks may still be writing).
     if rank == 0 and all(shard_is_complete(out / s["file"], s["count"], flip) for s in index["shards"]):
         index["complete"] = True
+        index["latent_rms"] = latent_rms(out, index)
         atomic_write_json(index_path, index)
     return index
+
+
+def latent_rms(out: Path, index: dict) -> float | None:
+    """RMS of the scaled latents over all shards (from their metadata). A diffusion model expects about 1:
+    far from it, the autoencoder's scaling factor does not fit (set it to scaling_factor / rms)."""
+    from safetensors import safe_open
+
+    sumsq, numel = 0.0, 0
+    for s in index["shards"]:
+        with safe_open(str(out / s["file"]), framework="pt") as f:
+            meta = f.metadata() or {}
+        if "sumsq" not in meta:
+            return None
+        sumsq, numel = sumsq + float(meta["sumsq"]), numel + int(meta["numel"])
+    return (sumsq / max(numel, 1)) ** 0.5
 
 
 def read_index(root: str | os.PathLike) -> dict:
