@@ -19,6 +19,16 @@ from dcae.train.config import ConfigError, OptimConfig, load_config, packaged_co
 from dcae.train.data import ImageDataset, ResumableBatchSampler, augment, list_items, split_items
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and with pytest-xdist workers (or anything else)
+    sharing the cores, oversubscribed OpenMP makes each step 100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_model() -> DCAE:
     torch.manual_seed(0)
     return DCAE(DCAEConfig(**TINY_MODEL))
