@@ -97,8 +97,9 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", dump_yaml(cfg))
         s.print(
-            f"data: {len(train_items)} training images, {len(val_images)} held out"
-            + (f" ({skipped} unreadable)" if skipped else "")
+            f"{accelerator.num_processes} process(es) ({accelerator.distributed_type}, {accelerator.device}, "
+            f"mixed precision {cfg.mixed_precision}); data: {len(train_items)} training images, "
+            f"{len(val_images)} held out" + (f" ({skipped} unreadable)" if skipped else "")
         )
     results: dict[int, Any] = {}
     export = None
