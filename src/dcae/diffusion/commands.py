@@ -55,9 +55,15 @@ def cmd_latents(args: argparse.Namespace) -> int:
         rank=state.process_index,
         world_size=state.num_processes,
     )
+    if state.num_processes > 1:
+        from dcae.diffusion.latents import finalize_latents
+
+        state.wait_for_everyone()
+        if state.is_main_process:
+            index = finalize_latents(args.output)
     if state.is_main_process:
         classes = f"{index['num_classes']} classes ({index['label_source']})" if index["num_classes"] else "no labels"
-        status = "complete" if index["complete"] else "incomplete (other processes still writing)"
+        status = "complete" if index["complete"] else "INCOMPLETE (rerun to finish)"
         print(
             f"{index['num_images']} images -> {len(index['shards'])} shards of latents {index['latent_shape']} "
             f"x scaling {index['scaling_factor']:.4g}, {classes}, {status}: {args.output}"

@@ -281,11 +281,18 @@ def extract_latents(
         atomic_save_safetensors(tensors, out / shard_name(k), metadata={"model": model_name, "first": str(lo), **stats})
     bar.close()
 
-    # Only a run that sees every shard on disk marks the folder complete (other ranks may still be writing).
-    if rank == 0 and all(shard_is_complete(out / s["file"], s["count"], flip) for s in index["shards"]):
+    # With several processes, the caller finalizes after all of them are done (see `finalize_latents`).
+    return finalize_latents(out) if world_size == 1 else index
+
+
+def finalize_latents(out: str | os.PathLike) -> dict:
+    """Mark the folder complete (and record the latent RMS) when every shard of the plan is on disk."""
+    out = Path(out)
+    index = json.loads((out / INDEX_NAME).read_text())
+    if all(shard_is_complete(out / s["file"], s["count"], index["flip"]) for s in index["shards"]):
         index["complete"] = True
         index["latent_rms"] = latent_rms(out, index)
-        atomic_write_json(index_path, index)
+        atomic_write_json(out / INDEX_NAME, index)
     return index
 
 

@@ -551,10 +551,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             group["lr"] = lr
         with accelerator.autocast():
             loss = process.loss(train_model, x, y, null_class=num_classes, generator=gen).mean()
-        if not torch.isfinite(loss):
-            from dcae.errors import NonFiniteError
-
-            raise NonFiniteError(f"loss is {loss.item()} at step {step}; lower optim.lr or check the latents")
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
         opt.step()
@@ -570,6 +566,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             mean_loss = accelerator.reduce(window_loss / window_n, reduction="mean").item()
+            if not np.isfinite(mean_loss):  # checked here, not every step: no GPU sync per step
+                from dcae.errors import NonFiniteError
+
+                raise NonFiniteError(
+                    f"training loss became {mean_loss} by step {step}; lower optim.lr, "
+                    f"raise optim.warmup_steps or check the latents (resume from a checkpoint)"
+                )
             elapsed = time.perf_counter() - window_t0
             img_s = window_n * cfg.batch_size / max(elapsed, 1e-9)
             last_loss = mean_loss
