@@ -25,7 +25,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_process_ddp_run_finishes_with_checkpoints(tmp_path):
     photos = write_photos(tmp_path / "photos", n=10)
-    cfg = tiny_config(tmp_path / "run", [str(photos)], grad_accum=2)
+    cfg = tiny_config(tmp_path / "run", [str(photos)], grad_accum=2, mixed_precision="bf16")
     cfg["phase1"]["steps"] = 3
     cfg["phase2"]["steps"] = 2
     cfg["phase3"]["steps"] = 2  # discriminator + adaptive GAN weight under DDP
@@ -52,6 +52,7 @@ def test_two_process_ddp_run_finishes_with_checkpoints(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "2 process(es) (DistributedType.MULTI_CPU" in proc.stdout
+    assert "mixed precision bf16" in proc.stdout
     run = tmp_path / "run"
     for n, steps in ((1, 3), (2, 2), (3, 2)):
         ck = state.load_checkpoint(state.latest_checkpoint(run / f"phase{n}" / "checkpoints"))

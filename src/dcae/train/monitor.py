@@ -84,16 +84,20 @@ def read_log(path: Path) -> list[dict[str, float]]:
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def reconstruct_batches(model: torch.nn.Module, images: list[np.ndarray], resolution: int, batch_size: int, device):
-    """Yield (originals uint8 (B,3,R,R), reconstructions uint8) for ADM-center-cropped images."""
+def reconstruct_batches(
+    model: torch.nn.Module, images: list[np.ndarray], resolution: int, batch_size: int, device, latents: bool = False
+):
+    """Yield (originals uint8 (B,3,R,R), reconstructions uint8[, latents]) for ADM-center-cropped images."""
     from dcae.metrics.psnr_ssim import quantize
 
     crops = [center_crop_arr(a, resolution) for a in images]
     for i in range(0, len(crops), batch_size):
         chunk = crops[i : i + batch_size]
         x = torch.stack([uint8_to_tensor(c) for c in chunk]).to(device)
-        rec = model.reconstruct(x)
-        yield quantize(x).cpu(), quantize(rec).cpu()
+        z = model.encode(x)
+        rec = model.decode(z)[..., :resolution, :resolution]
+        out = (quantize(x).cpu(), quantize(rec).cpu())
+        yield (*out, z) if latents else out
 
 
 @torch.no_grad()
@@ -105,27 +109,17 @@ def evaluate(
     device: torch.device | str = "cpu",
     lpips: torch.nn.Module | None = None,
 ) -> dict[str, float]:
-    """Held-out PSNR / SSIM (uint8, per image then averaged: the DC-AE protocol) and optional LPIPS."""
-    from dcae.metrics.psnr_ssim import psnr_per_image, ssim_per_image, to_unit_range
+    """Held-out PSNR / SSIM (uint8, per image then averaged: the DC-AE protocol), optional LPIPS, and
+    latent statistics (RMS, implied scaling factor), with the evaluation engineer's accumulators."""
+    from dcae.metrics.accumulate import ReconstructionMetrics
 
     was_training = model.training
     model.eval()
-    psnr, ssim, lp = [], [], []
-    for ref, rec in reconstruct_batches(model, images, resolution, batch_size, device):
-        psnr.append(psnr_per_image(ref, rec))
-        ssim.append(ssim_per_image(ref, rec))
-        if lpips is not None:
-            lp.append(lpips(to_unit_range(rec).to(device), to_unit_range(ref).to(device)).cpu())
+    metrics = ReconstructionMetrics(lpips=lpips)
+    for ref, rec, z in reconstruct_batches(model, images, resolution, batch_size, device, latents=True):
+        metrics.update(ref, rec, z)
     model.train(was_training)
-    out = {
-        "resolution": resolution,
-        "images": len(images),
-        "psnr": float(torch.cat(psnr).clamp(max=100).mean()),
-        "ssim": float(torch.cat(ssim).mean()),
-    }
-    if lp:
-        out["lpips"] = float(torch.cat(lp).mean())
-    return out
+    return {"resolution": resolution, **metrics.compute()}
 
 
 @torch.no_grad()

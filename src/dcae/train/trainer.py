@@ -74,7 +74,9 @@ def make_accelerator(cfg: TrainConfig):
     # Without a GPU, accelerate only sets up multi-process (gloo) training when told it runs on CPU.
     cpu = not torch.cuda.is_available()
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)
-    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu, kwargs_handlers=[ddp])
+    # "no" defers to the launcher (`accelerate launch --mixed_precision bf16`); an explicit value wins.
+    mp = None if cfg.mixed_precision == "no" else cfg.mixed_precision
+    return Accelerator(mixed_precision=mp, cpu=cpu, kwargs_handlers=[ddp])
 
 
 def train(
@@ -98,7 +100,7 @@ def train(
         atomic_write_text(out / "config.yaml", dump_yaml(cfg))
         s.print(
             f"{accelerator.num_processes} process(es) ({accelerator.distributed_type}, {accelerator.device}, "
-            f"mixed precision {cfg.mixed_precision}); data: {len(train_items)} training images, "
+            f"mixed precision {accelerator.mixed_precision}); data: {len(train_items)} training images, "
             f"{len(val_images)} held out" + (f" ({skipped} unreadable)" if skipped else "")
         )
     results: dict[int, Any] = {}
