@@ -270,6 +270,7 @@ def test_run_outputs(three_phase_run):
         metrics = json.loads((folder / "metrics.json").read_text())
         assert [m["resolution"] for m in metrics["eval"]] == [32, 64]
         assert all(np.isfinite(m["psnr"]) and 0 <= m["ssim"] <= 1 for m in metrics["eval"])
+        assert all(m["num_images"] == 1 and m["implied_scaling_factor"] > 0 for m in metrics["eval"])
         if n == 1:  # one full epoch: the corrupt training file was met, skipped and counted
             assert metrics["skipped_images"] >= 1
         assert (folder / "loss_curves.png").is_file() and (folder / "samples" / "final.png").is_file()
@@ -324,3 +325,25 @@ def test_split_holdout_is_sorted_tail(tmp_path):
     photos = write_photos(tmp_path / "p", n=5)
     train, val = split_items([str(photos)], [], 2)
     assert [Path(it.source).name for it in val] == ["img_003.png", "img_004.png"] and len(train) == 3
+
+
+def test_finetune_from_init_via_cli(three_phase_run, tmp_path):
+    """`dcae train CONFIG --init SRC --phase N`: fine-tuning saved weights (here in the diffusers format),
+    with gradient checkpointing on."""
+    import yaml
+
+    from dcae.cli import main
+
+    run, _ = three_phase_run
+    init = run / "phase1" / "model-diffusers"
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["model"] = {"config": None, "name": None}  # the architecture comes from --init
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "ft"
+    argv = ["train", str(path), "--phase", "1", "--init", str(init), "--out", str(out), "phase1.steps=1"]
+    assert main([*argv, "model.gradient_checkpointing=true", "ema_decay=0"]) == 0
+    before, after = _state(init), _state(out / "phase1" / "model")
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert not (out / "phase2").exists()
