@@ -258,9 +258,78 @@ class DCAE(nn.Module):
 
     # Hooks that the tiled and fused paths override; plain calls by default.
     def _encode(self, x: torch.Tensor, latent_channels: int | None = None) -> torch.Tensor:
-        return self.encoder(x, latent_channels=latent_channels)
+        tiler = self.__dict__.get("_tiler")
+        if tiler is not None and tiler.wants_encode(x):
+            return tiler.encode(x, lambda tiles: self._encode_once(tiles, latent_channels))
+        return self._encode_once(x, latent_channels)
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        tiler = self.__dict__.get("_tiler")
+        if tiler is not None and tiler.wants_decode(z):
+            return tiler.decode(z, self._decode_once)
+        return self._decode_once(z)
+
+    # --------------------------------------------------------------------- fast path and tiling
+    # The fast path (dcae.models.fast) is on by default; it only runs in eval mode without autograd,
+    # so training and gradient-based uses always see the eager modules.
+    fast_path_enabled: bool = True
+
+    def enable_fast_path(self, enabled: bool = True, **options) -> None:
+        """Use the fast inference kernels (options: see `dcae.models.fast.FastOptions`)."""
+        from dcae.models.fast import FastOptions, FastPath
+
+        self.fast_path_enabled = enabled
+        self.__dict__["_fast"] = FastPath(FastOptions(**options)) if enabled else None
+
+    def disable_fast_path(self) -> None:
+        """Run the eager modules only (the reference numerics)."""
+        self.enable_fast_path(False)
+
+    def enable_tiling(
+        self, tile_size: int | None = None, overlap: int | None = None, max_batch_pixels: int | None = None
+    ) -> None:
+        """Encode/decode images larger than `tile_size` px in overlapping tiles, blended seamlessly.
+
+        tile_size and overlap are in image pixels and are rounded up to multiples of the compression
+        factor; max_batch_pixels bounds how many tiles run through the model at once. Defaults: see
+        `dcae.models.tiling`.
+        """
+        from dcae.models.tiling import Tiler, TilingConfig
+
+        d = TilingConfig()
+        cfg = TilingConfig(
+            tile_size or d.tile_size, d.overlap if overlap is None else overlap, max_batch_pixels or d.max_batch_pixels
+        )
+        self.__dict__["_tiler"] = Tiler(self.spatial_compression, cfg)
+
+    def disable_tiling(self) -> None:
+        self.__dict__["_tiler"] = None
+
+    @property
+    def tiling(self):
+        """The active `Tiler`, or None."""
+        return self.__dict__.get("_tiler")
+
+    def _fast_path(self):
+        if not self.fast_path_enabled or self.training or torch.is_grad_enabled():
+            return None
+        fast = self.__dict__.get("_fast")
+        if fast is None:
+            from dcae.models.fast import FastPath
+
+            fast = self.__dict__["_fast"] = FastPath()
+        return fast
+
+    def _encode_once(self, x: torch.Tensor, latent_channels: int | None = None) -> torch.Tensor:
+        fast = self._fast_path()
+        if fast is not None:
+            return fast.encode(self.encoder, x, latent_channels)
+        return self.encoder(x, latent_channels=latent_channels)
+
+    def _decode_once(self, z: torch.Tensor) -> torch.Tensor:
+        fast = self._fast_path()
+        if fast is not None:
+            return fast.decode(self.decoder, z)
         return self.decoder(z)
 
     def _param_dtype(self) -> torch.dtype:
