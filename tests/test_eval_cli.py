@@ -277,3 +277,9 @@ def test_metrics_command_pairs_by_name(photos, tmp_path, capsys):
     assert "pairs: 2" in out
     rc, out, err = _run(capsys, "metrics", ref, test, "--resolution", 64, "--lpips-net", "none", "--no-progress")
     assert rc == 0 and "pairs: 3" in out  # center-cropped to one size, the resized file pairs too
+
+
+def test_standard_lpips_without_backbone_is_a_clear_error(photos, models, capsys):
+    rc, _, err = _run(capsys, "eval", "--model", models["dcae"], "--data", photos, "--lpips-net", "lpips-alex",
+                      "--no-fid", "--no-progress")  # fmt: skip
+    assert rc == 2 and "--lpips-backbone" in err and "stlpips" in err

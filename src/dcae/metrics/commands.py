@@ -173,7 +173,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from dcae.metrics.data import collect_images
     from dcae.metrics.fid import FewImagesWarning
-    from dcae.metrics.reconstruction import EvalSettings, load_autoencoder
+    from dcae.metrics.reconstruction import EvalSettings, evaluate_reconstruction, load_autoencoder
 
     out = Path(args.out) if args.out else None
     json_path = Path(args.json) if args.json else None
@@ -185,15 +185,16 @@ def run_eval(args: argparse.Namespace) -> int:
     settings = EvalSettings(
         args.resolution, args.batch_size, args.workers, args.fid_method, args.extremes, not args.no_progress
     )
+    reference = _Reference(_cache(args), refs, args.data, args.resolution, inception)
     entries, results = [], []
-    ref_stats, cache_key, cache = None, None, _cache(args)
     for spec in args.model:
         model = load_autoencoder(spec, device, dtype)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FewImagesWarning)  # reported once, below, with the count
-            result, ref_stats, cache_key = _eval_one(
-                model, refs, args, settings, lpips, inception, cache, ref_stats, cache_key
+            result = evaluate_reconstruction(
+                model, refs, settings, lpips=lpips, inception=inception, reference_stats=reference.stats
             )
+        reference.remember(result.reference_stats)
         del model
         results.append(result)
         entries.append(_entry(result))
@@ -204,19 +205,23 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_one(model, refs, args, settings, lpips, inception, cache, ref_stats, cache_key):
-    from dcae.metrics.reconstruction import cached_reference_stats, evaluate_reconstruction
+class _Reference:
+    """Real-image Inception statistics shared by every model of a run: read from the cache, or taken
+    from the first model's pass (and then cached)."""
 
-    if inception is not None and ref_stats is None:
-        cache_key, ref_stats = cached_reference_stats(cache, refs, args.data, args.resolution, inception)
-        if ref_stats is not None:
-            print(f"dcae: using cached reference statistics {cache.path(cache_key)}", file=sys.stderr)
-    result = evaluate_reconstruction(model, refs, settings, lpips=lpips, inception=inception, reference_stats=ref_stats)
-    if inception is not None and ref_stats is None:
-        ref_stats = result.reference_stats
-        if cache is not None and cache_key is not None:
-            cache.put(cache_key, ref_stats)
-    return result, ref_stats, cache_key
+    def __init__(self, cache, refs, sources, resolution: int, inception) -> None:
+        from dcae.metrics.reconstruction import cached_reference_stats
+
+        self.cache = cache
+        self.key, self.stats = cached_reference_stats(cache, refs, sources, resolution, inception)
+        if self.stats is not None:
+            print(f"dcae: using cached reference statistics {cache.path(self.key)}", file=sys.stderr)
+
+    def remember(self, stats) -> None:
+        if self.stats is None and stats is not None:
+            self.stats = stats
+            if self.cache is not None and self.key is not None:
+                self.cache.put(self.key, stats)
 
 
 def _entry(result) -> dict:
