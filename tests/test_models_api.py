@@ -38,9 +38,10 @@ def test_any_image_size_is_padded_and_cropped_back(model) -> None:
 def test_batch_slicing_matches_one_batch(model) -> None:
     x = torch.rand(5, 3, 64, 64) * 2 - 1
     with torch.no_grad():
-        torch.testing.assert_close(model.encode(x, batch_size=2), model.encode(x), rtol=1e-5, atol=1e-6)
+        # conv algorithms may differ with the batch size: agreement to fp32 rounding, not bitwise
+        torch.testing.assert_close(model.encode(x, batch_size=2), model.encode(x), rtol=1e-5, atol=1e-5)
         z = model.encode(x)
-        torch.testing.assert_close(model.decode(z, batch_size=2), model.decode(z), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model.decode(z, batch_size=2), model.decode(z), rtol=1e-5, atol=1e-5)
 
 
 def test_scaling_helpers(model) -> None:
@@ -107,6 +108,22 @@ def test_gradient_checkpointing_gives_the_same_gradients(model) -> None:
     ckpt = grads()
     for a, b in zip(plain, ckpt):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_checkpointing_updates_batchnorm_statistics_once(model) -> None:
+    """The recomputation in backward must not count as a second BatchNorm update."""
+    runs = []
+    for checkpointing in (False, True):
+        m = DCAE.from_config(model.config)
+        m.load_state_dict(model.state_dict())
+        m.train()
+        m.enable_gradient_checkpointing(checkpointing)
+        m(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1).mean().backward()
+        runs.append({k: v.clone() for k, v in m.state_dict().items() if "running" in k or "num_batches" in k})
+    assert runs[0] and runs[0].keys() == runs[1].keys()
+    for k in runs[0]:
+        torch.testing.assert_close(runs[1][k], runs[0][k], rtol=1e-5, atol=1e-6, msg=k)
+    assert all(v.item() == 1 for k, v in runs[1].items() if k.endswith("num_batches_tracked"))
 
 
 def test_residual_shortcuts_by_hand() -> None:

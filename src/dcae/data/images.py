@@ -7,6 +7,7 @@ an unreadable file is reported by name.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -63,6 +64,17 @@ def load_image_uint8(path: str | os.PathLike) -> np.ndarray:
         raise
     except Exception as exc:  # PIL raises many types for corrupt data
         raise ImageReadError(f"cannot read image {path}: {exc}") from exc
+
+
+def decode_image_bytes(data: bytes, name: str) -> np.ndarray:
+    """Encoded image bytes (e.g. a tar member) -> HxWx3 uint8, converted like `load_image_uint8`;
+    ImageReadError names `name` when they cannot be decoded."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return _to_rgb_array(img)
+    except Exception as exc:
+        raise ImageReadError(f"cannot read image {name}: {exc}") from exc
 
 
 def uint8_to_tensor(arr: np.ndarray) -> torch.Tensor:

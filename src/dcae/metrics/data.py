@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import glob
-import io
 import os
 import re
 import tarfile
@@ -19,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from dcae.data.images import IMAGE_EXTENSIONS, ImageReadError, _to_rgb_array, center_crop_arr, find_images
+from dcae.data.images import IMAGE_EXTENSIONS, ImageReadError, center_crop_arr, decode_image_bytes, find_images
 from dcae.errors import UserError
 
 TAR_SUFFIXES = (".tar",)
@@ -156,13 +154,11 @@ def read_image(ref: ImageRef) -> np.ndarray:
     """HxWx3 uint8 (grayscale / palette / RGBA / 16-bit handled like `load_image_uint8`)."""
     try:
         data = _read_bytes(ref)
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return _to_rgb_array(img)
     except FileNotFoundError:
         raise
-    except Exception as exc:  # PIL raises many types for corrupt data
+    except Exception as exc:  # a damaged tar member
         raise ImageReadError(f"cannot read image {ref.name}: {exc}") from exc
+    return decode_image_bytes(data, ref.name)
 
 
 class ImageDataset(torch.utils.data.Dataset):

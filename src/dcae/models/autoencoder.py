@@ -6,8 +6,10 @@ Read top-down: Encoder (stem -> stages -> bottleneck with residual shortcut), De
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -41,6 +43,27 @@ def _leading_empty_stages(depths: tuple[int, ...]) -> int:
     return n
 
 
+@contextlib.contextmanager
+def _batchnorm_stats_frozen(module: nn.Module) -> Iterator[None]:
+    """BatchNorm layers of `module` normalise with batch statistics but leave their running statistics
+    alone. Used while gradient checkpointing recomputes a block in backward, so that one training
+    step updates the statistics once, as without checkpointing."""
+    bns = [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+    ]
+    saved = [(m, m.momentum, m.num_batches_tracked.clone()) for m in bns]
+    for m in bns:
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for m, momentum, count in saved:
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
+
+
 class _Coder(nn.Module):
     """Shared bits of Encoder and Decoder: running stages, with optional gradient checkpointing."""
 
@@ -49,7 +72,8 @@ class _Coder(nn.Module):
     def _run(self, stage: OpSequential, x: torch.Tensor) -> torch.Tensor:
         for block in stage.op_list:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                contexts = partial(lambda b: (contextlib.nullcontext(), _batchnorm_stats_frozen(b)), block)
+                x = checkpoint(block, x, use_reentrant=False, context_fn=contexts)
             else:
                 x = block(x)
         return x

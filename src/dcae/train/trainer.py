@@ -257,12 +257,6 @@ def run_phase(s: Session, n: int, first: bool) -> tuple[Path, dict[str, Any]]:
         _grid(s, raw, phase.resolution, folder / "samples" / f"step_{step:08d}.png")
 
     params.set_train_mode(model)
-    if cfg.model.gradient_checkpointing and any(
-        m.training for m in raw.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-    ):
-        # torch.utils.checkpoint re-runs the forward in the backward pass, so train-mode BN layers update
-        # their running statistics twice per step (effective momentum doubled). Harmless, but say it.
-        s.print("note: gradient checkpointing updates trainable BatchNorm running statistics twice per step")
     if disc is not None:
         disc.train()
     from tqdm import tqdm
