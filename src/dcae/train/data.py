@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import glob
-import io
 import os
 import tarfile
 import warnings
@@ -24,7 +23,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dcae.data.images import IMAGE_EXTENSIONS, ImageReadError, find_images, load_image_uint8, uint8_to_tensor
+from dcae.data.images import (
+    IMAGE_EXTENSIONS,
+    ImageReadError,
+    decode_image_bytes,
+    find_images,
+    load_image_uint8,
+    uint8_to_tensor,
+)
 from dcae.errors import UserError
 
 MAX_CONSECUTIVE_FAILURES = 64  # then the data set is declared unusable
@@ -145,11 +151,9 @@ def read_item(item: Item) -> np.ndarray:
         with open(item.source, "rb") as f:
             f.seek(item.offset)
             data = f.read(item.size)
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except Exception as exc:
+    except OSError as exc:
         raise ImageReadError(f"cannot read image {item.name}: {exc}") from exc
+    return decode_image_bytes(data, item.name)  # grayscale/RGBA/16-bit handled like image files
 
 
 # ----------------------------------------------------------------------------- augmentation
