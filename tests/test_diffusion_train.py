@@ -227,7 +227,8 @@ def test_sample_cli(latents, tmp_path, capsys):
 
 
 def test_train_cli_print_config(latents, tmp_path, capsys):
-    assert cli(["diffusion", "train", "configs/diffusion_cpu_small.yaml", "max_steps=3", "--print-config"]) == 0
+    config_file = Path(__file__).resolve().parents[1] / "configs" / "diffusion_cpu_small.yaml"
+    assert cli(["diffusion", "train", "--print-config", str(config_file), "max_steps=3"]) == 0
     text = capsys.readouterr().out
     assert "max_steps: 3" in text and "DiT-S/1" in text
     assert cli(["diffusion", "train", f"data={latents}", "batch_size=oops"]) == 2
