@@ -20,6 +20,8 @@ and the weight caches here would only add guards.
 
 from __future__ import annotations
 
+import copy
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -56,7 +58,9 @@ class FastOptions:
     triton: bool = True  # CUDA only, when Triton imports
     # Winograd pays off above these sizes (measured on AVX-512: below them oneDNN's direct conv wins).
     winograd_min_channels: int = 64
-    winograd_min_tiles: int = 8
+    winograd_min_tiles: int = 16
+    # fp16 only: top-level units ("decoder.stages.1", ...) to run in fp32; see `fp16_overflow_scan`.
+    fp32_units: tuple[str, ...] = ()
 
 
 def _tensors_key(tensors: Iterable[torch.Tensor | None]) -> tuple:
@@ -99,17 +103,49 @@ class FastPath:
     def encode(self, encoder: nn.Module, x: torch.Tensor, latent_channels: int | None = None) -> torch.Tensor:
         if latent_channels is not None:  # DC-AE 1.5 sliced latents: rare, eager is fine
             return encoder(x, latent_channels=latent_channels)
-        x = self._layout(x)
-        x = self.run(encoder.project_in, x)
-        for stage in encoder.stages:
-            x = self.run(stage, x)
-        return self.run(encoder.project_out, x).contiguous()
+        units = [("encoder.project_in", encoder.project_in)]
+        units += [(f"encoder.stages.{i}", s) for i, s in enumerate(encoder.stages)]
+        units += [("encoder.project_out", encoder.project_out)]
+        return self._run_units(units, x)
 
     def decode(self, decoder: nn.Module, z: torch.Tensor) -> torch.Tensor:
-        x = self.run(decoder.project_in, self._layout(z))
-        for stage in reversed(decoder.stages):
-            x = self.run(stage, x)
-        return self.run(decoder.project_out, x).contiguous()
+        units = [("decoder.project_in", decoder.project_in)]
+        units += [(f"decoder.stages.{i}", decoder.stages[i]) for i in reversed(range(len(decoder.stages)))]
+        units += [("decoder.project_out", decoder.project_out)]
+        return self._run_units(units, z)
+
+    def _run_units(self, units: list[tuple[str, nn.Module]], x: torch.Tensor) -> torch.Tensor:
+        """Run the top-level units (stem, stages, bottleneck, head) in order.
+
+        fp16: units listed in `options.fp32_units` (from `fp16_overflow_scan`) run on an fp32 copy and
+        their output stays fp32 until a unit that is back in range. A non-finite fp16 result is recomputed
+        with every unit in fp32, with a warning: correct output first, speed second.
+        """
+        dtype = x.dtype
+        out = self._run_units_once(units, x, self.options.fp32_units)
+        capturing = out.is_cuda and torch.cuda.is_current_stream_capturing()  # no host sync inside a graph
+        if dtype == torch.float16 and not capturing and not torch.isfinite(out).all():
+            warnings.warn(
+                "fp16 activations overflowed; recomputed in fp32. Use bf16, or pass fp32_units from "
+                "dcae.models.fast.fp16_overflow_scan to enable_fast_path.",
+                stacklevel=4,
+            )
+            out = self._run_units_once(units, x, tuple(name for name, _ in units)).to(dtype)
+        return out
+
+    def _run_units_once(self, units: list[tuple[str, nn.Module]], x: torch.Tensor, fp32_units) -> torch.Tensor:
+        dtype = x.dtype
+        x = self._layout(x)
+        for name, unit in units:
+            if dtype == torch.float16 and name in fp32_units:
+                x = self.run(self._fp32_copy(unit), x.float())
+            else:
+                x = self.run(unit, x.to(dtype))
+        return x.to(dtype).contiguous()
+
+    def _fp32_copy(self, unit: nn.Module) -> nn.Module:
+        params = list(unit.parameters()) + list(unit.buffers())
+        return self._cached(unit, "fp32", params, lambda: copy.deepcopy(unit).float())
 
     def run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         handler = self._handlers.get(type(module))
@@ -300,3 +336,115 @@ def relu_linear_attention_tokens(t: torch.Tensor, head_dim: int, eps: float = 1e
     num = torch.einsum("bnhd,bhde->bnhe", q, kv)
     den = torch.einsum("bnhd,bhd->bnh", q, k.sum(dim=1))
     return num / (den.unsqueeze(-1) + eps)
+
+
+# ----------------------------------------------------------------------------- fp16 range scan
+def fp16_overflow_scan(model: nn.Module, images: torch.Tensor, limit: float = FP16_MAX / 4) -> dict:
+    """Where do activations leave the fp16 range? Runs encode+decode in fp32 with forward hooks.
+
+    Returns {"max_abs": {module name: max |output|}, "units": {unit name: max |activation| inside or
+    at its input}, "fp32_units": names of units over `limit`}. `limit` keeps a 4x margin below the
+    fp16 maximum (65504) because other images go higher than the scanned ones. Pass "fp32_units" to
+    `model.enable_fast_path(fp32_units=...)` to run exactly those parts in fp32 under fp16.
+    """
+    max_abs: dict[str, float] = {}
+
+    def hook(name: str):
+        def record(_module, _inputs, output) -> None:
+            if isinstance(output, torch.Tensor) and output.is_floating_point():
+                max_abs[name] = max(max_abs.get(name, 0.0), output.detach().abs().max().item())
+
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    was_enabled = getattr(model, "fast_path_enabled", False)
+    try:
+        if was_enabled:
+            model.disable_fast_path()  # hooks see the eager modules
+        with torch.no_grad():
+            model.decode(model.encode(images.float()))
+    finally:
+        for h in handles:
+            h.remove()
+        if was_enabled:
+            model.enable_fast_path()
+    units = _unit_ranges(max_abs)
+    return {"max_abs": max_abs, "units": units, "fp32_units": tuple(n for n, v in units.items() if v > limit)}
+
+
+def _unit_ranges(max_abs: dict[str, float]) -> dict[str, float]:
+    """Per top-level unit, in execution order: max over its modules and over its input (the previous
+    unit's output), since both are held in the unit's dtype."""
+    order = ["encoder.project_in"]
+    order += sorted({".".join(n.split(".")[:3]) for n in max_abs if n.startswith("encoder.stages.")},
+                    key=lambda n: int(n.split(".")[2]))  # fmt: skip
+    order += ["encoder.project_out", "decoder.project_in"]
+    order += sorted({".".join(n.split(".")[:3]) for n in max_abs if n.startswith("decoder.stages.")},
+                    key=lambda n: -int(n.split(".")[2]))  # fmt: skip
+    order += ["decoder.project_out"]
+    units, previous = {}, 0.0
+    for unit in order:
+        inside = max((v for n, v in max_abs.items() if n == unit or n.startswith(unit + ".")), default=0.0)
+        units[unit] = max(inside, previous)
+        previous = max_abs.get(unit, inside)
+    return units
+
+
+# ----------------------------------------------------------------------------- compile and CUDA graphs
+def compile_dcae(model: nn.Module, mode: str | None = None, dynamic: bool | None = False) -> nn.Module:
+    """channels-last + `torch.compile` on the encoder and decoder (in place; returns the model).
+
+    The eager modules are compiled, not the fast path: Inductor fuses norms/activations itself, and
+    the modules compile without graph breaks (checked with `torch._dynamo.explain` in the tests).
+    `dynamic=False`: one specialised graph per input shape, the fastest for fixed-size benchmarks.
+    """
+    model.disable_fast_path()
+    model.to(memory_format=torch.channels_last)
+    model.encoder.compile(mode=mode, dynamic=dynamic)
+    model.decoder.compile(mode=mode, dynamic=dynamic)
+    return model
+
+
+class CUDAGraphed:
+    """`fn(x)` replayed from a CUDA graph, one capture per input shape/dtype/stride.
+
+    Kernel launches cost ~5-10 us each; a small-batch DC-AE call launches a few thousand, so at 512 px
+    batch 1 launch overhead is a visible share of the time. The output is a copy (the graph reuses its
+    buffers); inputs are copied into a static buffer.
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], warmup: int = 2) -> None:
+        self.fn, self.warmup = fn, warmup
+        self._graphs: dict[tuple, tuple] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        key = (tuple(x.shape), x.stride(), x.dtype, x.device)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._graphs[key] = self._capture(x)
+        graph, static_in, static_out = entry
+        static_in.copy_(x)
+        graph.replay()
+        return static_out.clone()
+
+    def _capture(self, x: torch.Tensor) -> tuple:
+        static_in = x.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: cuDNN autotuning, weight caches, Triton compilation
+            for _ in range(self.warmup):
+                self.fn(static_in)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self.fn(static_in)
+        return graph, static_in, static_out
+
+
+class GraphedDCAE:
+    """encode/decode of an eval-mode DCAE through CUDA graphs (fixed shapes; see `CUDAGraphed`)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.encode = CUDAGraphed(lambda x: model.encode(x))
+        self.decode = CUDAGraphed(lambda z: model.decode(z))
