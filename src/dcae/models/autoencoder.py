@@ -284,13 +284,13 @@ class DCAE(nn.Module):
     def _encode(self, x: torch.Tensor, latent_channels: int | None = None) -> torch.Tensor:
         tiler = self.__dict__.get("_tiler")
         if tiler is not None and tiler.wants_encode(x):
-            return tiler.encode(x, lambda tiles: self._encode_once(tiles, latent_channels))
+            return tiler.encode(self, x, latent_channels)
         return self._encode_once(x, latent_channels)
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         tiler = self.__dict__.get("_tiler")
         if tiler is not None and tiler.wants_decode(z):
-            return tiler.decode(z, self._decode_once)
+            return tiler.decode(self, z)
         return self._decode_once(z)
 
     # --------------------------------------------------------------------- fast path and tiling

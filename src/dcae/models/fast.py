@@ -35,6 +35,7 @@ from dcae.models.layers import (
     ConvLayer,
     ConvPixelShuffleUpsample,
     ConvPixelUnshuffleDownsample,
+    EfficientViTBlock,
     GLUMBConv,
     InterpolateConvUpsample,
     LiteMLA,
@@ -59,8 +60,35 @@ class FastOptions:
     # Winograd pays off above these sizes (measured on AVX-512: below them oneDNN's direct conv wins).
     winograd_min_channels: int = 64
     winograd_min_tiles: int = 16
+    # Attention/GLU blocks on maps whose hidden activations exceed this many elements run in bands of
+    # rows (exact; bounds the memory of 4K decodes, whose 1/8-res stages are otherwise the peak).
+    band_elements: int = 1 << 26
     # fp16 only: top-level units ("decoder.stages.1", ...) to run in fp32; see `fp16_overflow_scan`.
     fp32_units: tuple[str, ...] = ()
+
+
+def encoder_units(encoder: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The encoder's top-level units in execution order: stem, stages, bottleneck."""
+    units = [("encoder.project_in", encoder.project_in)]
+    units += [(f"encoder.stages.{i}", s) for i, s in enumerate(encoder.stages)]
+    return units + [("encoder.project_out", encoder.project_out)]
+
+
+def decoder_units(decoder: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The decoder's top-level units in execution order: bottleneck, stages (deepest first), head."""
+    units = [("decoder.project_in", decoder.project_in)]
+    units += [(f"decoder.stages.{i}", decoder.stages[i]) for i in reversed(range(len(decoder.stages)))]
+    return units + [("decoder.project_out", decoder.project_out)]
+
+
+class EagerRunner:
+    """The eager modules, with the same `run_units` interface as `FastPath` (used by tiling)."""
+
+    @staticmethod
+    def run_units(units: list[tuple[str, nn.Module]], x: torch.Tensor) -> torch.Tensor:
+        for _, unit in units:
+            x = unit(x)
+        return x
 
 
 def _tensors_key(tensors: Iterable[torch.Tensor | None]) -> tuple:
@@ -85,6 +113,7 @@ class FastPath:
             OpSequential: self._sequential,
             ResidualBlock: self._residual,
             ConvLayer: self.conv_layer,
+            EfficientViTBlock: lambda m, x: self.run(m.local_module, self.run(m.context_module, x)),
             LiteMLA: self._lite_mla,
             GLUMBConv: self._glumbconv,
             RMSNorm2d: self.rms_norm,
@@ -103,19 +132,13 @@ class FastPath:
     def encode(self, encoder: nn.Module, x: torch.Tensor, latent_channels: int | None = None) -> torch.Tensor:
         if latent_channels is not None:  # DC-AE 1.5 sliced latents: rare, eager is fine
             return encoder(x, latent_channels=latent_channels)
-        units = [("encoder.project_in", encoder.project_in)]
-        units += [(f"encoder.stages.{i}", s) for i, s in enumerate(encoder.stages)]
-        units += [("encoder.project_out", encoder.project_out)]
-        return self._run_units(units, x)
+        return self.run_units(encoder_units(encoder), x)
 
     def decode(self, decoder: nn.Module, z: torch.Tensor) -> torch.Tensor:
-        units = [("decoder.project_in", decoder.project_in)]
-        units += [(f"decoder.stages.{i}", decoder.stages[i]) for i in reversed(range(len(decoder.stages)))]
-        units += [("decoder.project_out", decoder.project_out)]
-        return self._run_units(units, z)
+        return self.run_units(decoder_units(decoder), z)
 
-    def _run_units(self, units: list[tuple[str, nn.Module]], x: torch.Tensor) -> torch.Tensor:
-        """Run the top-level units (stem, stages, bottleneck, head) in order.
+    def run_units(self, units: list[tuple[str, nn.Module]], x: torch.Tensor) -> torch.Tensor:
+        """Run top-level units (stem, stages, bottleneck, head; see `encoder_units`) in order.
 
         fp16: units listed in `options.fp32_units` (from `fp16_overflow_scan`) run on an fp32 copy and
         their output stays fp32 until a unit that is back in range. A non-finite fp16 result is recomputed
@@ -231,30 +254,80 @@ class FastPath:
 
     # ----------------------------------------------------------------- blocks
     def _lite_mla(self, m: LiteMLA, x: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
-        qkv = self.conv_layer(m.qkv, x)
-        if len(m.aggreg):
-            qkv = torch.cat([qkv] + [agg(qkv) for agg in m.aggreg], dim=1)
+        b, c, h, w = x.shape
         d = m.head_dim
         if h * w <= d:  # tiny maps: the eager (quadratic) kernel, as the reference does
-            t = qkv.reshape(b, -1, 3 * d, h * w)
-            q, k, v = t.chunk(3, dim=2)
+            qkv = self._qkv(m, x, 0, h)
+            q, k, v = qkv.reshape(b, -1, 3 * d, h * w).chunk(3, dim=2)
             out = relu_quadratic_attention(F.relu(q), F.relu(k), v).to(x.dtype).reshape(b, -1, h, w)
             return self.conv_layer(m.proj, out)
-        # Token-major view of the channels-last qkv: (B, N, heads, 3d), no copy.
-        t = qkv.permute(0, 2, 3, 1).reshape(b, h * w, -1, 3 * d)
-        kernels = self._kernels(x)
-        if kernels is not None:
-            out = kernels.relu_linear_attention_tokens(t, d)
-        else:
-            out = relu_linear_attention_tokens(t, d)
-        out = out.to(x.dtype).reshape(b, h, w, -1).permute(0, 3, 1, 2)
-        return self.conv_layer(m.proj, out)
+        ops = self._kernels(x) or _TorchAttention
+        rows = self._band_rows(x, 3 * c * (1 + len(m.aggreg)))
+        if rows >= h:
+            t = self._tokens(m, self._qkv(m, x, 0, h))
+            out = ops.relu_linear_attention_apply(t, *ops.relu_linear_attention_kv(t, d), d)
+            return self.conv_layer(m.proj, self._from_tokens(out.to(x.dtype), h, w))
+        # Large maps, in bands of rows: the K^T V and sum(K) statistics are sums over all tokens, so a first
+        # pass accumulates them band by band and a second applies them (recomputing q per band). Exact,
+        # and the full-size qkv (3x the block's input, 6x in fp32) never exists.
+        kv = ks = None
+        for r0 in range(0, h, rows):
+            t = self._tokens(m, self._qkv(m, x, r0, min(h, r0 + rows)))
+            kv_b, ks_b = ops.relu_linear_attention_kv(t, d)
+            kv, ks = (kv_b, ks_b) if kv is None else (kv.add_(kv_b), ks.add_(ks_b))
+        out = torch.empty_like(x)
+        for r0 in range(0, h, rows):
+            r1 = min(h, r0 + rows)
+            t = self._tokens(m, self._qkv(m, x, r0, r1))
+            att = self._from_tokens(ops.relu_linear_attention_apply(t, kv, ks, d).to(x.dtype), r1 - r0, w)
+            out[:, :, r0:r1] = self.conv_layer(m.proj, att)
+        return out
+
+    def _qkv(self, m: LiteMLA, x: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """qkv (+ multi-scale aggregates) of rows [r0, r1), computed with the halo the aggregation needs."""
+        halo = max((agg[0].kernel_size[0] // 2 for agg in m.aggreg), default=0)
+        a0, a1 = max(0, r0 - halo), min(x.shape[2], r1 + halo)
+        qkv = self.conv_layer(m.qkv, x[:, :, a0:a1] if (a0, a1) != (0, x.shape[2]) else x)
+        if len(m.aggreg):
+            qkv = torch.cat([qkv] + [agg(qkv) for agg in m.aggreg], dim=1)
+        return qkv[:, :, r0 - a0 : r1 - a0] if (a0, a1) != (r0, r1) else qkv
+
+    @staticmethod
+    def _tokens(m: LiteMLA, qkv: torch.Tensor) -> torch.Tensor:
+        """Token-major view (B, N, heads, 3d) of a channels-last qkv (a copy only if it is not channels-last)."""
+        b, _, h, w = qkv.shape
+        return qkv.permute(0, 2, 3, 1).reshape(b, h * w, -1, 3 * m.head_dim)
+
+    @staticmethod
+    def _from_tokens(out: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        return out.reshape(out.shape[0], h, w, -1).permute(0, 3, 1, 2)
 
     def _glumbconv(self, m: GLUMBConv, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv_layer(m.depth_conv, self.conv_layer(m.inverted_conv, x))
+        h = x.shape[2]
+        rows = self._band_rows(x, m.inverted_conv.conv.out_channels)
+        if rows >= h:
+            return self._glumbconv_rows(m, x, 0, h)
+        # Large maps, in bands of rows with one row of halo for the depthwise 3x3: the 8x-wide hidden
+        # activations only ever exist for one band.
+        out = torch.empty_like(x)
+        for r0 in range(0, h, rows):
+            r1 = min(h, r0 + rows)
+            out[:, :, r0:r1] = self._glumbconv_rows(m, x, r0, r1)
+        return out
+
+    def _glumbconv_rows(self, m: GLUMBConv, x: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        a0, a1 = max(0, r0 - 1), min(x.shape[2], r1 + 1)
+        xb = x if (a0, a1) == (0, x.shape[2]) else x[:, :, a0:a1]
+        y = self.conv_layer(m.depth_conv, self.conv_layer(m.inverted_conv, xb))
+        if (a0, a1) != (r0, r1):
+            y = y[:, :, r0 - a0 : r1 - a0]
         y, gate = y.chunk(2, dim=1)
         return self.conv_layer(m.point_conv, y * _act_inplace(m.glu_act, gate))
+
+    def _band_rows(self, x: torch.Tensor, hidden_channels: int) -> int:
+        """Rows per band so that a (B, hidden, rows, W) activation stays under `options.band_elements`."""
+        b, _, h, w = x.shape
+        return max(1, min(h, self.options.band_elements // max(1, b * hidden_channels * w)))
 
     def _down(self, m: ConvPixelUnshuffleDownsample, x: torch.Tensor) -> torch.Tensor:
         return self._layout(F.pixel_unshuffle(self.conv_layer(m.conv, x), m.factor))
@@ -323,19 +396,39 @@ def _act_inplace(act: nn.Module, y: torch.Tensor) -> torch.Tensor:
     return act(y)
 
 
-def relu_linear_attention_tokens(t: torch.Tensor, head_dim: int, eps: float = 1e-15) -> torch.Tensor:
-    """ReLU linear attention on a token-major qkv view t (B, N, heads, 3*d), [q | k | v] per head.
+def relu_linear_attention_kv(t: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """First half of ReLU linear attention on a token-major qkv view t (B, N, heads, 3d), [q | k | v] per
+    head: KV = sum_n relu(k_n) v_n^T (B, heads, d, d) and ksum = sum_n relu(k_n) (B, heads, d), fp32.
+    Sums over tokens, so they can be accumulated over bands of rows."""
+    _, k, v = t.float().split(head_dim, dim=-1)
+    k = F.relu(k)
+    return torch.einsum("bnhd,bnhe->bhde", k, v), k.sum(dim=1)
 
-    out_n = (relu(q_n) @ K^T V) / (relu(q_n) . sum_m relu(k_m)): the same kernel as the eager
-    `relu_linear_attention` (which gets the denominator from a row of ones padded onto v). fp32
-    throughout: the sums over N overflow fp16. Returns (B, N, heads, d) fp32.
+
+def relu_linear_attention_apply(
+    t: torch.Tensor, kv: torch.Tensor, ksum: torch.Tensor, head_dim: int, eps: float = 1e-15
+) -> torch.Tensor:
+    """Second half: out_n = (relu(q_n) @ KV) / (relu(q_n) . ksum) -> (B, N, heads, d) fp32.
+
+    The same kernel as the eager `relu_linear_attention` (which gets the denominator from a row of ones
+    padded onto v). fp32 throughout: the sums over N overflow fp16.
     """
-    q, k, v = t.float().split(head_dim, dim=-1)
-    q, k = F.relu(q), F.relu(k)
-    kv = torch.einsum("bnhd,bnhe->bhde", k, v)
+    q = F.relu(t[..., :head_dim].float())
     num = torch.einsum("bnhd,bhde->bnhe", q, kv)
-    den = torch.einsum("bnhd,bhd->bnh", q, k.sum(dim=1))
+    den = torch.einsum("bnhd,bhd->bnh", q, ksum)
     return num / (den.unsqueeze(-1) + eps)
+
+
+def relu_linear_attention_tokens(t: torch.Tensor, head_dim: int, eps: float = 1e-15) -> torch.Tensor:
+    """Both halves at once: t (B, N, heads, 3d) -> (B, N, heads, d) fp32."""
+    return relu_linear_attention_apply(t, *relu_linear_attention_kv(t, head_dim), head_dim, eps)
+
+
+class _TorchAttention:
+    """The PyTorch implementations, with the interface of `dcae.models.fast_triton`."""
+
+    relu_linear_attention_kv = staticmethod(relu_linear_attention_kv)
+    relu_linear_attention_apply = staticmethod(relu_linear_attention_apply)
 
 
 # ----------------------------------------------------------------------------- fp16 range scan

@@ -114,17 +114,21 @@ def rms_norm_channels_last(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return y.permute(0, 3, 1, 2)
 
 
-def relu_linear_attention_tokens(t: torch.Tensor, head_dim: int, eps: float = 1e-15) -> torch.Tensor:
-    """Same contract as `dcae.models.fast.relu_linear_attention_tokens`: t (B, N, heads, 3d) with unit
-    stride in the last dim -> (B, N, heads, d) fp32."""
-    b, n, heads, three_d = t.shape
+def _supported(t: torch.Tensor, head_dim: int) -> bool:
     d = head_dim
-    if three_d != 3 * d or t.stride(-1) != 1 or d < 16 or d & (d - 1):
-        from dcae.models.fast import relu_linear_attention_tokens as reference
+    return t.shape[-1] == 3 * d and t.stride(-1) == 1 and d >= 16 and not d & (d - 1)
 
-        return reference(t, head_dim, eps)
-    block_n = 64
-    # Enough programs to fill the GPU even for batch 1 with few heads: split N for the K^T V sums.
+
+def relu_linear_attention_kv(t: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """KV (B, heads, d, d) and ksum (B, heads, d) in fp32 from a token-major qkv view t (B, N, heads, 3d)
+    with unit stride in the last dim; same contract as `dcae.models.fast.relu_linear_attention_kv`."""
+    if not _supported(t, head_dim):
+        from dcae.models.fast import relu_linear_attention_kv as reference
+
+        return reference(t, head_dim)
+    b, n, heads, _ = t.shape
+    d, block_n = head_dim, 64
+    # Enough programs to fill the GPU even for batch 1 with few heads: split N, sum the partials after.
     splits = max(1, min(triton.cdiv(n, 4 * block_n), triton.cdiv(1024, b * heads)))
     n_per_split = triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
     splits = triton.cdiv(n, n_per_split)
@@ -133,11 +137,29 @@ def relu_linear_attention_tokens(t: torch.Tensor, head_dim: int, eps: float = 1e
     _kv_kernel[(b * heads, splits)](
         t, kv, ks, n, heads, n_per_split, t.stride(0), t.stride(1), t.stride(2), D=d, BLOCK_N=block_n
     )
-    kv, ks = kv.sum(1).contiguous(), ks.sum(1).contiguous()
+    return kv.sum(1).view(b, heads, d, d), ks.sum(1).view(b, heads, d)
+
+
+def relu_linear_attention_apply(
+    t: torch.Tensor, kv: torch.Tensor, ksum: torch.Tensor, head_dim: int, eps: float = 1e-15
+) -> torch.Tensor:
+    """(B, N, heads, d) fp32 = relu(q) @ KV / (relu(q) . ksum); see `relu_linear_attention_kv`."""
+    if not _supported(t, head_dim):
+        from dcae.models.fast import relu_linear_attention_apply as reference
+
+        return reference(t, kv, ksum, head_dim, eps)
+    b, n, heads, _ = t.shape
+    d, block_n = head_dim, 64
+    kv, ksum = kv.contiguous(), ksum.contiguous()
     out = torch.empty(b, n, heads, d, device=t.device, dtype=torch.float32)
     _apply_kernel[(b * heads, triton.cdiv(n, block_n))](
-        t, kv, ks, out, n, heads, eps,
+        t, kv, ksum, out, n, heads, eps,
         t.stride(0), t.stride(1), t.stride(2), out.stride(0), out.stride(1), out.stride(2),
         D=d, BLOCK_N=block_n,
     )  # fmt: skip
     return out
+
+
+def relu_linear_attention_tokens(t: torch.Tensor, head_dim: int, eps: float = 1e-15) -> torch.Tensor:
+    """Both halves: t (B, N, heads, 3d) -> (B, N, heads, d) fp32."""
+    return relu_linear_attention_apply(t, *relu_linear_attention_kv(t, head_dim), head_dim, eps)

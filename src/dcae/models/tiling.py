@@ -25,14 +25,35 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
+import torch.nn as nn
+
+from dcae.models.fast import EagerRunner, decoder_units, encoder_units
+from dcae.models.layers import (
+    ChannelDuplicatingPixelShuffle,
+    ConvLayer,
+    ConvPixelShuffleUpsample,
+    ConvPixelUnshuffleDownsample,
+    GLUMBConv,
+    InterpolateConvUpsample,
+    OpSequential,
+    PixelUnshuffleChannelAveraging,
+    ResBlock,
+    ResidualBlock,
+    RMSNorm2d,
+    SliceableInputConv,
+    SliceableOutputConv,
+)
 
 # Defaults: 1024 px tiles (a DC-AE's training resolution range) with 256 px of blending on each
 # overlap. One 1024 px tile per model call keeps a 4096 px decode at about 1/10 of the untiled memory.
 DEFAULT_TILE = 1024
 DEFAULT_OVERLAP = 256
 DEFAULT_MAX_BATCH_PIXELS = 1024 * 1024
+# The released in/mix decoders' ResBlock stages have a receptive radius of 114 px; 160 px admits them.
+MIN_EXACT_RADIUS = 160
 
 
 @dataclass(frozen=True)
@@ -42,6 +63,7 @@ class TilingConfig:
     tile_size: int = DEFAULT_TILE
     overlap: int = DEFAULT_OVERLAP
     max_batch_pixels: int = DEFAULT_MAX_BATCH_PIXELS
+    mode: str = "exact"  # "exact" (split at the attention stages, see above) or "blend"
 
     def validated(self, factor: int) -> TilingConfig:
         """Round tile and overlap up to multiples of the compression factor and check them."""
@@ -51,7 +73,9 @@ class TilingConfig:
             raise ValueError(f"overlap ({overlap} px) must be smaller than the tile ({tile} px)")
         if self.max_batch_pixels <= 0:
             raise ValueError("max_batch_pixels must be positive")
-        return TilingConfig(tile, overlap, self.max_batch_pixels)
+        if self.mode not in ("exact", "blend"):
+            raise ValueError(f"tiling mode must be 'exact' or 'blend', got {self.mode!r}")
+        return TilingConfig(tile, overlap, self.max_batch_pixels, self.mode)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -158,6 +182,179 @@ def _accumulate(out: torch.Tensor, tile: torch.Tensor, ph: AxisPlan, j: int, pw:
     region.addcmul_(tile.float(), torch.outer(wy, wx))
 
 
+# ----------------------------------------------------------------------------- exact mode
+class NotLocal(Exception):
+    """A module whose output at a pixel depends on far-away pixels (attention) or is not understood."""
+
+
+_POINTWISE = (nn.Identity, nn.ReLU, nn.SiLU, nn.GELU, nn.BatchNorm2d, RMSNorm2d)
+
+
+def receptive_walk(module: nn.Module, scale: Fraction) -> tuple[Fraction, Fraction]:
+    """(receptive radius in image pixels, scale after the module) for a purely local module.
+
+    `scale` is image pixels per feature pixel at the module's input (1 for images, f for latents).
+    Radii of modules in sequence add up; a kxk conv at scale s adds (k // 2) * s. Raises NotLocal
+    for attention and for module types it does not know (then the caller falls back to blending).
+    """
+    if isinstance(module, _POINTWISE):
+        return Fraction(0), scale
+    if isinstance(module, nn.Conv2d):
+        radius = Fraction(module.dilation[0] * (module.kernel_size[0] // 2)) * scale
+        return radius, scale * module.stride[0]
+    if isinstance(module, (ConvLayer, ResBlock, GLUMBConv)):
+        parts = [module.conv, module.norm, module.act] if isinstance(module, ConvLayer) else list(module.children())
+        return _walk_sequence([m for m in parts if m is not None], scale)
+    if isinstance(module, (SliceableInputConv, SliceableOutputConv)):
+        return receptive_walk(module.conv, scale)
+    if isinstance(module, OpSequential):
+        return _walk_sequence(list(module.op_list), scale)
+    if isinstance(module, ResidualBlock):
+        r_main, s_main = receptive_walk(module.main, scale)
+        r_short, s_short = receptive_walk(module.shortcut, scale)
+        if s_main != s_short:
+            raise NotLocal(f"branches of {type(module).__name__} end at different scales")
+        return max(r_main, r_short), s_main
+    if isinstance(module, ConvPixelUnshuffleDownsample):
+        radius, s = receptive_walk(module.conv, scale)
+        return radius, s * module.factor
+    if isinstance(module, ConvPixelShuffleUpsample):
+        radius, s = receptive_walk(module.conv, scale)
+        return radius, s / module.factor
+    if isinstance(module, InterpolateConvUpsample):
+        return receptive_walk(module.conv, scale / module.factor)
+    if isinstance(module, PixelUnshuffleChannelAveraging):
+        return Fraction(0), scale * module.factor
+    if isinstance(module, ChannelDuplicatingPixelShuffle):
+        return Fraction(0), scale / module.factor
+    raise NotLocal(f"{type(module).__name__} is global or unknown to the tiler")
+
+
+def _walk_sequence(modules: list[nn.Module], scale: Fraction) -> tuple[Fraction, Fraction]:
+    total = Fraction(0)
+    for m in modules:
+        radius, scale = receptive_walk(m, scale)
+        total += radius
+    return total, scale
+
+
+def _unit_walk(units: list[nn.Module], scale: Fraction) -> list[tuple[Fraction, Fraction | None]]:
+    """(input scale, receptive radius or None when not local) of each unit, in order."""
+    out = []
+    for unit in units:
+        try:
+            radius, next_scale = receptive_walk(unit, scale)
+        except NotLocal:
+            radius, next_scale = None, _scale_through([unit], scale)
+        out.append((scale, radius))
+        scale = next_scale
+    return out
+
+
+def _scale_through(units: list[nn.Module], scale: Fraction) -> Fraction:
+    """Scale after units that may contain attention (attention keeps the scale)."""
+    for unit in units:
+        for m in unit.modules():
+            if isinstance(m, (ConvPixelUnshuffleDownsample, PixelUnshuffleChannelAveraging)) and not _inside_shortcut(
+                unit, m
+            ):
+                scale *= m.factor
+            elif isinstance(m, (ConvPixelShuffleUpsample, InterpolateConvUpsample)):
+                scale /= m.factor
+            elif isinstance(m, nn.Conv2d) and m.stride[0] > 1:
+                scale *= m.stride[0]
+    return scale
+
+
+def _inside_shortcut(unit: nn.Module, module: nn.Module) -> bool:
+    return any(isinstance(m, ResidualBlock) and m.shortcut is module for m in unit.modules())
+
+
+@dataclass(frozen=True)
+class ExactPlan:
+    """Where a coder splits into a full-image part (with attention) and a tiled local part."""
+
+    global_units: list  # (name, module), run on the whole image
+    local_units: list  # (name, module), run tile by tile
+    scale: Fraction  # image px per feature px where the two parts meet
+    radius: Fraction  # receptive radius of the local part, image px
+
+
+def exact_plan(units: list[tuple[str, nn.Module]], encoder: bool, factor: int, max_radius: int) -> ExactPlan | None:
+    """Split a coder's units into a tiled local part and a full-image part.
+
+    Encoders: the local part is the longest prefix of local units whose receptive radius stays within
+    `max_radius` image pixels; decoders: the longest such suffix. Radii add up along the chain, so models
+    without attention (DC-AE 1.5) still get a small halo: their deep, low-resolution stages (huge
+    receptive field, little memory) go to the full-image part.
+    """
+    walk = _unit_walk([m for _, m in units], Fraction(1 if encoder else factor))
+    order = range(len(units)) if encoder else range(len(units) - 1, -1, -1)
+    radius, chosen = Fraction(0), []
+    for k in order:
+        r = walk[k][1]
+        if r is None or radius + r > max_radius:
+            break
+        radius += r
+        chosen.append(k)
+    if not chosen:
+        return None
+    if encoder:
+        k = len(chosen)
+        local_units, global_units = units[:k], units[k:]
+        scale = walk[k][0] if k < len(units) else Fraction(factor)
+    else:
+        k = len(units) - len(chosen)
+        global_units, local_units = units[:k], units[k:]
+        scale = walk[k][0]
+    if scale.denominator != 1:
+        return None
+    return ExactPlan(global_units, local_units, scale, radius)
+
+
+def run_local_tiled(
+    run_units: Callable[[list, torch.Tensor], torch.Tensor],
+    units: list,
+    h: torch.Tensor,
+    core: int,
+    halo: int,
+    up: int,
+    down: int,
+    max_batch_pixels: int,
+) -> torch.Tensor:
+    """Run local `units` on h (B, C, H, W) tile by tile: each core tile (core x core input pixels) gets
+    `halo` pixels of real context on every side that has image there (zero padding at the image border,
+    as in the untiled model), and only its core goes to the output. With halo >= the receptive radius
+    the result equals the untiled one. Output pixels = input pixels * up / down."""
+    b, _, height, width = h.shape
+    groups: dict[tuple, list] = {}
+    for i in range(b):
+        for y0 in range(0, height, core):
+            for x0 in range(0, width, core):
+                y1, x1 = min(y0 + core, height), min(x0 + core, width)
+                ty, tx = max(0, y0 - halo), max(0, x0 - halo)
+                by, bx = min(height, y1 + halo), min(width, x1 + halo)
+                # Tiles with the same crop geometry can share one batched model call.
+                key = (by - ty, bx - tx, y0 - ty, x0 - tx, y1 - y0, x1 - x0)
+                groups.setdefault(key, []).append((i, ty, tx, y0, x0))
+    out = None
+    for (ch, cw, oy, ox, ny, nx), members in groups.items():
+        # Budget in image pixels: the input side for encoders (down > 1), the output side for decoders.
+        per_call = max(1, max_batch_pixels // max(1, ch * cw * up * up))
+        for n0 in range(0, len(members), per_call):
+            chunk = members[n0 : n0 + per_call]
+            batch = torch.stack([h[i, :, ty : ty + ch, tx : tx + cw] for i, ty, tx, _, _ in chunk])
+            y = run_units(units, batch)
+            if out is None:
+                out = y.new_empty(b, y.shape[1], height * up // down, width * up // down)
+            cy, cx, sy, sx = oy * up // down, ox * up // down, ny * up // down, nx * up // down
+            for (i, _, _, y0, x0), tile in zip(chunk, y):
+                oy0, ox0 = y0 * up // down, x0 * up // down
+                out[i, :, oy0 : oy0 + sy, ox0 : ox0 + sx] = tile[:, cy : cy + sy, cx : cx + sx]
+            del y, batch
+    return out
+
+
 class Tiler:
     """Tiled encode/decode for one model (compression factor f); created by `DCAE.enable_tiling`."""
 
@@ -168,9 +365,15 @@ class Tiler:
     def __repr__(self) -> str:
         c = self.config
         return (
-            f"Tiler(f={self.factor}, tile_size={c.tile_size}, overlap={c.overlap}, "
+            f"Tiler(f={self.factor}, mode={c.mode!r}, tile_size={c.tile_size}, overlap={c.overlap}, "
             f"max_batch_pixels={c.max_batch_pixels})"
         )
+
+    @property
+    def max_radius(self) -> int:
+        """Largest receptive radius (image px) the exact mode accepts for its tiled part: the halo costs
+        compute, (tile + 2 radius)^2 / tile^2."""
+        return max(MIN_EXACT_RADIUS, self.config.tile_size // 8)
 
     # Images no larger than one tile go through the model in one piece (bit-identical to untiled).
     def wants_encode(self, x: torch.Tensor) -> bool:
@@ -179,17 +382,49 @@ class Tiler:
     def wants_decode(self, z: torch.Tensor) -> bool:
         return max(z.shape[-2:]) * self.factor > self.config.tile_size
 
-    def encode(self, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """x: images (B, C, H, W) with H, W multiples of f. fn: one model call on a batch of tiles."""
+    def encode(self, model, x: torch.Tensor, latent_channels: int | None = None) -> torch.Tensor:
+        """x: images (B, C, H, W), H and W multiples of f."""
+        if self.config.mode == "exact" and latent_channels is None:
+            runner = _runner(model)
+            plan = exact_plan(encoder_units(model.encoder), True, self.factor, self.max_radius)
+            if plan is not None:
+                s = int(plan.scale)
+                halo = _round_up(math.ceil(plan.radius), s) + s
+                h = run_local_tiled(runner.run_units, plan.local_units, x, _round_up(self.config.tile_size, s),
+                                    halo, 1, s, self.config.max_batch_pixels)  # fmt: skip
+                return runner.run_units(plan.global_units, h) if plan.global_units else h
+        return self.blend_encode(x, lambda tiles: model._encode_once(tiles, latent_channels))
+
+    def decode(self, model, z: torch.Tensor) -> torch.Tensor:
+        """z: latents (B, C, h, w)."""
+        if self.config.mode == "exact":
+            runner = _runner(model)
+            plan = exact_plan(decoder_units(model.decoder), False, self.factor, self.max_radius)
+            if plan is not None:
+                s = int(plan.scale)
+                h = runner.run_units(plan.global_units, z) if plan.global_units else z
+                halo = math.ceil(plan.radius / s) + 1
+                core = max(1, self.config.tile_size // s)
+                return run_local_tiled(runner.run_units, plan.local_units, h, core, halo, s, 1,
+                                       self.config.max_batch_pixels)  # fmt: skip
+        return self.blend_decode(z, model._decode_once)
+
+    def blend_encode(self, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Overlapping tiles blended in latent space. fn: one model call on a batch of image tiles."""
         f, c = self.factor, self.config
         ramp = c.overlap // f
         ph = plan_axis(x.shape[2], c.tile_size, c.overlap, f, 1 / f, ramp)
         pw = plan_axis(x.shape[3], c.tile_size, c.overlap, f, 1 / f, ramp)
         return tiled_apply(x, fn, ph, pw, c.max_batch_pixels, ph.size_in * pw.size_in)
 
-    def decode(self, z: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """z: latents (B, C, h, w). fn: one model call on a batch of latent tiles."""
+    def blend_decode(self, z: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Overlapping latent tiles blended in pixel space. fn: one model call on a batch of latent tiles."""
         f, c = self.factor, self.config
         ph = plan_axis(z.shape[2], c.tile_size // f, c.overlap // f, 1, f, c.overlap)
         pw = plan_axis(z.shape[3], c.tile_size // f, c.overlap // f, 1, f, c.overlap)
         return tiled_apply(z, fn, ph, pw, c.max_batch_pixels, ph.size_out * pw.size_out)
+
+
+def _runner(model):
+    fast = model._fast_path()
+    return fast if fast is not None else EagerRunner()
