@@ -310,20 +310,28 @@ class DCAE(nn.Module):
         self.enable_fast_path(False)
 
     def enable_tiling(
-        self, tile_size: int | None = None, overlap: int | None = None, max_batch_pixels: int | None = None
+        self,
+        tile_size: int | None = None,
+        overlap: int | None = None,
+        max_batch_pixels: int | None = None,
+        mode: str = "exact",
     ) -> None:
-        """Encode/decode images larger than `tile_size` px in overlapping tiles, blended seamlessly.
+        """Encode/decode images larger than `tile_size` px in tiles, seamlessly (see `dcae.models.tiling`).
 
-        tile_size and overlap are in image pixels and are rounded up to multiples of the compression
-        factor; max_batch_pixels bounds how many tiles run through the model at once. Defaults: see
-        `dcae.models.tiling`.
+        mode "exact" (default): the attention stages run on the whole (low-resolution) image and the
+        local high-resolution stages run tile by tile with enough context to give the untiled result.
+        mode "blend": whole-model tiles overlapping by `overlap` px, blended with smooth ramps (for
+        images whose 1/8-resolution features do not fit). Sizes are in image pixels, rounded up to
+        multiples of the compression factor; max_batch_pixels bounds the tiles per model call.
         """
-        from dcae.models.tiling import Tiler, TilingConfig
+        from dcae.models.tiling import DEFAULT_OVERLAP, Tiler, TilingConfig
 
         d = TilingConfig()
-        cfg = TilingConfig(
-            tile_size or d.tile_size, d.overlap if overlap is None else overlap, max_batch_pixels or d.max_batch_pixels
-        )
+        tile = tile_size or d.tile_size
+        if overlap is None:  # the default overlap, but at most a quarter of a smaller tile
+            overlap = min(DEFAULT_OVERLAP, max(tile // 4, self.spatial_compression))
+            overlap = 0 if overlap >= tile else overlap
+        cfg = TilingConfig(tile, overlap, max_batch_pixels or d.max_batch_pixels, mode)
         self.__dict__["_tiler"] = Tiler(self.spatial_compression, cfg)
 
     def disable_tiling(self) -> None:

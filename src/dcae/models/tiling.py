@@ -70,7 +70,7 @@ class TilingConfig:
         tile = _round_up(max(self.tile_size, factor), factor)
         overlap = _round_up(max(self.overlap, 0), factor)
         if overlap >= tile:
-            raise ValueError(f"overlap ({overlap} px) must be smaller than the tile ({tile} px)")
+            raise ValueError(f"overlap ({overlap} px, rounded to f={factor}) must be smaller than the tile ({tile} px)")
         if self.max_batch_pixels <= 0:
             raise ValueError("max_batch_pixels must be positive")
         if self.mode not in ("exact", "blend"):
