@@ -26,24 +26,9 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile", action="store_true", help="tiled encode/decode for very large images")
 
 
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str):
-    import torch
-
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
 def load_model_from_args(args: argparse.Namespace):
     from dcae.models import DCAE
+    from dcae.utils.runtime import resolve_device, resolve_dtype
 
     model = DCAE.from_pretrained(args.model, model_name=args.model_name)
     model.to(device=resolve_device(args.device), dtype=resolve_dtype(args.dtype)).eval()

@@ -9,20 +9,6 @@ import argparse
 from pathlib import Path
 
 
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _dtype(name: str):
-    import torch
-
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
 def _load_autoencoder(source: str):
     from dcae.models import DCAE
 
@@ -34,9 +20,10 @@ def cmd_latents(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from dcae.diffusion.latents import extract_latents
+    from dcae.utils.runtime import resolve_device, resolve_dtype
 
     state = PartialState()  # one process, or one per GPU under `accelerate launch` / torchrun
-    device = state.device if args.device == "auto" else _device(args.device)
+    device = state.device if args.device == "auto" else resolve_device(args.device)
     index = extract_latents(
         _load_autoencoder(args.model),
         args.data,
@@ -50,7 +37,7 @@ def cmd_latents(args: argparse.Namespace) -> int:
         unconditional=args.unconditional,
         num_workers=args.workers,
         device=device,
-        dtype=_dtype(args.dtype),
+        dtype=resolve_dtype(args.dtype),
         overwrite=args.overwrite,
         rank=state.process_index,
         world_size=state.num_processes,
@@ -134,8 +121,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from dcae.diffusion.trainer import load_checkpoint
     from dcae.errors import UserError
     from dcae.utils.io import atomic_write_json
+    from dcae.utils.runtime import resolve_device
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     model, process, meta = load_checkpoint(args.ckpt, use_ema=not args.no_ema, device=device)
     lat = meta["latents"] or {}
     num_classes = int(meta["model_args"]["num_classes"])
