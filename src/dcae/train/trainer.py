@@ -262,7 +262,10 @@ def run_phase(s: Session, n: int, first: bool) -> tuple[Path, dict[str, Any]]:
     from tqdm import tqdm
 
     show = s.main and cfg.log.progress
-    bar = tqdm(total=phase.steps, initial=step, desc=f"phase {n}", disable=not show, dynamic_ncols=True)
+    # A time-bounded phase ends by the clock, not the step count: no made-up total or ETA then.
+    timed = phase.max_minutes is not None
+    desc = f"phase {n} ({phase.max_minutes:.1f} min budget)" if timed else f"phase {n}"
+    bar = tqdm(total=None if timed else phase.steps, initial=step, desc=desc, disable=not show, dynamic_ncols=True)
     images_per_step = phase.batch_size * cfg.grad_accum * acc.num_processes
     t_start, t_last, step_at_last = time.time() - elapsed, time.time(), step
     running: dict[str, float] = {}
