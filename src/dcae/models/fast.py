@@ -461,83 +461,19 @@ def fp16_overflow_scan(model: nn.Module, images: torch.Tensor, limit: float = FP
             h.remove()
         if was_enabled:
             model.enable_fast_path()
-    units = _unit_ranges(max_abs)
+    names = [n for n, _ in encoder_units(model.encoder) + decoder_units(model.decoder)]
+    units = _unit_ranges(max_abs, names)
     return {"max_abs": max_abs, "units": units, "fp32_units": tuple(n for n, v in units.items() if v > limit)}
 
 
-def _unit_ranges(max_abs: dict[str, float]) -> dict[str, float]:
+def _unit_ranges(max_abs: dict[str, float], names: list[str]) -> dict[str, float]:
     """Per top-level unit, in execution order: max over its modules and over its input (the previous
-    unit's output), since both are held in the unit's dtype."""
-    order = ["encoder.project_in"]
-    order += sorted({".".join(n.split(".")[:3]) for n in max_abs if n.startswith("encoder.stages.")},
-                    key=lambda n: int(n.split(".")[2]))  # fmt: skip
-    order += ["encoder.project_out", "decoder.project_in"]
-    order += sorted({".".join(n.split(".")[:3]) for n in max_abs if n.startswith("decoder.stages.")},
-                    key=lambda n: -int(n.split(".")[2]))  # fmt: skip
-    order += ["decoder.project_out"]
+    unit's output), since both are held in the unit's dtype. Stages are never called as modules (the
+    coders loop over their blocks), so a stage's output is bounded by the max inside it; an empty stage
+    passes its input through."""
     units, previous = {}, 0.0
-    for unit in order:
+    for unit in names:
         inside = max((v for n, v in max_abs.items() if n == unit or n.startswith(unit + ".")), default=0.0)
         units[unit] = max(inside, previous)
-        previous = max_abs.get(unit, inside)
+        previous = max_abs.get(unit, inside if inside > 0 else previous)
     return units
-
-
-# ----------------------------------------------------------------------------- compile and CUDA graphs
-def compile_dcae(model: nn.Module, mode: str | None = None, dynamic: bool | None = False) -> nn.Module:
-    """channels-last + `torch.compile` on the encoder and decoder (in place; returns the model).
-
-    The eager modules are compiled, not the fast path: Inductor fuses norms/activations itself, and
-    the modules compile without graph breaks (checked with `torch._dynamo.explain` in the tests).
-    `dynamic=False`: one specialised graph per input shape, the fastest for fixed-size benchmarks.
-    """
-    model.disable_fast_path()
-    model.to(memory_format=torch.channels_last)
-    model.encoder.compile(mode=mode, dynamic=dynamic)
-    model.decoder.compile(mode=mode, dynamic=dynamic)
-    return model
-
-
-class CUDAGraphed:
-    """`fn(x)` replayed from a CUDA graph, one capture per input shape/dtype/stride.
-
-    Kernel launches cost ~5-10 us each; a small-batch DC-AE call launches a few thousand, so at 512 px
-    batch 1 launch overhead is a visible share of the time. The output is a copy (the graph reuses its
-    buffers); inputs are copied into a static buffer.
-    """
-
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], warmup: int = 2) -> None:
-        self.fn, self.warmup = fn, warmup
-        self._graphs: dict[tuple, tuple] = {}
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        key = (tuple(x.shape), x.stride(), x.dtype, x.device)
-        entry = self._graphs.get(key)
-        if entry is None:
-            entry = self._graphs[key] = self._capture(x)
-        graph, static_in, static_out = entry
-        static_in.copy_(x)
-        graph.replay()
-        return static_out.clone()
-
-    def _capture(self, x: torch.Tensor) -> tuple:
-        static_in = x.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: cuDNN autotuning, weight caches, Triton compilation
-            for _ in range(self.warmup):
-                self.fn(static_in)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = self.fn(static_in)
-        return graph, static_in, static_out
-
-
-class GraphedDCAE:
-    """encode/decode of an eval-mode DCAE through CUDA graphs (fixed shapes; see `CUDAGraphed`)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.encode = CUDAGraphed(lambda x: model.encode(x))
-        self.decode = CUDAGraphed(lambda z: model.decode(z))
