@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
     impls = args.impls or (["dcae", "diffusers"] + (["dcae-compiled", "diffusers-compiled"] if args.compile else []))
     repeats = args.repeats or (10 if device.startswith("cuda") else 3)
-    command = "dcae bench ae " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "ae"] else " ".join(sys.argv)
+    command = _command(args, res, batches, dtype, device, impls, repeats)
     records = []
     for name in args.models:
         records += bench_model(name, res, batches, dtype, device, impls, args.warmup, repeats, not args.no_memory,
@@ -89,6 +89,18 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(f"wrote {args.json} and {args.json.with_suffix('.md')}")
     return 0
+
+
+def _command(args: argparse.Namespace, res, batches, dtype: str, device: str, impls, repeats: int) -> str:
+    """The fully spelled-out command that reproduces this run (defaults resolved)."""
+    parts = ["dcae bench ae", "--models", *args.models, "--res", *map(str, res), "--batch", *map(str, batches)]
+    parts += ["--dtype", dtype, "--device", device, "--impls", *impls, "--warmup", str(args.warmup)]
+    parts += ["--repeats", str(repeats)]
+    if args.threads:
+        parts += ["--threads", str(args.threads)]
+    if args.json:
+        parts += ["--json", str(args.json)]
+    return " ".join(parts)
 
 
 def _batches(res: list[int], batch: list[int] | None) -> list[int]:
@@ -114,7 +126,8 @@ def build_impls(name: str, dtype, device: str, impls: list[str], seed: int = 0) 
     ours = DCAE.from_config(name).eval()
     out: dict[str, Any] = {}
     if any(i.startswith("diffusers") for i in impls):
-        peer = _diffusers_twin(ours).to(device=device, dtype=dtype)
+        peer = _diffusers_twin(ours).to(device=device)
+        peer = peer.to(dtype=dtype) if dtype != torch.float32 else peer
         if "diffusers" in impls:
             out["diffusers"] = _DiffusersRunner(peer)
         if "diffusers-compiled" in impls:
@@ -131,6 +144,9 @@ def build_impls(name: str, dtype, device: str, impls: list[str], seed: int = 0) 
 
 def _diffusers_twin(model):
     from diffusers import AutoencoderDC
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # a cast warning about an empty list of fp32 modules
 
     from dcae.models.convert import original_to_diffusers, to_diffusers_config
 
