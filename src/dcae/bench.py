@@ -176,10 +176,16 @@ class _OursRunner:
         return self.model.decode(_cl(z) if self.channels_last else z)
 
     def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        """Weights plus what the fast path keeps beside them (folded and Winograd-transformed filters)."""
+        fast = self.model.__dict__.get("_fast")
+        cached = fast.cache_bytes() if fast is not None else 0
+        return sum(p.numel() * p.element_size() for p in self.model.parameters()) + cached
 
 
 class _DiffusersRunner(_OursRunner):
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
     def encode(self, x):
         return self.model.encode(_cl(x) if self.channels_last else x).latent
 

@@ -59,7 +59,7 @@ class FastOptions:
     triton: bool = True  # CUDA only, when Triton imports
     # Winograd pays off above these sizes (measured on AVX-512: below them oneDNN's direct conv wins).
     winograd_min_channels: int = 64
-    winograd_min_tiles: int = 16
+    winograd_min_tiles: int = 64
     # Attention/GLU blocks on maps whose hidden activations exceed this many elements run in bands of
     # rows (exact; bounds the memory of 4K decodes, whose 1/8-res stages are otherwise the peak).
     band_elements: int = 1 << 26
@@ -359,6 +359,17 @@ class FastPath:
 
             self._triton = fast_triton if fast_triton.available() else False
         return self._triton or None
+
+    def cache_bytes(self) -> int:
+        """Memory held by the caches: folded weights and Winograd filters (4x the 3x3 weights they replace)."""
+        total = 0
+        for entries in self._cache.values():
+            for _, value in entries.values():
+                tensors = value if isinstance(value, tuple) else (value,)
+                total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+                if isinstance(value, nn.Module):
+                    total += sum(p.numel() * p.element_size() for p in value.parameters())
+        return total
 
     def clear_cache(self) -> None:
         self._cache = weakref.WeakKeyDictionary()

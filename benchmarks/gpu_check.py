@@ -1,0 +1,267 @@
+"""One-shot GPU check of the fast path, tiling and the benchmark: run once on a CUDA machine.
+
+    PYTHONPATH=src python benchmarks/gpu_check.py [--budget-s 480] [--out benchmarks/results]
+
+Written on a machine without a GPU: nothing here has run on CUDA yet. It is ordered so that a cut-off
+run still leaves its results: every section appends to the JSON as soon as it finishes.
+
+1. environment (device, torch, Triton, diffusers versions);
+2. correctness: Triton kernels vs PyTorch (fp32/bf16/fp16); full-size f32c32-in and sana-1.0 at 512 px:
+   fast path (Triton, channels-last, folded BN) vs eager vs diffusers in fp32 (TF32 off) and bf16; fp16
+   fast path incl. the overflow scan; exact tiling vs untiled at 2048 px, f128 sizes, 4096 px decode
+   peak memory tiled vs untiled (the real allocator, bf16); CUDA graphs vs eager; compile vs eager;
+3. the benchmark table (`dcae bench ae`): f32c32-in bf16 at 512/1024/2048/4096 (batch 16/4/1/1),
+   dcae vs diffusers eager; then the compiled variants at 512 and 1024 while the budget lasts
+   (compiling costs ~20-40 s per module and shape); then sana-1.0 eager if time remains.
+
+Expected time on one H100/H200: ~1.5 min of correctness, ~1 min of eager benchmark, ~4 min of compiled
+benchmark: about 7 minutes; --budget-s stops starting new benchmark configurations after that many
+seconds. Output: benchmarks/results/gpu_check_<device>_<date>.json (everything) and
+ae_gpu_<device>_<date>.json/.md (benchmark records, same schema as `dcae bench ae`).
+
+diffusers is needed for the comparisons; without it those parts are skipped (and say so). On a machine
+without the package, carry this checkout's `.venv/lib/python3.11/site-packages/diffusers` along and add
+its parent folder to PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from dcae import DCAE  # noqa: E402
+from dcae import bench as B  # noqa: E402
+from dcae.models import fast, fast_triton  # noqa: E402
+from dcae.models.layers import RMSNorm2d  # noqa: E402
+
+T0 = time.time()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = ((a.float().clamp(-1, 1) - b.float().clamp(-1, 1)) ** 2).mean().item()
+    return 10 * math.log10(4 / max(mse, 1e-20))
+
+
+class Report:
+    def __init__(self, path: Path) -> None:
+        self.path, self.data = path, {"sections": {}}
+
+    def add(self, section: str, value) -> None:
+        self.data["sections"][section] = value
+        self.data["elapsed_s"] = round(time.time() - T0, 1)
+        self.path.write_text(json.dumps(self.data, indent=1, default=str) + "\n")
+        print(f"[{time.time() - T0:6.1f}s] {section}: {json.dumps(value, default=str)[:600]}", flush=True)
+
+    def guarded(self, section: str, fn) -> None:
+        try:
+            self.add(section, fn())
+        except Exception as exc:  # keep going: one broken check must not hide the others
+            self.add(section, {"error": repr(exc), "traceback": traceback.format_exc()[-2000:]})
+
+
+def environment() -> dict:
+    try:
+        import diffusers
+
+        dv = diffusers.__version__
+    except ImportError:
+        dv = None
+    return {
+        "device": torch.cuda.get_device_name(),
+        "capability": torch.cuda.get_device_capability(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": getattr(fast_triton.triton, "__version__", None),
+        "triton_available": fast_triton.available(),
+        "diffusers": dv,
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def check_kernels() -> dict:
+    out = {}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        name = str(dtype).split(".")[-1]
+        x = (torch.randn(4, 512, 64, 48, device="cuda", generator=g) * 5).to(dtype)
+        x = x.contiguous(memory_format=torch.channels_last)
+        norm = RMSNorm2d(512).cuda()
+        out[f"rms_{name}"] = rel(fast_triton.rms_norm_channels_last(x, norm.weight, norm.bias, norm.eps), norm(x))
+        qkv = torch.randn(2, 3 * 1024, 64, 64, device="cuda", generator=g).to(dtype)
+        t = qkv.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(2, 4096, 32, 96)
+        ref = fast.relu_linear_attention_tokens(t, 32)
+        out[f"attn_{name}"] = rel(fast_triton.relu_linear_attention_tokens(t, 32), ref)
+    return out
+
+
+def twin(model):
+    try:
+        return B._diffusers_twin(model)
+    except ImportError:
+        return None
+
+
+def check_model(name: str) -> dict:
+    """fp32 (TF32 off) and bf16: fast vs eager vs diffusers at 512 px, batch 2."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+    model = DCAE.from_config(name).eval()
+    peer = twin(model)
+    model, peer = model.cuda(), (peer.cuda() if peer is not None else None)
+    x = torch.rand(2, 3, 512, 512, device="cuda") * 2 - 1
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model.to(dtype)
+        xs = x.to(dtype)
+        with torch.inference_mode():
+            model.disable_fast_path()
+            z0 = model.encode(xs)
+            y0 = model.decode(z0)
+            model.enable_fast_path()
+            z1, y1 = model.encode(xs), model.decode(z0)
+            key = str(dtype).split(".")[-1]
+            out[f"{key}_fast_vs_eager"] = {"enc": rel(z1, z0), "dec": rel(y1, y0)}
+            if peer is not None:
+                peer.to(dtype)
+                out[f"{key}_fast_vs_diffusers"] = {"enc": rel(z1, peer.encode(xs).latent),
+                                                   "dec": rel(y1, peer.decode(z0).sample)}  # fmt: skip
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    # fp16: range scan on these (random-weight) images and the fast path with its plan.
+    model.float()
+    scan = fast.fp16_overflow_scan(model, x)
+    out["fp16_scan_units_max"] = {k: round(v, 1) for k, v in scan["units"].items()}
+    out["fp16_fp32_units"] = scan["fp32_units"]
+    with torch.inference_mode():
+        ref = model.decode(model.encode(x))
+        model.half().enable_fast_path(fp32_units=scan["fp32_units"])
+        y = model.decode(model.encode(x.half()))
+    out["fp16_vs_fp32_recon"] = rel(y, ref)
+    out["fp16_finite"] = bool(torch.isfinite(y).all())
+    del model, peer
+    torch.cuda.empty_cache()
+    return out
+
+
+def check_tiling() -> dict:
+    torch.manual_seed(0)
+    model = DCAE.from_config("dc-ae-f32c32-in-1.0").eval().cuda().to(torch.bfloat16)
+    out = {}
+    x = torch.rand(1, 3, 2048, 2048, device="cuda", dtype=torch.bfloat16) * 2 - 1
+    with torch.inference_mode():
+        ref = model.decode(model.encode(x))
+        for mode in ("exact", "blend"):
+            model.enable_tiling(mode=mode)
+            y = model.decode(model.encode(x))
+            out[f"{mode}_2048_psnr_vs_untiled_random_weights"] = psnr(y, ref)
+        model.disable_tiling()
+        z = torch.randn(1, 32, 128, 128, device="cuda", dtype=torch.bfloat16)
+        peaks = {}
+        for mode in ("untiled", "exact", "blend"):
+            if mode != "untiled":
+                model.enable_tiling(mode=mode)
+            x4096 = torch.rand_like(x).repeat(1, 1, 2, 2)
+            for what, fn, arg in (("dec", model.decode, z), ("enc", model.encode, x4096)):
+                t = time.time()
+                peaks[f"{mode}_{what}_4096_gib"] = round(B.peak_bytes(fn, arg, "cuda") / 2**30, 3)
+                peaks[f"{mode}_{what}_4096_s"] = round(time.time() - t, 3)
+        out.update(peaks)
+        out["dec_peak_ratio_exact"] = peaks["exact_dec_4096_gib"] / peaks["untiled_dec_4096_gib"]
+    del model
+    with torch.device("meta"):
+        f128 = DCAE.from_config("dc-ae-f128c512-in-1.0").eval()
+    f128.enable_tiling(tile_size=512, overlap=64)
+    with torch.inference_mode():
+        out["f128_1024_decode_shape"] = tuple(f128.decode(torch.empty(1, 512, 8, 8, device="meta")).shape)
+    torch.cuda.empty_cache()
+    return out
+
+
+def check_graphs_and_compile() -> dict:
+    torch.manual_seed(0)
+    model = DCAE.from_config("dc-ae-f32c32-in-1.0").eval().cuda().to(torch.bfloat16)
+    x = torch.rand(1, 3, 512, 512, device="cuda", dtype=torch.bfloat16) * 2 - 1
+    out = {}
+    with torch.inference_mode():
+        z = model.encode(x)
+        y = model.decode(z)
+        graphed = fast.GraphedDCAE(model)
+        out["graph_enc_rel"], out["graph_dec_rel"] = rel(graphed.encode(x), z), rel(graphed.decode(z), y)
+        for label, fn, arg in (("eager", model.decode, z), ("graph", graphed.decode, z)):
+            times = [B._timed(lambda f=fn, a=arg: f(a), "cuda") for _ in range(10)]
+            out[f"{label}_dec_512_b1_ms"] = round(sorted(times)[5] * 1e3, 2)
+        t = time.time()
+        compiled = fast.compile_dcae(copy.deepcopy(model))
+        yc = compiled.decode(z.contiguous(memory_format=torch.channels_last))
+        out["compile_first_call_s"] = round(time.time() - t, 1)
+        out["compiled_dec_rel"] = rel(yc, y)
+    torch.cuda.empty_cache()
+    return out
+
+
+def bench(report: Report, out_dir: Path, budget_s: float, stamp: str) -> None:
+    records: list = []
+    path = out_dir / f"ae_gpu_{stamp}.json"
+    plan = [("dc-ae-f32c32-in-1.0", r, b, ["dcae", "diffusers"]) for r, b in zip(B.GPU_RES, (16, 4, 1, 1))]
+    plan += [("dc-ae-f32c32-in-1.0", r, b, ["dcae-compiled", "diffusers-compiled"]) for r, b in ((512, 16), (1024, 4))]
+    plan += [("dc-ae-f32c32-sana-1.0", r, b, ["dcae", "diffusers"]) for r, b in zip(B.GPU_RES, (16, 4, 1, 1))]
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        plan = [(m, r, b, [i for i in impls if i.startswith("dcae")]) for m, r, b, impls in plan]
+    for name, res, batch, impls in plan:
+        if time.time() - T0 > budget_s:
+            report.add(f"bench_skipped_{name}_{res}_{'_'.join(impls)}", "time budget reached")
+            continue
+        try:
+            records += B.bench_model(name, [res], [batch], "bf16", "cuda", impls, warmup=2, repeats=5, memory=True,
+                                     command="benchmarks/gpu_check.py")  # fmt: skip
+        except Exception as exc:
+            report.add(f"bench_error_{name}_{res}", repr(exc))
+        torch.cuda.empty_cache()
+        B.write_results(records, path)
+    report.add("bench_table", B.format_table(records))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budget-s", type=float, default=480.0)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_check needs a CUDA device", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = torch.cuda.get_device_name().replace(" ", "-").replace("/", "-")
+    stamp = f"{device}_{dt.date.today().isoformat()}"
+    report = Report(args.out / f"gpu_check_{stamp}.json")
+    report.add("environment", environment())
+    report.guarded("triton_kernels", check_kernels)
+    for name in ("dc-ae-f32c32-in-1.0", "dc-ae-f32c32-sana-1.0"):
+        report.guarded(f"correctness_{name}", lambda n=name: check_model(n))
+    report.guarded("tiling", check_tiling)
+    report.guarded("cuda_graphs_and_compile", check_graphs_and_compile)
+    bench(report, args.out, args.budget_s, stamp)
+    print(f"done in {time.time() - T0:.0f} s; results in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
