@@ -207,6 +207,19 @@ def test_eager_modules_compile_without_graph_breaks() -> None:
     assert enc.graph_break_count == 0 and dec.graph_break_count == 0, enc.break_reasons + dec.break_reasons
 
 
+def test_compile_dcae_wiring() -> None:
+    """compile_dcae: eager modules, channels-last, compiled in place (the 'eager' backend keeps it quick;
+    the benchmark uses Inductor)."""
+    model = DCAE.from_config(TINY).eval()
+    x = images(64, 64)
+    with torch.no_grad():
+        ref = model.decode(model.encode(x))
+        compiled = fast.compile_dcae(copy.deepcopy(model), backend="eager")
+        assert not compiled.fast_path_enabled
+        y = compiled.decode(compiled.encode(x.contiguous(memory_format=torch.channels_last)))
+    assert rel_err(y, ref) < 1e-5
+
+
 @pytest.mark.skipif(fast_triton.triton is None, reason="Triton is not installed (CUDA builds of PyTorch ship it)")
 def test_triton_kernels_match_torch(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a GPU, or on CPU through Triton's interpreter (TRITON_INTERPRET=1 must be set before import)."""
