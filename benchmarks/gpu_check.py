@@ -49,6 +49,29 @@ from dcae.models.layers import RMSNorm2d  # noqa: E402
 T0 = time.time()
 
 
+class Ctx:
+    """Device and sizes. `--dry-run` runs every code path on the CPU with a tiny model and 1/8 sizes, to
+    catch Python-level mistakes before the one GPU run (numbers from a dry run mean nothing)."""
+
+    dev = "cuda"
+    div = 1  # sizes are divided by this
+    model_names: dict[str, str] = {}
+    backend = "inductor"
+
+    @classmethod
+    def px(cls, n: int) -> int:
+        return max(32, n // cls.div)
+
+    @classmethod
+    def model(cls, name: str) -> str:
+        return cls.model_names.get(name, name)
+
+
+def empty_cache() -> None:
+    if Ctx.dev == "cuda":
+        torch.cuda.empty_cache()
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -83,8 +106,8 @@ def environment() -> dict:
     except ImportError:
         dv = None
     return {
-        "device": torch.cuda.get_device_name(),
-        "capability": torch.cuda.get_device_capability(),
+        "device": torch.cuda.get_device_name() if Ctx.dev == "cuda" else "cpu (dry run)",
+        "capability": torch.cuda.get_device_capability() if Ctx.dev == "cuda" else None,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton": getattr(fast_triton.triton, "__version__", None),
@@ -96,14 +119,16 @@ def environment() -> dict:
 
 def check_kernels() -> dict:
     out = {}
-    g = torch.Generator(device="cuda").manual_seed(0)
+    if not fast_triton.available():
+        return {"skipped": "Triton not available"}
+    g = torch.Generator(device=Ctx.dev).manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         name = str(dtype).split(".")[-1]
-        x = (torch.randn(4, 512, 64, 48, device="cuda", generator=g) * 5).to(dtype)
+        x = (torch.randn(4, 512, 64, 48, device=Ctx.dev, generator=g) * 5).to(dtype)
         x = x.contiguous(memory_format=torch.channels_last)
-        norm = RMSNorm2d(512).cuda()
+        norm = RMSNorm2d(512).to(Ctx.dev)
         out[f"rms_{name}"] = rel(fast_triton.rms_norm_channels_last(x, norm.weight, norm.bias, norm.eps), norm(x))
-        qkv = torch.randn(2, 3 * 1024, 64, 64, device="cuda", generator=g).to(dtype)
+        qkv = torch.randn(2, 3 * 1024, 64, 64, device=Ctx.dev, generator=g).to(dtype)
         t = qkv.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(2, 4096, 32, 96)
         ref = fast.relu_linear_attention_tokens(t, 32)
         out[f"attn_{name}"] = rel(fast_triton.relu_linear_attention_tokens(t, 32), ref)
@@ -122,10 +147,10 @@ def check_model(name: str) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
-    model = DCAE.from_config(name).eval()
+    model = DCAE.from_config(Ctx.model(name)).eval()
     peer = twin(model)
-    model, peer = model.cuda(), (peer.cuda() if peer is not None else None)
-    x = torch.rand(2, 3, 512, 512, device="cuda") * 2 - 1
+    model, peer = model.to(Ctx.dev), (peer.to(Ctx.dev) if peer is not None else None)
+    x = torch.rand(2, 3, Ctx.px(512), Ctx.px(512), device=Ctx.dev) * 2 - 1
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
         model.to(dtype)
@@ -156,31 +181,31 @@ def check_model(name: str) -> dict:
     out["fp16_vs_fp32_recon"] = rel(y, ref)
     out["fp16_finite"] = bool(torch.isfinite(y).all())
     del model, peer
-    torch.cuda.empty_cache()
+    empty_cache()
     return out
 
 
 def check_tiling() -> dict:
     torch.manual_seed(0)
-    model = DCAE.from_config("dc-ae-f32c32-in-1.0").eval().cuda().to(torch.bfloat16)
+    model = DCAE.from_config(Ctx.model("dc-ae-f32c32-in-1.0")).eval().to(Ctx.dev, torch.bfloat16)
     out = {}
-    x = torch.rand(1, 3, 2048, 2048, device="cuda", dtype=torch.bfloat16) * 2 - 1
+    x = torch.rand(1, 3, Ctx.px(2048), Ctx.px(2048), device=Ctx.dev, dtype=torch.bfloat16) * 2 - 1
     with torch.inference_mode():
         ref = model.decode(model.encode(x))
         for mode in ("exact", "blend"):
-            model.enable_tiling(mode=mode)
+            model.enable_tiling(tile_size=Ctx.px(1024), mode=mode)
             y = model.decode(model.encode(x))
             out[f"{mode}_2048_psnr_vs_untiled_random_weights"] = psnr(y, ref)
         model.disable_tiling()
-        z = torch.randn(1, 32, 128, 128, device="cuda", dtype=torch.bfloat16)
+        z = torch.randn(1, 32, Ctx.px(4096) // 32, Ctx.px(4096) // 32, device=Ctx.dev, dtype=torch.bfloat16)
         peaks = {}
         for mode in ("untiled", "exact", "blend"):
             if mode != "untiled":
-                model.enable_tiling(mode=mode)
+                model.enable_tiling(tile_size=Ctx.px(1024), mode=mode)
             x4096 = torch.rand_like(x).repeat(1, 1, 2, 2)
             for what, fn, arg in (("dec", model.decode, z), ("enc", model.encode, x4096)):
                 t = time.time()
-                peaks[f"{mode}_{what}_4096_gib"] = round(B.peak_bytes(fn, arg, "cuda") / 2**30, 3)
+                peaks[f"{mode}_{what}_4096_gib"] = round(B.peak_bytes(fn, arg, Ctx.dev) / 2**30, 3)
                 peaks[f"{mode}_{what}_4096_s"] = round(time.time() - t, 3)
         out.update(peaks)
         out["dec_peak_ratio_exact"] = peaks["exact_dec_4096_gib"] / peaks["untiled_dec_4096_gib"]
@@ -190,53 +215,65 @@ def check_tiling() -> dict:
     f128.enable_tiling(tile_size=512, overlap=64)
     with torch.inference_mode():
         out["f128_1024_decode_shape"] = tuple(f128.decode(torch.empty(1, 512, 8, 8, device="meta")).shape)
-    torch.cuda.empty_cache()
+    empty_cache()
     return out
 
 
 def check_graphs_and_compile() -> dict:
     torch.manual_seed(0)
-    model = DCAE.from_config("dc-ae-f32c32-in-1.0").eval().cuda().to(torch.bfloat16)
-    x = torch.rand(1, 3, 512, 512, device="cuda", dtype=torch.bfloat16) * 2 - 1
+    model = DCAE.from_config(Ctx.model("dc-ae-f32c32-in-1.0")).eval().to(Ctx.dev, torch.bfloat16)
+    x = torch.rand(1, 3, Ctx.px(512), Ctx.px(512), device=Ctx.dev, dtype=torch.bfloat16) * 2 - 1
     out = {}
     with torch.inference_mode():
         z = model.encode(x)
         y = model.decode(z)
-        graphed = fast.GraphedDCAE(model)
-        out["graph_enc_rel"], out["graph_dec_rel"] = rel(graphed.encode(x), z), rel(graphed.decode(z), y)
-        for label, fn, arg in (("eager", model.decode, z), ("graph", graphed.decode, z)):
-            times = [B._timed(lambda f=fn, a=arg: f(a), "cuda") for _ in range(10)]
+        runs = [("eager", model.decode)]
+        if Ctx.dev == "cuda":
+            graphed = fast.GraphedDCAE(model)
+            out["graph_enc_rel"], out["graph_dec_rel"] = rel(graphed.encode(x), z), rel(graphed.decode(z), y)
+            runs.append(("graph", graphed.decode))
+        for label, fn in runs:
+            times = [B._timed(lambda f=fn: f(z), Ctx.dev) for _ in range(10)]
             out[f"{label}_dec_512_b1_ms"] = round(sorted(times)[5] * 1e3, 2)
         t = time.time()
-        compiled = fast.compile_dcae(copy.deepcopy(model))
+        compiled = fast.compile_dcae(copy.deepcopy(model), backend=Ctx.backend)
         yc = compiled.decode(z.contiguous(memory_format=torch.channels_last))
         out["compile_first_call_s"] = round(time.time() - t, 1)
         out["compiled_dec_rel"] = rel(yc, y)
-    torch.cuda.empty_cache()
+    empty_cache()
     return out
 
 
 def bench(report: Report, out_dir: Path, budget_s: float, stamp: str) -> None:
+    """One model build per entry (building a full-size model and its diffusers twin takes ~15 s)."""
     records: list = []
     path = out_dir / f"ae_gpu_{stamp}.json"
-    plan = [("dc-ae-f32c32-in-1.0", r, b, ["dcae", "diffusers"]) for r, b in zip(B.GPU_RES, (16, 4, 1, 1))]
-    plan += [("dc-ae-f32c32-in-1.0", r, b, ["dcae-compiled", "diffusers-compiled"]) for r, b in ((512, 16), (1024, 4))]
-    plan += [("dc-ae-f32c32-sana-1.0", r, b, ["dcae", "diffusers"]) for r, b in zip(B.GPU_RES, (16, 4, 1, 1))]
+    res = [Ctx.px(r) for r in B.GPU_RES]
+    plan = [
+        (Ctx.model("dc-ae-f32c32-in-1.0"), res, [16, 4, 1, 1], ["dcae", "diffusers"]),
+        (Ctx.model("dc-ae-f32c32-in-1.0"), res[:2], [16, 4], ["dcae-compiled", "diffusers-compiled"]),
+        (Ctx.model("dc-ae-f32c32-sana-1.0"), res, [16, 4, 1, 1], ["dcae", "diffusers"]),
+    ]
+    if Ctx.dev != "cuda":  # dry run: the compiled variants would take minutes to build on a CPU
+        plan = [p for p in plan if "compiled" not in p[3][0]]
     try:
         import diffusers  # noqa: F401
     except ImportError:
         plan = [(m, r, b, [i for i in impls if i.startswith("dcae")]) for m, r, b, impls in plan]
     for name, res, batch, impls in plan:
         if time.time() - T0 > budget_s:
-            report.add(f"bench_skipped_{name}_{res}_{'_'.join(impls)}", "time budget reached")
+            report.add(f"bench_skipped_{name}_{'_'.join(impls)}", "time budget reached")
             continue
         try:
-            records += B.bench_model(name, [res], [batch], "bf16", "cuda", impls, warmup=2, repeats=5, memory=True,
-                                     command="benchmarks/gpu_check.py")  # fmt: skip
+            records += B.bench_model(name, res, batch, "bf16", Ctx.dev, impls, warmup=2, repeats=5, memory=True,
+                                     command="PYTHONPATH=src python benchmarks/gpu_check.py")  # fmt: skip
         except Exception as exc:
-            report.add(f"bench_error_{name}_{res}", repr(exc))
-        torch.cuda.empty_cache()
-        B.write_results(records, path)
+            report.add(
+                f"bench_error_{name}_{'_'.join(impls)}", {"error": repr(exc), "tb": traceback.format_exc()[-2000:]}
+            )
+        empty_cache()
+        if records:
+            B.write_results(records, path)
     report.add("bench_table", B.format_table(records))
 
 
@@ -244,12 +281,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget-s", type=float, default=480.0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--dry-run", type=Path, default=None, metavar="TINY_CONFIG",
+                        help="CPU rehearsal with this small model config (JSON/YAML) and 1/8 sizes")  # fmt: skip
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("gpu_check needs a CUDA device", file=sys.stderr)
+    if args.dry_run:
+        Ctx.dev, Ctx.div, Ctx.backend = "cpu", 8, "eager"
+        Ctx.model_names = {n: str(args.dry_run) for n in ("dc-ae-f32c32-in-1.0", "dc-ae-f32c32-sana-1.0")}
+    elif not torch.cuda.is_available():
+        print("gpu_check needs a CUDA device (or --dry-run on CPU)", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    device = torch.cuda.get_device_name().replace(" ", "-").replace("/", "-")
+    device = torch.cuda.get_device_name() if Ctx.dev == "cuda" else "cpu-dry-run"
+    device = device.replace(" ", "-").replace("/", "-")
     stamp = f"{device}_{dt.date.today().isoformat()}"
     report = Report(args.out / f"gpu_check_{stamp}.json")
     report.add("environment", environment())
