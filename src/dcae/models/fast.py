@@ -209,16 +209,18 @@ class FastPath:
         return y
 
     def _folded(self, layer: ConvLayer) -> tuple[torch.Tensor, torch.Tensor | None, nn.Module | None]:
+        """The conv's weight and bias with an eval BatchNorm folded in (cached), else the module's own.
+
+        Other weights are not copied: a channels-last copy of every weight would double the GPU memory
+        of the weights; cuDNN converts them per call instead (or call `model.to(memory_format=
+        torch.channels_last)` once to avoid that too)."""
         conv, norm = layer.conv, layer.norm
-        foldable = self.options.fold_bn and isinstance(norm, nn.BatchNorm2d) and not norm.training
-        channels_last = self.options.channels_last and conv.weight.device.type == "cuda"
-        if not foldable and not channels_last:
+        if not (self.options.fold_bn and isinstance(norm, nn.BatchNorm2d) and not norm.training):
             return conv.weight, conv.bias, norm
-        tensors = [conv.weight, conv.bias]
-        if foldable:
-            tensors += [norm.weight, norm.bias, norm.running_mean, norm.running_var]
-        value = self._cached(layer, "fold", tensors, lambda: _fold(conv, norm if foldable else None, channels_last))
-        return value[0], value[1], (None if foldable else norm)
+        tensors = [conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var]
+        channels_last = self.options.channels_last and conv.weight.device.type == "cuda"
+        value = self._cached(layer, "fold", tensors, lambda: _fold(conv, norm, channels_last))
+        return value[0], value[1], None
 
     def _conv(
         self, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, owner: nn.Module
@@ -385,15 +387,14 @@ class FastPath:
         self.__init__(state["options"])
 
 
-def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """conv then eval BatchNorm == one conv with w * s and (b - mean) * s + beta, s = gamma / sqrt(var + eps).
     Computed in fp64 so folding adds no error of its own."""
     weight, bias = conv.weight, conv.bias
-    if bn is not None:
-        scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-        b0 = bias.double() if bias is not None else torch.zeros_like(scale)
-        bias = ((b0 - bn.running_mean.double()) * scale + bn.bias.double()).to(weight.dtype)
-        weight = (weight.double() * scale.view(-1, 1, 1, 1)).to(weight.dtype)
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    b0 = bias.double() if bias is not None else torch.zeros_like(scale)
+    bias = ((b0 - bn.running_mean.double()) * scale + bn.bias.double()).to(weight.dtype)
+    weight = (weight.double() * scale.view(-1, 1, 1, 1)).to(weight.dtype)
     if channels_last:
         weight = weight.contiguous(memory_format=torch.channels_last)
     return weight, bias
