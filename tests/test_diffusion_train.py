@@ -16,34 +16,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_diffusion_latents import tiny_autoencoder
 
 from dcae.cli import main as cli
 from dcae.diffusion.latents import extract_latents
 from dcae.diffusion.trainer import TrainConfig, list_checkpoints, load_checkpoint, load_config, train
 from dcae.errors import UserError
-from dcae.models import DCAE, DCAEConfig
 
 TINY_MODEL = {"depth": 2, "hidden_size": 32, "num_heads": 2}
 # Subprocesses get one thread, like the test process (conftest): two would fight over two busy cores.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def tiny_autoencoder() -> DCAE:
-    torch.manual_seed(0)
-    cfg = DCAEConfig(
-        name="tiny-f4c8",
-        latent_channels=8,
-        encoder_widths=(16, 32, 32),
-        encoder_depths=(0, 1, 1),
-        encoder_block_types=("ResBlock",) * 3,
-        decoder_widths=(16, 32, 32),
-        decoder_depths=(0, 1, 1),
-        decoder_block_types=("ResBlock",) * 3,
-        decoder_norms=("trms2d",) * 3,
-        decoder_acts=("silu",) * 3,
-        scaling_factor=0.5,
-    )
-    return DCAE.from_config(cfg).eval()
 
 
 @pytest.fixture(scope="module")

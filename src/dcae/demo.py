@@ -20,19 +20,18 @@ DEMO_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 def demo_photos(names: tuple[str, ...] = DEMO_PHOTOS, size: int = 512) -> list[tuple[str, np.ndarray]]:
     """(name, HxWx3 uint8) center crops of scikit-image's sample photos."""
     try:
-        import skimage.data
+        import skimage.data  # noqa: F401
     except ImportError as exc:
         from dcae.errors import UserError
 
         raise UserError("the demo needs scikit-image for its photos: pip install scikit-image") from exc
     from dcae.data.images import center_crop_arr
+    from dcae.train.data import skimage_photo
 
     photos = []
     for name in names:
-        arr = getattr(skimage.data, name)()
-        if arr.ndim == 2:
-            arr = np.repeat(arr[..., None], 3, axis=2)
-        photos.append((name, center_crop_arr(arr[..., :3], min(size, *arr.shape[:2]))))
+        arr = skimage_photo(name)
+        photos.append((name, center_crop_arr(arr, min(size, *arr.shape[:2]))))
     return photos
 
 
