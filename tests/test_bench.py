@@ -44,3 +44,27 @@ def test_bench_ae_batch_count_must_match(tiny_config: Path, capsys: pytest.Captu
     argv = ["bench", "ae", "--models", str(tiny_config), "--res", "64", "128", "--batch", "1", "2", "3"]
     assert cli_main(argv + ["--device", "cpu"]) == 2
     assert "--batch" in capsys.readouterr().err
+
+
+def test_gpu_check_dry_run(tmp_path: Path, tiny_config: Path) -> None:
+    """The one-shot GPU script must not break on its single run: rehearse every section on the CPU."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root / "src")}
+    cmd = [sys.executable, str(root / "benchmarks" / "gpu_check.py"), "--dry-run", str(tiny_config)]
+    proc = subprocess.run(cmd + ["--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (report,) = tmp_path.glob("gpu_check_cpu-dry-run_*.json")
+    sections = json.loads(report.read_text())["sections"]
+    errors = {k: v for k, v in sections.items() if "error" in k or (isinstance(v, dict) and "error" in v)}
+    assert not errors, errors
+    model = sections["correctness_dc-ae-f32c32-in-1.0"]
+    assert model["float32_fast_vs_eager"]["dec"] < 1e-5 and model["float32_fast_vs_diffusers"]["enc"] < 1e-5
+    assert sections["tiling"]["exact_2048_psnr_vs_untiled_random_weights"] > 100
+    prof = sections["profile"]["dc-ae-f32c32-in-1.0"]
+    assert prof["dcae_dec_peak_fraction"] > 0 and prof["diffusers_enc_peak_fraction"] > 0
+    assert prof["dcae_dec_top_ops"][0]["ms"] > 0
+    records = json.loads(next(tmp_path.glob("ae_gpu_cpu-dry-run_*.json")).read_text())
+    assert {r["impl"] for r in records} == {"dcae", "diffusers"} and all(set(r) >= KEYS for r in records)
