@@ -213,8 +213,15 @@ def test_train_cli_print_config(latents, tmp_path, capsys):
     assert cli(["diffusion", "train", "--print-config", str(config_file), "max_steps=3"]) == 0
     text = capsys.readouterr().out
     assert "max_steps: 3" in text and "DiT-S/1" in text
+    # options and overrides in any order
+    assert cli(["diffusion", "train", str(config_file), "max_steps=4", "--print-config", "grad_accum=2"]) == 0
+    text = capsys.readouterr().out
+    assert "max_steps: 4" in text and "grad_accum: 2" in text
     assert cli(["diffusion", "train", f"data={latents}", "batch_size=oops"]) == 2
     assert "batch_size: expected int" in capsys.readouterr().err
+    bad = [f"data={latents}", f"out={tmp_path}", "mixed_precision=no", "model.overrides={depth:2}"]
+    assert cli(["diffusion", "train", *bad]) == 2
+    assert "unknown DiT setting(s) 'depth:2'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -283,3 +290,31 @@ def test_sample_cli_gfid(latents, tmp_path, capsys):
     assert cli([*base, "--fid-ref", str(tmp_path / "other.npz")]) == 0
     assert json.loads((out / "fid.json").read_text())["fid"] > 1.0
     assert "gFID" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_grad_accum(latents, tmp_path):
+    """A DDP run on 2 processes (torchrun, gloo) and a 1-process run with grad_accum=2 see the same data and
+    noise, so they take the same optimizer steps (up to the summation order of the gradients)."""
+    from test_train_ddp import _free_port
+
+    common = ["diffusion", "train", f"data={latents}", "batch_size=4", "max_steps=3", "log_every=1",
+              "ckpt_every=3", "mixed_precision=no", "num_workers=0", "sample.every=0", "sample.decode=false",
+              "sample.steps=2", "model.overrides={depth: 2, hidden_size: 32, num_heads: 2}", "--quiet"]  # fmt: skip
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                "127.0.0.1", "--master_port", str(_free_port()), "-m", "dcae.cli"]  # fmt: skip
+    proc = subprocess.run([*torchrun, *common, f"out={tmp_path / 'ddp'}"], env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "2 process(es) (DistributedType.MULTI_CPU" in proc.stderr and "batch 4 = 2 x 1 x 2" in proc.stderr
+    assert cli([*common, "grad_accum=2", f"out={tmp_path / 'accum'}"]) == 0
+    ddp, accum = states(tmp_path / "ddp"), states(tmp_path / "accum")
+    assert ddp["step"] == accum["step"] == 3
+    for name, ref in ddp["model"].items():
+        torch.testing.assert_close(accum["model"][name], ref, rtol=0, atol=1e-6, msg=name)
+    losses = [
+        [float(r["loss"]) for r in csv.DictReader((tmp_path / run / "log.csv").read_text().splitlines())]
+        for run in ("ddp", "accum")
+    ]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+    with pytest.raises(UserError, match="not divisible by the 1 processes x 3 accumulation steps"):
+        train(config(latents, tmp_path / "bad", grad_accum=3), progress=False)

@@ -83,3 +83,28 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
         wb = load_file(killed / f"phase{n}" / "model" / "model.safetensors")
         _assert_same(wa, wb, f"phase{n} export")
     assert a["step"] == 40 and a["data"]["batches_consumed"] == 40
+
+
+def test_checkpoint_rng_state_round_trips_and_loads_weights_only(tmp_path):
+    """RNG states are stored as tensors and plain types, so checkpoints load with weights_only=True
+    (a downloaded checkpoint cannot run code), and restoring them replays the same random numbers."""
+    import random
+
+    np.random.seed(3)
+    random.seed(3)
+    torch.manual_seed(3)
+    path = state.save_checkpoint({"rng": state.rng_state(), "step": 7}, tmp_path, 7, keep_last=2)
+    expected = (np.random.rand(4), random.random(), torch.rand(3))
+    np.random.rand(10), random.random(), torch.rand(10)  # move every generator on
+    state.set_rng_state(state.load_checkpoint(path)["rng"])
+    again = (np.random.rand(4), random.random(), torch.rand(3))
+    assert np.array_equal(expected[0], again[0]) and expected[1] == again[1] and torch.equal(expected[2], again[2])
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path):
+    from argparse import Namespace  # any class outside the weights-only allow list
+
+    path = tmp_path / "step_00000001.pt"
+    torch.save({"step": 1, "payload": Namespace(a=1)}, path)
+    with pytest.raises(Exception, match=r"cannot read training checkpoint .*step_00000001\.pt"):
+        state.load_checkpoint(path)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dcae.utils.cliargs import IntermixedParser
+
 
 def _load_autoencoder(source: str):
     from dcae.models import DCAE
@@ -251,8 +253,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = dsub.add_parser(
         "train",
         help="train a DiT / U-ViT on a latent folder (resumes automatically)",
-        description="Options go before CONFIG: dcae diffusion train [--quiet] CONFIG.yaml key=value ...",
+        description="dcae diffusion train CONFIG.yaml [key=value ...] [--quiet] (options and overrides in any order)",
     )
+    t.__class__ = IntermixedParser
     t.add_argument("config", nargs="?", help="YAML config (see configs/diffusion_*.yaml)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=2e-4 max_steps=1000")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

@@ -11,6 +11,7 @@ UViT-H/1 and DiT-XL/1 setups (patch size 1 on f32/f64 latents).
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 
@@ -382,6 +383,15 @@ def create_diffusion_model(
     family, kwargs = parse_model_name(name)
     kwargs.update(overrides)
     cls = DiT if family == "DiT" else UViT
+    valid = set(inspect.signature(cls).parameters) - {"input_size", "in_channels", "num_classes", "learn_sigma"}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        from dcae.errors import UnknownModelError
+
+        raise UnknownModelError(
+            f"unknown {family} setting(s) {', '.join(map(repr, unknown))} in the model overrides; valid: "
+            f"{', '.join(sorted(valid))} (YAML needs a space after the colon: {{depth: 4}})"
+        )
     return cls(
         input_size=input_size, in_channels=in_channels, num_classes=num_classes, learn_sigma=learn_sigma, **kwargs
     )

@@ -11,10 +11,10 @@ Outputs in `out/`: config.yaml, log.csv, loss.png, checkpoints/step_XXXXXXX.pt, 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
-import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,6 +24,9 @@ import numpy as np
 import torch
 
 from dcae.errors import UserError
+from dcae.train.state import load_checkpoint as read_checkpoint
+from dcae.train.state import rng_state, set_rng_state
+from dcae.utils.runtime import make_accelerator
 
 # ----------------------------------------------------------------------------- configuration
 
@@ -72,7 +75,8 @@ class TrainConfig:
     data: str = ""  # folder written by `dcae latents`
     out: str = "runs/diffusion"
     seed: int = 0
-    batch_size: int = 256  # global batch (all processes together)
+    batch_size: int = 256  # global batch (all processes and accumulation steps together)
+    grad_accum: int = 1  # micro-batches per optimizer step: the same step in less memory
     max_steps: int = 400_000
     mixed_precision: str = "bf16"  # "no", "bf16" or "fp16"
     compile: bool = False  # torch.compile the model (GPU)
@@ -179,7 +183,7 @@ def validate_config(cfg: TrainConfig) -> None:
         problems.append("model.learn_sigma needs diffusion.objective=ddpm")
     if cfg.mixed_precision not in ("no", "bf16", "fp16"):
         problems.append(f"mixed_precision must be no, bf16 or fp16, got {cfg.mixed_precision!r}")
-    for name in ("batch_size", "max_steps", "log_every", "keep_last"):
+    for name in ("batch_size", "grad_accum", "max_steps", "log_every", "keep_last"):
         if getattr(cfg, name) < 1:
             problems.append(f"{name} must be >= 1")
     if problems:
@@ -209,8 +213,25 @@ def build_model(model_args: dict) -> torch.nn.Module:
     return create_diffusion_model(a.pop("name"), **{**a.pop("overrides", {}), **a})
 
 
-def _step_seed(seed: int, step: int, rank: int) -> int:
-    return (seed * 1_000_003 + step) * 4096 + rank
+def _step_seed(seed: int, step: int, slot: int) -> int:
+    """Seed of the noise of one micro-batch: slot = rank * accumulation steps + micro-batch index, so a
+    run on 1 process with 2 accumulation steps draws exactly what 2 processes without accumulation draw."""
+    return (seed * 1_000_003 + step) * 4096 + slot
+
+
+def accumulate_gradients(accelerator, train_model, model, process, x, y, null_class: int, gen, seeds: list[int]):
+    """Backward of the mean loss over this process's batch in len(seeds) micro-batches (DDP syncs gradients
+    only on the last); micro-batch k draws its noise from `gen` seeded with seeds[k]. Returns the mean loss."""
+    accum, total = len(seeds), 0.0
+    xs, ys = x.chunk(accum), (y.chunk(accum) if y is not None else [None] * accum)
+    for k, (xk, yk) in enumerate(zip(xs, ys)):
+        sync = accelerator.no_sync(model) if k < accum - 1 else contextlib.nullcontext()
+        gen.manual_seed(seeds[k])
+        with sync, accelerator.autocast():
+            loss = process.loss(train_model, xk, yk, null_class=null_class, generator=gen).mean() / accum
+        accelerator.backward(loss)
+        total = total + loss.detach()
+    return total
 
 
 def data_batches(ds, batch_size: int, seed: int, rank: int, world: int, start_step: int, num_workers: int = 0):
@@ -241,21 +262,6 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def list_checkpoints(out: str | Path) -> list[Path]:
     return sorted((Path(out) / "checkpoints").glob("step_*.pt"))
 
@@ -274,10 +280,7 @@ def latest_checkpoint(path: str | Path) -> Path:
 def load_checkpoint(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"):
     """(model in eval mode, diffusion process, checkpoint metadata) from a training checkpoint or run folder."""
     path = latest_checkpoint(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise UserError(f"cannot read checkpoint {path}: {exc}") from exc
+    ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or "model_args" not in ckpt:
         raise UserError(f"{path} is not a `dcae diffusion train` checkpoint")
     model = build_model(ckpt["model_args"])
@@ -386,7 +389,6 @@ def sample_grid(
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
     """Train (or resume) according to cfg; returns {'step', 'loss', 'checkpoint'}."""
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     from dcae.data.images import make_grid, save_image
@@ -395,10 +397,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     from dcae.utils.io import atomic_torch_save, atomic_write_text
 
     validate_config(cfg)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = make_accelerator(cfg.mixed_precision)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    if cfg.batch_size % world:
-        raise UserError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
+    accum = cfg.grad_accum
+    if cfg.batch_size % (world * accum):
+        raise UserError(
+            f"batch_size {cfg.batch_size} is not divisible by the {world} processes x {accum} accumulation steps"
+        )
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed + rank)
 
@@ -430,7 +435,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     elif cfg.resume not in ("none", ""):
         resume_from = latest_checkpoint(cfg.resume)
     if resume_from is not None:
-        ckpt = torch.load(resume_from, map_location="cpu", weights_only=False)
+        ckpt = read_checkpoint(resume_from)
         if ckpt["model_args"] != model_args:
             raise UserError(
                 f"{resume_from} was trained with {ckpt['model_args']}, this config builds {model_args}; "
@@ -440,9 +445,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         step = int(ckpt["step"])
-        _set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
         if accelerator.is_main_process:
             print(f"resuming from {resume_from} (step {step})", file=sys.stderr)
+    if accelerator.is_main_process:
+        print(
+            f"{world} process(es) ({accelerator.distributed_type}, {device}, mixed precision "
+            f"{accelerator.mixed_precision}); {len(ds)} latents, batch {cfg.batch_size} = {world} x {accum} x "
+            f"{cfg.batch_size // (world * accum)}",
+            file=sys.stderr,
+        )
     ema.to(device)
     model, opt = accelerator.prepare(model, opt)
     raw_model = accelerator.unwrap_model(model)
@@ -482,7 +494,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
 
     def save_checkpoint() -> Path:
         path = out / "checkpoints" / f"step_{step:07d}.pt"
-        rng = accelerator.gather_for_metrics([_rng_state()], use_gather_object=True) if world > 1 else [_rng_state()]
+        rng = accelerator.gather_for_metrics([rng_state()], use_gather_object=True) if world > 1 else [rng_state()]
         if accelerator.is_main_process:
             ckpt = {
                 "model": raw_model.state_dict(),
@@ -545,13 +557,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         x, y = next(batches)
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True) if num_classes > 0 else None
-        gen.manual_seed(_step_seed(cfg.seed, step, rank))
         lr = cfg.optim.lr * min(1.0, (step + 1) / cfg.optim.warmup_steps) if cfg.optim.warmup_steps else cfg.optim.lr
         for group in opt.param_groups:
             group["lr"] = lr
-        with accelerator.autocast():
-            loss = process.loss(train_model, x, y, null_class=num_classes, generator=gen).mean()
-        accelerator.backward(loss)
+        seeds = [_step_seed(cfg.seed, step, rank * accum + k) for k in range(accum)]
+        loss = accumulate_gradients(accelerator, train_model, model, process, x, y, num_classes, gen, seeds)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from dcae.utils.cliargs import IntermixedParser
+
 EPILOG = """\
 examples:
   dcae train tiny --out runs/tiny                      # packaged CPU-sized config, all three phases
@@ -14,21 +16,6 @@ examples:
 overrides are dotted keys: phase2.resolution=1024 phase2.trainable_inner_stages=true loss weights:
   phase3.loss.gan_weight=0.5 phase1.loss.perceptual_weight=0.25 (see docs/training.md)
 """
-
-
-class _IntermixedParser(argparse.ArgumentParser):
-    """Lets `key=value` overrides and options come in any order (`CONFIG --phase 2 a=b c=d`)."""
-
-    _busy = False
-
-    def parse_known_args(self, args=None, namespace=None):
-        if self._busy:  # parse_known_intermixed_args calls back into parse_known_args
-            return super().parse_known_args(args, namespace)
-        self._busy = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._busy = False
 
 
 def register(subparsers) -> None:
@@ -43,7 +30,7 @@ def register(subparsers) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.__class__ = _IntermixedParser
+    p.__class__ = IntermixedParser
     p.add_argument("config", help="training config YAML, or a packaged one: tiny, f32c32, finetune")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. phase1.steps=100")
     p.add_argument("--phase", default="all", choices=["1", "2", "3", "all"], help="which phase(s) to run")

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dcae.errors import UserError
 from dcae.train.config import OptimConfig
 from dcae.utils.io import atomic_torch_save
 
@@ -71,7 +72,10 @@ class EMA:
 
 # ----------------------------------------------------------------------------- RNG
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """All RNG states, as tensors, ints and tuples only: checkpoints then load with weights_only=True."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -79,7 +83,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -124,5 +129,8 @@ def remove_stale_temp_files(folder: Path) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    # weights_only=False: the file holds RNG states (numpy tuples) written by this program itself.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A training checkpoint; weights_only: a checkpoint from elsewhere cannot run code when loaded."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"cannot read training checkpoint {path}: {exc}") from exc

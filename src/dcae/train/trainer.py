@@ -41,6 +41,7 @@ from dcae.train.data import (
 )
 from dcae.train.losses import AutoencoderLoss, PatchDiscriminator, build_perceptual
 from dcae.utils.io import atomic_write_json, atomic_write_text
+from dcae.utils.runtime import make_accelerator
 
 
 @dataclass
@@ -67,18 +68,6 @@ class Session:
             tqdm.write(" ".join(str(a) for a in args))
 
 
-def make_accelerator(cfg: TrainConfig):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    # Without a GPU, accelerate only sets up multi-process (gloo) training when told it runs on CPU.
-    cpu = not torch.cuda.is_available()
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)
-    # "no" defers to the launcher (`accelerate launch --mixed_precision bf16`); an explicit value wins.
-    mp = None if cfg.mixed_precision == "no" else cfg.mixed_precision
-    return Accelerator(mixed_precision=mp, cpu=cpu, kwargs_handlers=[ddp])
-
-
 def train(
     cfg: TrainConfig,
     phases: list[int] = (1, 2, 3),
@@ -87,7 +76,7 @@ def train(
     accelerator: Any = None,
 ) -> dict[str, Any]:
     """Run `phases` in order; returns {"phases": {n: metrics}, "model": path of the last export}."""
-    accelerator = accelerator or make_accelerator(cfg)
+    accelerator = accelerator or make_accelerator(cfg.mixed_precision, cfg.find_unused_parameters)
     out = Path(cfg.out_dir)
     train_items, val_items = split_items(cfg.data.train, cfg.data.val, cfg.data.holdout)
     val_images, skipped = load_val_images(val_items, cfg.val.max_images) if accelerator.is_main_process else ([], 0)
