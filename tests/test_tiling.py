@@ -327,3 +327,34 @@ def test_tiler_repr_and_disable() -> None:
     assert isinstance(model.tiling, Tiler) and "tile_size=256" in repr(model.tiling)
     model.disable_tiling()
     assert model.tiling is None
+
+
+def test_out_of_memory_is_retried_in_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An untiled call that raises OutOfMemoryError is redone in exact tiles, with a warning. A CPU cannot
+    run out of accelerator memory, so the untiled model call raises it for inputs above 128 px here;
+    everything else (the tiled retry, its result) is the real thing."""
+    torch.manual_seed(0)
+    model = DCAE.from_config(TINY).eval()
+    x = images(256, 192, b=2)
+    with torch.inference_mode():
+        z_ref, y_ref = model.encode(x), model.decode(model.encode(x))
+    untiled_encode, untiled_decode = model._encode_once, model._decode_once
+
+    def too_big(fn, size_of):
+        def run(t, *args):
+            if size_of(t) > 128:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            return fn(t, *args)
+
+        return run
+
+    monkeypatch.setattr(model, "_encode_once", too_big(untiled_encode, lambda t: max(t.shape[-2:])))
+    monkeypatch.setattr(model, "_decode_once", too_big(untiled_decode, lambda t: max(t.shape[-2:]) * 32))
+    with torch.inference_mode(), pytest.warns(UserWarning, match=r"out of memory on input \(2, 3, 256, 192\)"):
+        z = model.encode(x)
+    with torch.inference_mode(), pytest.warns(UserWarning, match=r"retrying in tiles \(Tiler\(f=32, mode='exact'"):
+        y = model.decode(z_ref)
+    assert rel_err(z, z_ref) < 1e-5 and rel_err(y, y_ref) < 1e-5
+    model.tile_on_oom = False
+    with torch.inference_mode(), pytest.raises(torch.OutOfMemoryError, match="Tried to allocate"):
+        model.decode(z_ref)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -285,13 +286,45 @@ class DCAE(nn.Module):
         tiler = self.__dict__.get("_tiler")
         if tiler is not None and tiler.wants_encode(x):
             return tiler.encode(self, x, latent_channels)
-        return self._encode_once(x, latent_channels)
+        return self._tiled_on_oom(
+            lambda: self._encode_once(x, latent_channels), lambda t: t.encode(self, x, latent_channels), x.shape
+        )
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         tiler = self.__dict__.get("_tiler")
         if tiler is not None and tiler.wants_decode(z):
             return tiler.decode(self, z)
-        return self._decode_once(z)
+        return self._tiled_on_oom(lambda: self._decode_once(z), lambda t: t.decode(self, z), z.shape)
+
+    # An untiled call that runs out of accelerator memory is retried once in exact tiles (the same
+    # result up to rounding), with a warning, instead of failing: a 4K decode then just works.
+    tile_on_oom: bool = True
+
+    def _tiled_on_oom(self, run: Callable[[], torch.Tensor], run_tiled: Callable, shape: torch.Size) -> torch.Tensor:
+        if not self.tile_on_oom or torch.is_grad_enabled():
+            return run()
+        try:
+            return run()
+        except torch.OutOfMemoryError as exc:
+            # Only the message is kept: the traceback would keep the failed attempt's tensors alive.
+            message = str(exc).split("\n")[0]
+        from dcae.models.tiling import Tiler
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        tiler = self.tiling or Tiler(self.spatial_compression)
+        warnings.warn(
+            f"out of memory on input {tuple(shape)} ({message}); retrying in tiles ({tiler}). Call "
+            "enable_tiling() to tile from the start, or set tile_on_oom = False to get the error instead.",
+            stacklevel=4,
+        )
+        try:
+            return run_tiled(tiler)
+        except torch.OutOfMemoryError:
+            raise torch.OutOfMemoryError(
+                f"out of memory on input {tuple(shape)}, also in tiles ({tiler}): use a smaller batch_size "
+                "or enable_tiling(tile_size=512)"
+            ) from None
 
     # --------------------------------------------------------------------- fast path and tiling
     # The fast path (dcae.models.fast) is on by default; it only runs in eval mode without autograd,
