@@ -279,7 +279,43 @@ def test_metrics_command_pairs_by_name(photos, tmp_path, capsys):
     assert rc == 0 and "pairs: 3" in out  # center-cropped to one size, the resized file pairs too
 
 
-def test_standard_lpips_without_backbone_is_a_clear_error(photos, models, capsys):
+def test_standard_lpips_without_backbone_is_a_clear_error(photos, models, capsys, tmp_path, monkeypatch):
+    from dcae.metrics import weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache, and a download that cannot connect
+    monkeypatch.setitem(weights.TORCHVISION_BACKBONES, "alex", "http://127.0.0.1:9/alexnet-owt-7be5be79.pth")
     rc, _, err = _run(capsys, "eval", "--model", models["dcae"], "--data", photos, "--lpips-net", "lpips-alex",
                       "--no-fid", "--no-progress")  # fmt: skip
     assert rc == 2 and "--lpips-backbone" in err and "stlpips" in err
+
+
+@pytest.mark.slow
+def test_eval_on_two_processes_equals_one(photos, models, tmp_path, capsys):
+    """`torchrun -m dcae.cli eval`: each process takes every other image; the report (metrics, rFID from the
+    gathered features, per-image rows in file order, skipped files, extremes) equals the 1-process one."""
+    import os
+    import subprocess
+    import sys
+
+    from test_train_ddp import _free_port
+
+    common = ["eval", "--model", models["dcae"], "--data", str(photos), "--resolution", "64", "--batch-size", "2",
+              "--no-fid-cache", "--no-progress"]  # fmt: skip
+    rc, _, err = _run(capsys, *common, "--out", tmp_path / "one")
+    assert rc == 0, err
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "dcae.cli", *common, "--out", str(tmp_path / "two")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("| model | images | rFID |") == 1  # one report, from the first process
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert two["num_images"] == one["num_images"] == 6 and two["skipped"] == one["skipped"]
+    for key in ("psnr", "ssim", "lpips", "fid", "latent_mean", "latent_rms"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
+    assert two["fid_method"] == one["fid_method"] == "lowrank"  # the features of both processes were gathered
+    assert [r["name"] for r in two["worst"]] == [r["name"] for r in one["worst"]]
+    rows_one, rows_two = _csv_rows(Path(one["per_image_csv"])), _csv_rows(Path(two["per_image_csv"]))
+    assert [r["name"] for r in rows_two] == [r["name"] for r in rows_one]
+    for a, b in zip(rows_one, rows_two):
+        assert float(b["psnr"]) == pytest.approx(float(a["psnr"]), abs=1e-4)

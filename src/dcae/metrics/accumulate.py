@@ -260,7 +260,10 @@ class ReconstructionMetrics:
         return self
 
     def all_reduce(self, group=None) -> ReconstructionMetrics:
-        all_reduce_sum([t for p in self._parts() for t in p._states()], group)
+        all_reduce_sum([t for p in self._parts() for t in p._states()], group)  # one collective for all sums
+        for part in self._parts():
+            if isinstance(part, FeatureStatsAccumulator):  # and the kept features of the exact low-rank FID
+                part.gather_features(group)
         return self
 
     def reference_stats(self) -> GaussianStats | None:

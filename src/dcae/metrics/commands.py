@@ -59,7 +59,8 @@ def register(sub) -> None:
         "eval",
         help="reconstruction metrics of autoencoders: rFID, PSNR, SSIM, LPIPS, latent stats, speed",
         description="ADM center crop, encode + decode, uint8 quantization, then rFID / PSNR / SSIM / LPIPS. "
-        "Repeat --model to compare several models in one table.",
+        "Repeat --model to compare several models in one table. Several GPUs: "
+        "torchrun --nproc_per_node N -m dcae.cli eval ... (each process takes every N-th image).",
     )
     p.add_argument(
         "--model",
@@ -162,12 +163,15 @@ def run_eval(args: argparse.Namespace) -> int:
     from dcae.metrics.data import collect_images
     from dcae.metrics.fid import FewImagesWarning
     from dcae.metrics.reconstruction import EvalSettings, evaluate_reconstruction, load_autoencoder
-    from dcae.utils.runtime import resolve_device, resolve_dtype
+    from dcae.utils.runtime import process_group_from_env, resolve_device, resolve_dtype
 
     out = Path(args.out) if args.out else None
     json_path = Path(args.json) if args.json else None
     _check_outputs([json_path, out / "results.json" if out else None], args.overwrite)
-    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    # Under torchrun / `accelerate launch` each process takes its share of the images, on its own GPU.
+    rank, world, local_device = process_group_from_env()
+    device = local_device if local_device is not None and args.device == "auto" else resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype)
     refs = collect_images(args.data, args.limit)
     lpips = _build_lpips(args, device)
     inception = None if args.no_fid else _build_inception(args, device)
@@ -181,12 +185,15 @@ def run_eval(args: argparse.Namespace) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FewImagesWarning)  # reported once, below, with the count
             result = evaluate_reconstruction(
-                model, refs, settings, lpips=lpips, inception=inception, reference_stats=reference.stats
-            )
-        reference.remember(result.reference_stats)
+                model, refs, settings, lpips=lpips, inception=inception, reference_stats=reference.stats,
+                rank=rank, world=world,
+            )  # fmt: skip
+        reference.remember(result.reference_stats, write=rank == 0)
         del model
         results.append(result)
         entries.append(_entry(result))
+    if rank != 0:  # every process holds the whole result; the first one reports it
+        return 0
     _report_skipped(results[0].skipped, len(refs))
     if "fid_warning" in results[0].summary:
         _warn(results[0].summary["fid_warning"])
@@ -206,10 +213,10 @@ class _Reference:
         if self.stats is not None:
             print(f"dcae: using cached reference statistics {cache.path(self.key)}", file=sys.stderr)
 
-    def remember(self, stats) -> None:
+    def remember(self, stats, write: bool = True) -> None:
         if self.stats is None and stats is not None:
             self.stats = stats
-            if self.cache is not None and self.key is not None:
+            if write and self.cache is not None and self.key is not None:
                 self.cache.put(self.key, stats)
 
 

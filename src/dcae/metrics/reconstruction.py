@@ -172,15 +172,25 @@ class Extremes:
         self._worst: list[_Ranked] = []  # min-heap on -PSNR
 
     def add(self, index: int, name: str, psnr: float, real: torch.Tensor, recon: torch.Tensor) -> None:
+        p = psnr if math.isfinite(psnr) else 1e9
+        self._push(self._best, _Ranked(p, -index, name, psnr, real, recon))  # ties: keep the earlier file
+        self._push(self._worst, _Ranked(-p, -index, name, psnr, real, recon))
+
+    def merge(self, other: Extremes) -> Extremes:
+        """Keep the k best and worst of both (another process's share of the images)."""
+        for item in other._best:
+            self._push(self._best, item)
+        for item in other._worst:
+            self._push(self._worst, item)
+        return self
+
+    def _push(self, heap: list[_Ranked], item: _Ranked) -> None:
         if self.k <= 0:
             return
-        p = psnr if math.isfinite(psnr) else 1e9
-        for heap, key in ((self._best, p), (self._worst, -p)):
-            item = _Ranked(key, -index, name, psnr, real, recon)  # ties: keep the earlier file
-            if len(heap) < self.k:
-                heapq.heappush(heap, item)
-            elif item > heap[0]:
-                heapq.heapreplace(heap, item)
+        if len(heap) < self.k:
+            heapq.heappush(heap, item)
+        elif item > heap[0]:
+            heapq.heapreplace(heap, item)
 
     def best(self) -> list[_Ranked]:
         return sorted(self._best, reverse=True)
@@ -238,31 +248,45 @@ def evaluate_reconstruction(
     lpips: nn.Module | None = None,
     inception: nn.Module | None = None,
     reference_stats: GaussianStats | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> EvalResult:
     """Run `model` over `refs` and accumulate every metric. `reference_stats` (real-image Inception
-    statistics of exactly these files and protocol) skip the real-image Inception pass."""
+    statistics of exactly these files and protocol) skip the real-image Inception pass.
+
+    With world > 1 (an initialised torch.distributed group), process `rank` takes every world-th image and
+    every process returns the result of all images: sums are all-reduced, per-image rows, skipped files
+    and extremes gathered back into file order."""
     from tqdm import tqdm
 
     metrics = ReconstructionMetrics(lpips=lpips, inception=inception, real_stats=reference_stats)
     extremes = Extremes(settings.keep_extremes)
-    per_image: list[dict] = []
-    skipped: list[dict] = []
+    mine = list(range(rank, len(refs), world))  # global indices of this process's images
+    local = [refs[i] for i in mine]
+    per_image: list[tuple[int, dict]] = []
+    skipped: list[tuple[int, dict]] = []
     device, dtype = model.device, model.dtype
     ae_time = 0.0
-    bar = tqdm(total=len(refs), desc=model.name, unit="img", disable=not settings.progress, dynamic_ncols=True)
+    show = settings.progress and rank == 0
+    bar = tqdm(total=len(local), desc=model.name, unit="img", disable=not show, dynamic_ncols=True)
     start = time.perf_counter()
-    for batch in iterate_batches(refs, settings.resolution, settings.batch_size, settings.workers):
-        skipped += [{"name": refs[i].name, "error": err} for i, err in batch.errors]
+    for batch in iterate_batches(local, settings.resolution, settings.batch_size, settings.workers):
+        skipped += [(mine[i], {"name": local[i].name, "error": err}) for i, err in batch.errors]
         if batch.indices:
             t0 = time.perf_counter()
             z, recon = _reconstruct(model, batch.images, device, dtype)
             _sync(device)
             ae_time += time.perf_counter() - t0
             values = metrics.update(batch.images, recon, z)
-            _record(batch, refs, values, recon, per_image, extremes)
+            _record(batch, local, mine, values, recon, per_image, extremes)
         bar.update(len(batch.indices) + len(batch.errors))
     bar.close()
     elapsed = time.perf_counter() - start
+    if world > 1:
+        metrics.all_reduce()
+        per_image, skipped, extremes, elapsed, ae_time = _gather(per_image, skipped, extremes, elapsed, ae_time)
+    per_image = [row for _, row in sorted(per_image, key=lambda item: item[0])]
+    skipped = [row for _, row in sorted(skipped, key=lambda item: item[0])]
     if not per_image:
         raise UserError(f"none of the {len(refs)} images could be read; first error: {skipped[0]['error']}")
     summary = _summary(model, metrics, settings, len(per_image), elapsed, ae_time, skipped)
@@ -279,11 +303,30 @@ def _reconstruct(model: LoadedAutoencoder, images_u8: torch.Tensor, device, dtyp
     return z.float(), quantize(y.float().cpu())
 
 
-def _record(batch, refs, values: dict, recon: torch.Tensor, per_image: list, extremes: Extremes) -> None:
+def _record(batch, refs, index, values: dict, recon: torch.Tensor, per_image: list, extremes: Extremes) -> None:
+    """Per-image rows as (global index, row); refs[i] is global image index[i]."""
     for j, i in enumerate(batch.indices):
         row = {"name": refs[i].name, **{k: float(v[j]) for k, v in values.items()}}
-        per_image.append(row)
-        extremes.add(i, refs[i].name, row["psnr"], batch.images[j], recon[j])
+        per_image.append((index[i], row))
+        extremes.add(index[i], refs[i].name, row["psnr"], batch.images[j], recon[j])
+
+
+def _gather(per_image: list, skipped: list, extremes: Extremes, elapsed: float, ae_time: float) -> tuple:
+    """Every process's rows, skipped files and extremes; the slowest process's times (wall clock of the run)."""
+    import torch.distributed as dist
+
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (per_image, skipped, extremes, elapsed, ae_time))
+    merged = Extremes(extremes.k)
+    for part in parts:
+        merged.merge(part[2])
+    return (
+        [row for part in parts for row in part[0]],
+        [row for part in parts for row in part[1]],
+        merged,
+        max(part[3] for part in parts),
+        max(part[4] for part in parts),
+    )
 
 
 def _summary(model, metrics: ReconstructionMetrics, settings, n: int, elapsed: float, ae_time: float, skipped) -> dict:

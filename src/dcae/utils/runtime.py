@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -32,3 +34,14 @@ def make_accelerator(mixed_precision: str = "no", find_unused_parameters: bool =
     ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
     mp = None if mixed_precision == "no" else mixed_precision
     return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
+
+
+def process_group_from_env() -> tuple[int, int, torch.device | None]:
+    """(rank, world size, this process's device) when started by torchrun / `accelerate launch` with more
+    than one process (the process group is set up here); (0, 1, None) otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, None
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return state.process_index, state.num_processes, state.device
