@@ -318,3 +318,23 @@ def test_two_processes_equal_one_process_with_grad_accum(latents, tmp_path):
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
     with pytest.raises(UserError, match="not divisible by the 1 processes x 3 accumulation steps"):
         train(config(latents, tmp_path / "bad", grad_accum=3), progress=False)
+
+
+@pytest.mark.slow
+def test_sample_on_two_processes_equals_one(latents, tmp_path):
+    """`torchrun -m dcae.cli sample`: each process samples every other image; the images are the ones a
+    single process makes (noise is seeded per image index), and one grid and samples.json are written."""
+    from test_train_ddp import _free_port
+
+    train(config(latents, tmp_path / "run", max_steps=2, ckpt_every=2), progress=False)
+    common = ["sample", "--ckpt", str(tmp_path / "run"), "-n", "5", "--steps", "3", "--batch-size", "2"]
+    assert cli([*common, "-o", str(tmp_path / "one")]) == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                "127.0.0.1", "--master_port", str(_free_port()), "-m", "dcae.cli"]  # fmt: skip
+    proc = subprocess.run([*torchrun, *common, "-o", str(tmp_path / "two")], env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("5 samples in") == 1
+    for name in [f"images/{i:06d}.png" for i in range(5)] + ["grid.png"]:
+        a, b = (np.asarray(Image.open(tmp_path / d / name)) for d in ("one", "two"))
+        assert np.array_equal(a, b), name
+    assert json.loads((tmp_path / "two" / "samples.json").read_text())["labels"] == [0, 1, 0, 1, 0]

@@ -123,9 +123,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from dcae.diffusion.trainer import load_checkpoint
     from dcae.errors import UserError
     from dcae.utils.io import atomic_write_json
-    from dcae.utils.runtime import resolve_device
+    from dcae.utils.runtime import process_group_from_env, resolve_device
 
-    device = resolve_device(args.device)
+    # Under torchrun / `accelerate launch` each process samples every n-th missing image on its own GPU.
+    rank, world, local_device = process_group_from_env()
+    device = local_device if local_device is not None and args.device == "auto" else resolve_device(args.device)
     model, process, meta = load_checkpoint(args.ckpt, use_ema=not args.no_ema, device=device)
     lat = meta["latents"] or {}
     num_classes = int(meta["model_args"]["num_classes"])
@@ -147,10 +149,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = Path(args.output)
     paths = [out / "images" / f"{i:06d}.png" for i in range(args.n)]
     todo = [i for i in range(args.n) if args.overwrite or not paths[i].exists()]  # reruns resume
+    todo = todo[rank::world]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=args.n, initial=args.n - len(todo), unit="img", desc="sampling", disable=args.n < 2)
+    bar = tqdm(total=len(todo), unit="img", desc="sampling", disable=args.n < 2 or rank != 0)
     for start in range(0, len(todo), args.batch_size):
         idx = todo[start : start + args.batch_size]
         # Noise per sample index, so that any batch size (and any resumed run) gives the same image i.
@@ -170,7 +173,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                 cfg_scale=args.cfg,
                 guidance_interval=(lo, hi),
                 eta=args.eta,
-                generator=torch.Generator(device).manual_seed(args.seed + start),
+                generator=torch.Generator(device).manual_seed(args.seed * 1_000_003 + idx[0]),
             )
         if not torch.isfinite(z).all():
             from dcae.errors import NonFiniteError
@@ -182,6 +185,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
             save_image(img, paths[i])
         bar.update(len(idx))
     bar.close()
+    if world > 1:
+        torch.distributed.barrier()  # every image is written before the first process reads them
+    if rank != 0:
+        return 0
 
     k = min(args.n, args.grid)
     if k:
@@ -263,7 +270,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(func=cmd_train)
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
-    p = sub.add_parser("sample", help="sample images from a diffusion checkpoint (grid + single images, gFID)")
+    p = sub.add_parser(
+        "sample",
+        help="sample images from a diffusion checkpoint (grid + single images, gFID)",
+        description="Samples images/000000.png ... (reruns fill in missing ones). Several GPUs: torchrun "
+        "--nproc_per_node N -m dcae.cli sample ... (each process takes every N-th image; the first writes "
+        "the grid, samples.json and gFID).",
+    )
     p.add_argument("--ckpt", required=True, help="checkpoint .pt or a training run folder (uses the latest)")
     p.add_argument("-o", "--output", required=True, help="output folder: images/, grid.png, samples.json")
     p.add_argument("-n", type=int, default=8, help="number of samples (default 8)")
