@@ -187,6 +187,18 @@ def test_input_errors(tmp_path):
         ae, tmp_path / "data", tmp_path / "o2", resolution=32, overwrite=True, num_workers=0, progress=False
     )
     assert LatentDataset(tmp_path / "o2").latent_shape == (8, 8, 8)
+    # A shard of another plan with the right count is never taken as done (a process of a multi-GPU run
+    # could otherwise keep it): the shard of the first run, put back, is recomputed.
+    (tmp_path / "o5").mkdir()
+    extract_latents(ae, tmp_path / "data", tmp_path / "o5", **{**kw, "resolution": 16})
+    stale = (tmp_path / "o5" / "shard-00000.safetensors").read_bytes()
+    extract_latents(ae, tmp_path / "data", tmp_path / "o5", overwrite=True, **{**kw, "resolution": 32})
+    index = json.loads((tmp_path / "o5" / "index.json").read_text())
+    (tmp_path / "o5" / "shard-00000.safetensors").write_bytes(stale)
+    index["complete"] = False
+    (tmp_path / "o5" / "index.json").write_text(json.dumps(index))
+    extract_latents(ae, tmp_path / "data", tmp_path / "o5", **{**kw, "resolution": 32})
+    assert LatentDataset(tmp_path / "o5")[0][0].shape == (8, 8, 8)
     with pytest.raises(UserError, match="not a latent folder"):
         LatentDataset(tmp_path / "data")
 
@@ -281,3 +293,25 @@ def test_real_imagenet_photos(tmp_path):
     assert index["class_names"][0] == "tench"
     z, y = LatentDataset(tmp_path / "lat")[0]
     assert z.shape == (8, 16, 16) and torch.isfinite(z).all() and int(y) == 0
+
+
+@pytest.mark.slow
+def test_cli_latents_on_two_processes_equals_one(tmp_path, ae_dir):
+    """`torchrun -m dcae.cli latents`: each process writes every other shard; the folder equals a
+    1-process run's (same latents, labels and index), and is marked complete once."""
+    from test_train_ddp import _free_port
+
+    write_images(tmp_path / "data", [f"{c}/{i}.png" for c in ("x", "y") for i in range(5)])
+    common = ["latents", "--model", str(ae_dir), "--data", str(tmp_path / "data"), "--resolution", "16",
+              "--workers", "0", "--shard-size", "3", "--flip"]  # fmt: skip
+    assert cli([*common, "-o", str(tmp_path / "one")]) == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                "127.0.0.1", "--master_port", str(_free_port()), "-m", "dcae.cli"]  # fmt: skip
+    proc = subprocess.run([*torchrun, *common, "-o", str(tmp_path / "two")], env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("10 images -> 4 shards") == 1 and "complete" in proc.stdout
+    one, two = LatentDataset(tmp_path / "one", use_flip=False), LatentDataset(tmp_path / "two", use_flip=False)
+    assert len(one) == len(two) == 10
+    for i in range(10):
+        assert torch.equal(one[i][0], two[i][0]) and one[i][1] == two[i][1]
+    assert read_index(tmp_path / "two")["latent_rms"] == pytest.approx(read_index(tmp_path / "one")["latent_rms"])

@@ -19,13 +19,14 @@ def _load_autoencoder(source: str):
 
 # ----------------------------------------------------------------------------- dcae latents
 def cmd_latents(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
+    import torch
 
-    from dcae.diffusion.latents import extract_latents
-    from dcae.utils.runtime import resolve_device, resolve_dtype
+    from dcae.diffusion.latents import extract_latents, finalize_latents
+    from dcae.utils.runtime import process_group_from_env, resolve_device, resolve_dtype
 
-    state = PartialState()  # one process, or one per GPU under `accelerate launch` / torchrun
-    device = state.device if args.device == "auto" else resolve_device(args.device)
+    # One process, or one per GPU under `accelerate launch` / torchrun: each writes every n-th shard.
+    rank, world, local_device = process_group_from_env()
+    device = local_device if local_device is not None and args.device == "auto" else resolve_device(args.device)
     index = extract_latents(
         _load_autoencoder(args.model),
         args.data,
@@ -41,31 +42,29 @@ def cmd_latents(args: argparse.Namespace) -> int:
         device=device,
         dtype=resolve_dtype(args.dtype),
         overwrite=args.overwrite,
-        rank=state.process_index,
-        world_size=state.num_processes,
+        rank=rank,
+        world_size=world,
     )
-    if state.num_processes > 1:
-        from dcae.diffusion.latents import finalize_latents
+    if world > 1:
+        torch.distributed.barrier()  # every shard is on disk before the first process checks them
+        if rank != 0:
+            return 0
+        index = finalize_latents(args.output)
+    classes = f"{index['num_classes']} classes ({index['label_source']})" if index["num_classes"] else "no labels"
+    status = "complete" if index["complete"] else "INCOMPLETE (rerun to finish)"
+    print(
+        f"{index['num_images']} images -> {len(index['shards'])} shards of latents {index['latent_shape']} "
+        f"x scaling {index['scaling_factor']:.4g}, {classes}, {status}: {args.output}"
+    )
+    rms = index.get("latent_rms")
+    if rms is not None and not 0.5 < rms < 2.0:
+        import sys
 
-        state.wait_for_everyone()
-        if state.is_main_process:
-            index = finalize_latents(args.output)
-    if state.is_main_process:
-        classes = f"{index['num_classes']} classes ({index['label_source']})" if index["num_classes"] else "no labels"
-        status = "complete" if index["complete"] else "INCOMPLETE (rerun to finish)"
         print(
-            f"{index['num_images']} images -> {len(index['shards'])} shards of latents {index['latent_shape']} "
-            f"x scaling {index['scaling_factor']:.4g}, {classes}, {status}: {args.output}"
+            f"dcae: warning: the scaled latents have RMS {rms:.3g}, far from 1: this autoencoder's scaling "
+            f"factor does not suit its latents (about {index['scaling_factor'] / rms:.4g} would)",
+            file=sys.stderr,
         )
-        rms = index.get("latent_rms")
-        if rms is not None and not 0.5 < rms < 2.0:
-            import sys
-
-            print(
-                f"dcae: warning: the scaled latents have RMS {rms:.3g}, far from 1: this autoencoder's scaling "
-                f"factor does not suit its latents (about {index['scaling_factor'] / rms:.4g} would)",
-                file=sys.stderr,
-            )
     return 0
 
 

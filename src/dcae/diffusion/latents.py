@@ -131,14 +131,17 @@ def _plan_fingerprint(model: str, resolution: int, flip: bool, shard_size: int, 
     return h.hexdigest()[:16]
 
 
-def shard_is_complete(path: Path, count: int, flip: bool) -> bool:
-    """A shard counts as done when it opens and holds `count` latents (and flipped ones when asked)."""
+def shard_is_complete(path: Path, count: int, flip: bool, fingerprint: str) -> bool:
+    """A shard counts as done when it opens, was written for this plan (`fingerprint`: model, resolution,
+    flip, shard size, image list) and holds `count` latents (and flipped ones when asked)."""
     if not path.exists():
         return False
     try:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("fingerprint") != fingerprint:
+                return False  # from another run: recompute it
             keys = set(f.keys())
             ok = "latents" in keys and f.get_slice("latents").get_shape()[0] == count
             return ok and (not flip or "latents_flip" in keys)
@@ -231,12 +234,15 @@ def extract_latents(
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / FILES_NAME, "\n".join(rel_paths) + "\n")
         atomic_write_json(index_path, index)
+    if world_size > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # no process writes a shard before the first one has cleared old ones
 
     mine = [k for k in range(n_shards) if k % world_size == rank]
-    todo = [k for k in mine if not shard_is_complete(out / shard_name(k), index["shards"][k]["count"], flip)]
-    done_images = sum(index["shards"][k]["count"] for k in mine if k not in todo)
+    counts = [s["count"] for s in index["shards"]]
+    todo = [k for k in mine if not shard_is_complete(out / shard_name(k), counts[k], flip, fingerprint)]
+    done_images = sum(counts[k] for k in mine if k not in todo)
     bar = tqdm(
-        total=sum(index["shards"][k]["count"] for k in mine),
+        total=sum(counts[k] for k in mine),
         initial=done_images,
         unit="img",
         desc=f"latents {out.name}",
@@ -278,7 +284,8 @@ def extract_latents(
             tensors["labels"] = torch.tensor(labels.labels[lo:hi], dtype=torch.int64)
         z = tensors["latents"].double()
         stats = {"sumsq": repr(float(z.square().sum())), "numel": str(z.numel())}
-        atomic_save_safetensors(tensors, out / shard_name(k), metadata={"model": model_name, "first": str(lo), **stats})
+        meta = {"model": model_name, "fingerprint": fingerprint, "first": str(lo), **stats}
+        atomic_save_safetensors(tensors, out / shard_name(k), metadata=meta)
     bar.close()
 
     # With several processes, the caller finalizes after all of them are done (see `finalize_latents`).
@@ -289,7 +296,8 @@ def finalize_latents(out: str | os.PathLike) -> dict:
     """Mark the folder complete (and record the latent RMS) when every shard of the plan is on disk."""
     out = Path(out)
     index = json.loads((out / INDEX_NAME).read_text())
-    if all(shard_is_complete(out / s["file"], s["count"], index["flip"]) for s in index["shards"]):
+    flip, fingerprint = index["flip"], index["fingerprint"]
+    if all(shard_is_complete(out / s["file"], s["count"], flip, fingerprint) for s in index["shards"]):
         index["complete"] = True
         index["latent_rms"] = latent_rms(out, index)
         atomic_write_json(out / INDEX_NAME, index)
