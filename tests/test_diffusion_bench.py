@@ -40,3 +40,45 @@ def test_bench_cli_records_and_ratios(tmp_path, capsys):
     assert f64["fwd_gflops_per_img"] < f8["fwd_gflops_per_img"] / 8
     assert f64["infer_img_s"] > f8["infer_img_s"]
     assert "| DiT-S" in capsys.readouterr().out
+
+
+def test_whole_image_generation_adds_the_decode():
+    """generate = 2N network evaluations (CFG) + one decode to 512 px, per image; here with narrow
+    autoencoders of the three compression factors (the defaults are the full-size diffusers models)."""
+    import pytest
+    import torch
+    from diffusers import AutoencoderKL
+
+    from dcae.bench import _diffusers_twin
+    from dcae.diffusion.bench import SETTINGS, run_bench
+    from dcae.models import DCAE, DCAEConfig
+
+    def narrow_dcae(stages: int, latent: int):
+        # the last widths grow 4x per stage, as the residual (pixel-unshuffle) shortcuts need
+        widths, depths = ((8,) * 5 + (32, 128))[:stages], (0,) + (1,) * (stages - 1)
+        cfg = DCAEConfig(name=f"narrow-{stages}", latent_channels=latent, encoder_widths=widths,
+                         encoder_depths=depths, encoder_block_types=("ResBlock",) * stages, decoder_widths=widths,
+                         decoder_depths=depths, decoder_block_types=("ResBlock",) * stages,
+                         decoder_norms=("bn2d",) * stages, decoder_acts=("relu",) * stages)  # fmt: skip
+        return _diffusers_twin(DCAE.from_config(cfg))
+
+    autoencoders = {
+        "sd-vae-f8-p2": lambda: AutoencoderKL(
+            block_out_channels=(8,) * 4,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=4,
+        ),  # fmt: skip
+        "dc-ae-f32-p1": lambda: narrow_dcae(6, 32),
+        "dc-ae-f64-p1": lambda: narrow_dcae(7, 128),
+    }
+    records = run_bench(["DiT-S"], 1, torch.device("cpu"), torch.float32, warmup=0, steps=1, overrides={"depth": 1},
+                        log=lambda *a: None, generate_steps=3, autoencoders=autoencoders)  # fmt: skip
+    assert [r["setting"] for r in records] == [s.name for s in SETTINGS]
+    for r in records:
+        per_image = 2 * 3 / r["infer_img_s"] + 1 / r["decode_img_s"]
+        assert r["generate_img_s"] == pytest.approx(1 / per_image, rel=1e-2)
+        assert 0 < r["decode_share"] < 1 and r["generate_steps"] == 3
+    assert records[0]["generate_ratio_vs_f8"] == 1.0

@@ -3,7 +3,10 @@
 For 512 px images: SD-VAE-f8 latents 4x64x64 with patch 2 (1024 tokens), DC-AE-f32 32x16x16 with patch 1
 (256 tokens), DC-AE-f64 128x8x8 with patch 1 (64 tokens). The transformer is the same in all three; only
 its patch embedding and output layer change with the latent shape. Training = forward + flow-matching loss
-+ backward + AdamW step; inference = one network evaluation (multiply by steps x 2 for CFG sampling).
++ backward + AdamW step; inference = one network evaluation. With `generate_steps` N, also the whole
+generation of an image: 2N network evaluations (classifier-free guidance) plus the autoencoder's decode of
+the latent to 512 px, each autoencoder as diffusers implements it (AutoencoderKL for SD-VAE, AutoencoderDC
+for DC-AE; random weights, same framework for all three), so the ratio shows what the user sees.
 """
 
 from __future__ import annotations
@@ -35,6 +38,41 @@ SETTINGS = (
     Setting("dc-ae-f32-p1", 32, 16, 1),
     Setting("dc-ae-f64-p1", 128, 8, 1),
 )
+
+
+def sd_vae():
+    """diffusers AutoencoderKL with Stable Diffusion's f8c4 architecture (random weights: for timing)."""
+    from diffusers import AutoencoderKL
+
+    blocks = (128, 256, 512, 512)
+    return AutoencoderKL(block_out_channels=blocks, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2)  # fmt: skip
+
+
+def dc_ae(name: str):
+    """diffusers AutoencoderDC of a zoo configuration (random weights: for timing)."""
+    from dcae.bench import _diffusers_twin
+    from dcae.models import DCAE
+
+    return _diffusers_twin(DCAE.from_config(name))
+
+
+# The autoencoder whose latents each setting models (its decoder runs once per generated image).
+AUTOENCODERS = {
+    "sd-vae-f8-p2": sd_vae,
+    "dc-ae-f32-p1": lambda: dc_ae("dc-ae-f32c32-in-1.0"),
+    "dc-ae-f64-p1": lambda: dc_ae("dc-ae-f64c128-in-1.0"),
+}
+
+
+def decode_img_s(build, setting: Setting, batch: int, device, dtype, warmup: int, steps: int) -> float:
+    """Images per second of the autoencoder's decode of this setting's latents."""
+    torch.manual_seed(0)
+    ae = build().to(device, dtype).eval()
+    z = torch.randn(batch, setting.channels, setting.size, setting.size, device=device, dtype=dtype)
+    with torch.inference_mode():
+        seconds = _timed(lambda: ae.decode(z), device, warmup, steps)
+    return batch / seconds
 
 
 def _sync(device: torch.device) -> None:
@@ -151,34 +189,60 @@ def run_bench(
     overrides: dict | None = None,
     settings: tuple[Setting, ...] = SETTINGS,
     log=print,
+    generate_steps: int = 0,
+    autoencoders: dict | None = None,
 ) -> list[dict]:
-    """All settings for every model, each with its throughput ratio against the first (SD-VAE-f8) setting."""
+    """All settings for every model, each with its throughput ratio against the first (SD-VAE-f8) setting.
+    generate_steps > 0 adds whole-image generation: that many CFG sampling steps plus the decode."""
     records = []
+    decode = {}
+    if generate_steps:  # one decode measurement per autoencoder, shared by all transformer models
+        for s in settings:
+            decode[s.name] = decode_img_s((autoencoders or AUTOENCODERS)[s.name], s, batch, device, dtype,
+                                          warmup, steps)  # fmt: skip
+            log(f"  decode {s.name:<14} {decode[s.name]:.3f} img/s")
+    kinds = ("train", "infer", "generate") if generate_steps else ("train", "infer")
     for name in models:
         rows = []
         for s in settings:
             r = bench_one(name, s, batch, device, dtype, compile, warmup, steps, overrides)
+            if generate_steps and r["infer_img_s"]:
+                per_image = 2 * generate_steps / r["infer_img_s"] + 1 / decode[s.name]
+                r.update(generate_steps=generate_steps, decode_img_s=round(decode[s.name], 3),
+                         generate_img_s=round(1 / per_image, 4),
+                         decode_share=round(1 / decode[s.name] / per_image, 3))  # fmt: skip
             rows.append(r)
             log(f"  {r['model']:<10} {s.name:<14} train {r['train_img_s']} img/s, infer {r['infer_img_s']} img/s")
         base = rows[0]
         for r in rows:
-            for k in ("train", "infer"):
-                a, b = r[f"{k}_img_s"], base[f"{k}_img_s"]
+            for k in kinds:
+                a, b = r.get(f"{k}_img_s"), base.get(f"{k}_img_s")
                 r[f"{k}_ratio_vs_f8"] = round(a / b, 2) if a and b else None
         records += rows
     return records
 
 
 def format_table(records: list[dict]) -> str:
-    lines = [
-        "| model | setting | tokens | batch | GFLOP/img | train img/s | x f8 | infer img/s | x f8 |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    generate = any("generate_img_s" in r for r in records)
+    head = "| model | setting | tokens | batch | GFLOP/img | train img/s | x f8 | infer img/s | x f8 |"
+    if generate:
+        head += " decode img/s | generate img/s | x f8 | decode share |"
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in records:
-        lines.append(
+        line = (
             f"| {r['model']} | {r['setting']} | {r['tokens']} | {r['batch']} | {r['fwd_gflops_per_img']} | "
             f"{r['train_img_s']} | {r['train_ratio_vs_f8']} | {r['infer_img_s']} | {r['infer_ratio_vs_f8']} |"
         )
+        if generate:
+            line += (
+                f" {r.get('decode_img_s')} | {r.get('generate_img_s')} | {r.get('generate_ratio_vs_f8')} |"
+                f" {r.get('decode_share')} |"
+            )
+        lines.append(line)
+    if generate:
+        steps = next(r["generate_steps"] for r in records if "generate_steps" in r)
+        lines.append(f"\ngenerate = {steps} sampling steps with classifier-free guidance (2 evaluations each) "
+                     "+ one decode to 512 px (diffusers AutoencoderKL / AutoencoderDC)")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -207,6 +271,7 @@ def main_from_args(args) -> int:
         warmup=args.warmup if args.warmup is not None else (3 if gpu else 1),
         steps=args.steps or (10 if gpu else 3),
         overrides=overrides,
+        generate_steps=args.generate_steps,
     )
     print(format_table(records))
     if args.json:

@@ -312,6 +312,13 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="timed steps, median reported (default 3 CPU, 10 GPU)")
     p.add_argument("--depth", type=int, help="override the depth of the named model (smaller CPU runs)")
     p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    p.add_argument(
+        "--generate-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also whole-image generation: N CFG sampling steps + the autoencoder's 512 px decode",
+    )
     p.add_argument("--json", help="write the records to this JSON file")
 
 
