@@ -43,7 +43,9 @@ SETTINGS = (
 def sd_vae():
     """diffusers AutoencoderKL with Stable Diffusion's f8c4 architecture (random weights: for timing)."""
     from diffusers import AutoencoderKL
+    from diffusers.utils import logging as diffusers_logging
 
+    diffusers_logging.set_verbosity_error()  # a cast warning about an empty list of fp32 modules
     blocks = (128, 256, 512, 512)
     return AutoencoderKL(block_out_channels=blocks, down_block_types=("DownEncoderBlock2D",) * 4,
                          up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2)  # fmt: skip
