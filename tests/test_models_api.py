@@ -88,6 +88,25 @@ def test_structured_latent_of_dc_ae_1_5() -> None:
         assert m.decode(first).shape == (1, 3, 64, 64)
     with pytest.raises(ValueError, match="sliceable"):
         DCAE.from_config(narrow("dc-ae-f32c32-in-1.0")).encode(x, latent_channels=2)
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"latent_channels must be 1\.\.16"):
+        m.encode(x, latent_channels=17)
+
+
+def test_structured_latent_fast_path_and_exact_tiling() -> None:
+    """Sliced DC-AE 1.5 latents take the fast path and exact tiling too: the first k channels of the
+    full latent, equal to the eager sliced encode."""
+    torch.manual_seed(0)
+    m = DCAE.from_config(narrow("dc-ae-1.5-f32c128")).eval()
+    x = torch.rand(2, 3, 128, 96) * 2 - 1
+    with torch.no_grad():  # autograd on: the eager modules
+        eager = m.encode(x, latent_channels=6)
+    with torch.inference_mode():
+        fast = m.encode(x, latent_channels=6)
+        m.enable_tiling(tile_size=64)
+        tiled = m.encode(x, latent_channels=6)
+    assert fast.shape == tiled.shape == (2, 6, 4, 3)
+    torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(tiled, eager, rtol=1e-4, atol=1e-5)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(model) -> None:

@@ -122,12 +122,19 @@ class Encoder(_Coder):
         for stage in self.stages:
             x = self._run(stage, x)
         if latent_channels is not None:
-            if not isinstance(self.project_out, OpSequential) or not isinstance(
-                self.project_out.op_list[0], SliceableOutputConv
-            ):
-                raise ValueError("latent_channels needs a model with a channel-sliceable latent (DC-AE 1.5)")
-            return self.project_out.op_list[0](x, out_channels=latent_channels)
+            return self.sliceable_out(latent_channels)(x, out_channels=latent_channels)
         return self.project_out(x)
+
+    def sliceable_out(self, latent_channels: int) -> SliceableOutputConv:
+        """The output conv of a structured latent (DC-AE 1.5), of which the first `latent_channels` outputs
+        form a latent on their own; a clear error for other models. The full output sliced to those
+        channels is the same latent (the conv's output channels are independent)."""
+        head = self.project_out.op_list[0] if isinstance(self.project_out, OpSequential) else None
+        if not isinstance(head, SliceableOutputConv):
+            raise ValueError("latent_channels needs a model with a channel-sliceable latent (DC-AE 1.5)")
+        if not 1 <= latent_channels <= head.conv.out_channels:
+            raise ValueError(f"latent_channels must be 1..{head.conv.out_channels}, got {latent_channels}")
+        return head
 
 
 class Decoder(_Coder):
