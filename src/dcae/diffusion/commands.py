@@ -124,7 +124,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from dcae.utils.io import atomic_write_json
     from dcae.utils.runtime import process_group_from_env, resolve_device
 
-    # Under torchrun / `accelerate launch` each process samples every n-th missing image on its own GPU.
+    # Under torchrun / `accelerate launch` process r samples the missing images i with i % n == r, on its own GPU.
     rank, world, local_device = process_group_from_env()
     device = local_device if local_device is not None and args.device == "auto" else resolve_device(args.device)
     model, process, meta = load_checkpoint(args.ckpt, use_ema=not args.no_ema, device=device)
@@ -147,8 +147,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     out = Path(args.output)
     paths = [out / "images" / f"{i:06d}.png" for i in range(args.n)]
-    todo = [i for i in range(args.n) if args.overwrite or not paths[i].exists()]  # reruns resume
-    todo = todo[rank::world]
+    # Image i belongs to process i % world (fixed by the index, not by what exists when a process looks:
+    # the others may already be writing); reruns resume with the images that are missing.
+    todo = [i for i in range(args.n) if i % world == rank and (args.overwrite or not paths[i].exists())]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     from tqdm.auto import tqdm
 
