@@ -178,7 +178,7 @@ def run_eval(args: argparse.Namespace) -> int:
     settings = EvalSettings(
         args.resolution, args.batch_size, args.workers, args.fid_method, args.extremes, not args.no_progress
     )
-    reference = _Reference(_cache(args), refs, args.data, args.resolution, inception)
+    reference = _Reference(_cache(args), refs, args.data, args.resolution, inception, main=rank == 0)
     entries, results = [], []
     for spec in args.model:
         model = load_autoencoder(spec, device, dtype)
@@ -188,7 +188,7 @@ def run_eval(args: argparse.Namespace) -> int:
                 model, refs, settings, lpips=lpips, inception=inception, reference_stats=reference.stats,
                 rank=rank, world=world,
             )  # fmt: skip
-        reference.remember(result.reference_stats, write=rank == 0)
+        reference.remember(result.reference_stats)
         del model
         results.append(result)
         entries.append(_entry(result))
@@ -203,20 +203,21 @@ def run_eval(args: argparse.Namespace) -> int:
 
 class _Reference:
     """Real-image Inception statistics shared by every model of a run: read from the cache, or taken
-    from the first model's pass (and then cached)."""
+    from the first model's pass (and then cached). Of several processes, only the `main` one reports and
+    writes the cache."""
 
-    def __init__(self, cache, refs, sources, resolution: int, inception) -> None:
+    def __init__(self, cache, refs, sources, resolution: int, inception, main: bool = True) -> None:
         from dcae.metrics.reconstruction import cached_reference_stats
 
-        self.cache = cache
+        self.cache, self.main = cache, main
         self.key, self.stats = cached_reference_stats(cache, refs, sources, resolution, inception)
-        if self.stats is not None:
+        if self.stats is not None and main:
             print(f"dcae: using cached reference statistics {cache.path(self.key)}", file=sys.stderr)
 
-    def remember(self, stats, write: bool = True) -> None:
+    def remember(self, stats) -> None:
         if self.stats is None and stats is not None:
             self.stats = stats
-            if write and self.cache is not None and self.key is not None:
+            if self.main and self.cache is not None and self.key is not None:
                 self.cache.put(self.key, stats)
 
 
