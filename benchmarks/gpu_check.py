@@ -16,11 +16,13 @@ run still leaves its results: every section appends to the JSON as soon as it fi
    bf16 matmul peak, each model's conv/matmul FLOPs per image, the fraction of the peak that dcae and
    diffusers reach at 512 px batch 16, and the top operators of one profiled decode and encode;
 5. the compiled variants at 512 and 1024 while the budget lasts (compiling costs ~20-40 s per module
-   and shape); then sana-1.0 eager if time remains.
+   and shape); then sana-1.0 eager if time remains;
+6. if the budget still allows: which fast-path switches pay (cuDNN autotuning, Triton, channels-last,
+   BN folding, channels-last weights, CUDA graphs), the data for choosing the defaults.
 
-Expected time on one H100/H200: ~1.5 min of correctness, ~1 min of eager benchmark, ~1 min of profile,
-~4 min of compiled benchmark: about 8 minutes; --budget-s stops starting new benchmark configurations after that many
-seconds. Output: benchmarks/results/gpu_check_<device>_<date>.json (everything) and
+Expected time on one H100/H200: ~1.5 min of correctness, ~1 min of eager benchmark, ~1.5 min of profile
+and variants, ~4 min of compiled benchmark: about 8.5 minutes; --budget-s stops starting new benchmark
+configurations after that many seconds. Output: benchmarks/results/gpu_check_<device>_<date>.json (everything) and
 ae_gpu_<device>_<date>.json/.md (benchmark records, same schema as `dcae bench ae`).
 
 diffusers is needed for the comparisons; without it those parts are skipped (and say so). On a machine
@@ -329,6 +331,51 @@ def profile_models() -> dict:
     return out
 
 
+def variants() -> dict:
+    """Which fast-path switches pay on this chip: f32c32-in and sana-1.0, 512 px, batch 16, bf16, img/s of
+    encode and decode for the default and each variant (the data for choosing the defaults)."""
+    res, batch = Ctx.px(512), 16
+    out: dict = {}
+    for name in ("dc-ae-f32c32-in-1.0", "dc-ae-f32c32-sana-1.0"):
+        torch.manual_seed(0)
+        model = DCAE.from_config(Ctx.model(name)).eval().to(Ctx.dev, torch.bfloat16)
+        x = torch.rand(batch, 3, res, res, device=Ctx.dev, dtype=torch.bfloat16) * 2 - 1
+        with torch.inference_mode():
+            z = model.encode(x)
+        setups = {
+            "default": {},
+            "cudnn_benchmark": {"cudnn_benchmark": True},
+            "no_triton": {"triton": False},
+            "no_channels_last": {"channels_last": False},
+            "no_fold_bn": {"fold_bn": False},
+        }
+        entry: dict = {}
+        for label, options in setups.items():
+            model.enable_fast_path(**options)
+            entry[label] = _enc_dec_img_s(model.encode, model.decode, x, z, batch)
+        model.enable_fast_path()
+        model.to(memory_format=torch.channels_last)  # weights stored channels-last too
+        entry["channels_last_weights"] = _enc_dec_img_s(model.encode, model.decode, x, z, batch)
+        if Ctx.dev == "cuda":
+            graphed = fast.GraphedDCAE(model)
+            entry["cuda_graphs"] = _enc_dec_img_s(graphed.encode, graphed.decode, x, z, batch)
+        out[name] = entry
+        del model
+        empty_cache()
+    return out
+
+
+def _enc_dec_img_s(encode, decode, x, z, batch: int) -> dict:
+    result = {}
+    with torch.inference_mode():
+        for what, fn, arg in (("enc", encode, x), ("dec", decode, z)):
+            fn(arg)
+            fn(arg)
+            times = sorted(B._timed(lambda f=fn, a=arg: f(a), Ctx.dev) for _ in range(5))
+            result[f"{what}_img_s"] = round(batch / times[2], 1)
+    return result
+
+
 def bench_plan() -> list[tuple]:
     """(model, resolutions, batches, impls) entries; the first is the eager f32c32-in table."""
     res = [Ctx.px(r) for r in B.GPU_RES]
@@ -394,6 +441,10 @@ def main() -> int:
     bench(report, plan[:1], records, path, args.budget_s)
     report.guarded("profile", profile_models)
     bench(report, plan[1:], records, path, args.budget_s)
+    if time.time() - T0 < args.budget_s:  # the least urgent part: it informs the next defaults
+        report.guarded("fast_path_variants", variants)
+    else:
+        report.add("fast_path_variants", "skipped: time budget reached")
     print(f"done in {time.time() - T0:.0f} s; results in {args.out}")
     return 0
 

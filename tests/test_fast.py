@@ -267,3 +267,18 @@ def test_fast_path_with_triton_kernels_matches_eager(monkeypatch: pytest.MonkeyP
     randomize_norms(model)
     z0, y0, z1, y1 = eager_and_fast(model, images(128, 96).to(device), band_elements=1 << 14)
     assert rel_err(z1, z0) < 1e-5 and rel_err(y1, y0) < 1e-5
+
+
+def test_cudnn_autotune_touches_only_the_benchmark_flag_and_restores_it() -> None:
+    from dcae.models.fast import _cudnn_autotune
+
+    cudnn = torch.backends.cudnn
+    before = (cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32)
+    with _cudnn_autotune(True):
+        assert cudnn.benchmark and (cudnn.deterministic, cudnn.allow_tf32) == before[1:]
+    assert (cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32) == before
+    with pytest.raises(RuntimeError), _cudnn_autotune(True):
+        raise RuntimeError("a failing call")
+    assert cudnn.benchmark == before[0]
+    with _cudnn_autotune(False):
+        assert cudnn.benchmark == before[0]

@@ -20,6 +20,7 @@ and the weight caches here would only add guards.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 import weakref
@@ -57,6 +58,10 @@ class FastOptions:
     fold_bn: bool = True  # eval-mode BatchNorm folded into the conv before it
     channels_last: bool = True
     triton: bool = True  # CUDA only, when Triton imports
+    # CUDA only: let cuDNN time its conv algorithms for each new shape (the first call of a shape is slower)
+    # for the fast path's convs alone; the global torch.backends.cudnn.benchmark setting is left as it is.
+    # Off until measured on a GPU (benchmarks/gpu_check.py compares both).
+    cudnn_benchmark: bool = False
     # Winograd pays off above these sizes (measured on AVX-512: below them oneDNN's direct conv wins).
     winograd_min_channels: int = 64
     winograd_min_tiles: int = 64
@@ -65,6 +70,20 @@ class FastOptions:
     band_elements: int = 1 << 26
     # fp16 only: top-level units ("decoder.stages.1", ...) to run in fp32; see `fp16_overflow_scan`.
     fp32_units: tuple[str, ...] = ()
+
+
+@contextlib.contextmanager
+def _cudnn_autotune(enabled: bool):
+    """torch.backends.cudnn.benchmark on for the enclosed convs only; every other cuDNN setting untouched."""
+    if not enabled:
+        yield
+        return
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
 
 
 def encoder_units(encoder: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -146,15 +165,16 @@ class FastPath:
         with every unit in fp32, with a warning: correct output first, speed second.
         """
         dtype = x.dtype
-        out = self._run_units_once(units, x, self.options.fp32_units)
-        capturing = out.is_cuda and torch.cuda.is_current_stream_capturing()  # no host sync inside a graph
-        if dtype == torch.float16 and not capturing and not torch.isfinite(out).all():
-            warnings.warn(
-                "fp16 activations overflowed; recomputed in fp32. Use bf16, or pass fp32_units from "
-                "dcae.models.fast.fp16_overflow_scan to enable_fast_path.",
-                stacklevel=4,
-            )
-            out = self._run_units_once(units, x, tuple(name for name, _ in units)).to(dtype)
+        with _cudnn_autotune(self.options.cudnn_benchmark and x.is_cuda):
+            out = self._run_units_once(units, x, self.options.fp32_units)
+            capturing = out.is_cuda and torch.cuda.is_current_stream_capturing()  # no host sync inside a graph
+            if dtype == torch.float16 and not capturing and not torch.isfinite(out).all():
+                warnings.warn(
+                    "fp16 activations overflowed; recomputed in fp32. Use bf16, or pass fp32_units from "
+                    "dcae.models.fast.fp16_overflow_scan to enable_fast_path.",
+                    stacklevel=4,
+                )
+                out = self._run_units_once(units, x, tuple(name for name, _ in units)).to(dtype)
         return out
 
     def _run_units_once(self, units: list[tuple[str, nn.Module]], x: torch.Tensor, fp32_units) -> torch.Tensor:
