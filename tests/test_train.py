@@ -347,3 +347,33 @@ def test_finetune_from_init_via_cli(three_phase_run, tmp_path):
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert not (out / "phase2").exists()
+
+
+def test_structured_latent_training_uses_only_the_drawn_channels(tmp_path):
+    """model.latent_channel_choices (DC-AE 1.5): with k always 2, only the first 2 output channels of the
+    encoder's last conv and the first 2 input channels of the decoder's first conv learn; the rest of
+    those weights stays exactly at its initial value (no weight decay, no EMA here)."""
+    from dcae.train.trainer import build_model, train
+
+    photos = write_photos(tmp_path / "photos", n=4)
+    cfg = tiny_config(tmp_path / "run", [str(photos)], ema_decay=0.0)
+    cfg["model"]["config"].update(encoder_out_shortcut=False, encoder_sliceable_out=True,
+                                  decoder_in_shortcut=False, decoder_sliceable_in=True)  # fmt: skip
+    cfg["model"]["latent_channel_choices"] = [2]
+    cfg["phase1"]["optim"] = {"weight_decay": 0.0}
+    config = load_config(cfg)
+    state.seed_everything(config.seed)
+    initial = build_model(config).state_dict()
+    train(config, phases=[1])
+    after = _checkpoint_model(tmp_path / "run", 1)
+    enc, dec = "encoder.project_out.op_list.0.conv.weight", "decoder.project_in.conv.weight"
+    assert torch.equal(after[enc][2:], initial[enc][2:]) and not torch.equal(after[enc][:2], initial[enc][:2])
+    assert torch.equal(after[dec][:, 2:], initial[dec][:, 2:])
+    assert not torch.equal(after[dec][:, :2], initial[dec][:, :2])
+
+    cfg = tiny_config(tmp_path / "plain", [str(photos)])
+    cfg["model"]["latent_channel_choices"] = [2]
+    from dcae.errors import UserError
+
+    with pytest.raises(UserError, match="latent_channel_choices: .*sliceable"):
+        train(load_config(cfg), phases=[1])

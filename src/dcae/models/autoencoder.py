@@ -285,8 +285,9 @@ class DCAE(nn.Module):
         h, w = x.shape[-2:]
         return self.decode(self.encode(x, batch_size=batch_size), batch_size=batch_size)[..., :h, :w]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encoder(x))
+    def forward(self, x: torch.Tensor, latent_channels: int | None = None) -> torch.Tensor:
+        """Reconstruction for training; DC-AE 1.5: through the first `latent_channels` latent channels only."""
+        return self.decoder(self.encoder(x, latent_channels=latent_channels))
 
     # Hooks that the tiled and fused paths override; plain calls by default.
     def _encode(self, x: torch.Tensor, latent_channels: int | None = None) -> torch.Tensor:

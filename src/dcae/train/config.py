@@ -46,6 +46,10 @@ class ModelConfig:
     config: dict[str, Any] | None = None  # DCAEConfig fields (a `base: <zoo name>` key starts from a zoo entry)
     init: str | None = None  # weights to fine-tune: anything DCAE.from_pretrained accepts (folder, file, Hub id)
     gradient_checkpointing: bool = False
+    # DC-AE 1.5 structured latent: each micro-batch reconstructs from only the first k latent channels, k drawn
+    # uniformly from this list (e.g. [16, 32, 64, 128]), so that every prefix of channels stays a usable latent
+    # while fine-tuning. None: always all channels. Needs a model with a channel-sliceable latent.
+    latent_channel_choices: list[int] | None = None
 
 
 @dataclass
@@ -395,6 +399,9 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"mixed_precision must be no, bf16 or fp16, got {cfg.mixed_precision!r}")
     if cfg.grad_accum < 1:
         problems.append("grad_accum must be >= 1")
+    choices = cfg.model.latent_channel_choices
+    if choices is not None and (not choices or any(not isinstance(k, int) or k < 1 for k in choices)):
+        problems.append(f"model.latent_channel_choices must be a list of positive channel counts, got {choices}")
     if not 0.0 <= cfg.ema_decay < 1.0:
         problems.append("ema_decay must be in [0, 1)")
     if cfg.data.crop not in ("random", "center"):

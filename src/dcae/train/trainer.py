@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -166,6 +167,11 @@ def run_phase(s: Session, n: int, first: bool) -> tuple[Path, dict[str, Any]]:
 
     model, origin = starting_model(s, n, first)
     model.enable_gradient_checkpointing(cfg.model.gradient_checkpointing)
+    if cfg.model.latent_channel_choices:
+        try:
+            model.encoder.sliceable_out(max(cfg.model.latent_channel_choices))
+        except ValueError as exc:
+            raise UserError(f"model.latent_channel_choices: {exc}") from exc
     selected = params.select_trainable(model, params.phase_patterns(phase, model))
     trainable_names = params.apply_trainable(model, selected)
     s.print(f"\n=== phase {n}: {PHASE_NAMES[n]} ({phase.resolution} px, {phase.steps} steps) from {origin}")
@@ -368,7 +374,7 @@ def _train_step(s, model, opt, disc, d_opt, loss_fn, last_layer, raw_disc, data_
         sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(model)
         with sync:
             with acc.autocast():
-                rec = model(x)
+                rec = model(x, latent_channels=_latent_channels(s.cfg, step, micro, acc.process_index))
                 loss, parts = loss_fn.generator(x, rec, step, last_layer, disc=raw_disc)
             acc.backward(loss / accum)
         for k, v in parts.items():
@@ -393,6 +399,13 @@ def _train_step(s, model, opt, disc, d_opt, loss_fn, last_layer, raw_disc, data_
         d_opt.step()
         d_opt.zero_grad(set_to_none=True)
     return {k: float(v) for k, v in logs.items()}, batches, skipped
+
+
+def _latent_channels(cfg: TrainConfig, step: int, micro: int, rank: int) -> int | None:
+    """DC-AE 1.5 structured latent: the channels this micro-batch reconstructs from (None: all). A function
+    of the step, so a resumed run draws the same ones."""
+    choices = cfg.model.latent_channel_choices
+    return random.Random(f"{cfg.seed}/{step}/{micro}/{rank}").choice(choices) if choices else None
 
 
 def _time_is_up(acc, t_start: float, minutes: float) -> bool:
