@@ -387,28 +387,118 @@ def sample_grid(
 # ----------------------------------------------------------------------------- the training loop
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> dict:
-    """Train (or resume) according to cfg; returns {'step', 'loss', 'checkpoint'}."""
-    from tqdm.auto import tqdm
+LOG_FIELDS = ["step", "loss", "grad_norm", "lr", "img_per_s", "elapsed_s"]
+# What a checkpoint records of the latent folder: enough to decode samples and to know the data.
+LATENT_META_KEYS = ("model", "model_config", "scaling_factor", "resolution", "latent_shape", "num_classes",
+                    "class_names", "class_ids", "spatial_compression")  # fmt: skip
 
-    from dcae.data.images import make_grid, save_image
+
+@dataclass
+class _Run:
+    """Everything one training run holds: config, accelerator, data, model, EMA, optimizer, output paths."""
+
+    cfg: TrainConfig
+    accelerator: object
+    ds: object
+    model_args: dict
+    model: torch.nn.Module  # prepared (DDP-wrapped under several processes)
+    raw_model: torch.nn.Module
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    process: object
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def save_checkpoint(self, step: int) -> Path:
+        """Atomic checkpoint (every process's RNG state included), keep-last-N, and the loss plot."""
+        from dcae.utils.io import atomic_torch_save
+
+        acc, path = self.accelerator, self.out / "checkpoints" / f"step_{step:07d}.pt"
+        rng = acc.gather_for_metrics([rng_state()], use_gather_object=True) if acc.num_processes > 1 else [rng_state()]
+        if self.main:
+            ckpt = {
+                "model": self.raw_model.state_dict(),
+                "ema": self.ema.state_dict(),
+                "optimizer": self.opt.state_dict(),
+                "step": step,
+                "rng": rng,
+                "config": config_to_dict(self.cfg),
+                "model_args": self.model_args,
+                "latents": {k: self.ds.index.get(k) for k in LATENT_META_KEYS},
+            }
+            atomic_torch_save(ckpt, path)
+            for old in list_checkpoints(self.out)[: -self.cfg.keep_last]:
+                old.unlink()
+            if (self.out / "log.csv").exists():
+                write_loss_plot(self.out / "log.csv", self.out / "loss.png")
+        acc.wait_for_everyone()
+        return path
+
+    def save_samples(self, step: int, autoencoders: _AutoencoderCache) -> None:
+        """A grid of fixed-seed EMA samples, decoded (or saved as latents when no autoencoder loads)."""
+        from dcae.data.images import make_grid, save_image
+
+        if self.main:
+            ae = autoencoders.get()
+            scaling = float(self.ds.index.get("scaling_factor", 1.0))
+            with self.accelerator.autocast():
+                imgs = sample_grid(self.ema, self.process, self.ds.num_classes, self.cfg.sample,
+                                   self.ds.latent_shape, self.accelerator.device, ae, scaling)  # fmt: skip
+            path = self.out / "samples" / f"step_{step:07d}"
+            if ae is not None:
+                save_image(make_grid(list(imgs), nrow=min(8, len(imgs))), path.with_suffix(".png"))
+            else:
+                from safetensors.torch import save_file
+
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_file({"latents": imgs.cpu().contiguous()}, str(path.with_suffix(".safetensors")))
+        self.accelerator.wait_for_everyone()
+
+    def start_log(self, step: int) -> None:
+        """config.yaml, and log.csv without the rows past `step` (the lost steps of an interrupted run)."""
+        import yaml
+
+        from dcae.utils.io import atomic_write_text
+
+        if not self.main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out / "config.yaml", yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
+        csv_path, rows = self.out / "log.csv", []
+        if csv_path.exists() and step > 0:
+            with open(csv_path) as f:
+                rows = [r for r in csv.DictReader(f) if _complete_row(r, LOG_FIELDS) and int(r["step"]) <= step]
+        with open(csv_path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+
+    def log(self, row: dict) -> None:
+        if self.main:
+            with open(self.out / "log.csv", "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=LOG_FIELDS).writerow(row)
+
+
+def _setup(cfg: TrainConfig) -> tuple[_Run, int]:
+    """Build (or resume) a run; returns it and the step it starts at."""
     from dcae.diffusion.latents import LatentDataset
     from dcae.diffusion.models import set_grad_checkpointing
-    from dcae.utils.io import atomic_torch_save, atomic_write_text
 
     validate_config(cfg)
     accelerator = make_accelerator(cfg.mixed_precision)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    accum = cfg.grad_accum
+    rank, world, accum = accelerator.process_index, accelerator.num_processes, cfg.grad_accum
     if cfg.batch_size % (world * accum):
         raise UserError(
             f"batch_size {cfg.batch_size} is not divisible by the {world} processes x {accum} accumulation steps"
         )
-    out = Path(cfg.out)
     torch.manual_seed(cfg.seed + rank)
-
     ds = LatentDataset(cfg.data, use_flip=cfg.use_flip, seed=cfg.seed)
-    num_classes = ds.num_classes
     C, H, W = ds.latent_shape
     if H != W:
         raise UserError(f"latents must be square, got {H}x{W}")
@@ -416,7 +506,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         "name": cfg.model.name,
         "in_channels": C,
         "input_size": H,
-        "num_classes": num_classes,
+        "num_classes": ds.num_classes,
         "learn_sigma": cfg.model.learn_sigma,
         "overrides": dict(cfg.model.overrides),
     }
@@ -427,128 +517,60 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     opt = torch.optim.AdamW(
         model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
     )
-
     # Resume before `prepare`, so every process starts from the same weights.
-    step, resume_from = 0, None
-    if cfg.resume == "auto":
-        resume_from = list_checkpoints(out)[-1] if list_checkpoints(out) else None
-    elif cfg.resume not in ("none", ""):
-        resume_from = latest_checkpoint(cfg.resume)
-    if resume_from is not None:
-        ckpt = read_checkpoint(resume_from)
-        if ckpt["model_args"] != model_args:
-            raise UserError(
-                f"{resume_from} was trained with {ckpt['model_args']}, this config builds {model_args}; "
-                "use another `out` folder or resume=none"
-            )
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step = int(ckpt["step"])
-        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
-        if accelerator.is_main_process:
-            print(f"resuming from {resume_from} (step {step})", file=sys.stderr)
+    step = _resume(cfg, model_args, model, ema, opt, rank, accelerator.is_main_process)
     if accelerator.is_main_process:
         print(
-            f"{world} process(es) ({accelerator.distributed_type}, {device}, mixed precision "
+            f"{world} process(es) ({accelerator.distributed_type}, {accelerator.device}, mixed precision "
             f"{accelerator.mixed_precision}); {len(ds)} latents, batch {cfg.batch_size} = {world} x {accum} x "
             f"{cfg.batch_size // (world * accum)}",
             file=sys.stderr,
         )
-    ema.to(device)
+    ema.to(accelerator.device)
     model, opt = accelerator.prepare(model, opt)
-    raw_model = accelerator.unwrap_model(model)
-    train_model = torch.compile(model) if cfg.compile else model
+    run = _Run(cfg, accelerator, ds, model_args, model, accelerator.unwrap_model(model), ema, opt, process)
+    return run, step
 
-    index = ds.index
-    latents_meta = {
-        k: index.get(k)
-        for k in (
-            "model",
-            "model_config",
-            "scaling_factor",
-            "resolution",
-            "latent_shape",
-            "num_classes",
-            "class_names",
-            "class_ids",
-            "spatial_compression",
+
+def _resume(cfg: TrainConfig, model_args: dict, model, ema, opt, rank: int, main: bool) -> int:
+    """Load the checkpoint `cfg.resume` asks for (newest in `out` for "auto"); the step to continue from."""
+    resume_from = None
+    if cfg.resume == "auto":
+        resume_from = list_checkpoints(cfg.out)[-1] if list_checkpoints(cfg.out) else None
+    elif cfg.resume not in ("none", ""):
+        resume_from = latest_checkpoint(cfg.resume)
+    if resume_from is None:
+        return 0
+    ckpt = read_checkpoint(resume_from)
+    if ckpt["model_args"] != model_args:
+        raise UserError(
+            f"{resume_from} was trained with {ckpt['model_args']}, this config builds {model_args}; "
+            "use another `out` folder or resume=none"
         )
-    }
-    csv_path, png_path = out / "log.csv", out / "loss.png"
-    fields = ["step", "loss", "grad_norm", "lr", "img_per_s", "elapsed_s"]
-    if accelerator.is_main_process:
-        import yaml
+    model.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    opt.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+    if main:
+        print(f"resuming from {resume_from} (step {int(ckpt['step'])})", file=sys.stderr)
+    return int(ckpt["step"])
 
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-        # Drop log rows past the resumed step (they belong to the interrupted run's lost steps).
-        rows = []
-        if csv_path.exists() and step > 0:
-            with open(csv_path) as f:
-                rows = [r for r in csv.DictReader(f) if _complete_row(r, fields) and int(r["step"]) <= step]
-        with open(csv_path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            w.writerows(rows)
 
-    def save_checkpoint() -> Path:
-        path = out / "checkpoints" / f"step_{step:07d}.pt"
-        rng = accelerator.gather_for_metrics([rng_state()], use_gather_object=True) if world > 1 else [rng_state()]
-        if accelerator.is_main_process:
-            ckpt = {
-                "model": raw_model.state_dict(),
-                "ema": ema.state_dict(),
-                "optimizer": opt.state_dict(),
-                "step": step,
-                "rng": rng,
-                "config": config_to_dict(cfg),
-                "model_args": model_args,
-                "latents": latents_meta,
-            }
-            atomic_torch_save(ckpt, path)
-            for old in list_checkpoints(out)[: -cfg.keep_last]:
-                old.unlink()
-            if csv_path.exists():
-                write_loss_plot(csv_path, png_path)
-        accelerator.wait_for_everyone()
-        return path
+def train(cfg: TrainConfig, progress: bool = True) -> dict:
+    """Train (or resume) according to cfg; returns {'step', 'loss', 'checkpoint'}."""
+    from tqdm.auto import tqdm
 
-    ae_cache = _AutoencoderCache(index.get("model") if cfg.sample.decode else None, device)
+    run, step = _setup(cfg)
+    acc, model, opt = run.accelerator, run.model, run.opt
+    device, rank, world, accum = acc.device, acc.process_index, acc.num_processes, cfg.grad_accum
+    num_classes = run.ds.num_classes
+    train_model = torch.compile(model) if cfg.compile else model
+    run.start_log(step)
+    autoencoders = _AutoencoderCache(run.ds.index.get("model") if cfg.sample.decode else None, device)
 
-    def save_samples() -> None:
-        if accelerator.is_main_process:
-            ae = ae_cache.get()
-            with accelerator.autocast():
-                imgs = sample_grid(
-                    ema,
-                    process,
-                    num_classes,
-                    cfg.sample,
-                    (C, H, W),
-                    device,
-                    ae,
-                    float(index.get("scaling_factor", 1.0)),
-                )
-            path = out / "samples" / f"step_{step:07d}"
-            if ae is not None:
-                save_image(make_grid(list(imgs), nrow=min(8, len(imgs))), path.with_suffix(".png"))
-            else:
-                from safetensors.torch import save_file
-
-                path.parent.mkdir(parents=True, exist_ok=True)
-                save_file({"latents": imgs.cpu().contiguous()}, str(path.with_suffix(".safetensors")))
-        accelerator.wait_for_everyone()
-
-    batches = data_batches(ds, cfg.batch_size, cfg.seed, rank, world, step, cfg.num_workers)
-    bar = tqdm(
-        total=cfg.max_steps,
-        initial=step,
-        desc="train",
-        unit="step",
-        disable=not progress or not accelerator.is_main_process,
-        dynamic_ncols=True,
-    )
+    batches = data_batches(run.ds, cfg.batch_size, cfg.seed, rank, world, step, cfg.num_workers)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not progress or not run.main)  # fmt: skip
     window_loss, window_n, window_t0, t_start = 0.0, 0, time.perf_counter(), time.perf_counter()
     last_loss, last_ckpt = float("nan"), None
     gen = torch.Generator(device)
@@ -561,21 +583,21 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         for group in opt.param_groups:
             group["lr"] = lr
         seeds = [_step_seed(cfg.seed, step, rank * accum + k) for k in range(accum)]
-        loss = accumulate_gradients(accelerator, train_model, model, process, x, y, num_classes, gen, seeds)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
+        loss = accumulate_gradients(acc, train_model, model, run.process, x, y, num_classes, gen, seeds)
+        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
         decay = cfg.optim.ema_decay
         if cfg.optim.ema_warmup:
             decay = min(decay, (1 + step) / (10 + step))
-        update_ema(ema, raw_model, decay)
+        update_ema(run.ema, run.raw_model, decay)
         step += 1
         window_loss += loss.detach()
         window_n += 1
         bar.update(1)
 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            mean_loss = accelerator.reduce(window_loss / window_n, reduction="mean").item()
+            mean_loss = acc.reduce(window_loss / window_n, reduction="mean").item()
             if not np.isfinite(mean_loss):  # checked here, not every step: no GPU sync per step
                 from dcae.errors import NonFiniteError
 
@@ -583,30 +605,20 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                     f"training loss became {mean_loss} by step {step}; lower optim.lr, "
                     f"raise optim.warmup_steps or check the latents (resume from a checkpoint)"
                 )
-            elapsed = time.perf_counter() - window_t0
-            img_s = window_n * cfg.batch_size / max(elapsed, 1e-9)
+            img_s = window_n * cfg.batch_size / max(time.perf_counter() - window_t0, 1e-9)
             last_loss = mean_loss
             bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{img_s:.1f}")
-            if accelerator.is_main_process:
-                with open(csv_path, "a", newline="") as f:
-                    csv.DictWriter(f, fieldnames=fields).writerow(
-                        {
-                            "step": step,
-                            "loss": f"{mean_loss:.6f}",
-                            "grad_norm": f"{float(grad_norm):.4f}",
-                            "lr": f"{lr:.3e}",
-                            "img_per_s": f"{img_s:.2f}",
-                            "elapsed_s": f"{time.perf_counter() - t_start:.1f}",
-                        }
-                    )
+            run.log({"step": step, "loss": f"{mean_loss:.6f}", "grad_norm": f"{float(grad_norm):.4f}",
+                     "lr": f"{lr:.3e}", "img_per_s": f"{img_s:.2f}",
+                     "elapsed_s": f"{time.perf_counter() - t_start:.1f}"})  # fmt: skip
             window_loss, window_n = 0.0, 0
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
-            last_ckpt = save_checkpoint()
+            last_ckpt = run.save_checkpoint(step)
         if (cfg.sample.every and step % cfg.sample.every == 0) or step == cfg.max_steps:
-            save_samples()
+            run.save_samples(step, autoencoders)
         if window_n == 0:  # restart the throughput clock after logging, checkpointing or sampling
             window_t0 = time.perf_counter()
     bar.close()
-    if last_ckpt is None and accelerator.is_main_process and list_checkpoints(out):
-        last_ckpt = list_checkpoints(out)[-1]
+    if last_ckpt is None and run.main and list_checkpoints(cfg.out):
+        last_ckpt = list_checkpoints(cfg.out)[-1]
     return {"step": step, "loss": last_loss, "checkpoint": str(last_ckpt) if last_ckpt else None}
