@@ -127,6 +127,8 @@ def check_kernels() -> dict:
     out = {}
     if not fast_triton.available():
         return {"skipped": "Triton not available"}
+    # The check a FastPath runs before using Triton (a failure there turns Triton off with a warning).
+    out["fast_path_self_check"] = fast.check_kernels(fast_triton, torch.device(Ctx.dev)) or "ok"
     g = torch.Generator(device=Ctx.dev).manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         name = str(dtype).split(".")[-1]

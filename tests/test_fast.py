@@ -282,3 +282,33 @@ def test_cudnn_autotune_touches_only_the_benchmark_flag_and_restores_it() -> Non
     assert cudnn.benchmark == before[0]
     with _cudnn_autotune(False):
         assert cudnn.benchmark == before[0]
+
+
+def test_kernel_check_accepts_correct_and_rejects_broken_kernels() -> None:
+    """Before a FastPath uses Triton it checks the kernels against PyTorch on small inputs; a kernel that
+    fails to compile or computes wrongly turns Triton off (with a warning) instead of breaking inference."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from dcae.models import fast
+
+    def rms(x, w, b, eps):
+        return F.rms_norm(x.permute(0, 2, 3, 1), (x.shape[1],), w, eps).add(b).permute(0, 3, 1, 2)
+
+    good = SimpleNamespace(rms_norm_channels_last=rms, relu_linear_attention_kv=fast.relu_linear_attention_kv,
+                           relu_linear_attention_apply=fast.relu_linear_attention_apply)  # fmt: skip
+    cpu = torch.device("cpu")
+    assert fast.check_kernels(good, cpu) is None
+
+    def fails(*args):
+        raise RuntimeError("PassManager::run failed\nlong compiler log")
+
+    def no_relu_on_k(t, d):  # a plausible kernel bug: keys not rectified
+        _, k, v = t.float().split(d, dim=-1)
+        return torch.einsum("bnhd,bnhe->bhde", k, v), k.sum(dim=1)
+
+    broken = SimpleNamespace(**{**vars(good), "rms_norm_channels_last": fails})
+    assert fast.check_kernels(broken, cpu) == "RuntimeError: PassManager::run failed"
+    wrong = SimpleNamespace(**{**vars(good), "relu_linear_attention_kv": no_relu_on_k})
+    assert "linear attention kernel differs from PyTorch" in fast.check_kernels(wrong, cpu)

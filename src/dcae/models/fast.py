@@ -380,7 +380,12 @@ class FastPath:
         if self._triton is None:
             from dcae.models import fast_triton
 
-            self._triton = fast_triton if fast_triton.available() else False
+            if not fast_triton.available() or torch.cuda.is_current_stream_capturing():
+                return fast_triton if fast_triton.available() else None  # decided on an uncaptured call
+            problem = check_kernels(fast_triton, x.device)
+            if problem is not None:
+                warnings.warn(f"Triton kernels disabled, PyTorch ops used instead: {problem}", stacklevel=2)
+            self._triton = fast_triton if problem is None else False
         return self._triton or None
 
     def cache_bytes(self) -> int:
@@ -455,6 +460,30 @@ def relu_linear_attention_apply(
 def relu_linear_attention_tokens(t: torch.Tensor, head_dim: int, eps: float = 1e-15) -> torch.Tensor:
     """Both halves at once: t (B, N, heads, 3d) -> (B, N, heads, d) fp32."""
     return relu_linear_attention_apply(t, *relu_linear_attention_kv(t, head_dim), head_dim, eps)
+
+
+def check_kernels(kernels, device: torch.device) -> str | None:
+    """None when `kernels` (the interface of `dcae.models.fast_triton`) give the PyTorch results on small
+    inputs on `device`, else what went wrong. Run once before a FastPath uses Triton: a Triton version
+    that cannot compile the kernels, or computes them wrongly, must cost speed, never a failed decode."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 64, 5, 3, generator=g) * 3).to(device).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.rand(64, generator=g).to(device) + 0.5, torch.randn(64, generator=g).to(device)
+    t = torch.randn(2, 15, 2, 3 * 32, generator=g).to(device)  # (B, N, heads, 3d) tokens, d = 32
+    want_norm = F.rms_norm(x.permute(0, 2, 3, 1), (64,), weight, 1e-5).add(bias).permute(0, 3, 1, 2)
+    want_attn = relu_linear_attention_tokens(t, 32)
+    try:
+        got_norm = kernels.rms_norm_channels_last(x, weight, bias, 1e-5)
+        got_attn = kernels.relu_linear_attention_apply(t, *kernels.relu_linear_attention_kv(t, 32), 32)
+    except Exception as exc:  # compilation or launch failure
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    for what, got, want in (("RMS norm", got_norm, want_norm), ("linear attention", got_attn, want_attn)):
+        if got.shape != want.shape:
+            return f"the {what} kernel returned shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+        err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+        if not err < 1e-4:  # fp32 both: rounding is ~1e-7
+            return f"the {what} kernel differs from PyTorch by {err:.2e} (relative)"
+    return None
 
 
 class _TorchAttention:
