@@ -312,3 +312,33 @@ def test_kernel_check_accepts_correct_and_rejects_broken_kernels() -> None:
     assert fast.check_kernels(broken, cpu) == "RuntimeError: PassManager::run failed"
     wrong = SimpleNamespace(**{**vars(good), "relu_linear_attention_kv": no_relu_on_k})
     assert "linear attention kernel differs from PyTorch" in fast.check_kernels(wrong, cpu)
+
+
+def test_a_failing_fast_path_falls_back_to_the_eager_modules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fast path that raises where the eager modules work (a GPU library we never met) costs speed, not
+    the result: the eager modules answer, the fast path is switched off, a warning says so. An input the
+    eager modules reject too is an error as before, and the fast path stays on."""
+    from dcae.models.autoencoder import FastPathFallbackWarning
+    from dcae.models.fast import FastPath
+
+    torch.manual_seed(0)
+    model = DCAE.from_config(TINY).eval()
+    z = torch.randn(1, 32, 4, 3)
+    with torch.no_grad():
+        reference = model.decoder(z)
+
+    def broken(self, decoder, z):
+        raise RuntimeError("CUDA error: misaligned address\\nCUDA kernel errors might be reported later")
+
+    monkeypatch.setattr(FastPath, "decode", broken)
+    with torch.inference_mode(), pytest.warns(FastPathFallbackWarning, match="misaligned address"):
+        out = model.decode(z)
+    assert torch.equal(out, reference) and not model.fast_path_enabled
+    model.enable_fast_path()
+    with torch.inference_mode(), pytest.raises(ValueError, match="the latents have 8 channels; tiny-f32 decodes 32"):
+        model.decode(torch.randn(1, 8, 4, 3))
+    # Both fail: the error is the eager one, and the fast path is not blamed.
+    monkeypatch.setattr(model.decoder, "forward", lambda z: (_ for _ in ()).throw(RuntimeError("eager fails")))
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="eager fails"):
+        model.decode(z)
+    assert model.fast_path_enabled

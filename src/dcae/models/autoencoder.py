@@ -187,6 +187,10 @@ class Decoder(_Coder):
         return self.project_out(x)
 
 
+class FastPathFallbackWarning(RuntimeWarning):
+    """The fast inference path failed and the eager modules answered instead (see `DCAE.decode`)."""
+
+
 class DCAE(nn.Module):
     """Deep Compression Autoencoder. Images in [-1, 1] <-> latents (unscaled; see `scale_latents`)."""
 
@@ -276,6 +280,10 @@ class DCAE(nn.Module):
         """Latents (unscaled) -> images in [-1, 1] (not clamped: clamp when converting to pixels)."""
         if z.ndim != 4:
             raise ValueError(f"expected latents of shape (B, C, h, w), got {tuple(z.shape)}")
+        c, full, sliceable = z.shape[1], self.latent_channels, self.config.decoder_sliceable_in
+        if not (c == full or (sliceable and 1 <= c <= full)):
+            accepted = f"1 to {full} (its first channels)" if sliceable else str(full)
+            raise ValueError(f"the latents have {c} channels; {self.config.name} decodes {accepted}")
         if check_finite and not torch.isfinite(z).all():
             raise NonFiniteError("latents contain NaN or Inf values; they cannot be decoded")
         return self._batched(self._decode, z.to(self._param_dtype()), batch_size)
@@ -291,18 +299,52 @@ class DCAE(nn.Module):
 
     # Hooks that the tiled and fused paths override; plain calls by default.
     def _encode(self, x: torch.Tensor, latent_channels: int | None = None) -> torch.Tensor:
-        tiler = self.__dict__.get("_tiler")
-        if tiler is not None and tiler.wants_encode(x):
-            return tiler.encode(self, x, latent_channels)
-        return self._tiled_on_oom(
-            lambda: self._encode_once(x, latent_channels), lambda t: t.encode(self, x, latent_channels), x.shape
-        )
+        def run() -> torch.Tensor:
+            tiler = self.__dict__.get("_tiler")
+            if tiler is not None and tiler.wants_encode(x):
+                return tiler.encode(self, x, latent_channels)
+            return self._tiled_on_oom(
+                lambda: self._encode_once(x, latent_channels), lambda t: t.encode(self, x, latent_channels), x.shape
+            )
+
+        return self._eager_if_fast_fails(run)
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        tiler = self.__dict__.get("_tiler")
-        if tiler is not None and tiler.wants_decode(z):
-            return tiler.decode(self, z)
-        return self._tiled_on_oom(lambda: self._decode_once(z), lambda t: t.decode(self, z), z.shape)
+        def run() -> torch.Tensor:
+            tiler = self.__dict__.get("_tiler")
+            if tiler is not None and tiler.wants_decode(z):
+                return tiler.decode(self, z)
+            return self._tiled_on_oom(lambda: self._decode_once(z), lambda t: t.decode(self, z), z.shape)
+
+        return self._eager_if_fast_fails(run)
+
+    def _eager_if_fast_fails(self, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The fast path has kernels and layouts the eager modules do not; if it fails where the eager
+        modules succeed (a driver or library the project never met), the call is answered by the eager
+        modules and the fast path is switched off, with a warning: speed is lost, never a result."""
+        if self._fast_path() is None:
+            return run()
+        try:
+            return run()
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as exc:
+            message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        self.fast_path_enabled = False
+        try:
+            out = run()
+        except BaseException:
+            self.fast_path_enabled = True  # the eager modules fail too: the input is at fault, not the fast path
+            raise
+        self.__dict__["_fast"] = None  # frees its weight caches
+        warnings.warn(
+            FastPathFallbackWarning(
+                f"the fast inference path failed ({message}) where the eager modules work; it is off for this "
+                "model now (enable_fast_path() turns it back on). Please report this with your GPU and versions."
+            ),
+            stacklevel=4,
+        )
+        return out
 
     # An untiled call that runs out of accelerator memory is retried once in exact tiles (the same
     # result up to rounding), with a warning, instead of failing: a 4K decode then just works.
