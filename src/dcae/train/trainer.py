@@ -31,7 +31,7 @@ from torch import nn
 from dcae.errors import UserError
 from dcae.models import DCAE, DCAEConfig
 from dcae.train import monitor, params, state
-from dcae.train.config import PHASE_NAMES, TrainConfig, dump_yaml
+from dcae.train.config import PHASE_NAMES, PhaseConfig, TrainConfig, dump_yaml
 from dcae.train.data import (
     ImageDataset,
     Item,
@@ -150,21 +150,137 @@ def last_decoder_layer(model: DCAE) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- one phase
+@dataclass
+class Phase:
+    """One phase's model, optimizers, losses and files; built by `_setup_phase`."""
+
+    n: int
+    cfg: PhaseConfig
+    folder: Path
+    model: nn.Module  # prepared (DDP-wrapped under several processes)
+    raw: DCAE
+    opt: torch.optim.Optimizer
+    disc: nn.Module | None
+    d_opt: torch.optim.Optimizer | None
+    raw_disc: nn.Module | None
+    ema: state.EMA | None
+    perceptual: nn.Module | None
+    loss_fn: AutoencoderLoss
+    last_layer: torch.Tensor
+    trainable: list[torch.Tensor]
+    trainable_names: list[str]
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.folder / "checkpoints"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.folder / "model"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.folder / "metrics.json"
+
+
 def run_phase(s: Session, n: int, first: bool) -> tuple[Path, dict[str, Any]]:
-    cfg, acc, phase = s.cfg, s.accelerator, s.cfg.phase(n)
+    cfg, acc = s.cfg, s.accelerator
     folder = s.out / f"phase{n}"
-    ckpt_dir = folder / "checkpoints"
-    export_dir = folder / "model"
-    metrics_path = folder / "metrics.json"
     if s.main:
-        state.remove_stale_temp_files(ckpt_dir)
-    latest = state.latest_checkpoint(ckpt_dir)
-    if metrics_path.is_file() and s.resume:
-        s.print(f"phase {n} ({PHASE_NAMES[n]}) already complete: {export_dir}")
-        return export_dir, json.loads(metrics_path.read_text())
-    if (latest is not None or metrics_path.is_file()) and not s.resume:
+        state.remove_stale_temp_files(folder / "checkpoints")
+    latest = state.latest_checkpoint(folder / "checkpoints")
+    if (folder / "metrics.json").is_file() and s.resume:
+        s.print(f"phase {n} ({PHASE_NAMES[n]}) already complete: {folder / 'model'}")
+        return folder / "model", json.loads((folder / "metrics.json").read_text())
+    if (latest is not None or (folder / "metrics.json").is_file()) and not s.resume:
         raise UserError(f"{folder} holds a previous run: pass --resume to continue it, or choose another --out")
 
+    ph = _setup_phase(s, n, first, folder)
+    ck = state.load_checkpoint(latest) if latest is not None else None
+    step, batches, skipped, elapsed = _resume_phase(s, ph, ck, latest)
+    sampler, data_iter = _phase_data(s, ph, batches)
+    # RNG after the loader: creating its iterator draws a worker seed from the global generator.
+    if ck is not None:
+        state.set_rng_state(ck["rng"])
+    else:
+        state.seed_everything(cfg.seed + n)
+
+    logger = monitor.Logger(folder, step if ck is not None else None, cfg.log.tensorboard) if s.main else None
+    start_metrics = None
+    if s.main and first and ck is None and s.val_images:
+        start_metrics = _evaluate_all(s, ph.raw, ph.cfg.resolution, ph.perceptual)
+        s.print(f"held-out before phase {n}: {_fmt_metrics(start_metrics)}")
+    if s.main and ck is None:
+        _grid(s, ph.raw, ph.cfg.resolution, folder / "samples" / f"step_{step:08d}.png")
+
+    params.set_train_mode(ph.model)
+    if ph.disc is not None:
+        ph.disc.train()
+    from tqdm import tqdm
+
+    phase, o = ph.cfg, ph.cfg.optim
+    show = s.main and cfg.log.progress
+    # A time-bounded phase ends by the clock, not the step count: no made-up total or ETA then.
+    timed = phase.max_minutes is not None
+    desc = f"phase {n} ({phase.max_minutes:.1f} min budget)" if timed else f"phase {n}"
+    bar = tqdm(total=None if timed else phase.steps, initial=step, desc=desc, disable=not show, dynamic_ncols=True)
+    images_per_step = phase.batch_size * cfg.grad_accum * acc.num_processes
+    t_start, t_last, step_at_last = time.time() - elapsed, time.time(), step
+    running: dict[str, float] = {}
+    stopped_early = False
+    while step < phase.steps:
+        lr = state.lr_at(step, phase.steps, o)
+        for g in ph.opt.param_groups:
+            g["lr"] = lr
+        if ph.d_opt is not None:  # the discriminator follows the same schedule, relative to its own lr
+            for g in ph.d_opt.param_groups:
+                g["lr"] = (phase.disc.lr or o.lr) * lr / o.lr
+        logs, batches, skipped = _train_step(s, ph, data_iter, step, batches, skipped)
+        if ph.ema is not None:
+            ph.ema.update(ph.raw)
+        step += 1
+        bar.update(1)
+
+        # Logging (main process), with loss values from this process's micro-batches.
+        for k, v in logs.items():
+            running[k] = running.get(k, 0.0) + v
+        if step % cfg.log.every == 0 or step == phase.steps:
+            now = time.time()
+            speed = images_per_step * (step - step_at_last) / max(now - t_last, 1e-9)
+            row = {k: v / max(1, step - step_at_last) for k, v in running.items()}
+            row.update(step=step, time_s=now - t_start, lr=lr, img_per_s=speed, skipped=skipped)
+            running, t_last, step_at_last = {}, now, step
+            _log_row(s, ph, step, row, logger)
+            bar.set_postfix(
+                {k: f"{row[k]:.4f}" for k in ("loss", "lpips", "d_loss") if k in row} | {"img/s": f"{speed:.1f}"}
+            )
+        if s.main and cfg.log.image_every and step % cfg.log.image_every == 0:
+            _grid(s, ph.raw, phase.resolution, folder / "samples" / f"step_{step:08d}.png")
+            params.set_train_mode(ph.model)
+
+        if phase.max_minutes is not None:
+            stopped_early = _time_is_up(acc, t_start, phase.max_minutes) and step < phase.steps
+        if step % cfg.checkpoint.every == 0 or step == phase.steps or stopped_early:
+            data = {"position": sampler.position(batches), "skipped": skipped, "elapsed": time.time() - t_start}
+            _save_checkpoint(s, ph, step, data)
+        if stopped_early:
+            s.print(f"phase {n}: max_minutes={phase.max_minutes} reached, stopping at step {step}")
+            break
+    bar.close()
+    if logger is not None:
+        logger.close()
+    del data_iter  # stops the worker processes
+
+    summary = {"steps": step, "stopped_early": stopped_early, "train_time_s": round(time.time() - t_start, 1),
+               "start": start_metrics}  # fmt: skip
+    return ph.export_dir, _end_phase(s, ph, skipped, summary)
+
+
+def _setup_phase(s: Session, n: int, first: bool, folder: Path) -> Phase:
+    """The phase's starting model with its declared trainable set (printed and written to trainable.txt),
+    optimizers (only trainable tensors go to AdamW, so weight decay cannot touch frozen ones), the
+    discriminator and losses, prepared by the accelerator."""
+    cfg, acc, phase = s.cfg, s.accelerator, s.cfg.phase(n)
     model, origin = starting_model(s, n, first)
     model.enable_gradient_checkpointing(cfg.model.gradient_checkpointing)
     if cfg.model.latent_channel_choices:
@@ -180,18 +296,16 @@ def run_phase(s: Session, n: int, first: bool) -> tuple[Path, dict[str, Any]]:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder / "trainable.txt", params.full_list(model) + "\n")
 
-    # Optimizers. Only trainable tensors go to AdamW, so frozen ones cannot be touched by weight decay.
     o = phase.optim
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-    loss_cfg = phase.loss
     disc = d_opt = None
-    if loss_cfg.gan_weight > 0:
+    if phase.loss.gan_weight > 0:
         d = phase.disc
         torch.manual_seed(cfg.seed + 1)
         disc = PatchDiscriminator(3, d.channels, d.layers, d.norm)
         d_opt = torch.optim.AdamW(disc.parameters(), lr=d.lr or o.lr, betas=d.betas, weight_decay=d.weight_decay)
-    perceptual = build_perceptual(loss_cfg.perceptual_net) if loss_cfg.perceptual_weight > 0 else None
+    perceptual = build_perceptual(phase.loss.perceptual_net) if phase.loss.perceptual_weight > 0 else None
     if perceptual is not None:
         perceptual.to(acc.device)
     ema = state.EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -204,156 +318,107 @@ def run_phase(s: Session, n: int, first: bool) -> tuple[Path, dict[str, Any]]:
     raw_disc = acc.unwrap_model(disc) if disc is not None else None
     if ema is not None:
         ema.shadow = {k: v.to(acc.device) for k, v in ema.shadow.items()}
-    loss_fn = AutoencoderLoss(loss_cfg, raw_disc, perceptual)
-    last_layer = last_decoder_layer(raw)
+    loss_fn = AutoencoderLoss(phase.loss, raw_disc, perceptual)
+    return Phase(n, phase, folder, model, raw, opt, disc, d_opt, raw_disc, ema, perceptual, loss_fn,
+                 last_decoder_layer(raw), trainable, trainable_names)  # fmt: skip
 
-    # Resume.
-    step, batches, skipped, elapsed = 0, 0, 0, 0.0
-    if latest is not None:
-        ck = state.load_checkpoint(latest)
-        raw.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        if disc is not None:
-            raw_disc.load_state_dict(ck["disc"])
-            d_opt.load_state_dict(ck["disc_optimizer"])
-        if ema is not None:
-            ema.load_state_dict(ck["ema"])
-        if acc.scaler is not None and ck.get("scaler"):
-            acc.scaler.load_state_dict(ck["scaler"])
-        step, batches, skipped, elapsed = ck["step"], ck["data"]["batches_consumed"], ck["skipped"], ck["elapsed"]
-        s.print(f"resumed phase {n} from {latest} (step {step}, data position {ck['data']})")
 
-    # Data: the position (epoch, batch) follows from the number of batches consumed.
+def _resume_phase(s: Session, ph: Phase, ck: dict | None, path: Path | None) -> tuple[int, int, int, float]:
+    """Load a checkpoint's model, optimizers, discriminator, EMA and grad scaler; (step, batches consumed,
+    skipped images, elapsed seconds), all zero for a fresh phase."""
+    if ck is None:
+        return 0, 0, 0, 0.0
+    ph.raw.load_state_dict(ck["model"])
+    ph.opt.load_state_dict(ck["optimizer"])
+    if ph.disc is not None:
+        ph.raw_disc.load_state_dict(ck["disc"])
+        ph.d_opt.load_state_dict(ck["disc_optimizer"])
+    if ph.ema is not None:
+        ph.ema.load_state_dict(ck["ema"])
+    scaler = s.accelerator.scaler
+    if scaler is not None and ck.get("scaler"):
+        scaler.load_state_dict(ck["scaler"])
+    s.print(f"resumed phase {ph.n} from {path} (step {ck['step']}, data position {ck['data']})")
+    return ck["step"], ck["data"]["batches_consumed"], ck["skipped"], ck["elapsed"]
+
+
+def _phase_data(s: Session, ph: Phase, batches: int):
+    """(sampler, iterator) of the phase's data; the position (epoch, batch) follows from `batches` consumed."""
+    cfg, acc = s.cfg, s.accelerator
     dataset = ImageDataset(
         s.train_items,
-        phase.resolution,
-        seed=cfg.seed * 1000 + n,
+        ph.cfg.resolution,
+        seed=cfg.seed * 1000 + ph.n,
         crop=cfg.data.crop,
         resize=cfg.data.resize,
         scale_range=cfg.data.scale_range,
         hflip=cfg.data.hflip,
     )
     sampler = ResumableBatchSampler(
-        len(dataset), phase.batch_size, dataset.seed, acc.process_index, acc.num_processes, start_batch=batches
+        len(dataset), ph.cfg.batch_size, dataset.seed, acc.process_index, acc.num_processes, start_batch=batches
     )
-    data_iter = iter(make_loader(dataset, sampler, cfg.data.num_workers, pin_memory=acc.device.type == "cuda"))
-    # RNG after the loader: creating its iterator draws a worker seed from the global generator.
-    if latest is not None:
-        state.set_rng_state(ck["rng"])
-    else:
-        state.seed_everything(cfg.seed + n)
+    return sampler, iter(make_loader(dataset, sampler, cfg.data.num_workers, pin_memory=acc.device.type == "cuda"))
 
-    logger = monitor.Logger(folder, step if latest is not None else None, cfg.log.tensorboard) if s.main else None
-    start_metrics = None
-    if s.main and first and latest is None and s.val_images:
-        start_metrics = _evaluate_all(s, raw, phase.resolution, perceptual)
-        s.print(f"held-out before phase {n}: {_fmt_metrics(start_metrics)}")
-    if s.main and latest is None:
-        _grid(s, raw, phase.resolution, folder / "samples" / f"step_{step:08d}.png")
 
-    params.set_train_mode(model)
-    if disc is not None:
-        disc.train()
-    from tqdm import tqdm
-
-    show = s.main and cfg.log.progress
-    # A time-bounded phase ends by the clock, not the step count: no made-up total or ETA then.
-    timed = phase.max_minutes is not None
-    desc = f"phase {n} ({phase.max_minutes:.1f} min budget)" if timed else f"phase {n}"
-    bar = tqdm(total=None if timed else phase.steps, initial=step, desc=desc, disable=not show, dynamic_ncols=True)
-    images_per_step = phase.batch_size * cfg.grad_accum * acc.num_processes
-    t_start, t_last, step_at_last = time.time() - elapsed, time.time(), step
-    running: dict[str, float] = {}
-    stopped_early = False
-    while step < phase.steps:
-        lr = state.lr_at(step, phase.steps, o)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        if d_opt is not None:  # the discriminator follows the same schedule, relative to its own lr
-            for g in d_opt.param_groups:
-                g["lr"] = (phase.disc.lr or o.lr) * lr / o.lr
-        logs, batches, skipped = _train_step(
-            s, model, opt, disc, d_opt, loss_fn, last_layer, raw_disc, data_iter, step, batches, skipped, o
-        )
-        if ema is not None:
-            ema.update(raw)
-        step += 1
-        bar.update(1)
-
-        # Logging (main process), with loss values from this process's micro-batches.
-        for k, v in logs.items():
-            running[k] = running.get(k, 0.0) + v
-        if step % cfg.log.every == 0 or step == phase.steps:
-            now = time.time()
-            speed = images_per_step * (step - step_at_last) / max(now - t_last, 1e-9)
-            k_steps = max(1, step - step_at_last)
-            row = {k: v / k_steps for k, v in running.items()}
-            row.update(step=step, time_s=now - t_start, lr=lr, img_per_s=speed, skipped=skipped)
-            running, t_last, step_at_last = {}, now, step
-            if cfg.val.every and step % cfg.val.every == 0 and s.main and s.val_images:
-                m = monitor.evaluate(raw, s.val_images, phase.resolution, cfg.val.batch_size, acc.device)
-                row.update(val_psnr=m["psnr"], val_ssim=m["ssim"])
-                params.set_train_mode(model)
-            if logger is not None:
-                logger.log(row)
-            bar.set_postfix(
-                {k: f"{row[k]:.4f}" for k in ("loss", "lpips", "d_loss") if k in row} | {"img/s": f"{speed:.1f}"}
-            )
-        if s.main and cfg.log.image_every and step % cfg.log.image_every == 0:
-            _grid(s, raw, phase.resolution, folder / "samples" / f"step_{step:08d}.png")
-            params.set_train_mode(model)
-
-        if phase.max_minutes is not None:
-            stopped_early = _time_is_up(acc, t_start, phase.max_minutes) and step < phase.steps
-        if step % cfg.checkpoint.every == 0 or step == phase.steps or stopped_early:
-            ck = {
-                "phase": n,
-                "step": step,
-                "model": raw.state_dict(),
-                "optimizer": opt.state_dict(),
-                "disc": raw_disc.state_dict() if raw_disc is not None else None,
-                "disc_optimizer": d_opt.state_dict() if d_opt is not None else None,
-                "ema": ema.state_dict() if ema is not None else None,
-                "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-                "data": sampler.position(batches),
-                "skipped": skipped,
-                "elapsed": time.time() - t_start,
-                "rng": state.rng_state(),
-                "config": cfg.to_dict(),
-            }
-            if s.main:
-                state.save_checkpoint(ck, ckpt_dir, step, cfg.checkpoint.keep_last)
-            acc.wait_for_everyone()
-        if stopped_early:
-            s.print(f"phase {n}: max_minutes={phase.max_minutes} reached, stopping at step {step}")
-            break
-    bar.close()
+def _log_row(s: Session, ph: Phase, step: int, row: dict, logger) -> None:
+    """Held-out PSNR/SSIM when due, then the row to the CSV/TensorBoard log (main process)."""
+    cfg = s.cfg
+    if cfg.val.every and step % cfg.val.every == 0 and s.main and s.val_images:
+        m = monitor.evaluate(ph.raw, s.val_images, ph.cfg.resolution, cfg.val.batch_size, s.accelerator.device)
+        row.update(val_psnr=m["psnr"], val_ssim=m["ssim"])
+        params.set_train_mode(ph.model)
     if logger is not None:
-        logger.close()
-    del data_iter  # stops the worker processes
+        logger.log(row)
 
-    # Export (EMA weights when enabled), evaluate, plot.
-    final_sd = ema.state_dict_for(raw) if ema is not None else raw.state_dict()
+
+def _save_checkpoint(s: Session, ph: Phase, step: int, data: dict) -> None:
+    """Everything an exact resume needs; data: the sampler position, skipped images, elapsed seconds."""
+    acc = s.accelerator
+    ck = {
+        "phase": ph.n,
+        "step": step,
+        "model": ph.raw.state_dict(),
+        "optimizer": ph.opt.state_dict(),
+        "disc": ph.raw_disc.state_dict() if ph.raw_disc is not None else None,
+        "disc_optimizer": ph.d_opt.state_dict() if ph.d_opt is not None else None,
+        "ema": ph.ema.state_dict() if ph.ema is not None else None,
+        "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+        "data": data["position"],
+        "skipped": data["skipped"],
+        "elapsed": data["elapsed"],
+        "rng": state.rng_state(),
+        "config": s.cfg.to_dict(),
+    }
+    if s.main:
+        state.save_checkpoint(ck, ph.ckpt_dir, step, s.cfg.checkpoint.keep_last)
+    acc.wait_for_everyone()
+
+
+def _end_phase(s: Session, ph: Phase, skipped: int, summary: dict) -> dict[str, Any]:
+    """Export (EMA weights when enabled), evaluate, plot; metrics.json is written last: it marks the phase
+    as complete."""
+    acc = s.accelerator
+    final_sd = ph.ema.state_dict_for(ph.raw) if ph.ema is not None else ph.raw.state_dict()
     skipped_total = int(acc.reduce(torch.tensor(skipped, device=acc.device), reduction="sum").item())
     result: dict[str, Any] = {}
     if s.main:
-        result = _finish_phase(s, n, raw.config, final_sd, folder, export_dir, perceptual)
+        result = _finish_phase(s, ph.n, ph.raw.config, final_sd, ph.folder, ph.export_dir, ph.perceptual)
         result.update(
-            steps=step,
-            stopped_early=stopped_early,
-            weights="ema" if ema is not None else "raw",
+            steps=summary["steps"],
+            stopped_early=summary["stopped_early"],
+            weights="ema" if ph.ema is not None else "raw",
             skipped_images=skipped_total,
-            train_time_s=round(time.time() - t_start, 1),
-            start=start_metrics,
-            trainable_parameters=sum(p.numel() for p in trainable),
-            trainable_tensors=len(trainable_names),
+            train_time_s=summary["train_time_s"],
+            start=summary["start"],
+            trainable_parameters=sum(p.numel() for p in ph.trainable),
+            trainable_tensors=len(ph.trainable_names),
         )
-        atomic_write_json(metrics_path, result)  # written last: it marks the phase as complete
+        atomic_write_json(ph.metrics_path, result)
     acc.wait_for_everyone()
-    return export_dir, result
+    return result
 
 
-def _train_step(s, model, opt, disc, d_opt, loss_fn, last_layer, raw_disc, data_iter, step, batches, skipped, o):
+def _train_step(s: Session, ph: Phase, data_iter, step: int, batches: int, skipped: int):
     """One optimizer step: grad_accum micro-batches for G, then the same batches for D (phase 3).
 
     D is updated after G (not interleaved) so that with fp16 the grad scaler unscales each optimizer's
@@ -361,6 +426,7 @@ def _train_step(s, model, opt, disc, d_opt, loss_fn, last_layer, raw_disc, data_
     generator loss are not wanted), and the unwrapped D is called so DDP does not expect a reduction.
     """
     acc, accum = s.accelerator, s.cfg.grad_accum
+    model, opt, disc, d_opt, raw_disc, loss_fn = ph.model, ph.opt, ph.disc, ph.d_opt, ph.raw_disc, ph.loss_fn
     gan = loss_fn.gan_active(step)
     logs: dict[str, torch.Tensor] = defaultdict(float)
     pairs = []
@@ -375,14 +441,14 @@ def _train_step(s, model, opt, disc, d_opt, loss_fn, last_layer, raw_disc, data_
         with sync:
             with acc.autocast():
                 rec = model(x, latent_channels=_latent_channels(s.cfg, step, micro, acc.process_index))
-                loss, parts = loss_fn.generator(x, rec, step, last_layer, disc=raw_disc)
+                loss, parts = loss_fn.generator(x, rec, step, ph.last_layer, disc=raw_disc)
             acc.backward(loss / accum)
         for k, v in parts.items():
             logs[k] = logs[k] + v / accum
         if gan:
             pairs.append((x, rec.detach()))
-    if o.grad_clip > 0:
-        acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], o.grad_clip)
+    if ph.cfg.optim.grad_clip > 0:
+        acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], ph.cfg.optim.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
 
