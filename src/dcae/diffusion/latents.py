@@ -180,6 +180,36 @@ def extract_latents(
 
     data, out = Path(data), Path(out)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    files, rel_paths, labels, index = _plan(
+        autoencoder, data, model_name or autoencoder.config.name, resolution, flip, shard_size, labels_file,
+        unconditional,
+    )  # fmt: skip
+    _prepare_folder(out, index, rel_paths, overwrite, rank, world_size)
+
+    counts = [s["count"] for s in index["shards"]]
+    mine = [k for k in range(len(counts)) if k % world_size == rank]
+    todo = [k for k in mine if not shard_is_complete(out / shard_name(k), counts[k], flip, index["fingerprint"])]
+    bar = tqdm(total=sum(counts[k] for k in mine), initial=sum(counts[k] for k in mine if k not in todo),
+               unit="img", desc=f"latents {out.name}", disable=not progress or rank != 0)  # fmt: skip
+    autoencoder = autoencoder.to(device=device, dtype=dtype).eval()
+    for k in todo:
+        lo, hi = k * shard_size, min((k + 1) * shard_size, len(files))
+        tensors = _encode_images(autoencoder, files[lo:hi], resolution, flip, batch_size, num_workers, dtype, bar)
+        if labels.labels is not None:
+            tensors["labels"] = torch.tensor(labels.labels[lo:hi], dtype=torch.int64)
+        z = tensors["latents"].double()
+        stats = {"sumsq": repr(float(z.square().sum())), "numel": str(z.numel())}
+        meta = {"model": index["model"], "fingerprint": index["fingerprint"], "first": str(lo), **stats}
+        atomic_save_safetensors(tensors, out / shard_name(k), metadata=meta)
+    bar.close()
+
+    # With several processes, the caller finalizes after all of them are done (see `finalize_latents`).
+    return finalize_latents(out) if world_size == 1 else index
+
+
+def _plan(autoencoder, data: Path, model_name: str, resolution: int, flip: bool, shard_size: int, labels_file,
+          unconditional: bool) -> tuple[list[Path], list[str], Labels, dict]:  # fmt: skip
+    """The images, their labels and the index of the folder to write (its fingerprint names the plan)."""
     f = autoencoder.spatial_compression
     if resolution % f:
         raise UserError(f"resolution {resolution} is not a multiple of the autoencoder's compression f{f}")
@@ -191,17 +221,14 @@ def extract_latents(
     root = data if data.is_dir() else data.parent
     rel_paths = [p.relative_to(root).as_posix() for p in files]
     labels = Labels(None, None, None) if unconditional else infer_labels(rel_paths, labels_file)
-    model_name = model_name or autoencoder.config.name
-    fingerprint = _plan_fingerprint(model_name, resolution, flip, shard_size, rel_paths)
     n_shards = (len(files) + shard_size - 1) // shard_size
-    shape = [autoencoder.latent_channels, resolution // f, resolution // f]
     index = {
         "format": FORMAT,
         "model": model_name,
         "model_config": autoencoder.config.to_dict(),
         "scaling_factor": float(autoencoder.scaling_factor),
         "resolution": resolution,
-        "latent_shape": shape,
+        "latent_shape": [autoencoder.latent_channels, resolution // f, resolution // f],
         "spatial_compression": f,
         "flip": flip,
         "dtype": "float32",
@@ -215,19 +242,24 @@ def extract_latents(
         "class_ids": labels.class_ids,
         "label_source": labels.source,
         "data": str(data.resolve()),
-        "fingerprint": fingerprint,
+        "fingerprint": _plan_fingerprint(model_name, resolution, flip, shard_size, rel_paths),
         "complete": False,
     }
+    return files, rel_paths, labels, index
 
+
+def _prepare_folder(out: Path, index: dict, rel_paths: list[str], overwrite: bool, rank: int, world_size: int) -> None:
+    """Refuse a folder of another plan (or, with overwrite, clear its shards); write files.txt and the index.
+    The first process writes; the others wait for it, so none writes a shard that is then cleared."""
     index_path = out / INDEX_NAME
     if index_path.exists():
         old = json.loads(index_path.read_text())
-        if old.get("fingerprint") != fingerprint and not overwrite:
+        if old.get("fingerprint") != index["fingerprint"] and not overwrite:
             raise UserError(
                 f"{out} holds latents of a different run (model, resolution, flip, shard size or image list "
                 "differ); choose another output folder or pass --overwrite"
             )
-        if old.get("fingerprint") != fingerprint and rank == 0:  # overwrite: drop the old shards
+        if old.get("fingerprint") != index["fingerprint"] and rank == 0:  # overwrite: drop the old shards
             for p in out.glob("shard-*.safetensors"):
                 p.unlink()
     if rank == 0:
@@ -235,61 +267,40 @@ def extract_latents(
         atomic_write_text(out / FILES_NAME, "\n".join(rel_paths) + "\n")
         atomic_write_json(index_path, index)
     if world_size > 1 and torch.distributed.is_initialized():
-        torch.distributed.barrier()  # no process writes a shard before the first one has cleared old ones
+        torch.distributed.barrier()
 
-    mine = [k for k in range(n_shards) if k % world_size == rank]
-    counts = [s["count"] for s in index["shards"]]
-    todo = [k for k in mine if not shard_is_complete(out / shard_name(k), counts[k], flip, fingerprint)]
-    done_images = sum(counts[k] for k in mine if k not in todo)
-    bar = tqdm(
-        total=sum(counts[k] for k in mine),
-        initial=done_images,
-        unit="img",
-        desc=f"latents {out.name}",
-        disable=not progress or rank != 0,
-    )
-    autoencoder = autoencoder.to(device=device, dtype=dtype).eval()
-    for k in todo:
-        lo, hi = k * shard_size, min((k + 1) * shard_size, len(files))
-        loader = torch.utils.data.DataLoader(
-            _CropDataset(files[lo:hi], resolution),
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=device.type == "cuda",
-        )
-        chunks, flip_chunks, start = [], [], lo
-        for batch, errors in loader:
-            for j, err in enumerate(errors):
-                if err:
-                    raise ImageReadError(f"cannot read image {files[start + j]}: {err}")
-            x = _to_model_input(batch, device, dtype)
-            for dest, inp in ((chunks, x), (flip_chunks, x.flip(-1) if flip else None)):
-                if inp is None:
-                    continue
-                z = autoencoder.scale_latents(autoencoder.encode(inp)).float()
-                bad = ~torch.isfinite(z.flatten(1)).all(dim=1)
-                if bad.any():
-                    names = [str(files[start + j]) for j in bad.nonzero().flatten().tolist()]
-                    raise NonFiniteError(
-                        f"the autoencoder produced NaN/Inf latents for {len(names)} image(s), e.g. {names[:3]}; "
-                        "check the weights, or use --dtype float32 if you ran in half precision"
-                    )
-                dest.append(z.cpu())
-            start += len(batch)
-            bar.update(len(batch))
-        tensors = {"latents": torch.cat(chunks)}
-        if flip:
-            tensors["latents_flip"] = torch.cat(flip_chunks)
-        if labels.labels is not None:
-            tensors["labels"] = torch.tensor(labels.labels[lo:hi], dtype=torch.int64)
-        z = tensors["latents"].double()
-        stats = {"sumsq": repr(float(z.square().sum())), "numel": str(z.numel())}
-        meta = {"model": model_name, "fingerprint": fingerprint, "first": str(lo), **stats}
-        atomic_save_safetensors(tensors, out / shard_name(k), metadata=meta)
-    bar.close()
 
-    # With several processes, the caller finalizes after all of them are done (see `finalize_latents`).
-    return finalize_latents(out) if world_size == 1 else index
+def _encode_images(autoencoder, files: list[Path], resolution: int, flip: bool, batch_size: int,
+                   num_workers: int, dtype: torch.dtype, bar) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Scaled fp32 latents of `files` (and of their mirror images with flip); unreadable images and
+    non-finite latents are errors that name the files."""
+    device = next(autoencoder.parameters()).device
+    loader = torch.utils.data.DataLoader(_CropDataset(files, resolution), batch_size=batch_size,
+                                         num_workers=num_workers, pin_memory=device.type == "cuda")  # fmt: skip
+    chunks, flip_chunks, start = [], [], 0
+    for batch, errors in loader:
+        for j, err in enumerate(errors):
+            if err:
+                raise ImageReadError(f"cannot read image {files[start + j]}: {err}")
+        x = _to_model_input(batch, device, dtype)
+        for dest, inp in ((chunks, x), (flip_chunks, x.flip(-1) if flip else None)):
+            if inp is None:
+                continue
+            z = autoencoder.scale_latents(autoencoder.encode(inp)).float()
+            bad = ~torch.isfinite(z.flatten(1)).all(dim=1)
+            if bad.any():
+                names = [str(files[start + j]) for j in bad.nonzero().flatten().tolist()]
+                raise NonFiniteError(
+                    f"the autoencoder produced NaN/Inf latents for {len(names)} image(s), e.g. {names[:3]}; "
+                    "check the weights, or use --dtype float32 if you ran in half precision"
+                )
+            dest.append(z.cpu())
+        start += len(batch)
+        bar.update(len(batch))
+    tensors = {"latents": torch.cat(chunks)}
+    if flip:
+        tensors["latents_flip"] = torch.cat(flip_chunks)
+    return tensors
 
 
 def finalize_latents(out: str | os.PathLike) -> dict:
