@@ -116,80 +116,97 @@ def _parse_classes(text: str | None, meta: dict, num_classes: int) -> list[int] 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
+    from tqdm.auto import tqdm
 
-    from dcae.data.images import load_image, make_grid, save_image
-    from dcae.diffusion.sampling import sample
+    from dcae.data.images import save_image
     from dcae.diffusion.trainer import load_checkpoint
     from dcae.errors import UserError
-    from dcae.utils.io import atomic_write_json
     from dcae.utils.runtime import process_group_from_env, resolve_device
 
     # Under torchrun / `accelerate launch` process r samples the missing images i with i % n == r, on its own GPU.
     rank, world, local_device = process_group_from_env()
     device = local_device if local_device is not None and args.device == "auto" else resolve_device(args.device)
     model, process, meta = load_checkpoint(args.ckpt, use_ema=not args.no_ema, device=device)
-    lat = meta["latents"] or {}
-    num_classes = int(meta["model_args"]["num_classes"])
-    classes = _parse_classes(args.classes, lat, num_classes)
-    if args.n < 1:
-        raise UserError("-n must be >= 1")
-    labels = [None] * args.n
-    if num_classes > 0:  # given classes in turn, else all classes evenly (what FID protocols use)
-        labels = [classes[i % len(classes)] if classes else i % num_classes for i in range(args.n)]
+    lat, num_classes = meta["latents"] or {}, int(meta["model_args"]["num_classes"])
+    labels = _sample_labels(args, lat, num_classes)
     solver = args.solver if args.solver != "auto" else ("heun" if process.prediction == "velocity" else "dpm++")
-    lo, hi = (float(v) for v in args.guidance_interval.split(","))
     source = args.autoencoder or lat.get("model")
     if not source:
         raise UserError("the checkpoint records no autoencoder: pass --autoencoder")
     ae = _load_autoencoder(source).to(device).eval()
-    scaling = float(lat.get("scaling_factor") or ae.scaling_factor)
-    shape = tuple(lat.get("latent_shape") or (model.in_channels, model.input_size, model.input_size))
+    run = _Sampler(args, model, process, ae, solver, float(lat.get("scaling_factor") or ae.scaling_factor),
+                   tuple(lat.get("latent_shape") or (model.in_channels, model.input_size, model.input_size)),
+                   num_classes, device)  # fmt: skip
 
     out = Path(args.output)
     paths = [out / "images" / f"{i:06d}.png" for i in range(args.n)]
     # Image i belongs to process i % world (fixed by the index, not by what exists when a process looks:
     # the others may already be writing); reruns resume with the images that are missing.
     todo = [i for i in range(args.n) if i % world == rank and (args.overwrite or not paths[i].exists())]
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=len(todo), unit="img", desc="sampling", disable=args.n < 2 or rank != 0)
     for start in range(0, len(todo), args.batch_size):
         idx = todo[start : start + args.batch_size]
-        # Noise per sample index, so that any batch size (and any resumed run) gives the same image i.
-        noise = torch.stack(
-            [torch.randn(shape, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + i)) for i in idx]
-        ).to(device)
-        y = torch.tensor([labels[i] for i in idx], device=device) if num_classes > 0 else None
-        with torch.no_grad(), autocast:
-            z = sample(
-                model,
-                process,
-                noise,
-                y=y,
-                null_class=num_classes,
-                steps=args.steps,
-                solver=solver,
-                cfg_scale=args.cfg,
-                guidance_interval=(lo, hi),
-                eta=args.eta,
-                generator=torch.Generator(device).manual_seed(args.seed * 1_000_003 + idx[0]),
-            )
-        if not torch.isfinite(z).all():
-            from dcae.errors import NonFiniteError
-
-            raise NonFiniteError("sampling produced NaN/Inf latents")
-        with torch.no_grad():
-            images = ae.decode(z / scaling).float()
-        for i, img in zip(idx, images):
+        for i, img in zip(idx, run.images(idx, labels)):
             save_image(img, paths[i])
         bar.update(len(idx))
     bar.close()
     if world > 1:
         torch.distributed.barrier()  # every image is written before the first process reads them
-    if rank != 0:
-        return 0
+    if rank == 0:
+        _sample_report(args, out, paths, labels, meta, {"autoencoder": source, "solver": solver,
+                                                         "guidance_interval": list(run.interval)}, device)  # fmt: skip
+    return 0
 
+
+def _sample_labels(args: argparse.Namespace, lat: dict, num_classes: int) -> list:
+    """The class of every image: the given classes in turn, else all classes evenly (what FID protocols use)."""
+    from dcae.errors import UserError
+
+    classes = _parse_classes(args.classes, lat, num_classes)
+    if args.n < 1:
+        raise UserError("-n must be >= 1")
+    if num_classes == 0:
+        return [None] * args.n
+    return [classes[i % len(classes)] if classes else i % num_classes for i in range(args.n)]
+
+
+class _Sampler:
+    """Decoded samples for given image indices: the noise of image i is seeded by i, so any batch size,
+    process count or resumed run gives the same image i."""
+
+    def __init__(self, args, model, process, ae, solver: str, scaling: float, shape: tuple, num_classes: int,
+                 device) -> None:  # fmt: skip
+        self.args, self.model, self.process, self.ae, self.solver = args, model, process, ae, solver
+        self.scaling, self.shape, self.num_classes, self.device = scaling, shape, num_classes, device
+        self.interval = tuple(float(v) for v in args.guidance_interval.split(","))
+
+    def images(self, idx: list[int], labels: list):
+        import torch
+
+        from dcae.diffusion.sampling import sample
+        from dcae.errors import NonFiniteError
+
+        a, device = self.args, self.device
+        seeds = [a.seed * 1_000_003 + i for i in idx]
+        noise = torch.stack([torch.randn(self.shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        y = torch.tensor([labels[i] for i in idx], device=device) if self.num_classes > 0 else None
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.dtype == "bf16")
+        with torch.no_grad(), autocast:
+            z = sample(self.model, self.process, noise.to(device), y=y, null_class=self.num_classes, steps=a.steps,
+                       solver=self.solver, cfg_scale=a.cfg, guidance_interval=self.interval, eta=a.eta,
+                       generator=torch.Generator(device).manual_seed(seeds[0]))  # fmt: skip
+        if not torch.isfinite(z).all():
+            raise NonFiniteError("sampling produced NaN/Inf latents")
+        with torch.no_grad():
+            return self.ae.decode(z / self.scaling).float()
+
+
+def _sample_report(args, out: Path, paths: list[Path], labels: list, meta: dict, settings: dict, device) -> None:
+    """grid.png, samples.json (settings, labels, class names) and, with --fid-ref, gFID."""
+    from dcae.data.images import load_image, make_grid, save_image
+    from dcae.utils.io import atomic_write_json
+
+    lat = meta["latents"] or {}
     k = min(args.n, args.grid)
     if k:
         save_image(make_grid([load_image(p) for p in paths[:k]], nrow=min(8, k)), out / "grid.png")
@@ -199,12 +216,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
         {
             "checkpoint": meta["path"],
             "step": meta["step"],
-            "autoencoder": source,
+            "autoencoder": settings["autoencoder"],
             "ema": not args.no_ema,
-            "solver": solver,
+            "solver": settings["solver"],
             "steps": args.steps,
             "cfg": args.cfg,
-            "guidance_interval": [lo, hi],
+            "guidance_interval": settings["guidance_interval"],
             "seed": args.seed,
             "labels": labels,
             "class_names": [names[y] if y is not None and y < len(names) else None for y in labels],
@@ -215,7 +232,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
         score = compute_gfid([str(p) for p in paths], args.fid_ref, device, resolution=lat.get("resolution"))
         print(f"gFID {score:.3f} ({args.n} samples vs {args.fid_ref})")
         atomic_write_json(out / "fid.json", {"fid": score, "num_samples": args.n, "reference": args.fid_ref})
-    return 0
 
 
 def compute_gfid(images, reference: str, device, resolution: int | None = None, batch_size: int = 32) -> float:
