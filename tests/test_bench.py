@@ -35,6 +35,9 @@ def test_bench_ae_json_schema(tmp_path: Path, tiny_config: Path, capsys: pytest.
         assert r["impl"] in ("dcae", "diffusers") and r["device"] == "cpu" and r["dtype"] == "fp32"
         assert r["enc_img_s"] > 0 and r["dec_img_s"] > 0 and r["enc_peak_gib"] > 0 and r["dec_peak_gib"] > 0
     assert [(r["res"], r["batch"]) for r in records] == [(64, 2), (64, 2), (128, 1), (128, 1)]
+    from PIL import Image
+
+    assert Image.open(out.with_suffix(".png")).size[0] > 300  # the chart next to the numbers
     table = out.with_suffix(".md").read_text()
     assert "time vs diffusers" in table and "dcae bench ae" in table
     assert "| dcae |" in capsys.readouterr().out

@@ -40,6 +40,9 @@ def test_bench_cli_records_and_ratios(tmp_path, capsys):
     assert f64["fwd_gflops_per_img"] < f8["fwd_gflops_per_img"] / 8
     assert f64["infer_img_s"] > f8["infer_img_s"]
     assert "| DiT-S" in capsys.readouterr().out
+    from PIL import Image
+
+    assert Image.open(out.with_suffix(".png")).size[0] > 300  # the chart next to the numbers
 
 
 def test_whole_image_generation_adds_the_decode():

@@ -384,6 +384,24 @@ def write_results(records: list[dict[str, Any]], path: Path) -> None:
         f"Reproduce: `{r0.get('command', '')}`\n\n"
     )
     atomic_write_text(path.with_suffix(".md"), header + format_table(records) + "\n")
+    if records:
+        plot_results(records, path.with_suffix(".png"))
+
+
+def plot_results(records: list[dict[str, Any]], path: Path) -> Path:
+    """Encode and decode img/s per (model, resolution, batch), one bar per implementation."""
+    from dcae.utils.plots import bar_chart
+
+    keys = list(dict.fromkeys((r["model"], r["res"], r["batch"]) for r in records))
+    impls = list(dict.fromkeys(r["impl"] for r in records))
+    value = {(r["model"], r["res"], r["batch"], r["impl"]): r for r in records}
+    panels = {
+        f"{what} img/s": {i: [value.get((*k, i), {}).get(f"{what[:3]}_img_s") for k in keys] for i in impls}
+        for what in ("encode", "decode")
+    }
+    groups = [f"{m.removeprefix('dc-ae-')}\n{res}px b{b}" for m, res, b in keys]
+    r0 = records[0]
+    return bar_chart(panels, groups, path, f"{r0.get('device_name', r0.get('device'))}, {r0.get('dtype')}", "img/s")
 
 
 def main(argv: list[str] | None = None) -> int:

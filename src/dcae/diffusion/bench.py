@@ -14,6 +14,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -278,5 +279,20 @@ def main_from_args(args) -> int:
     print(format_table(records))
     if args.json:
         atomic_write_json(args.json, records)
-        print(f"wrote {args.json}")
+        chart = plot_ratios(records, Path(args.json).with_suffix(".png"))
+        print(f"wrote {args.json} and {chart}")
     return 0
+
+
+def plot_ratios(records: list[dict], path: Path) -> Path:
+    """Throughput relative to the f8 setting: one panel per model, bars for train, infer (and generate)."""
+    from dcae.utils.plots import bar_chart
+
+    settings = list(dict.fromkeys(r["setting"] for r in records))
+    kinds = [k for k in ("train", "infer", "generate") if any(f"{k}_ratio_vs_f8" in r for r in records)]
+    panels = {}
+    for model in dict.fromkeys(r["model"] for r in records):
+        rows = {r["setting"]: r for r in records if r["model"] == model}
+        panels[model] = {k: [rows.get(s, {}).get(f"{k}_ratio_vs_f8") for s in settings] for k in kinds}
+    r0 = records[0]
+    return bar_chart(panels, settings, path, f"throughput vs SD-VAE f8 ({r0['device']}, {r0['dtype']})", "x f8")
