@@ -315,3 +315,18 @@ def test_cli_latents_on_two_processes_equals_one(tmp_path, ae_dir):
     for i in range(10):
         assert torch.equal(one[i][0], two[i][0]) and one[i][1] == two[i][1]
     assert read_index(tmp_path / "two")["latent_rms"] == pytest.approx(read_index(tmp_path / "one")["latent_rms"])
+
+
+@pytest.mark.slow
+def test_cli_latents_compiled_equals_eager(tmp_path, ae_dir):
+    """`dcae latents --compile` (torch.compile with Inductor, channels-last) writes the latents the eager
+    fast path writes, to float rounding."""
+    write_images(tmp_path / "data", ["a.png", "b.png", "c.png"])
+    common = ["latents", "--model", str(ae_dir), "--data", str(tmp_path / "data"), "--resolution", "16",
+              "--workers", "0", "--batch-size", "3"]  # fmt: skip
+    assert cli([*common, "-o", str(tmp_path / "eager")]) == 0
+    assert cli([*common, "-o", str(tmp_path / "compiled"), "--compile"]) == 0
+    eager, compiled = LatentDataset(tmp_path / "eager"), LatentDataset(tmp_path / "compiled")
+    for i in range(3):
+        a, b = eager[i][0], compiled[i][0]
+        assert ((a - b).norm() / a.norm()).item() < 1e-5

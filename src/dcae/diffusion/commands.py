@@ -27,8 +27,13 @@ def cmd_latents(args: argparse.Namespace) -> int:
     # One process, or one per GPU under `accelerate launch` / torchrun: each writes every n-th shard.
     rank, world, local_device = process_group_from_env()
     device = local_device if local_device is not None and args.device == "auto" else resolve_device(args.device)
+    autoencoder = _load_autoencoder(args.model)
+    if args.compile:
+        from dcae.models.fast import compile_dcae
+
+        compile_dcae(autoencoder)
     index = extract_latents(
-        _load_autoencoder(args.model),
+        autoencoder,
         args.data,
         args.output,
         model_name=args.model,
@@ -268,6 +273,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2, help="image decoding workers (default 2)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="encoder compute dtype")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder (GPU; pays off for big folders)")
     p.add_argument("--overwrite", action="store_true", help="replace latents of a different earlier run")
     p.set_defaults(func=cmd_latents)
 

@@ -72,6 +72,7 @@ def register(sub) -> None:
     p.add_argument("--data", nargs="+", required=True, help="image folders, files or .tar shards (globs, {000..009})")
     p.add_argument("--resolution", type=int, default=256, help="center-crop size (default 256)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autoencoder dtype")
+    p.add_argument("--compile", action="store_true", help="torch.compile DC-AE models (GPU; for large sets)")
     _add_runtime(p, batch_size=8)
     _add_lpips(p, default="stlpips-alex")
     p.add_argument("--no-fid", action="store_true", help="skip rFID (saves the Inception passes)")
@@ -181,7 +182,7 @@ def run_eval(args: argparse.Namespace) -> int:
     reference = _Reference(_cache(args), refs, args.data, args.resolution, inception, main=rank == 0)
     entries, results = [], []
     for spec in args.model:
-        model = load_autoencoder(spec, device, dtype)
+        model = load_autoencoder(spec, device, dtype, compiled=args.compile)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FewImagesWarning)  # reported once, below, with the count
             result = evaluate_reconstruction(

@@ -129,10 +129,11 @@ def load_diffusers_autoencoder(path: str) -> nn.Module:
 
 
 def load_autoencoder(
-    spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, compiled: bool = False
 ) -> LoadedAutoencoder:
     """`diffusers:PATH` for a diffusers folder; `config:NAME_OR_FILE` for a randomly initialised DC-AE
-    (timing only); anything else goes to `DCAE.from_pretrained` (zoo name, Hub id, folder, file)."""
+    (timing only); anything else goes to `DCAE.from_pretrained` (zoo name, Hub id, folder, file).
+    compiled: `dcae.models.fast.compile_dcae` for DC-AE models (others run as they are)."""
     if spec.startswith("diffusers:"):
         module = load_diffusers_autoencoder(spec[len("diffusers:") :])
     elif spec.startswith("config:"):
@@ -149,6 +150,14 @@ def load_autoencoder(
         module = module.to(dtype=dtype)
     module.eval()
     module.requires_grad_(False)
+    if compiled:
+        from dcae.models import DCAE
+        from dcae.models.fast import compile_dcae
+
+        if isinstance(module, DCAE):
+            compile_dcae(module)
+        else:
+            warnings.warn(f"{spec}: --compile applies to DC-AE models only; this one runs uncompiled", stacklevel=2)
     return wrap_autoencoder(module, spec)
 
 
