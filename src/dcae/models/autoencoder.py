@@ -299,24 +299,25 @@ class DCAE(nn.Module):
 
     # Hooks that the tiled and fused paths override; plain calls by default.
     def _encode(self, x: torch.Tensor, latent_channels: int | None = None) -> torch.Tensor:
-        def run() -> torch.Tensor:
-            tiler = self.__dict__.get("_tiler")
-            if tiler is not None and tiler.wants_encode(x):
-                return tiler.encode(self, x, latent_channels)
-            return self._tiled_on_oom(
-                lambda: self._encode_once(x, latent_channels), lambda t: t.encode(self, x, latent_channels), x.shape
-            )
-
-        return self._eager_if_fast_fails(run)
+        return self._call(
+            x, lambda t: t.wants_encode(x), lambda t: t.encode(self, x, latent_channels),
+            lambda: self._encode_once(x, latent_channels),
+        )  # fmt: skip
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        def run() -> torch.Tensor:
-            tiler = self.__dict__.get("_tiler")
-            if tiler is not None and tiler.wants_decode(z):
-                return tiler.decode(self, z)
-            return self._tiled_on_oom(lambda: self._decode_once(z), lambda t: t.decode(self, z), z.shape)
+        return self._call(z, lambda t: t.wants_decode(z), lambda t: t.decode(self, z), lambda: self._decode_once(z))
 
-        return self._eager_if_fast_fails(run)
+    def _call(self, inp: torch.Tensor, wants_tiles: Callable, in_tiles: Callable, whole: Callable) -> torch.Tensor:
+        """In tiles when tiling is on and the input is larger than a tile, else whole (and in tiles after all
+        if that runs out of memory); the eager modules answer if the fast path fails."""
+
+        def attempt() -> torch.Tensor:
+            tiler = self.__dict__.get("_tiler")
+            if tiler is not None and wants_tiles(tiler):
+                return in_tiles(tiler)
+            return self._tiled_on_oom(whole, in_tiles, inp.shape)
+
+        return self._eager_if_fast_fails(attempt)
 
     def _eager_if_fast_fails(self, run: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The fast path has kernels and layouts the eager modules do not; if it fails where the eager
