@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -357,4 +358,30 @@ def test_out_of_memory_is_retried_in_tiles(monkeypatch: pytest.MonkeyPatch) -> N
     assert rel_err(z, z_ref) < 1e-5 and rel_err(y, y_ref) < 1e-5
     model.tile_on_oom = False
     with torch.inference_mode(), pytest.raises(torch.OutOfMemoryError, match="Tried to allocate"):
+        model.decode(z_ref)
+
+
+def test_cpu_call_that_would_not_fit_in_free_memory_runs_in_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU an out-of-memory process is killed, not told: large inputs get their untiled peak
+    estimated on a meta twin first, and go to exact tiles when it exceeds about half the free memory.
+    The free memory is set low here; the estimate and the tiled run are real."""
+    from dcae.models import memory
+
+    torch.manual_seed(0)
+    model = DCAE.from_config(TINY).eval()
+    x = images(256, 192)
+    with torch.inference_mode():
+        z_ref, y_ref = model.encode(x), model.decode(model.encode(x))
+    model.ram_check_pixels = 128 * 128  # so that this small test image counts as large
+    estimate = memory.estimate_peak_bytes(model, "decode", tuple(z_ref.shape), z_ref.dtype)
+    assert estimate > 256 * 192 * 16 * 4  # at least one full-resolution feature map of the first stage
+    monkeypatch.setattr(memory, "available_ram_bytes", lambda: estimate)  # less than twice the estimate
+    with torch.inference_mode(), pytest.warns(UserWarning, match=r"decode of \(1, 32, 8, 6\) needs about"):
+        y = model.decode(z_ref)
+    with torch.inference_mode(), pytest.warns(UserWarning, match="running in exact tiles"):
+        z = model.encode(x)
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(z, z_ref) < 1e-5
+    monkeypatch.setattr(memory, "available_ram_bytes", lambda: 4 * estimate)
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # enough memory: untiled, no warning
         model.decode(z_ref)

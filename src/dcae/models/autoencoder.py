@@ -300,24 +300,61 @@ class DCAE(nn.Module):
     # Hooks that the tiled and fused paths override; plain calls by default.
     def _encode(self, x: torch.Tensor, latent_channels: int | None = None) -> torch.Tensor:
         return self._call(
-            x, lambda t: t.wants_encode(x), lambda t: t.encode(self, x, latent_channels),
+            "encode", x, lambda t: t.wants_encode(x), lambda t: t.encode(self, x, latent_channels),
             lambda: self._encode_once(x, latent_channels),
         )  # fmt: skip
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self._call(z, lambda t: t.wants_decode(z), lambda t: t.decode(self, z), lambda: self._decode_once(z))
+        return self._call(
+            "decode", z, lambda t: t.wants_decode(z), lambda t: t.decode(self, z), lambda: self._decode_once(z)
+        )
 
-    def _call(self, inp: torch.Tensor, wants_tiles: Callable, in_tiles: Callable, whole: Callable) -> torch.Tensor:
-        """In tiles when tiling is on and the input is larger than a tile, else whole (and in tiles after all
-        if that runs out of memory); the eager modules answer if the fast path fails."""
+    def _call(self, kind: str, inp: torch.Tensor, wants_tiles: Callable, in_tiles: Callable, whole: Callable):
+        """In tiles when tiling is on and the input is larger than a tile, or (CPU) when the untiled call
+        would not fit in the free memory; else whole, and in tiles after all if that runs out of GPU memory.
+        The eager modules answer if the fast path fails."""
 
         def attempt() -> torch.Tensor:
             tiler = self.__dict__.get("_tiler")
             if tiler is not None and wants_tiles(tiler):
                 return in_tiles(tiler)
+            if self._exceeds_ram(kind, inp):
+                from dcae.models.tiling import Tiler
+
+                return in_tiles(Tiler(self.spatial_compression))
             return self._tiled_on_oom(whole, in_tiles, inp.shape)
 
         return self._eager_if_fast_fails(attempt)
+
+    # A CPU process that runs out of memory is killed, not told: so on the CPU, inputs of more than this many
+    # pixels get their untiled peak memory estimated first (once per shape; see dcae.models.memory).
+    ram_check_pixels: int = 1536 * 1536
+
+    def _exceeds_ram(self, kind: str, inp: torch.Tensor) -> bool:
+        """True (with a warning) when an untiled CPU call would need more than ~half the free memory."""
+        from dcae.models import memory
+
+        pixels = inp.shape[-2] * inp.shape[-1] * (self.spatial_compression**2 if kind == "decode" else 1)
+        if inp.device.type != "cpu" or not self.tile_on_oom or torch.is_grad_enabled():
+            return False
+        if pixels * inp.shape[0] <= self.ram_check_pixels:
+            return False
+        free = memory.available_ram_bytes()
+        if free is None:
+            return False
+        key = (kind, tuple(inp.shape), inp.dtype)
+        estimates = self.__dict__.setdefault("_peak_estimates", {})
+        if key not in estimates:
+            estimates[key] = memory.estimate_peak_bytes(self, kind, tuple(inp.shape), inp.dtype)
+        # 2x: allocator slack, backend scratch and the fast path's caches are not in the estimate.
+        if 2 * estimates[key] <= free:
+            return False
+        warnings.warn(
+            f"{kind} of {tuple(inp.shape)} needs about {estimates[key] / 2**30:.1f} GiB untiled, {free / 2**30:.1f} "
+            "GiB are free: running in exact tiles (same result). enable_tiling() does this from the start.",
+            stacklevel=6,
+        )
+        return True
 
     def _eager_if_fast_fails(self, run: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The fast path has kernels and layouts the eager modules do not; if it fails where the eager

@@ -63,3 +63,34 @@ class TensorMemoryTracker(TorchDispatchMode):
 
 def _storage_id(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
+
+
+def estimate_peak_bytes(model, kind: str, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Peak tensor memory of an untiled `model.encode` / `model.decode` (kind "encode" / "decode") of an input
+    of `shape`, measured on a meta-device twin: no memory is allocated and nothing computed (~1 s for a
+    full-size model at 4096 px). Weights and the input are not counted."""
+    from dcae.models.autoencoder import DCAE
+
+    with torch.device("meta"):
+        twin = DCAE(model.config).to(dtype).eval()
+    x = torch.empty(shape, device="meta", dtype=dtype)
+    with torch.inference_mode(), TensorMemoryTracker() as tracker:
+        getattr(twin, kind)(x)
+    return tracker.peak
+
+
+def available_ram_bytes() -> int | None:
+    """Memory the system can still give this process (Linux MemAvailable, else psutil), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return None
