@@ -16,7 +16,8 @@ def bar_chart(panels: dict[str, dict[str, list[float | None]]], groups: list[str
 
     from dcae.utils.io import atomic_path
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(1.2 + 1.1 * len(groups) * len(panels), 3.4), squeeze=False)
+    width = max(4.0, 1.2 + 1.1 * len(groups)) * len(panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, 3.4), squeeze=False)
     for ax, (panel, series) in zip(axes[0], panels.items()):
         width = 0.8 / max(1, len(series))
         for k, (name, values) in enumerate(series.items()):
