@@ -18,7 +18,8 @@ run still leaves its results: every section appends to the JSON as soon as it fi
 5. the compiled variants at 512 and 1024 while the budget lasts (compiling costs ~20-40 s per module
    and shape); then sana-1.0 eager if time remains;
 6. if the budget still allows: which fast-path switches pay (cuDNN autotuning, Triton, channels-last,
-   BN folding, channels-last weights, CUDA graphs), the data for choosing the defaults.
+   BN folding, channels-last weights, CUDA graphs), the data for choosing the defaults; then DiT-XL's
+   throughput on f8 / f32 / f64 latents with whole-image generation (`dcae bench diffusion`).
 
 Expected time on one H100/H200: ~1.5 min of correctness, ~1 min of eager benchmark, ~1.5 min of profile
 and variants, ~4 min of compiled benchmark: about 8.5 minutes; --budget-s stops starting new benchmark
@@ -378,6 +379,20 @@ def _enc_dec_img_s(encode, decode, x, z, batch: int) -> dict:
     return result
 
 
+def diffusion_throughput() -> list[dict]:
+    """`dcae bench diffusion` on the chip: DiT-XL in bf16, batch 32, on f8-p2 / f32-p1 / f64-p1 latents, with
+    whole-image generation (30 CFG steps + decode). The dry run uses a one-block DiT-S at batch 1 and no
+    generation (full-size decoders take a minute on a CPU; tests/test_diffusion_bench.py covers that path)."""
+    from dcae.diffusion.bench import format_table, run_bench
+
+    gpu = Ctx.dev == "cuda"
+    records = run_bench(["DiT-XL" if gpu else "DiT-S"], 32 if gpu else 1, torch.device(Ctx.dev),
+                        torch.bfloat16 if gpu else torch.float32, warmup=3 if gpu else 0, steps=10 if gpu else 1,
+                        overrides=None if gpu else {"depth": 1}, generate_steps=30 if gpu else 0)  # fmt: skip
+    print(format_table(records), flush=True)
+    return records
+
+
 def bench_plan() -> list[tuple]:
     """(model, resolutions, batches, impls) entries; the first is the eager f32c32-in table."""
     res = [Ctx.px(r) for r in B.GPU_RES]
@@ -443,10 +458,12 @@ def main() -> int:
     bench(report, plan[:1], records, path, args.budget_s)
     report.guarded("profile", profile_models)
     bench(report, plan[1:], records, path, args.budget_s)
-    if time.time() - T0 < args.budget_s:  # the least urgent part: it informs the next defaults
-        report.guarded("fast_path_variants", variants)
-    else:
-        report.add("fast_path_variants", "skipped: time budget reached")
+    # The least urgent parts: the data for the next GPU defaults, then the diffusion throughput (#6).
+    for section, fn in (("fast_path_variants", variants), ("diffusion_throughput", diffusion_throughput)):
+        if time.time() - T0 < args.budget_s:
+            report.guarded(section, fn)
+        else:
+            report.add(section, "skipped: time budget reached")
     print(f"done in {time.time() - T0:.0f} s; results in {args.out}")
     return 0
 

@@ -72,5 +72,6 @@ def test_gpu_check_dry_run(tmp_path: Path, tiny_config: Path) -> None:
     variants = sections["fast_path_variants"]["dc-ae-f32c32-in-1.0"]
     assert {"default", "cudnn_benchmark", "no_triton", "channels_last_weights"} <= set(variants)
     assert all(v["enc_img_s"] > 0 and v["dec_img_s"] > 0 for v in variants.values())
+    assert [r["setting"] for r in sections["diffusion_throughput"]] == ["sd-vae-f8-p2", "dc-ae-f32-p1", "dc-ae-f64-p1"]
     records = json.loads(next(tmp_path.glob("ae_gpu_cpu-dry-run_*.json")).read_text())
     assert {r["impl"] for r in records} == {"dcae", "diffusers"} and all(set(r) >= KEYS for r in records)
