@@ -325,7 +325,11 @@ def test_cli_latents_compiled_equals_eager(tmp_path, ae_dir):
     common = ["latents", "--model", str(ae_dir), "--data", str(tmp_path / "data"), "--resolution", "16",
               "--workers", "0", "--batch-size", "3"]  # fmt: skip
     assert cli([*common, "-o", str(tmp_path / "eager")]) == 0
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     assert cli([*common, "-o", str(tmp_path / "compiled"), "--compile"]) == 0
+    assert counters["stats"]["unique_graphs"] >= 1  # the encoder really went through torch.compile
     eager, compiled = LatentDataset(tmp_path / "eager"), LatentDataset(tmp_path / "compiled")
     for i in range(3):
         a, b = eager[i][0], compiled[i][0]

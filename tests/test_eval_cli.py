@@ -319,3 +319,21 @@ def test_eval_on_two_processes_equals_one(photos, models, tmp_path, capsys):
     assert [r["name"] for r in rows_two] == [r["name"] for r in rows_one]
     for a, b in zip(rows_one, rows_two):
         assert float(b["psnr"]) == pytest.approx(float(a["psnr"]), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_eval_compiled_matches_eager(photos, models, tmp_path, capsys):
+    """`dcae eval --compile` runs the DC-AE through torch.compile and reports the eager numbers."""
+    from torch._dynamo.utils import counters
+
+    common = ["eval", "--model", models["dcae"], "--data", photos, "--resolution", 64, "--no-fid", "--lpips-net",
+              "none", "--no-progress"]  # fmt: skip
+    rc, _, err = _run(capsys, *common, "--json", tmp_path / "eager.json")
+    assert rc == 0, err
+    counters.clear()
+    rc, _, err = _run(capsys, *common, "--json", tmp_path / "compiled.json", "--compile")
+    assert rc == 0, err
+    assert counters["stats"]["unique_graphs"] >= 1
+    eager, compiled = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("eager", "compiled"))
+    assert compiled["psnr"] == pytest.approx(eager["psnr"], abs=1e-3)
+    assert compiled["ssim"] == pytest.approx(eager["ssim"], abs=1e-4)
