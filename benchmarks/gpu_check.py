@@ -320,12 +320,10 @@ def profile_models() -> dict:
             peer = peer.to(Ctx.dev, torch.bfloat16)
             impls.append(("diffusers", lambda t, p=peer: p.encode(t).latent, lambda t, p=peer: p.decode(t).sample))
         for impl, enc, dec in impls:
+            speed = _enc_dec_img_s(enc, dec, x, z, batch)
             for what, fn, arg in (("enc", enc, x), ("dec", dec, z)):
-                with torch.inference_mode():
-                    fn(arg)
-                    times = sorted(B._timed(lambda f=fn, a=arg: f(a), Ctx.dev) for _ in range(5))
-                img_s = batch / times[2]
-                entry[f"{impl}_{what}_img_s"] = round(img_s, 1)
+                img_s = speed[f"{what}_img_s"]
+                entry[f"{impl}_{what}_img_s"] = img_s
                 entry[f"{impl}_{what}_peak_fraction"] = round(img_s * flops[what] / 1e12 / peak, 3)
                 entry[f"{impl}_{what}_top_ops"] = top_ops(fn, arg)
         out[name] = entry
