@@ -22,11 +22,10 @@ def cmd_latents(args: argparse.Namespace) -> int:
     import torch
 
     from dcae.diffusion.latents import extract_latents, finalize_latents
-    from dcae.utils.runtime import process_group_from_env, resolve_device, resolve_dtype
+    from dcae.utils.runtime import process_group_from_env, resolve_dtype
 
     # One process, or one per GPU under `accelerate launch` / torchrun: each writes every n-th shard.
-    rank, world, local_device = process_group_from_env()
-    device = local_device if local_device is not None and args.device == "auto" else resolve_device(args.device)
+    rank, world, device = process_group_from_env(args.device)
     autoencoder = _load_autoencoder(args.model)
     if args.compile:
         from dcae.models.fast import compile_dcae
@@ -126,11 +125,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from dcae.data.images import save_image
     from dcae.diffusion.trainer import load_checkpoint
     from dcae.errors import UserError
-    from dcae.utils.runtime import process_group_from_env, resolve_device
+    from dcae.utils.runtime import process_group_from_env
 
     # Under torchrun / `accelerate launch` process r samples the missing images i with i % n == r, on its own GPU.
-    rank, world, local_device = process_group_from_env()
-    device = local_device if local_device is not None and args.device == "auto" else resolve_device(args.device)
+    rank, world, device = process_group_from_env(args.device)
     model, process, meta = load_checkpoint(args.ckpt, use_ema=not args.no_ema, device=device)
     lat, num_classes = meta["latents"] or {}, int(meta["model_args"]["num_classes"])
     labels = _sample_labels(args, lat, num_classes)

@@ -164,14 +164,13 @@ def run_eval(args: argparse.Namespace) -> int:
     from dcae.metrics.data import collect_images
     from dcae.metrics.fid import FewImagesWarning
     from dcae.metrics.reconstruction import EvalSettings, evaluate_reconstruction, load_autoencoder
-    from dcae.utils.runtime import process_group_from_env, resolve_device, resolve_dtype
+    from dcae.utils.runtime import process_group_from_env, resolve_dtype
 
     out = Path(args.out) if args.out else None
     json_path = Path(args.json) if args.json else None
     _check_outputs([json_path, out / "results.json" if out else None], args.overwrite)
     # Under torchrun / `accelerate launch` each process takes its share of the images, on its own GPU.
-    rank, world, local_device = process_group_from_env()
-    device = local_device if local_device is not None and args.device == "auto" else resolve_device(args.device)
+    rank, world, device = process_group_from_env(args.device)
     dtype = resolve_dtype(args.dtype)
     refs = collect_images(args.data, args.limit)
     lpips = _build_lpips(args, device)

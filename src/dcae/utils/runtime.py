@@ -36,12 +36,13 @@ def make_accelerator(mixed_precision: str = "no", find_unused_parameters: bool =
     return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
 
 
-def process_group_from_env() -> tuple[int, int, torch.device | None]:
-    """(rank, world size, this process's device) when started by torchrun / `accelerate launch` with more
-    than one process (the process group is set up here); (0, 1, None) otherwise."""
+def process_group_from_env(device: str = "auto") -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process. Under torchrun / `accelerate launch` with more than one
+    process the process group is set up here, and "auto" means this process's own GPU; otherwise (0, 1,
+    resolve_device(device))."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1, None
+        return 0, 1, resolve_device(device)
     from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available())
-    return state.process_index, state.num_processes, state.device
+    return state.process_index, state.num_processes, state.device if device == "auto" else resolve_device(device)
