@@ -299,10 +299,12 @@ class DCAE(nn.Module):
 
     # Hooks that the tiled and fused paths override; plain calls by default.
     def _encode(self, x: torch.Tensor, latent_channels: int | None = None) -> torch.Tensor:
+        if latent_channels is not None:  # DC-AE 1.5: the first k channels of the full latent, on every path
+            self.encoder.sliceable_out(latent_channels)
+            return self._encode(x)[:, :latent_channels].contiguous()
         return self._call(
-            "encode", x, lambda t: t.wants_encode(x), lambda t: t.encode(self, x, latent_channels),
-            lambda: self._encode_once(x, latent_channels),
-        )  # fmt: skip
+            "encode", x, lambda t: t.wants_encode(x), lambda t: t.encode(self, x), lambda: self._encode_once(x)
+        )
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         return self._call(
@@ -476,11 +478,11 @@ class DCAE(nn.Module):
             fast = self.__dict__["_fast"] = FastPath()
         return fast
 
-    def _encode_once(self, x: torch.Tensor, latent_channels: int | None = None) -> torch.Tensor:
+    def _encode_once(self, x: torch.Tensor) -> torch.Tensor:
         fast = self._fast_path()
         if fast is not None:
-            return fast.encode(self.encoder, x, latent_channels)
-        return self.encoder(x, latent_channels=latent_channels)
+            return fast.encode(self.encoder, x)
+        return self.encoder(x)
 
     def _decode_once(self, z: torch.Tensor) -> torch.Tensor:
         fast = self._fast_path()

@@ -148,10 +148,7 @@ class FastPath:
         """Inference only: eval mode (BatchNorm statistics fixed) and no autograd."""
         return not model.training and not torch.is_grad_enabled()
 
-    def encode(self, encoder: nn.Module, x: torch.Tensor, latent_channels: int | None = None) -> torch.Tensor:
-        if latent_channels is not None:  # DC-AE 1.5: the first k channels of the full latent
-            encoder.sliceable_out(latent_channels)
-            return self.run_units(encoder_units(encoder), x)[:, :latent_channels].contiguous()
+    def encode(self, encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return self.run_units(encoder_units(encoder), x)
 
     def decode(self, decoder: nn.Module, z: torch.Tensor) -> torch.Tensor:

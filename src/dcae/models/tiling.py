@@ -382,21 +382,18 @@ class Tiler:
     def wants_decode(self, z: torch.Tensor) -> bool:
         return max(z.shape[-2:]) * self.factor > self.config.tile_size
 
-    def encode(self, model, x: torch.Tensor, latent_channels: int | None = None) -> torch.Tensor:
+    def encode(self, model, x: torch.Tensor) -> torch.Tensor:
         """x: images (B, C, H, W), H and W multiples of f."""
         if self.config.mode == "exact":
             runner = _runner(model)
             plan = exact_plan(encoder_units(model.encoder), True, self.factor, self.max_radius)
             if plan is not None:
-                if latent_channels is not None:  # DC-AE 1.5: the first k channels of the full latent
-                    model.encoder.sliceable_out(latent_channels)
                 s = int(plan.scale)
                 halo = _round_up(math.ceil(plan.radius), s) + s
                 h = run_local_tiled(runner.run_units, plan.local_units, x, _round_up(self.config.tile_size, s),
                                     halo, 1, s, self.config.max_batch_pixels)  # fmt: skip
-                z = runner.run_units(plan.global_units, h) if plan.global_units else h
-                return z if latent_channels is None else z[:, :latent_channels].contiguous()
-        return self.blend_encode(x, lambda tiles: model._encode_once(tiles, latent_channels))
+                return runner.run_units(plan.global_units, h) if plan.global_units else h
+        return self.blend_encode(x, model._encode_once)
 
     def decode(self, model, z: torch.Tensor) -> torch.Tensor:
         """z: latents (B, C, h, w)."""
