@@ -536,7 +536,7 @@ def _resume(cfg: TrainConfig, model_args: dict, model, ema, opt, rank: int, main
     """Load the checkpoint `cfg.resume` asks for (newest in `out` for "auto"); the step to continue from."""
     resume_from = None
     if cfg.resume == "auto":
-        resume_from = list_checkpoints(cfg.out)[-1] if list_checkpoints(cfg.out) else None
+        resume_from = next(reversed(list_checkpoints(cfg.out)), None)
     elif cfg.resume not in ("none", ""):
         resume_from = latest_checkpoint(cfg.resume)
     if resume_from is None:
@@ -619,6 +619,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         if window_n == 0:  # restart the throughput clock after logging, checkpointing or sampling
             window_t0 = time.perf_counter()
     bar.close()
-    if last_ckpt is None and run.main and list_checkpoints(cfg.out):
-        last_ckpt = list_checkpoints(cfg.out)[-1]
+    if last_ckpt is None and run.main:
+        last_ckpt = next(reversed(list_checkpoints(cfg.out)), None)
     return {"step": step, "loss": last_loss, "checkpoint": str(last_ckpt) if last_ckpt else None}
