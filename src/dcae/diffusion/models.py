@@ -108,6 +108,24 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+class LabelEmbedder(nn.Module):
+    """The class table under the name the released DC-Gen checkpoints use (`<owner>.embedding_table.weight`)."""
+
+    def __init__(self, num_rows: int, dim: int) -> None:
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_rows, dim)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(y)
+
+
+def label_table(num_classes: int, dim: int, released_layout: bool) -> nn.Module | None:
+    """num_classes + 1 rows (the last is the null class of classifier-free guidance), or None if unconditional."""
+    if num_classes <= 0:
+        return None
+    return LabelEmbedder(num_classes + 1, dim) if released_layout else nn.Embedding(num_classes + 1, dim)
+
+
 def unpatchify(x: torch.Tensor, channels: int, patch_size: int, grid: int) -> torch.Tensor:
     """B x T x (p*p*C) -> B x C x H x W, inverse of the patch embedding's token order."""
     B = x.shape[0]
@@ -167,6 +185,7 @@ class DiT(nn.Module):
         mlp_ratio: float = 4.0,
         num_classes: int = 1000,
         learn_sigma: bool = False,
+        released_layout: bool = False,
     ) -> None:
         super().__init__()
         if input_size % patch_size:
@@ -180,9 +199,12 @@ class DiT(nn.Module):
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         # One extra row: the null class that classifier-free guidance conditions on.
-        self.y_embedder = nn.Embedding(num_classes + 1, hidden_size) if num_classes > 0 else None
-        # Fixed, so a non-persistent buffer: it is rebuilt from the config and never saved.
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid)[None], persistent=False)
+        self.y_embedder = label_table(num_classes, hidden_size, released_layout)
+        table = sincos_pos_embed_2d(hidden_size, self.grid)[None]
+        if released_layout:  # the released checkpoints store the fixed table as a frozen parameter
+            self.pos_embed = nn.Parameter(table, requires_grad=False)
+        else:  # fixed, so a non-persistent buffer: it is rebuilt from the config and never saved
+            self.register_buffer("pos_embed", table, persistent=False)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
@@ -199,7 +221,7 @@ class DiT(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
         if self.y_embedder is not None:
-            nn.init.normal_(self.y_embedder.weight, std=0.02)
+            nn.init.normal_(next(self.y_embedder.parameters()), std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         # adaLN-zero: every residual branch and the output start at zero, so the network starts as identity
@@ -268,6 +290,8 @@ class UViT(nn.Module):
         qkv_bias: bool = False,
         mlp_time_embed: bool = False,
         final_conv: bool = False,
+        released_layout: bool = False,
+        adaptive_channel: bool = False,
     ) -> None:
         super().__init__()
         if input_size % patch_size:
@@ -275,6 +299,10 @@ class UViT(nn.Module):
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.learn_sigma, self.num_classes, self.hidden_size = learn_sigma, num_classes, hidden_size
+        # DC-AE 1.5: one set of weights serves any leading subset of the latent channels (structured latents).
+        self.adaptive_channel = adaptive_channel
+        if adaptive_channel and learn_sigma:
+            raise ValueError("adaptive_channel needs learn_sigma=False (the output channels follow the input)")
         self.grid = input_size // patch_size
         self.grad_checkpointing = False
 
@@ -285,7 +313,7 @@ class UViT(nn.Module):
             if mlp_time_embed
             else nn.Identity()
         )
-        self.label_emb = nn.Embedding(num_classes + 1, hidden_size) if num_classes > 0 else None
+        self.label_emb = label_table(num_classes, hidden_size, released_layout)
         self.extras = 2 if num_classes > 0 else 1  # condition tokens in front of the patch tokens
         self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + self.grid**2, hidden_size))
 
@@ -320,8 +348,30 @@ class UViT(nn.Module):
             return checkpoint(block, x, skip, use_reentrant=False)
         return block(x, skip)
 
+    def _embed_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens; with adaptive channels a c-channel input uses the first c input channels of the conv."""
+        c = x.shape[1]
+        if c == self.in_channels:
+            return self.patch_embed(x)
+        if not self.adaptive_channel or not 0 < c < self.in_channels:
+            raise ValueError(
+                f"the model takes {self.in_channels} latent channels"
+                + (f" or fewer (adaptive channels), got {c}" if self.adaptive_channel else f", got {c}")
+            )
+        proj = self.patch_embed.proj
+        x = F.conv2d(x, proj.weight[:, :c], proj.bias, stride=proj.stride)
+        return x.flatten(2).transpose(1, 2)
+
+    def _predict(self, x: torch.Tensor, channels: int) -> torch.Tensor:
+        """Tokens -> output channels; with adaptive channels only the first channels * p * p rows of the head."""
+        if channels == self.in_channels:
+            return self.decoder_pred(x)
+        rows = channels * self.patch_size**2
+        return F.linear(x, self.decoder_pred.weight[:rows], self.decoder_pred.bias[:rows])
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.patch_embed(x)
+        channels = x.shape[1]
+        x = self._embed_patches(x)
         tokens = [self.time_embed(timestep_embedding(t, self.hidden_size).to(x.dtype))[:, None]]
         if self.label_emb is not None:
             if y is None:
@@ -337,8 +387,9 @@ class UViT(nn.Module):
         for block in self.out_blocks:
             x = self._run(block, x, skips.pop())
 
-        x = self.decoder_pred(self.norm(x))[:, self.extras :]
-        return self.final_layer(unpatchify(x, self.out_channels, self.patch_size, self.grid))
+        x = self._predict(self.norm(x), channels)[:, self.extras :]
+        out_channels = self.out_channels if channels == self.in_channels else channels
+        return self.final_layer(unpatchify(x, out_channels, self.patch_size, self.grid))
 
 
 #################################################################################
