@@ -167,11 +167,14 @@ def forward_with_cfg(net, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, sca
     duplicated, guides the first `C` output channels (C = input channels) and writes the guided tensor into
     both halves; further output channels (learned variance) pass through, each half keeping its own."""
     half = x[: len(x) // 2]
-    out = net(torch.cat([half, half]), t, y)
-    c = x.shape[1]
-    cond, uncond = out[:, :c].chunk(2)
+    return combine_cfg(net(torch.cat([half, half]), t, y), x.shape[1], scale)
+
+
+def combine_cfg(out: torch.Tensor, channels: int, scale: float) -> torch.Tensor:
+    """The guidance step of `forward_with_cfg` on the raw output of the doubled batch."""
+    cond, uncond = out[:, :channels].chunk(2)
     guided = uncond + scale * (cond - uncond)
-    return torch.cat([torch.cat([guided, guided]), out[:, c:]], dim=1)
+    return torch.cat([torch.cat([guided, guided]), out[:, channels:]], dim=1)
 
 
 def network_from_config(config: dict) -> DiT | UViT:
