@@ -207,29 +207,33 @@ def build_released(name: str, device: str | torch.device = "cpu") -> ReleasedDif
 
 
 # ----------------------------------------------------------------------------- loading
-def _read_folder(folder: Path) -> tuple[str, Path]:
+def _read_folder(folder: Path) -> tuple[str, Path, dict | None]:
+    """(model name, weights file, optional DC-Gen config) of a release folder. The config is our extension:
+    `"config"` may hold a DC-Gen pipeline config (as `network_from_config` takes) for a smaller variant of
+    the released structure, e.g. a test model; released folders hold only the name."""
     config, weights = folder / "config.json", folder / "model.safetensors"
     if not config.is_file():
         raise UserError(f"{folder}: no config.json (a released diffusion model folder has config.json + "
                         "model.safetensors)")  # fmt: skip
     try:
-        name = json.loads(config.read_text())["model_name"]
+        meta = json.loads(config.read_text())
+        name = str(meta["model_name"])
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise UserError(f'{config}: expected JSON {{"model_name": NAME}} ({type(exc).__name__}: {exc})') from exc
     if not weights.is_file():
         raise UserError(f"{folder}: no model.safetensors next to config.json")
-    return str(name), weights
+    return name, weights, meta.get("config")
 
 
-def resolve_released(source: str | os.PathLike) -> tuple[ReleasedModel, Path | None]:
-    """(release, weights file) for a local folder; (release, None) for a name or Hub id (not downloaded)."""
+def resolve_released(source: str | os.PathLike) -> tuple[ReleasedModel, Path | None, dict | None]:
+    """(release, weights, config) for a local folder; (release, None, None) for a name or Hub id."""
     path = Path(source)
     if path.is_dir():
-        name, weights = _read_folder(path)
-        return get_released(name), weights
+        name, weights, config = _read_folder(path)
+        return get_released(name), weights, config
     if path.suffix in (".json", ".safetensors") or os.sep in str(source).replace(f"{HUB_ORG}/", "", 1):
         raise UserError(f"{source}: no such diffusion model folder (config.json + model.safetensors)")
-    return get_released(str(source)), None
+    return get_released(str(source)), None, None
 
 
 def check_released_state_dict(model: ReleasedDiffusion, state: dict[str, torch.Tensor], source: str) -> None:
@@ -262,6 +266,20 @@ def _family_hint(state: dict, release: ReleasedModel) -> str:
     return ""
 
 
+def _network_for(release: ReleasedModel, config: dict, source: Path) -> nn.Module:
+    """A smaller network from a folder's DC-Gen config; it must keep the release's structural options."""
+    try:
+        network = network_from_config(config)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{source}: unusable DC-Gen config ({type(exc).__name__}: {exc})") from exc
+    spec = release.spec
+    same = isinstance(network, DiT) == (spec.backbone == "dit") and network.learn_sigma == spec.learn_sigma
+    if not same or getattr(network, "adaptive_channel", False) != spec.adaptive_channel:
+        raise UserError(f"{source}: the config's model does not have the structure of {release.name} "
+                        f"({release.family})")  # fmt: skip
+    return network
+
+
 def load_released(
     source: str | os.PathLike, device: str | torch.device = "cpu", revision: str | None = None
 ) -> ReleasedDiffusion:
@@ -269,12 +287,12 @@ def load_released(
     from safetensors import SafetensorsError
     from safetensors.torch import load_file
 
-    release, weights = resolve_released(source)
+    release, weights, config = resolve_released(source)
     if weights is None:
         from dcae.checkpoint import hub_snapshot
 
         folder = hub_snapshot(release.hub_id, revision)
-        name, weights = _read_folder(folder)
+        name, weights, config = _read_folder(folder)
         if get_released(name) != release:
             raise UserError(f"{folder / 'config.json'} names {name!r}, not {release.name!r}")
     try:
@@ -282,7 +300,8 @@ def load_released(
     except (SafetensorsError, OSError) as exc:
         raise WeightsError(f"{weights}: not a readable safetensors file ({exc})") from exc
     with torch.device("meta"):
-        model = ReleasedDiffusion(release)
+        network = _network_for(release, config, weights.parent / "config.json") if config else None
+        model = ReleasedDiffusion(release, network)
     check_released_state_dict(model, state, str(weights))
     model.load_state_dict(state, assign=True)
     model.diffusion_model.pos_embed.requires_grad_(False)
