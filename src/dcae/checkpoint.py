@@ -21,9 +21,10 @@ import torch
 
 from dcae.errors import UnknownModelError, UserError, WeightsError
 from dcae.models.autoencoder import DCAE
-from dcae.models.config import DCAEConfig, get_config, list_models
+from dcae.models.config import DCAEConfig, get_config, is_model_name, list_models
 from dcae.models.convert import (
     ConversionError,
+    DiffusersConfigError,
     diffusers_to_original,
     from_diffusers_config,
     original_to_diffusers,
@@ -71,13 +72,13 @@ def read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def key_scheme(state_dict: dict[str, Any]) -> str:
+def key_scheme(state_dict: dict[str, Any], source: str = "weights") -> str:
     keys = list(state_dict)
     if any(k.startswith(("encoder.project_in", "encoder.stages", "decoder.project_out")) for k in keys):
         return "original"
     if any(k.startswith(("encoder.conv_in", "encoder.down_blocks", "decoder.up_blocks")) for k in keys):
         return "diffusers"
-    raise WeightsError(f"not a DC-AE state dict (first keys: {keys[:3]})")
+    raise WeightsError(f"{source}: not a DC-AE state dict (first keys: {keys[:3]})")
 
 
 # ----------------------------------------------------------------------------- shapes -> config
@@ -87,7 +88,7 @@ def infer_config(state_dict: dict[str, torch.Tensor], source: str = "weights") -
     Several released models share shapes (in/mix, sana 1.0/1.1); where they also share the scaling
     factor any of them is right, otherwise the caller must say which one (`model_name=`).
     """
-    diffusers_keys = key_scheme(state_dict) == "diffusers"
+    diffusers_keys = key_scheme(state_dict, source) == "diffusers"
     matches = []
     for name in list_models():
         with torch.device("meta"):
@@ -190,13 +191,20 @@ def _config_from_json(folder: Path) -> DCAEConfig | None:
         d: dict[str, Any] = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise WeightsError(f"{path} is not valid JSON: {exc}") from exc
-    if "dcae_config" in d:
-        return DCAEConfig.from_dict(d["dcae_config"])
-    if "model_name" in d:
-        return get_config(d["model_name"])
-    if d.get("_class_name") == "AutoencoderDC" or "latent_channels" in d:
-        cfg = from_diffusers_config(d, name=folder.name.removesuffix("-diffusers"))
-        return _zoo_match(cfg) or cfg
+    if not isinstance(d, dict):
+        raise WeightsError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    try:
+        if "dcae_config" in d:
+            return DCAEConfig.from_dict(d["dcae_config"])
+        if "model_name" in d:
+            return get_config(d["model_name"])
+        if "_class_name" in d or "latent_channels" in d:
+            cfg = from_diffusers_config(d, name=folder.name.removesuffix("-diffusers"))
+            return _zoo_match(cfg) or cfg
+    except UnknownModelError as exc:
+        raise UnknownModelError(f"{path}: {exc}") from None
+    except (ValueError, TypeError) as exc:  # DiffusersConfigError, or an invalid dcae_config
+        raise WeightsError(f"{path}: {exc}") from None
     return None
 
 
@@ -217,7 +225,7 @@ def resolve_source(source: str | os.PathLike, revision: str | None = None) -> Pa
     if path.exists():
         return path
     name = str(source)
-    if name in list_models() or f"dc-ae-{name}" in list_models():
+    if is_model_name(name):  # a zoo name or alias: its Hub repo (an alias may live elsewhere)
         cfg = get_config(name)
         return hub_snapshot(cfg.hub_id, revision)
     if _HUB_ID.match(name) and not name.startswith((".", "/")):
@@ -248,19 +256,21 @@ def load_dcae(
         raise WeightsError(f"{path}: expected a folder or a weight file ({', '.join(WEIGHT_SUFFIXES)})")
     origin = str(weights)
     sd = read_sharded(weights) if weights.name.endswith(".index.json") else read_state_dict(weights, prefer_ema)
+    scheme = key_scheme(sd, origin)  # another family's weights fail here, named
     if model_name is not None:
         cfg = get_config(model_name)
     else:
         cfg = _config_from_json(folder) or infer_config(sd, source=origin)
 
-    if key_scheme(sd) == "diffusers":
-        with torch.device("meta"):
-            expected = DCAE(cfg).state_dict().keys()
+    try:
+        model = DCAE(cfg)
+    except ValueError as exc:  # shapes the layers cannot build (e.g. channels that do not divide)
+        raise WeightsError(f"{folder / 'config.json'}: cannot build {cfg.name!r}: {exc}") from None
+    if scheme == "diffusers":
         try:
-            sd = diffusers_to_original(sd, expected)
+            sd = diffusers_to_original(sd, model.state_dict().keys())
         except ConversionError as exc:
             raise WeightsError(f"{origin}: {exc}") from exc
-    model = DCAE(cfg)
     check_state_dict(model, sd, origin)
     model.load_state_dict(sd, strict=False)  # only BN counters may be absent; checked above
     model.eval()
@@ -286,10 +296,10 @@ def save_dcae(model: DCAE, directory: str | os.PathLike, format: str = "original
     else:
         try:
             config = to_diffusers_config(cfg)
-        except ConversionError as exc:
+        except DiffusersConfigError as exc:
             raise UserError(f"{cfg.name} cannot be saved in the diffusers format: {exc}") from exc
         config["_diffusers_version"] = _diffusers_version()
-        sd = original_to_diffusers(sd)
+        sd = original_to_diffusers(sd, cfg)
     atomic_save_safetensors(sd, directory / weights_name, metadata={"format": "pt"})
     atomic_write_json(directory / "config.json", config)
     return directory

@@ -93,7 +93,10 @@ class Encoder(_Coder):
         stages = []
         for i, (width, depth) in enumerate(zip(widths, depths)):
             ops: list[nn.Module] = [
-                build_block(cfg.encoder_block_types[i], width, cfg.encoder_norm, cfg.encoder_act) for _ in range(depth)
+                build_block(
+                    cfg.encoder_block_types[i], width, cfg.encoder_norm, cfg.encoder_act, cfg.attention_head_dim
+                )
+                for _ in range(depth)
             ]
             if i < len(widths) - 1 and depth > 0:
                 ops.append(
@@ -164,7 +167,9 @@ class Decoder(_Coder):
                     )
                 )
             norm, act = cfg.decoder_norms[i], cfg.decoder_acts[i]
-            ops += [build_block(cfg.decoder_block_types[i], width, norm, act) for _ in range(depth)]
+            ops += [
+                build_block(cfg.decoder_block_types[i], width, norm, act, cfg.attention_head_dim) for _ in range(depth)
+            ]
             stages.append(OpSequential(ops))
         self.stages = nn.ModuleList(stages)  # stages[i] is stage i; they run from the last to the first
 

@@ -52,6 +52,8 @@ class DCAEConfig:
     decoder_sliceable_in: bool = False
     decoder_head_norm: str = "trms2d"
     decoder_head_act: str = "relu"
+    # Channels per attention head in EfficientViT blocks (32 in every release; diffusers' test model uses 2).
+    attention_head_dim: int = 32
     scaling_factor: float = 1.0
     # Where the released weights live (None for user-defined models).
     hub_id: str | None = None
@@ -82,6 +84,7 @@ class DCAEConfig:
             problems.append(f"encoder has {n_enc} stages but decoder has {n_dec}")
         if self.encoder_depths and self.encoder_depths[-1] == 0:
             problems.append("the last encoder stage must have depth > 0")
+        problems += self._attention_problems()
         if self.encoder_out_shortcut and self.encoder_widths[-1] % self.latent_channels:
             problems.append(
                 f"encoder_out_shortcut needs the last width ({self.encoder_widths[-1]}) divisible by "
@@ -94,6 +97,28 @@ class DCAEConfig:
             )
         if problems:
             raise ValueError(f"invalid DCAEConfig {self.name!r}: " + "; ".join(problems))
+
+    def _attention_problems(self) -> list[str]:
+        """Unknown block types, and attention stages whose width is not a whole number of heads."""
+        from dcae.models.layers import evit_scales
+
+        problems = []
+        for side in ("encoder", "decoder"):
+            for i, (kind, width) in enumerate(
+                zip(getattr(self, f"{side}_block_types"), getattr(self, f"{side}_widths"))
+            ):
+                scales = None if kind == "ResBlock" else evit_scales(kind)
+                if kind != "ResBlock" and scales is None:
+                    problems.append(f"{side}_block_types[{i}] = {kind!r} is not 'ResBlock' or 'EViT[S<k>...]GLU'")
+                elif scales and any(k < 1 or k % 2 == 0 for k in scales):
+                    # an even kernel with k // 2 padding changes the feature size
+                    problems.append(f"{side}_block_types[{i}] = {kind!r}: multi-scale kernels must be odd")
+                elif kind != "ResBlock" and (self.attention_head_dim < 1 or width % self.attention_head_dim):
+                    problems.append(
+                        f"{side} stage {i} (width {width}) is not a whole number of attention heads of "
+                        f"attention_head_dim {self.attention_head_dim}"
+                    )
+        return problems
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -156,6 +181,9 @@ def _in_mix(name: str, n_evit: int, latent: int, widths: tuple[int, ...], scalin
 _W6 = (128, 256, 512, 512, 1024, 1024)
 for _name, _scale in [("dc-ae-f32c32-in-1.0", 0.3189), ("dc-ae-f32c32-mix-1.0", 0.4552)]:
     register(_in_mix(_name, 3, 32, _W6, _scale))
+# f32c32-in trained at 256 px (same architecture), published in the original format only. Its scaling
+# factor is not published with it: 1.0 until measured (`dcae eval` reports the implied factor).
+register(dataclasses.replace(_in_mix("dc-ae-f32c32-in-1.0-256px", 3, 32, _W6, 1.0), hub_id_diffusers=None))
 for _name, _scale in [("dc-ae-f64c128-in-1.0", 0.2889), ("dc-ae-f64c128-mix-1.0", 0.4538)]:
     register(_in_mix(_name, 4, 128, _W6 + (2048,), _scale))
 for _name, _scale in [("dc-ae-f128c512-in-1.0", 0.4883), ("dc-ae-f128c512-mix-1.0", 0.3620)]:
@@ -203,6 +231,8 @@ register(
 
 
 def _v15(name: str, widths: tuple[int, ...], scaling: float) -> DCAEConfig:
+    # Published (Hub organisation dc-ai, reference zoo) as dc-ae-f64c128-1.5: registered as an alias below.
+    published = "dc-ae-" + name.removeprefix("dc-ae-1.5-") + "-1.5"
     n = len(widths)
     depths = (0, 5, 10) + (4,) * (n - 3)
     return DCAEConfig(
@@ -222,8 +252,8 @@ def _v15(name: str, widths: tuple[int, ...], scaling: float) -> DCAEConfig:
         decoder_sliceable_in=True,
         decoder_head_act="silu",
         scaling_factor=scaling,
-        hub_id=f"mit-han-lab/{name}",
-        hub_id_diffusers=f"mit-han-lab/{name}-diffusers",
+        hub_id=f"dc-ai/{published}",
+        hub_id_diffusers=f"dc-ai/{published}-diffusers",
     )
 
 
@@ -233,25 +263,82 @@ register(_v15("dc-ae-1.5-f32c128", _W6, 1.0))
 register(_v15("dc-ae-1.5-f64c128", _W6 + (1024,), 0.5935))
 
 
+# ----------------------------------------------------------------------------- other published names
+@dataclass(frozen=True)
+class Alias:
+    """Another name a registered model is published under, with that name's own Hub home if it has one."""
+
+    target: str
+    hub_id: str | None = None
+    hub_id_diffusers: str | None = None
+
+
+_ALIASES: dict[str, Alias] = {}
+
+
+def register_alias(alias: str, target: str, hub_id: str | None = None, hub_id_diffusers: str | None = None) -> None:
+    if target not in _ZOO:
+        raise KeyError(f"alias {alias!r} names an unregistered model {target!r}")
+    if alias in _ZOO:
+        raise KeyError(f"alias {alias!r} is already a model name")
+    _ALIASES[alias] = Alias(target, hub_id, hub_id_diffusers)
+
+
+# The reference zoo's names of DC-AE 1.5 (and its config.json's model_name): same Hub repos.
+for _name in ("dc-ae-1.5-f32c128", "dc-ae-1.5-f64c128"):
+    register_alias("dc-ae-" + _name.removeprefix("dc-ae-1.5-") + "-1.5", _name)
+# DC-AE-Lite's second home.
+register_alias(
+    "dc-ae-lite-f32c32", "dc-ae-lite-f32c32-sana-1.1", "dc-ai/dc-ae-lite-f32c32", "dc-ai/dc-ae-lite-f32c32-diffusers"
+)
+
+
 def list_models() -> list[str]:
-    """Names of the registered (released) configurations."""
+    """Names of the registered (released) configurations, without aliases (see `model_aliases`)."""
     return list(_ZOO)
 
 
+def model_aliases(name: str) -> list[str]:
+    """The other names a registered model is published under."""
+    return [alias for alias, a in _ALIASES.items() if a.target == name]
+
+
+def _resolve(name: str) -> tuple[str, Alias | None] | None:
+    """(registered name, alias or None) for a name, an alias, or either without its "dc-ae-" prefix."""
+    for candidate in (name, f"dc-ae-{name}"):
+        if candidate in _ZOO:
+            return candidate, None
+        if candidate in _ALIASES:
+            return _ALIASES[candidate].target, _ALIASES[candidate]
+    return None
+
+
+def is_model_name(name: str) -> bool:
+    return _resolve(name) is not None
+
+
 def get_config(name: str) -> DCAEConfig:
-    """A copy of a registered configuration; unknown names list the known ones and the closest match."""
-    if name in _ZOO:
-        return dataclasses.replace(_ZOO[name])
-    short = {n.removeprefix("dc-ae-"): n for n in _ZOO}
-    if name in short:
-        return dataclasses.replace(_ZOO[short[name]])
-    close = difflib.get_close_matches(name, list(_ZOO), n=1, cutoff=0.4)
+    """A copy of a registered configuration, by name or alias (an alias brings its own Hub ids); unknown
+    names list the known ones and the closest match."""
+    found = _resolve(name)
+    if found is not None:
+        target, alias = found
+        cfg = dataclasses.replace(_ZOO[target])
+        if alias is not None and alias.hub_id is not None:
+            cfg.hub_id, cfg.hub_id_diffusers = alias.hub_id, alias.hub_id_diffusers
+        return cfg
+    names = list(_ZOO) + list(_ALIASES)
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.4)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise UnknownModelError(f"unknown model {name!r}.{hint} Known models: {', '.join(_ZOO)}")
+    raise UnknownModelError(
+        f"unknown model {name!r}.{hint} Known models: {', '.join(_ZOO)} (aliases: {', '.join(_ALIASES)})"
+    )
 
 
 def find_by_hub_id(repo_id: str) -> DCAEConfig | None:
-    for cfg in _ZOO.values():
+    """The registered configuration published at a Hub repo (either format, any of its homes)."""
+    for name in list(_ZOO) + list(_ALIASES):
+        cfg = get_config(name)
         if repo_id in (cfg.hub_id, cfg.hub_id_diffusers):
-            return dataclasses.replace(cfg)
+            return cfg
     return None

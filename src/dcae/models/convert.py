@@ -19,6 +19,18 @@ import torch
 
 from dcae.models.config import DCAEConfig
 
+# The config half of the conversion lives in its own module; re-exported here.
+from dcae.models.diffusers_config import DiffusersConfigError, from_diffusers_config, to_diffusers_config
+
+__all__ = [
+    "ConversionError",
+    "DiffusersConfigError",
+    "diffusers_to_original",
+    "from_diffusers_config",
+    "original_to_diffusers",
+    "to_diffusers_config",
+]
+
 _P = r"(?P<p>weight|bias|running_mean|running_var|num_batches_tracked)"
 
 
@@ -56,7 +68,8 @@ def _coder_rules(side: str, blocks: str) -> list[Rule]:
 
 
 RULES: tuple[Rule, ...] = (
-    # encoder stem: pixel-unshuffle conv, or a plain conv when stage 0 has blocks
+    # encoder stem: pixel-unshuffle conv, or a plain conv when stage 0 has blocks, or (the last rule, read
+    # only with a config or expected keys) a stride-2 conv when stage 0 is empty and downsampling is "conv"
     Rule("encoder.project_in.conv.conv.{p}", "encoder.conv_in.conv.{p}"),
     Rule("encoder.project_in.conv.{p}", "encoder.conv_in.{p}"),
     *_coder_rules("encoder", "down_blocks"),
@@ -70,6 +83,7 @@ RULES: tuple[Rule, ...] = (
     Rule("decoder.project_out.op_list.0.{p}", "decoder.norm_out.{p}"),
     Rule("decoder.project_out.op_list.2.conv.conv.{p}", "decoder.conv_out.conv.{p}"),
     Rule("decoder.project_out.op_list.2.conv.{p}", "decoder.conv_out.{p}"),
+    Rule("encoder.project_in.conv.{p}", "encoder.conv_in.conv.{p}"),
 )
 
 _QKV = ("to_q", "to_k", "to_v")
@@ -90,12 +104,23 @@ class ConversionError(ValueError):
     pass
 
 
-def original_to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our (original-format) state dict -> diffusers AutoencoderDC keys and shapes."""
+def _strided_stem(config: DCAEConfig | None) -> bool:
+    """diffusers wraps a stride-2 stem conv in a DCDownBlock2d (`conv_in.conv`); ours is a plain ConvLayer."""
+    return config is not None and config.encoder_depths[0] == 0 and config.encoder_downsample == "conv"
+
+
+def original_to_diffusers(
+    state_dict: dict[str, torch.Tensor], config: DCAEConfig | None = None
+) -> dict[str, torch.Tensor]:
+    """Our (original-format) state dict -> diffusers AutoencoderDC keys and shapes. `config` is needed only
+    for a model whose empty first stage folds into a stride-2 stem conv."""
+    strided = _strided_stem(config)
     out: dict[str, torch.Tensor] = {}
     unmatched = []
     for key, value in state_dict.items():
         for rule, orig, _ in _COMPILED:
+            if strided and rule.diffusers.startswith("encoder.conv_in.{p}"):
+                continue
             m = orig.match(key)
             if m is None:
                 continue
@@ -147,99 +172,3 @@ def diffusers_to_original(
     if unmatched:
         raise ConversionError(f"no original-format name for {len(unmatched)} keys, e.g. {unmatched[:5]}")
     return out
-
-
-# ----------------------------------------------------------------------------- configs
-_NORMS = {"trms2d": "rms_norm", "bn2d": "batch_norm"}
-_BLOCKS = {"ResBlock": "ResBlock", "EViTGLU": "EfficientViTBlock", "EViTS5GLU": "EfficientViTBlock"}
-
-
-def to_diffusers_config(cfg: DCAEConfig) -> dict:
-    """The AutoencoderDC config.json for a DCAEConfig; raises where diffusers cannot express it."""
-    if cfg.encoder_norm != "trms2d" or cfg.encoder_act != "silu":
-        raise ConversionError("diffusers' AutoencoderDC only supports encoder norm 'trms2d' and act 'silu'")
-    if cfg.decoder_head_norm != "trms2d":
-        raise ConversionError("diffusers' AutoencoderDC only supports an RMS-norm decoder head")
-
-    def scales(types: tuple[str, ...]) -> list[list[int]]:
-        return [[5] if t == "EViTS5GLU" else [] for t in types]
-
-    return {
-        "_class_name": "AutoencoderDC",
-        "in_channels": cfg.in_channels,
-        "latent_channels": cfg.latent_channels,
-        "attention_head_dim": 32,
-        "encoder_block_types": [_BLOCKS[t] for t in cfg.encoder_block_types],
-        "decoder_block_types": [_BLOCKS[t] for t in cfg.decoder_block_types],
-        "encoder_block_out_channels": list(cfg.encoder_widths),
-        "decoder_block_out_channels": list(cfg.decoder_widths),
-        "encoder_layers_per_block": list(cfg.encoder_depths),
-        "decoder_layers_per_block": list(cfg.decoder_depths),
-        "encoder_qkv_multiscales": scales(cfg.encoder_block_types),
-        "decoder_qkv_multiscales": scales(cfg.decoder_block_types),
-        "upsample_block_type": cfg.decoder_upsample,
-        "downsample_block_type": "pixel_unshuffle" if cfg.encoder_downsample == "pixel_unshuffle" else "Conv",
-        "decoder_norm_types": [_NORMS[n] for n in cfg.decoder_norms],
-        "decoder_act_fns": list(cfg.decoder_acts),
-        "encoder_out_shortcut": cfg.encoder_out_shortcut,
-        "decoder_in_shortcut": cfg.decoder_in_shortcut,
-        "decoder_conv_act_fn": cfg.decoder_head_act,
-        "scaling_factor": cfg.scaling_factor,
-    }
-
-
-def from_diffusers_config(d: dict, name: str = "custom") -> DCAEConfig:
-    """A DCAEConfig from an AutoencoderDC config.json (missing fields take diffusers' defaults)."""
-    n_enc = len(d.get("encoder_block_out_channels", (128, 256, 512, 512, 1024, 1024)))
-    n_dec = len(d.get("decoder_block_out_channels", (128, 256, 512, 512, 1024, 1024)))
-
-    def per_stage(value, n):
-        return [value] * n if isinstance(value, str) else list(value)
-
-    def block_types(types, scales_, n):
-        out = []
-        for t, s in zip(per_stage(types, n), scales_):
-            if t == "ResBlock":
-                out.append("ResBlock")
-            elif t == "EfficientViTBlock":
-                if list(s) not in ([], [5]):
-                    raise ConversionError(f"unsupported multi-scale kernel sizes {s}")
-                out.append("EViTS5GLU" if list(s) == [5] else "EViTGLU")
-            else:
-                raise ConversionError(f"unsupported diffusers block type {t!r}")
-        return tuple(out)
-
-    default_scales = [[], [], [], [5], [5], [5]]
-    inv_norms = {v: k for k, v in _NORMS.items()}
-    sliceable_out = not d.get("encoder_out_shortcut", True)
-    sliceable_in = not d.get("decoder_in_shortcut", True)
-    return DCAEConfig(
-        name=name,
-        in_channels=d.get("in_channels", 3),
-        latent_channels=d.get("latent_channels", 32),
-        encoder_widths=tuple(d.get("encoder_block_out_channels", (128, 256, 512, 512, 1024, 1024))),
-        encoder_depths=tuple(d.get("encoder_layers_per_block", (2, 2, 2, 3, 3, 3))),
-        encoder_block_types=block_types(
-            d.get("encoder_block_types", "ResBlock"), d.get("encoder_qkv_multiscales", default_scales), n_enc
-        ),
-        encoder_downsample="pixel_unshuffle"
-        if d.get("downsample_block_type", "pixel_unshuffle") == "pixel_unshuffle"
-        else "conv",
-        encoder_out_shortcut=d.get("encoder_out_shortcut", True),
-        # A model without bottleneck shortcuts is a DC-AE 1.5 layout; slicing is harmless at full width.
-        encoder_sliceable_out=sliceable_out,
-        decoder_widths=tuple(d.get("decoder_block_out_channels", (128, 256, 512, 512, 1024, 1024))),
-        decoder_depths=tuple(d.get("decoder_layers_per_block", (3, 3, 3, 3, 3, 3))),
-        decoder_block_types=block_types(
-            d.get("decoder_block_types", "ResBlock"), d.get("decoder_qkv_multiscales", default_scales), n_dec
-        ),
-        decoder_norms=tuple(inv_norms[n] for n in per_stage(d.get("decoder_norm_types", "rms_norm"), n_dec)),
-        decoder_acts=tuple(per_stage(d.get("decoder_act_fns", "silu"), n_dec)),
-        decoder_upsample="interpolate"
-        if d.get("upsample_block_type", "pixel_shuffle") == "interpolate"
-        else "pixel_shuffle",
-        decoder_in_shortcut=d.get("decoder_in_shortcut", True),
-        decoder_sliceable_in=sliceable_in,
-        decoder_head_act=d.get("decoder_conv_act_fn", "relu"),
-        scaling_factor=float(d.get("scaling_factor", 1.0)),
-    )

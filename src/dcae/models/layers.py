@@ -11,6 +11,8 @@ learn a residual on top of a space-to-channel (or channel-to-space) rearrangemen
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -50,7 +52,7 @@ def build_norm(name: str | None, channels: int) -> nn.Module | None:
 def build_act(name: str | None) -> nn.Module | None:
     if name is None:
         return None
-    acts = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU}
+    acts = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU, "mish": nn.Mish}
     if name not in acts:
         raise ValueError(f"unknown activation {name!r} (expected one of {sorted(acts)})")
     return acts[name]()
@@ -331,24 +333,37 @@ class GLUMBConv(nn.Module):
 class EfficientViTBlock(nn.Module):
     """Global context (LiteMLA) then local mixing (GLUMBConv), each with an identity residual."""
 
-    def __init__(self, channels: int, scales: tuple[int, ...] = (), norm: str = "trms2d", act: str = "silu") -> None:
+    def __init__(
+        self, channels: int, scales: tuple[int, ...] = (), norm: str = "trms2d", act: str = "silu", head_dim: int = 32
+    ) -> None:
         super().__init__()
-        self.context_module = ResidualBlock(LiteMLA(channels, scales=scales, norm=norm), nn.Identity())
+        self.context_module = ResidualBlock(LiteMLA(channels, head_dim, scales, norm), nn.Identity())
         self.local_module = ResidualBlock(GLUMBConv(channels, norm=norm, act=act), nn.Identity())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.local_module(self.context_module(x))
 
 
-# Block types of the released models; "EViTS5GLU" adds a 5x5 multi-scale aggregation branch (SANA).
+# Block types: "ResBlock", or an EfficientViT block "EViT[S<k>...]GLU" whose attention has one multi-scale
+# aggregation branch per S<k> (k x k depthwise). The releases use "EViTGLU" and "EViTS5GLU" (SANA).
 BLOCK_TYPES = ("ResBlock", "EViTGLU", "EViTS5GLU")
+_EVIT = re.compile(r"EViT((?:S\d+)*)GLU")
 
 
-def build_block(kind: str, channels: int, norm: str | None, act: str | None) -> nn.Module:
+def evit_scales(kind: str) -> tuple[int, ...] | None:
+    """The multi-scale kernel sizes of an EfficientViT block type ("EViTS3S5GLU" -> (3, 5)); None otherwise."""
+    m = _EVIT.fullmatch(kind)
+    return None if m is None else tuple(int(k) for k in re.findall(r"\d+", m.group(1)))
+
+
+def evit_block_type(scales: tuple[int, ...]) -> str:
+    return "EViT" + "".join(f"S{k}" for k in scales) + "GLU"
+
+
+def build_block(kind: str, channels: int, norm: str | None, act: str | None, head_dim: int = 32) -> nn.Module:
     if kind == "ResBlock":
         return ResidualBlock(ResBlock(channels, norm, act), nn.Identity())
-    if kind == "EViTGLU":
-        return EfficientViTBlock(channels, scales=(), norm=norm or "trms2d", act=act or "silu")
-    if kind == "EViTS5GLU":
-        return EfficientViTBlock(channels, scales=(5,), norm=norm or "trms2d", act=act or "silu")
-    raise ValueError(f"unknown block type {kind!r} (expected one of {BLOCK_TYPES})")
+    scales = evit_scales(kind)
+    if scales is None:
+        raise ValueError(f"unknown block type {kind!r} (expected 'ResBlock' or 'EViT[S<k>...]GLU', e.g. {BLOCK_TYPES})")
+    return EfficientViTBlock(channels, scales=scales, norm=norm or "trms2d", act=act or "silu", head_dim=head_dim)
