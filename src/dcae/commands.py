@@ -85,16 +85,20 @@ def _by_size(items):
 # ----------------------------------------------------------------------------- models
 def cmd_models(args: argparse.Namespace) -> int:
     from dcae.models import get_config, list_models
+    from dcae.models.config import model_aliases
 
-    rows = []
+    rows, aliases = [], {}
     for name in list_models():
         c = get_config(name)
-        rows.append((name, f"f{c.spatial_compression}c{c.latent_channels}", f"{c.scaling_factor:g}", c.hub_id or ""))
+        aliases[name] = model_aliases(name)  # other published names (each loads with its own Hub home)
+        shape = f"f{c.spatial_compression}c{c.latent_channels}"
+        rows.append((name, shape, f"{c.scaling_factor:g}", c.hub_id or "", ", ".join(aliases[name])))
     if args.json:
-        print(json.dumps([dict(zip(("name", "shape", "scaling_factor", "hub_id"), r)) for r in rows], indent=2))
+        keys = ("name", "shape", "scaling_factor", "hub_id")
+        print(json.dumps([{**dict(zip(keys, r)), "aliases": aliases[r[0]]} for r in rows], indent=2))
         return 0
-    widths = [max(len(r[i]) for r in rows + [("name", "latent", "scaling", "hub")]) for i in range(4)]
-    header = ("name", "latent", "scaling", "hub")
+    header = ("name", "latent", "scaling", "hub", "aliases")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(5)]
     for r in [header] + rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
     return 0
