@@ -21,6 +21,11 @@ run still leaves its results: every section appends to the JSON as soon as it fi
    BN folding, channels-last weights, CUDA graphs), the data for choosing the defaults; then DiT-XL's
    throughput on f8 / f32 / f64 latents with whole-image generation (`dcae bench diffusion`).
 
+Judging: the correctness sections are gates (bounds and reasons in gpu_gates.py); any failure, a section
+that raised, or a fast path that fell back to the eager modules makes the script list the failures and
+exit 1. The performance goals of the facts file are printed as met / missed / not measured and written to
+goals_<device>_<date>.md; they do not change the exit code.
+
 Expected time on one H100/H200: ~1.5 min of correctness, ~1 min of eager benchmark, ~1.5 min of profile
 and variants, ~4 min of compiled benchmark: about 8.5 minutes; --budget-s stops starting new benchmark
 configurations after that many seconds. Output: benchmarks/results/gpu_check_<device>_<date>.json (everything) and
@@ -41,6 +46,7 @@ import math
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -51,7 +57,11 @@ sys.path.insert(0, str(ROOT / "src"))
 from dcae import DCAE  # noqa: E402
 from dcae import bench as B  # noqa: E402
 from dcae.models import fast, fast_triton  # noqa: E402
+from dcae.models.autoencoder import FastPathFallbackWarning  # noqa: E402
 from dcae.models.layers import RMSNorm2d  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_gates  # noqa: E402
 
 T0 = time.time()
 
@@ -64,10 +74,21 @@ class Ctx:
     div = 1  # sizes are divided by this
     model_names: dict[str, str] = {}
     backend = "inductor"
+    # Benchmarks run in bf16 on the GPU; the dry run times fp32 at batch 1 with one repeat, because bf16
+    # on a CPU without native bf16 is emulated and ~50x slower (the dry run checks code paths, not speed).
+    bench_dtype, warmup, repeats = "bf16", 2, 5
 
     @classmethod
     def px(cls, n: int) -> int:
         return max(32, n // cls.div)
+
+    @classmethod
+    def batch(cls, n: int) -> int:
+        return n if cls.dev == "cuda" else 1
+
+    @classmethod
+    def torch_dtype(cls) -> torch.dtype:
+        return {"bf16": torch.bfloat16, "fp32": torch.float32}[cls.bench_dtype]
 
     @classmethod
     def model(cls, name: str) -> str:
@@ -131,14 +152,16 @@ def check_kernels() -> dict:
     # The check a FastPath runs before using Triton (a failure there turns Triton off with a warning).
     out["fast_path_self_check"] = fast.check_kernels(fast_triton, torch.device(Ctx.dev)) or "ok"
     g = torch.Generator(device=Ctx.dev).manual_seed(0)
+    # Odd sizes on purpose (masks at every block edge); the interpreter of the dry run gets small ones.
+    c, h, w, heads = (512, 63, 47, 32) if Ctx.dev == "cuda" else (64, 9, 11, 2)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         name = str(dtype).split(".")[-1]
-        x = (torch.randn(4, 512, 64, 48, device=Ctx.dev, generator=g) * 5).to(dtype)
+        x = (torch.randn(4, c, h, w, device=Ctx.dev, generator=g) * 5).to(dtype)
         x = x.contiguous(memory_format=torch.channels_last)
-        norm = RMSNorm2d(512).to(Ctx.dev)
+        norm = RMSNorm2d(c).to(Ctx.dev)
         out[f"rms_{name}"] = rel(fast_triton.rms_norm_channels_last(x, norm.weight, norm.bias, norm.eps), norm(x))
-        qkv = torch.randn(2, 3 * 1024, 64, 64, device=Ctx.dev, generator=g).to(dtype)
-        t = qkv.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(2, 4096, 32, 96)
+        qkv = torch.randn(2, 3 * 32 * heads, h, w, device=Ctx.dev, generator=g).to(dtype)
+        t = qkv.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(2, h * w, heads, 96)
         ref = fast.relu_linear_attention_tokens(t, 32)
         out[f"attn_{name}"] = rel(fast_triton.relu_linear_attention_tokens(t, 32), ref)
     return out
@@ -195,9 +218,9 @@ def check_model(name: str) -> dict:
 
 
 def check_tiling() -> dict:
+    out = exact_tiling_fp32()
     torch.manual_seed(0)
     model = DCAE.from_config(Ctx.model("dc-ae-f32c32-in-1.0")).eval().to(Ctx.dev, torch.bfloat16)
-    out = {}
     x = torch.rand(1, 3, Ctx.px(2048), Ctx.px(2048), device=Ctx.dev, dtype=torch.bfloat16) * 2 - 1
     with torch.inference_mode():
         ref = model.decode(model.encode(x))
@@ -226,6 +249,24 @@ def check_tiling() -> dict:
         out["f128_1024_decode_shape"] = tuple(f128.decode(torch.empty(1, 512, 8, 8, device="meta")).shape)
     empty_cache()
     return out
+
+
+def exact_tiling_fp32() -> dict:
+    """The gate: exact tiles equal the untiled call to rounding (fp32, TF32 off, 2048 px in 1024 px tiles)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+    model = DCAE.from_config(Ctx.model("dc-ae-f32c32-in-1.0")).eval().to(Ctx.dev)
+    x = torch.rand(1, 3, Ctx.px(2048), Ctx.px(2048), device=Ctx.dev) * 2 - 1
+    with torch.inference_mode():
+        ref = model.decode(model.encode(x))
+        model.enable_tiling(tile_size=Ctx.px(1024), mode="exact")
+        y = model.decode(model.encode(x))
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    del model
+    empty_cache()
+    return {"exact_fp32_psnr_vs_untiled": psnr(y, ref), "exact_fp32_rel": rel(y, ref)}
 
 
 def check_graphs_and_compile() -> dict:
@@ -302,13 +343,13 @@ def profile_models() -> dict:
     """Fraction of the measured bf16 matmul peak reached at 512 px batch 16, and where the time goes."""
     peak = matmul_peak_tflops()
     out: dict = {"bf16_matmul_peak_tflops": round(peak, 1)}
-    res, batch = Ctx.px(512), 16
+    res, batch, dtype = Ctx.px(512), Ctx.batch(16), Ctx.torch_dtype()
     for name in ("dc-ae-f32c32-in-1.0", "dc-ae-f32c32-sana-1.0"):
         torch.manual_seed(0)
         model = DCAE.from_config(Ctx.model(name)).eval()
         peer = twin(model)
-        model = model.to(Ctx.dev, torch.bfloat16)
-        x = torch.rand(batch, 3, res, res, device=Ctx.dev, dtype=torch.bfloat16) * 2 - 1
+        model = model.to(Ctx.dev, dtype)
+        x = torch.rand(batch, 3, res, res, device=Ctx.dev, dtype=dtype) * 2 - 1
         with torch.inference_mode():
             z = model.encode(x)
         model.disable_fast_path()  # FLOPs of the model's math, whatever kernels the fast path swaps in
@@ -317,7 +358,7 @@ def profile_models() -> dict:
         entry: dict = {"gflop_per_image": {k: round(v / 1e9, 1) for k, v in flops.items()}}
         impls = [("dcae", model.encode, model.decode)]
         if peer is not None:
-            peer = peer.to(Ctx.dev, torch.bfloat16)
+            peer = peer.to(Ctx.dev, dtype)
             impls.append(("diffusers", lambda t, p=peer: p.encode(t).latent, lambda t, p=peer: p.decode(t).sample))
         for impl, enc, dec in impls:
             speed = _enc_dec_img_s(enc, dec, x, z, batch)
@@ -335,12 +376,12 @@ def profile_models() -> dict:
 def variants() -> dict:
     """Which fast-path switches pay on this chip: f32c32-in and sana-1.0, 512 px, batch 16, bf16, img/s of
     encode and decode for the default and each variant (the data for choosing the defaults)."""
-    res, batch = Ctx.px(512), 16
+    res, batch, dtype = Ctx.px(512), Ctx.batch(16), Ctx.torch_dtype()
     out: dict = {}
     for name in ("dc-ae-f32c32-in-1.0", "dc-ae-f32c32-sana-1.0"):
         torch.manual_seed(0)
-        model = DCAE.from_config(Ctx.model(name)).eval().to(Ctx.dev, torch.bfloat16)
-        x = torch.rand(batch, 3, res, res, device=Ctx.dev, dtype=torch.bfloat16) * 2 - 1
+        model = DCAE.from_config(Ctx.model(name)).eval().to(Ctx.dev, dtype)
+        x = torch.rand(batch, 3, res, res, device=Ctx.dev, dtype=dtype) * 2 - 1
         with torch.inference_mode():
             z = model.encode(x)
         setups = {
@@ -370,10 +411,10 @@ def _enc_dec_img_s(encode, decode, x, z, batch: int) -> dict:
     result = {}
     with torch.inference_mode():
         for what, fn, arg in (("enc", encode, x), ("dec", decode, z)):
-            fn(arg)
-            fn(arg)
-            times = sorted(B._timed(lambda f=fn, a=arg: f(a), Ctx.dev) for _ in range(5))
-            result[f"{what}_img_s"] = round(batch / times[2], 1)
+            for _ in range(Ctx.warmup):
+                fn(arg)
+            times = sorted(B._timed(lambda f=fn, a=arg: f(a), Ctx.dev) for _ in range(Ctx.repeats))
+            result[f"{what}_img_s"] = round(batch / times[len(times) // 2], 3)
     return result
 
 
@@ -397,8 +438,10 @@ def bench_plan() -> list[tuple]:
     plan = [
         (Ctx.model("dc-ae-f32c32-in-1.0"), res, [16, 4, 1, 1], ["dcae", "diffusers"]),
         (Ctx.model("dc-ae-f32c32-in-1.0"), res[:2], [16, 4], ["dcae-compiled", "diffusers-compiled"]),
+        (Ctx.model("dc-ae-f32c32-sana-1.0"), res[:1], [16], ["dcae-compiled", "diffusers-compiled"]),
         (Ctx.model("dc-ae-f32c32-sana-1.0"), res, [16, 4, 1, 1], ["dcae", "diffusers"]),
     ]
+    plan = [(m, r, [Ctx.batch(b) for b in bs], impls) for m, r, bs, impls in plan]
     if Ctx.dev != "cuda":  # dry run: the compiled variants would take minutes to build on a CPU
         plan = [p for p in plan if "compiled" not in p[3][0]]
     try:
@@ -416,7 +459,8 @@ def bench(report: Report, plan: list[tuple], records: list, path: Path, budget_s
             report.add(f"bench_skipped_{name}_{'_'.join(impls)}", "time budget reached")
             continue
         try:
-            records += B.bench_model(name, res, batch, "bf16", Ctx.dev, impls, warmup=2, repeats=5, memory=True,
+            records += B.bench_model(name, res, batch, Ctx.bench_dtype, Ctx.dev, impls, warmup=Ctx.warmup,
+                                     repeats=Ctx.repeats, memory=True,
                                      command="PYTHONPATH=src python benchmarks/gpu_check.py")  # fmt: skip
         except Exception as exc:
             report.add(
@@ -435,9 +479,11 @@ def main() -> int:
     parser.add_argument("--dry-run", type=Path, default=None, metavar="TINY_CONFIG",
                         help="CPU rehearsal with this small model config (JSON/YAML) and 1/8 sizes")  # fmt: skip
     args = parser.parse_args()
+    warnings.filterwarnings("error", category=FastPathFallbackWarning)  # a fast path that fails is a failure here
     if args.dry_run:
-        Ctx.dev, Ctx.div, Ctx.backend = "cpu", 8, "eager"
-        Ctx.model_names = {n: str(args.dry_run) for n in ("dc-ae-f32c32-in-1.0", "dc-ae-f32c32-sana-1.0")}
+        Ctx.dev, Ctx.div, Ctx.backend = "cpu", 16, "eager"
+        Ctx.bench_dtype, Ctx.warmup, Ctx.repeats = "fp32", 1, 1
+        Ctx.model_names = dry_run_models(args.dry_run, args.out)
     elif not torch.cuda.is_available():
         print("gpu_check needs a CUDA device (or --dry-run on CPU)", file=sys.stderr)
         return 2
@@ -462,7 +508,36 @@ def main() -> int:
             report.guarded(section, fn)
         else:
             report.add(section, "skipped: time budget reached")
-    print(f"done in {time.time() - T0:.0f} s; results in {args.out}")
+    return judge(report, records, args.out, stamp)
+
+
+def dry_run_models(tiny: Path, out: Path) -> dict[str, str]:
+    """One copy of the tiny config per released name, named after it, so that the records and the goals of
+    a dry run carry the names of the models they stand in for."""
+    folder = out / "dry_run_models"
+    folder.mkdir(parents=True, exist_ok=True)
+    names = {}
+    for name in ("dc-ae-f32c32-in-1.0", "dc-ae-f32c32-sana-1.0"):
+        names[name] = str(folder / f"{name}{tiny.suffix}")
+        Path(names[name]).write_text(tiny.read_text())
+    return names
+
+
+def judge(report: Report, records: list, out: Path, stamp: str) -> int:
+    """Correctness gates decide the exit code; the performance goals are reported as met or missed."""
+    sections = report.data["sections"]
+    failures = gpu_gates.gates(sections, on_gpu=Ctx.dev == "cuda")
+    goal_rows = gpu_gates.goals(sections, records, Ctx.px(512), Ctx.px(1024))
+    report.add("gates", {"passed": not failures, "failures": failures})
+    report.add("goals", goal_rows)
+    table = gpu_gates.format_goals(goal_rows)
+    (out / f"goals_{stamp}.md").write_text(table + "\n")
+    print("\nperformance goals (facts file section 7):\n" + table)
+    print(f"\ndone in {time.time() - T0:.0f} s; results in {out}")
+    if failures:
+        print(f"{len(failures)} correctness gate(s) FAILED:\n  " + "\n  ".join(failures), file=sys.stderr)
+        return 1
+    print("all correctness gates passed")
     return 0
 
 
