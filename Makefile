@@ -25,8 +25,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/dcae demo --out demo_out
 
+# --durations: the slowest tests are printed so that growth is visible.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m "not slow" tests

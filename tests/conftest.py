@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# Triton's CPU interpreter runs the CUDA fast path's kernels in the suite (tests/test_fast.py). It must be
+# set before triton is first imported; the fast path itself only uses Triton on CUDA tensors.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
