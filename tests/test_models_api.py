@@ -65,6 +65,57 @@ def test_bf16_keeps_attention_and_norms_in_fp32(model) -> None:
     assert ((out.float() - ref).norm() / ref.norm()).item() < 0.05
 
 
+# The ops that only attention (token sums, matmuls) and RMS norm (mean of squares, rsqrt) use in a DC-AE;
+# the convolutions, which may run in bf16, are not among them.
+_FP32_ONLY_OPS = ("aten.bmm", "aten.mm", "aten.rsqrt", "aten.rms_norm", "aten._fused_rms_norm")
+
+
+def _low_precision_ops(module: DCAE, x: torch.Tensor) -> tuple[set[str], set[str]]:
+    """(ops of _FP32_ONLY_OPS seen, those of them that got a bf16/fp16 tensor) in one reconstruction."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen, low = set(), set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func.overloadpacket)
+            if name in _FP32_ONLY_OPS:
+                seen.add(name)
+                if any(isinstance(a, torch.Tensor) and a.dtype in (torch.bfloat16, torch.float16) for a in args):
+                    low.add(name)
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Record():
+        module.reconstruct(x)
+    return seen, low
+
+
+@pytest.mark.parametrize("fast_path", [False, True], ids=["eager", "fast"])
+def test_bf16_attention_and_rms_norm_run_in_fp32(model, fast_path: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At op level, not by an error bound: every matmul of the linear attention and every RMS norm op of a
+    bf16 model gets fp32 tensors, on the eager modules and on the fast path. (A whole bf16 model is only
+    0.017 from fp32 even with both in bf16, so an error bound cannot tell.)"""
+    from dcae.models.layers import RMSNorm2d
+
+    half = DCAE.from_config(model.config).eval()
+    half.load_state_dict(model.state_dict())
+    half.to(torch.bfloat16)
+    half.enable_fast_path() if fast_path else half.disable_fast_path()
+    x = (torch.rand(1, 3, 64, 64) * 2 - 1).to(torch.bfloat16)
+    seen, low = _low_precision_ops(half, x)
+    assert {"aten.bmm", "aten.rsqrt"} <= seen or {"aten.bmm", "aten.rms_norm"} <= seen, seen
+    assert not low, f"ran in bf16: {sorted(low)}"
+
+    # The check can fail: an RMS norm computed in the input's dtype is caught.
+    def rms_in_input_dtype(self, t):
+        t = t * torch.rsqrt(t.pow(2).mean(dim=1, keepdim=True) + self.eps)
+        return t * self.weight.to(t.dtype).view(1, -1, 1, 1) + self.bias.to(t.dtype).view(1, -1, 1, 1)
+
+    monkeypatch.setattr(RMSNorm2d, "forward", rms_in_input_dtype)
+    half.disable_fast_path()
+    assert "aten.rsqrt" in _low_precision_ops(half, x)[1]
+
+
 def test_non_finite_latents_are_refused(model) -> None:
     z = torch.zeros(1, model.latent_channels, 2, 2)
     z[0, 0, 0, 0] = float("nan")
