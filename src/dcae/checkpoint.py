@@ -95,7 +95,10 @@ def infer_config(state_dict: dict[str, torch.Tensor], source: str = "weights") -
             model = DCAE(get_config(name))
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         # diffusers names are ambiguous for a few layouts: read them against each candidate's keys
-        sd = diffusers_to_original(state_dict, expected) if diffusers_keys else state_dict
+        try:
+            sd = diffusers_to_original(state_dict, expected) if diffusers_keys else state_dict
+        except ConversionError:  # keys no DC-AE has (another diffusers model family)
+            continue
         shapes = {k: tuple(v.shape) for k, v in sd.items()}
         if _strip_bn_counters(expected) == _strip_bn_counters(shapes):
             matches.append(model.config)
