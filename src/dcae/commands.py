@@ -84,6 +84,7 @@ def _by_size(items):
 
 # ----------------------------------------------------------------------------- models
 def cmd_models(args: argparse.Namespace) -> int:
+    from dcae.diffusion.released import print_released_table, released_rows
     from dcae.models import get_config, list_models
     from dcae.models.config import model_aliases
 
@@ -95,12 +96,15 @@ def cmd_models(args: argparse.Namespace) -> int:
         rows.append((name, shape, f"{c.scaling_factor:g}", c.hub_id or "", ", ".join(aliases[name])))
     if args.json:
         keys = ("name", "shape", "scaling_factor", "hub_id")
-        print(json.dumps([{**dict(zip(keys, r)), "aliases": aliases[r[0]]} for r in rows], indent=2))
+        records = [{**dict(zip(keys, r)), "aliases": aliases[r[0]]} for r in rows]
+        print(json.dumps(records + released_rows(), indent=2))
         return 0
     header = ("name", "latent", "scaling", "hub", "aliases")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(5)]
     for r in [header] + rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    print()
+    print_released_table()  # the released diffusion models on these autoencoders
     return 0
 
 

@@ -127,6 +127,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from dcae.errors import UserError
     from dcae.utils.runtime import process_group_from_env
 
+    if args.model:  # a released DC-AE ImageNet model (name, Hub id or folder)
+        if args.ckpt:
+            raise UserError("pass --ckpt (a checkpoint of ours) or --model (a released model), not both")
+        from dcae.diffusion.released_cli import cmd_sample_released
+
+        return cmd_sample_released(args)
+    if not args.ckpt:
+        raise UserError("pass --ckpt (a checkpoint or training run folder) or --model (a released model)")
+    if args.channels:
+        raise UserError("--channels applies to the released DC-AE 1.5 models (--model)")
+    args.steps = args.steps or 50
+    args.cfg = 1.5 if args.cfg is None else args.cfg
     # Under torchrun / `accelerate launch` process r samples the missing images i with i % n == r, on its own GPU.
     rank, world, device = process_group_from_env(args.device)
     model, process, meta = load_checkpoint(args.ckpt, use_ema=not args.no_ema, device=device)
@@ -297,14 +309,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--nproc_per_node N -m dcae.cli sample ... (each process takes every N-th image; the first writes "
         "the grid, samples.json and gFID).",
     )
-    p.add_argument("--ckpt", required=True, help="checkpoint .pt or a training run folder (uses the latest)")
+    p.add_argument("--ckpt", help="checkpoint .pt or a training run folder (uses the latest)")
+    p.add_argument(
+        "--model",
+        help="a released DC-AE ImageNet 512 model instead of --ckpt: name (see `dcae models`), Hub id or folder",
+    )
     p.add_argument("-o", "--output", required=True, help="output folder: images/, grid.png, samples.json")
     p.add_argument("-n", type=int, default=8, help="number of samples (default 8)")
     p.add_argument("--classes", help="comma-separated class indices or names, used in turn (default: all evenly)")
-    p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off; default 1.5, released: its own)")
     p.add_argument("--guidance-interval", default="0,1", help="guide only for t in [lo,hi] (0 data, 1 noise)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--solver", default="auto", choices=["auto", "heun", "euler", "dpm++", "ddim", "ddpm"])
+    p.add_argument("--steps", type=int, help="solver steps (default 50; released: its own, e.g. 250 DDPM steps)")
+    p.add_argument(
+        "--solver",
+        default="auto",
+        choices=["auto", "heun", "euler", "dpm++", "ddim", "ddpm", "dpm-solver", "dopri5", "heun2", "midpoint", "rk4"],
+        help="auto: heun / dpm++ for our models, the released sampler for --model (ddpm, dpm-solver or dopri5); "
+        "released flow models also take heun2, euler, midpoint, rk4 on --steps grid points",
+    )
+    p.add_argument("--channels", type=int, help="DC-AE 1.5 models: generate the first N latent channels only")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)

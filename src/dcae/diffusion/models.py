@@ -113,7 +113,10 @@ class LabelEmbedder(nn.Module):
 
     def __init__(self, num_rows: int, dim: int) -> None:
         super().__init__()
-        self.embedding_table = nn.Embedding(num_rows, dim)
+        # nn.Embedding's own N(0, 1) init, skipped on the meta device (where it is slow and holds no values)
+        self.embedding_table = nn.Embedding(num_rows, dim, _weight=torch.empty(num_rows, dim))
+        if self.embedding_table.weight.device.type != "meta":
+            nn.init.normal_(self.embedding_table.weight)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return self.embedding_table(y)
@@ -200,14 +203,18 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         # One extra row: the null class that classifier-free guidance conditions on.
         self.y_embedder = label_table(num_classes, hidden_size, released_layout)
-        table = sincos_pos_embed_2d(hidden_size, self.grid)[None]
+        on_meta = torch.empty(0).device.type == "meta"  # built for shapes only: no values to compute
+        table = (
+            torch.empty(1, self.grid**2, hidden_size) if on_meta else sincos_pos_embed_2d(hidden_size, self.grid)[None]
+        )
         if released_layout:  # the released checkpoints store the fixed table as a frozen parameter
             self.pos_embed = nn.Parameter(table, requires_grad=False)
         else:  # fixed, so a non-persistent buffer: it is rebuilt from the config and never saved
             self.register_buffer("pos_embed", table, persistent=False)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
-        self.initialize_weights()
+        if self.pos_embed.device.type != "meta":  # meta tensors hold no values (and their init is slow)
+            self.initialize_weights()
 
     def initialize_weights(self) -> None:
         def _basic_init(module: nn.Module) -> None:
@@ -330,7 +337,8 @@ class UViT(nn.Module):
         self.final_layer = (
             nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1) if final_conv else nn.Identity()
         )
-        self.initialize_weights()
+        if self.pos_embed.device.type != "meta":  # meta tensors hold no values (and their init is slow)
+            self.initialize_weights()
 
     def initialize_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)

@@ -311,10 +311,13 @@ def load_released(
 # ----------------------------------------------------------------------------- listing
 def released_rows() -> list[dict]:
     """One record per released model for `dcae models` (parameter counts from a meta-device build)."""
-    rows = []
+    rows, counts = [], {}
     for name, r in RELEASED.items():
-        with torch.device("meta"):
-            n_params = sum(p.numel() for p in ReleasedDiffusion(r).parameters())
+        key = tuple(sorted(r.model_kwargs().items()))
+        if key not in counts:  # 14 names, 9 structures
+            with torch.device("meta"):
+                counts[key] = sum(p.numel() for p in ReleasedDiffusion(r).parameters())
+        n_params = counts[key]
         rows.append({
             "kind": "diffusion",
             "name": name,
