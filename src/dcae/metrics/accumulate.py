@@ -57,23 +57,36 @@ def all_reduce_sum(tensors: list[torch.Tensor], group=None) -> None:
 
 
 class MeanAccumulator(Accumulator):
-    """Mean (and standard deviation) of per-image values."""
+    """Mean (and standard deviation) of per-image values.
 
-    _state_names = ("count", "total", "total_sq")
+    NaN marks an image the metric is not defined for (smaller than its window, e.g. SSIM below 6 px):
+    such values are left out of the mean and counted in `num_na` instead. +inf (PSNR of identical
+    images) is a value and makes the mean +inf."""
+
+    _state_names = ("count", "total", "total_sq", "na")
 
     def __init__(self) -> None:
         self.count = torch.zeros((), dtype=torch.float64)
         self.total = torch.zeros((), dtype=torch.float64)
         self.total_sq = torch.zeros((), dtype=torch.float64)
+        self.na = torch.zeros((), dtype=torch.float64)
 
     def add(self, values: torch.Tensor) -> torch.Tensor:
+        """Add a batch of per-image values; returns them (float64, CPU), NaN where not defined."""
         values = values.detach().to(torch.float64).reshape(-1).cpu()
-        self.count += values.numel()
-        self.total += values.sum()
-        self.total_sq += values.pow(2).sum()
+        defined = values[~values.isnan()]
+        self.na += values.numel() - defined.numel()
+        self.count += defined.numel()
+        self.total += defined.sum()
+        self.total_sq += defined.pow(2).sum()
         return values
 
+    @property
+    def num_na(self) -> int:
+        return int(self.na)
+
     def compute(self) -> float:
+        """Mean over the images the metric is defined for; NaN if there are none."""
         return float(self.total / self.count) if self.count > 0 else math.nan
 
     def std(self) -> float:
@@ -272,10 +285,16 @@ class ReconstructionMetrics:
         return self.real_features.compute() if self.real_features is not None else None
 
     def compute(self, fid_method: str = "auto") -> dict:
-        """Summary dict: psnr, ssim, lpips (+ lpips_net), fid, latent stats, num_images."""
-        res: dict = {"num_images": int(self.psnr.count), "psnr": self.psnr.compute(), "ssim": self.ssim.compute()}
+        """Summary dict: psnr, ssim, lpips (+ lpips_net), fid, latent stats, num_images; `ssim_num_na` /
+        `lpips_num_na` count the images too small for that metric (left out of its mean)."""
+        res: dict = {
+            "num_images": int(self.psnr.count + self.psnr.na),
+            "psnr": self.psnr.compute(),
+            "ssim": self.ssim.compute(),
+            "ssim_num_na": self.ssim.num_na,  # images too small for SSIM, left out of its mean
+        }
         if self.lpips is not None:
-            res.update(lpips=self.lpips.compute(), lpips_net=self.lpips.name)
+            res.update(lpips=self.lpips.compute(), lpips_net=self.lpips.name, lpips_num_na=self.lpips.num_na)
         if self.fake_features is not None and int(self.fake_features.count) >= 2:
             ref = self.reference_stats()
             fake = self.fake_features.compute()

@@ -378,7 +378,11 @@ def cached_reference_stats(
 def summary_row(summary: dict) -> list[str]:
     def fmt(key: str, spec: str) -> str:
         v = summary.get(key)
-        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+        if v is None:
+            return "-"
+        if isinstance(v, float) and math.isnan(v):
+            return "n/a"  # not defined for any image (e.g. all smaller than the SSIM window)
+        return format(v, spec) + (f" ({summary[f'{key}_num_na']} n/a)" if summary.get(f"{key}_num_na") else "")
 
     lp = fmt("lpips", ".4f") + (f" ({summary['lpips_net']})" if "lpips_net" in summary else "")
     return [
@@ -412,8 +416,14 @@ def per_image_csv(rows: Sequence[dict]) -> str:
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
+        writer.writerow({k: _csv_value(v) for k, v in row.items()})
     return buf.getvalue()
+
+
+def _csv_value(v):
+    if not isinstance(v, float):
+        return v
+    return "n/a" if math.isnan(v) else f"{v:.6f}"  # NaN: the metric is not defined for this image
 
 
 def as_json(summary: dict) -> dict:

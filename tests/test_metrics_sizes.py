@@ -1,0 +1,180 @@
+"""Metrics at every image size: 1 px to beyond 8K, in bounded memory, equal to the references.
+
+SSIM is checked against torchmetrics (which unfolds the window for every pixel, so only on sizes it
+can hold), PSNR against numpy; memory is the peak RSS growth of a fresh subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import dcae.metrics.psnr_ssim as ps
+from dcae.metrics.accumulate import PSNRAccumulator, ReconstructionMetrics, SSIMAccumulator
+from dcae.metrics.psnr_ssim import SSIM_MIN_SIZE, psnr_per_image, ssim_per_image
+
+
+def _noisy(ref: torch.Tensor, sigma: float, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    noise = sigma * torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    return (ref.double() + noise).clamp(0, 255).round().to(torch.uint8)
+
+
+def _torchmetrics_ssim(ref: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    return structural_similarity_index_measure(
+        test.double(), ref.double(), gaussian_kernel=True, sigma=1.5, kernel_size=11, data_range=255.0, reduction="none"
+    )
+
+
+def _real_crops(shared_data, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    from dcae.data.images import find_images, load_image_uint8
+
+    files = find_images(shared_data / "set14")
+    out = []
+    for i, (h, w) in enumerate(sizes):
+        arr = load_image_uint8(files[i % len(files)])
+        out.append(torch.from_numpy(np.array(arr[:h, :w], copy=True)).permute(2, 0, 1)[None].contiguous())
+    return out
+
+
+# ----------------------------------------------------------------------------------------- SSIM
+@pytest.mark.parametrize("band_bytes", [ps.BAND_BYTES, 1])  # one band, and one row per band
+@pytest.mark.parametrize("size", [(6, 6), (6, 41), (11, 11), (12, 7), (37, 64), (101, 53), (255, 257)])
+def test_ssim_equals_torchmetrics_on_random_images(monkeypatch, size, band_bytes):
+    monkeypatch.setattr(ps, "BAND_BYTES", band_bytes)
+    gen = torch.Generator().manual_seed(size[0] * 1000 + size[1])
+    ref = torch.randint(0, 256, (2, 3, *size), dtype=torch.uint8, generator=gen)
+    test = _noisy(ref, 25.0)
+    test[1] = ref[1] // 2 + 60  # a contrast / brightness change, not noise
+    expected = _torchmetrics_ssim(ref, test)
+    assert expected.min() < 0.9
+    torch.testing.assert_close(ssim_per_image(ref, test), expected, rtol=0, atol=1e-6)
+
+
+def test_ssim_equals_torchmetrics_on_real_images(shared_data, monkeypatch):
+    monkeypatch.setattr(ps, "BAND_BYTES", 2**20)  # several bands on these sizes
+    for ref in _real_crops(shared_data, [(480, 500), (333, 257), (97, 311), (64, 15)]):
+        for sigma in (2.0, 15.0):
+            test = _noisy(ref, sigma)
+            got, expected = ssim_per_image(ref, test), _torchmetrics_ssim(ref, test)
+            assert abs(got.item() - expected.item()) < 1e-6, (tuple(ref.shape), sigma)
+    ref = _real_crops(shared_data, [(200, 300)])[0]
+    assert ssim_per_image(ref, ref).item() == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (5, 3), (5, 500), (500, 5), (3, 9)])
+def test_ssim_below_min_size_is_nan_where_torchmetrics_raises(size):
+    ref = torch.randint(0, 256, (2, 3, *size), dtype=torch.uint8)
+    assert min(size) < SSIM_MIN_SIZE
+    with pytest.raises(RuntimeError, match="[Pp]adding"):
+        _torchmetrics_ssim(ref, ref)
+    assert torch.isnan(ssim_per_image(ref, ref)).all()
+
+
+# ----------------------------------------------------------------------------------------- PSNR
+@pytest.mark.parametrize("size", [(1, 1), (2, 3), (37, 64), (301, 7)])
+def test_psnr_equals_numpy_at_any_size(monkeypatch, size):
+    monkeypatch.setattr(ps, "BAND_BYTES", 64)  # a band of one row
+    gen = torch.Generator().manual_seed(1)
+    ref = torch.randint(0, 256, (3, 3, *size), dtype=torch.uint8, generator=gen)
+    test = torch.randint(0, 256, (3, 3, *size), dtype=torch.uint8, generator=gen)
+    d = ref.numpy().astype(np.float64) - test.numpy().astype(np.float64)
+    expected = 10 * np.log10(255.0**2 / (d**2).reshape(3, -1).mean(axis=1))
+    np.testing.assert_allclose(psnr_per_image(ref, test).numpy(), expected, rtol=1e-13)
+    assert torch.isposinf(psnr_per_image(ref, ref)).all()  # identical images: +inf
+
+
+# ----------------------------------------------------------------------------------------- accumulators
+def test_undefined_values_are_left_out_of_means_and_counted():
+    gen = torch.Generator().manual_seed(2)
+    big = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8, generator=gen)
+    tiny = torch.randint(0, 256, (1, 3, 4, 4), dtype=torch.uint8, generator=gen)
+    ssim, psnr = SSIMAccumulator(), PSNRAccumulator()
+    values = ssim.update(big, _noisy(big, 10.0))
+    assert torch.isnan(ssim.update(tiny, _noisy(tiny, 10.0))).all()
+    assert ssim.compute() == pytest.approx(values.mean().item(), abs=1e-15)
+    assert ssim.num_na == 1 and int(ssim.count) == 2
+    psnr.update(tiny, _noisy(tiny, 10.0))
+    assert math.isfinite(psnr.compute()) and psnr.num_na == 0  # PSNR is defined down to 1 px
+    only_tiny = SSIMAccumulator()
+    only_tiny.update(tiny, tiny)
+    assert math.isnan(only_tiny.compute()) and only_tiny.num_na == 1
+    merged = only_tiny.merge(ssim)
+    assert merged.num_na == 2 and merged.compute() == pytest.approx(values.mean().item(), abs=1e-15)
+
+
+def test_reconstruction_summary_reports_na_counts_and_json_nulls():
+    from dcae.metrics.reconstruction import as_json, markdown_table, per_image_csv
+
+    tiny = torch.randint(0, 256, (2, 3, 5, 9), dtype=torch.uint8)
+    metrics = ReconstructionMetrics()
+    rows = metrics.update(tiny, _noisy(tiny, 5.0))
+    summary = metrics.compute()
+    assert summary["num_images"] == 2 and summary["ssim_num_na"] == 2
+    assert math.isnan(summary["ssim"]) and math.isfinite(summary["psnr"])
+    assert as_json(summary)["ssim"] is None
+    json.dumps(as_json(summary), allow_nan=False)
+    table = markdown_table([{"model": "m", **summary}])
+    assert "n/a" in table.splitlines()[-1]
+    csv = per_image_csv([{"name": "a.png", "psnr": float(rows["psnr"][0]), "ssim": float(rows["ssim"][0])}])
+    assert csv.splitlines()[1].endswith(",n/a")
+
+
+def test_image_psnr_ssim_of_tiny_and_single_pixel_images():
+    from dcae.commands import image_psnr_ssim
+
+    one = np.array([[[10, 20, 30]]], dtype=np.uint8)
+    psnr, ssim = image_psnr_ssim(one, one + 1)
+    assert psnr == pytest.approx(10 * math.log10(255**2))
+    assert math.isnan(ssim)
+    assert image_psnr_ssim(one, one)[0] == math.inf
+
+
+# ----------------------------------------------------------------------------------------- memory
+MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json, resource, sys, torch
+    torch.set_num_threads(1)
+    from dcae.metrics.psnr_ssim import psnr_per_image, ssim_per_image
+    h, w = int(sys.argv[1]), int(sys.argv[2])
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 256, (1, 3, h, w), dtype=torch.uint8, generator=gen)
+    b = a.flip(-1).contiguous()
+    ssim_per_image(a[..., :32, :32], b[..., :32, :32])  # imports and first-call allocations
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    p, s = psnr_per_image(a, b).item(), ssim_per_image(a, b).item()
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    print(json.dumps({"psnr": p, "ssim": s, "grown_mb": grown}))
+    """
+)
+
+
+def _peak_growth(h: int, w: int) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(h), str(w)], capture_output=True, text=True, check=True, timeout=900
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_psnr_ssim_memory_does_not_grow_with_height():
+    # SSIM works on bands of rows: 4096 px wide images use the same memory whatever their height.
+    # torchmetrics would need 121 x 5 float64 maps of the whole image here (about 12 GB).
+    res = _peak_growth(768, 4096)
+    assert 0.0 < res["ssim"] < 0.1
+    assert res["grown_mb"] < 600, res
+
+
+@pytest.mark.slow
+def test_psnr_ssim_of_a_4096_square_pair_within_1gb():
+    res = _peak_growth(4096, 4096)
+    assert math.isfinite(res["psnr"]) and 0.0 < res["ssim"] < 0.1
+    assert res["grown_mb"] < 1024, res
