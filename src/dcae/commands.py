@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -27,10 +30,12 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_model_from_args(args: argparse.Namespace):
+    from dcae.errors import non_finite_warnings_as_lines
     from dcae.models import DCAE
     from dcae.utils.runtime import resolve_device, resolve_dtype
 
-    model = DCAE.from_pretrained(args.model, model_name=args.model_name)
+    with non_finite_warnings_as_lines():  # NaN weights: one line naming the tensor; outputs are checked by file
+        model = DCAE.from_pretrained(args.model, model_name=args.model_name)
     model.to(device=resolve_device(args.device), dtype=resolve_dtype(args.dtype)).eval()
     if getattr(args, "tile", False):
         if not hasattr(model, "enable_tiling"):
@@ -47,20 +52,6 @@ def _progress(iterable, total: int, desc: str):
     return tqdm(iterable, total=total, desc=desc, unit="img", disable=total < 2, dynamic_ncols=True)
 
 
-def _load_images(paths: list[Path]):
-    """(path, tensor) for readable files; unreadable ones are reported by name and counted."""
-    from dcae.data.images import ImageReadError, load_image
-
-    ok, failed = [], []
-    for path in paths:
-        try:
-            ok.append((path, load_image(path)))
-        except (ImageReadError, FileNotFoundError) as exc:
-            print(f"dcae: skipping {path}: {exc}", file=sys.stderr)
-            failed.append(path)
-    return ok, failed
-
-
 def _expand_inputs(inputs: list[str]) -> list[Path]:
     from dcae.data.images import find_images
 
@@ -68,18 +59,39 @@ def _expand_inputs(inputs: list[str]) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            paths += find_images(p)
+            found = find_images(p)
+            if not found:
+                print(f"dcae: warning: no image files in the folder {p}", file=sys.stderr)
+            paths += found
         else:
             paths.append(p)  # missing files are reported when they are read
     return paths
 
 
-def _by_size(items):
-    """Group (path, image) by image size so that each batch stacks."""
-    groups: dict[tuple[int, int], list] = {}
-    for path, img in items:
-        groups.setdefault(tuple(img.shape[-2:]), []).append((path, img))
-    return groups
+@contextlib.contextmanager
+def _per_file_reports():
+    """The commands name the file of each NaN/Inf output themselves; the model's own warning (which
+    only knows batch positions) would repeat it."""
+    from dcae.errors import NonFiniteWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonFiniteWarning)
+        yield
+
+
+def _check_outputs_free(files: list[Path], overwrite: bool) -> None:
+    """Refuse before any work, not after the first images are done."""
+    from dcae.utils.io import check_writable
+
+    if not overwrite:
+        for f in files:
+            check_writable(f)
+
+
+def _summary_exit(done: int, problems, total: int, what: str) -> int:
+    if problems:
+        print(f"dcae: {len(problems)} of {total} images got no {what} (see the messages above)", file=sys.stderr)
+    return 1 if problems or not done else 0
 
 
 # ----------------------------------------------------------------------------- models
@@ -112,8 +124,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_encode(args: argparse.Namespace) -> int:
     import torch
 
+    from dcae.data.batches import Problems, load_batch, plan, run_per_image_on_failure
     from dcae.errors import UserError
-    from dcae.utils.io import atomic_save_safetensors, check_writable
+    from dcae.utils.io import check_writable
 
     out = check_writable(args.output, args.overwrite)
     paths = _expand_inputs(args.images)
@@ -121,29 +134,42 @@ def cmd_encode(args: argparse.Namespace) -> int:
         raise UserError("no input images")
     model = load_model_from_args(args)
     device = next(model.parameters()).device
-    items, failed = _load_images(paths)
-    tensors: dict[str, torch.Tensor] = {}
-    records = []
-    bar = _progress(range(len(items)), len(items), "encode")
-    with torch.inference_mode():
-        for (h, w), group in _by_size(items).items():
-            for start in range(0, len(group), args.batch_size):
-                chunk = group[start : start + args.batch_size]
-                x = torch.stack([img for _, img in chunk]).to(device)
-                z = model.encode(x).float()
-                if args.scaled:
-                    z = model.scale_latents(z)
-                for (path, _), zi in zip(chunk, z):
-                    key = f"latent_{len(records):06d}"
-                    tensors[key] = zi.cpu()
-                    records.append({"key": key, "file": str(path), "height": h, "width": w})
-                bar.update(len(chunk))
+    problems = Problems()
+    order = {p: i for i, p in enumerate(paths)}
+    encoded: list[tuple[int, dict, torch.Tensor]] = []
+    batches = plan(paths, args.batch_size, problems)
+    bar = _progress(range(sum(map(len, batches))), sum(map(len, batches)), "encode")
+    with torch.inference_mode(), _per_file_reports():
+        for batch in batches:
+            for names, x in load_batch(batch, problems):
+                step = run_per_image_on_failure(
+                    lambda t: model.encode(t.to(device)).float().cpu(), names, x, "encode", problems
+                )
+                for done, _, z in step:
+                    for path, zi in zip(done, z):
+                        if not torch.isfinite(zi).all():
+                            problems.failed_file(
+                                path, "the encoder produced NaN/Inf latents (non-finite model output); not written"
+                            )
+                            continue
+                        record = {"file": str(path), "height": x.shape[-2], "width": x.shape[-1]}
+                        encoded.append((order[path], record, model.scale_latents(zi) if args.scaled else zi))
+            bar.update(len(batch))
     bar.close()
-    if not records:
-        raise UserError("none of the input images could be read")
-    for key, z in tensors.items():
-        if not torch.isfinite(z).all():
-            raise UserError(f"{key} ({records[int(key[7:])]['file']}): the encoder produced NaN/Inf latents")
+    if not encoded:
+        raise UserError(f"none of the {len(paths)} input images could be encoded")
+    _write_latents(sorted(encoded, key=lambda e: e[0]), out, model, args)
+    return _summary_exit(len(encoded), problems, len(paths), "latents")
+
+
+def _write_latents(encoded: list, out: Path, model, args: argparse.Namespace) -> None:
+    from dcae.utils.io import atomic_save_safetensors
+
+    tensors, records = {}, []
+    for _, record, z in encoded:
+        key = f"latent_{len(records):06d}"
+        tensors[key] = z
+        records.append({"key": key, **record})
     model_ref = Path(args.model).resolve() if Path(args.model).exists() else args.model
     meta = {
         "model": str(model_ref),
@@ -155,7 +181,6 @@ def cmd_encode(args: argparse.Namespace) -> int:
     }
     atomic_save_safetensors(tensors, out, metadata={"dcae": json.dumps(meta)})
     print(f"wrote {len(records)} latents to {out}")
-    return 1 if failed else 0
 
 
 def read_latents(path: str | Path):
@@ -181,8 +206,7 @@ def read_latents(path: str | Path):
 def cmd_decode(args: argparse.Namespace) -> int:
     import torch
 
-    from dcae.data.images import save_image
-    from dcae.errors import NonFiniteError
+    from dcae.data.batches import Problems, output_stems
 
     tensors, meta = read_latents(args.latents)
     if args.model is None:
@@ -191,68 +215,161 @@ def cmd_decode(args: argparse.Namespace) -> int:
         args.model = meta["model"]
         if args.model_name is None and meta.get("model_name") in list_models():
             args.model_name = meta["model_name"]
-    model = load_model_from_args(args)
-    device = next(model.parameters()).device
     out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    bar = _progress(meta["images"], len(meta["images"]), "decode")
-    with torch.inference_mode():
-        for rec in bar:
-            z = tensors[rec["key"]][None].to(device)
-            if not torch.isfinite(z).all():
-                raise NonFiniteError(f"{args.latents}: {rec['key']} ({rec['file']}) contains NaN/Inf values")
-            if meta.get("scaled"):
-                z = z / meta["scaling_factor"]
-            x = model.decode(z)[..., : rec["height"], : rec["width"]]
-            save_image(x[0], out_dir / f"{Path(rec['file']).stem}.png", overwrite=args.overwrite)
-    print(f"wrote {len(meta['images'])} images to {out_dir}")
-    return 0
+    records = meta["images"]
+    stems = output_stems([Path(r["file"]) for r in records])
+    _check_outputs_free([out_dir / f"{stem}.png" for stem in stems.values()], args.overwrite)
+    model = load_model_from_args(args)
+    problems = Problems()
+    done = 0
+    with torch.inference_mode(), _per_file_reports():
+        for rec in _progress(records, len(records), "decode"):
+            done += _decode_one(model, tensors, rec, meta, out_dir / f"{stems[Path(rec['file'])]}.png", problems, args)
+    print(f"wrote {done} images to {out_dir}")
+    return _summary_exit(done, problems, len(records), "decoded image")
+
+
+def _decode_one(model, tensors: dict, rec: dict, meta: dict, out: Path, problems, args) -> int:
+    """Decode and write one record of a latents file; 1 if written, 0 if reported as a problem."""
+    import torch
+
+    from dcae.data.batches import one_line
+    from dcae.data.images import save_image
+
+    where = f"{args.latents}: {rec['key']}"
+    z = tensors.get(rec["key"])
+    if z is None:
+        problems.failed_file(Path(rec["file"]), f"{where} is missing from the file; skipped")
+        return 0
+    if not torch.isfinite(z).all():
+        problems.failed_file(Path(rec["file"]), f"{where} contains NaN/Inf latents; skipped")
+        return 0
+    z = z[None].to(next(model.parameters()).device)
+    if meta.get("scaled"):
+        z = z / meta["scaling_factor"]
+    try:
+        x = model.decode(z)[..., : rec["height"], : rec["width"]]
+    except Exception as exc:
+        problems.failed_file(Path(rec["file"]), f"decode of {where} failed ({one_line(exc)}); skipped")
+        return 0
+    if not torch.isfinite(x).all():
+        problems.failed_file(
+            Path(rec["file"]), f"decoding {where} gave NaN/Inf pixels (non-finite model output); not written"
+        )
+        return 0
+    save_image(x[0], out)
+    return 1
 
 
 # ----------------------------------------------------------------------------- reconstruct
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     import torch
 
-    from dcae.data.images import make_grid, save_image, tensor_to_uint8
+    from dcae.data.batches import Problems, load_batch, output_stems, plan, run_per_image_on_failure
     from dcae.errors import UserError
-    from dcae.utils.io import atomic_write_json
 
     paths = _expand_inputs(args.images)
     if not paths:
         raise UserError("no input images")
     out_dir = Path(args.output)
+    stems = output_stems(paths)
+    outputs = [out_dir / f"{stem}{suffix}.png" for stem in stems.values() for suffix in ("", "_side_by_side")]
+    _check_outputs_free(outputs + ([Path(args.json)] if args.json else []), args.overwrite)
     model = load_model_from_args(args)
     device = next(model.parameters()).device
-    items, failed = _load_images(paths)
-    results = []
-    bar = _progress(range(len(items)), len(items), "reconstruct")
-    with torch.inference_mode():
-        for _, group in _by_size(items).items():
-            for start in range(0, len(group), args.batch_size):
-                chunk = group[start : start + args.batch_size]
-                x = torch.stack([img for _, img in chunk]).to(device)
-                rec = model.reconstruct(x).float().cpu()
-                for (path, img), r in zip(chunk, rec):
-                    a, b = tensor_to_uint8(img), tensor_to_uint8(r)
-                    psnr, ssim = image_psnr_ssim(a, b)
-                    stem = Path(path).stem
-                    save_image(b, out_dir / f"{stem}.png", overwrite=args.overwrite)
-                    side = make_grid([img, r.clamp(-1, 1)], nrow=2)
-                    save_image(side, out_dir / f"{stem}_side_by_side.png", overwrite=args.overwrite)
-                    results.append({"file": str(path), "psnr": psnr, "ssim": ssim})
-                    bar.write(f"{path}: PSNR {psnr:.2f} dB  SSIM {ssim:.4f}")
-                bar.update(len(chunk))
+    problems = Problems()
+    results: list[dict] = []
+    batches = plan(paths, args.batch_size, problems)
+    bar = _progress(range(sum(map(len, batches))), sum(map(len, batches)), "reconstruct")
+
+    def encode_decode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = model.encode(x.to(device))
+        latent_ok = torch.isfinite(z).flatten(1).all(1).cpu()
+        return latent_ok, model.decode(z)[..., : x.shape[-2], : x.shape[-1]].float().cpu()
+
+    with torch.inference_mode(), _per_file_reports():
+        for batch in batches:
+            for names, x in load_batch(batch, problems):
+                for done, xs, (latent_ok, rec) in run_per_image_on_failure(
+                    encode_decode, names, x, "reconstruct", problems
+                ):
+                    for path, img, ok, r in zip(done, xs, latent_ok, rec):
+                        row = _write_reconstruction(path, img, r, bool(ok), out_dir / stems[path], problems)
+                        if row is not None:
+                            results.append(row)
+            bar.update(len(batch))
     bar.close()
+    _report_reconstruction(results, problems, args)
+    return _summary_exit(len(results), problems, len(paths), "reconstruction")
+
+
+def _write_reconstruction(path: Path, img, r, latent_ok: bool, stem: Path, problems) -> dict | None:
+    """Write the reconstruction and the side-by-side first, then the metrics, each in a guard: a
+    metric that fails for this image costs only that number. None when nothing could be written."""
+    import torch
+
+    from dcae.data.images import make_grid, save_image, tensor_to_uint8
+
+    if not latent_ok or not torch.isfinite(r).all():
+        what = "latents contain" if not latent_ok else "reconstruction contains"
+        problems.failed_file(path, f"the {what} NaN/Inf (non-finite model output); nothing written")
+        return None
+    b = tensor_to_uint8(r)
+    out, side = save_image(b, stem.with_name(stem.name + ".png")), stem.with_name(stem.name + "_side_by_side.png")
+    save_image(make_grid([img, r.clamp(-1, 1)], nrow=2), side)
+    row = {
+        "file": str(path),
+        "output": str(out),
+        "side_by_side": str(side),
+        **_guarded_metrics(tensor_to_uint8(img), b),
+    }
+    from tqdm import tqdm
+
+    tqdm.write(f"{path}: PSNR {_fmt(row['psnr'], '.2f')} dB  SSIM {_fmt(row['ssim'], '.4f')}" + (
+        f"  ({row['metric_note']})" if "metric_note" in row else ""))  # fmt: skip
+    return row
+
+
+def _guarded_metrics(a, b) -> dict:
+    """PSNR/SSIM of one pair; a metric that fails or does not apply is None with a note why."""
+    from dcae.data.batches import one_line
+
+    try:
+        psnr, ssim = image_psnr_ssim(a, b)
+    except Exception as exc:
+        return {"psnr": None, "ssim": None, "metric_note": f"metrics failed: {one_line(exc)}"}
+    row: dict = {"psnr": None if math.isnan(psnr) else psnr, "ssim": None if math.isnan(ssim) else ssim}
+    missing = [k.upper() for k in ("psnr", "ssim") if row[k] is None]
+    if missing:
+        row["metric_note"] = f"{' and '.join(missing)} n/a for a {a.shape[1]}x{a.shape[0]} px image"
+    return row
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _report_reconstruction(results: list[dict], problems, args) -> None:
+    """The mean line and the JSON file (written whenever asked for, whatever failed)."""
+    from dcae.utils.io import atomic_write_json
+
+    psnr, ssim = _mean([r["psnr"] for r in results]), _mean([r["ssim"] for r in results])
     if results:
-        mean_psnr = sum(r["psnr"] for r in results) / len(results)
-        mean_ssim = sum(r["ssim"] for r in results) / len(results)
-        print(f"mean over {len(results)} images: PSNR {mean_psnr:.2f} dB  SSIM {mean_ssim:.4f}")
-        if args.json:
-            summary = {"model": str(args.model), "psnr": mean_psnr, "ssim": mean_ssim, "images": results}
-            atomic_write_json(args.json, {**summary, "failed": [str(p) for p in failed]})
-    if failed:
-        print(f"dcae: {len(failed)} of {len(paths)} images could not be read", file=sys.stderr)
-    return 1 if failed or not results else 0
+        n_psnr, n_ssim = (sum(r[k] is not None for r in results) for k in ("psnr", "ssim"))
+        print(f"mean over {len(results)} images: PSNR {_fmt(psnr, '.2f')} dB ({n_psnr} images)  "
+              f"SSIM {_fmt(ssim, '.4f')} ({n_ssim} images)")  # fmt: skip
+    if args.json:
+        finite = lambda v: v if v is None or math.isfinite(v) else None  # noqa: E731 (JSON has no inf)
+        rows = [{**r, "psnr": finite(r["psnr"])} for r in results]
+        summary = {"model": str(args.model), "psnr": finite(psnr), "ssim": ssim, "images": rows}
+        atomic_write_json(
+            args.json, {**summary, "failed": problems.files(), "errors": problems.unreadable + problems.failed}
+        )
 
 
 def image_psnr_ssim(a, b) -> tuple[float, float]:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import warnings
+from collections.abc import Iterator
+
 from dcae.data.images import ImageReadError
 from dcae.utils.io import OutputExistsError
 
@@ -23,5 +28,23 @@ class NonFiniteError(UserError, ValueError):
     """NaN or Inf in latents or images."""
 
 
+class NonFiniteWarning(RuntimeWarning):
+    """NaN or Inf in weights, latents or decoded images; the message says which tensor or file."""
+
+
 # Existing exception types that are also user errors.
 USER_ERROR_TYPES = (UserError, ImageReadError, OutputExistsError, FileNotFoundError)
+
+
+@contextlib.contextmanager
+def non_finite_warnings_as_lines() -> Iterator[None]:
+    """For commands: each NonFiniteWarning raised inside (e.g. NaN weights found at load) is printed as
+    one `dcae: warning:` line instead of Python's warning format; other warnings pass on unchanged."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", NonFiniteWarning)
+        yield
+    for w in caught:
+        if issubclass(w.category, NonFiniteWarning):
+            print(f"dcae: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)

@@ -7,14 +7,17 @@ an unreadable file is reported by name.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
-from collections.abc import Iterable
+import re
+import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
 
@@ -53,28 +56,93 @@ def _to_rgb_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
-def load_image_uint8(path: str | os.PathLike) -> np.ndarray:
-    """Read a file as HxWx3 uint8 RGB; raises ImageReadError naming the file."""
-    path = Path(path)
+# Pillow warns above Image.MAX_IMAGE_PIXELS and refuses above twice that; the project refuses above it,
+# before anything is decoded, so that a forged header cannot make a reader allocate gigabytes.
+PIXEL_LIMIT_ENV = "DCAE_MAX_IMAGE_PIXELS"
+
+
+def max_image_pixels() -> int:
+    """The largest image (in pixels) that is read: $DCAE_MAX_IMAGE_PIXELS, else Pillow's MAX_IMAGE_PIXELS."""
+    env = os.environ.get(PIXEL_LIMIT_ENV)
+    if env:
+        limit = int(env)
+        if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS * 2:
+            Image.MAX_IMAGE_PIXELS = limit  # else Pillow itself would refuse what the user allowed
+        return limit
+    return Image.MAX_IMAGE_PIXELS or 0
+
+
+def _too_large(pixels: str, limit: int) -> str:
+    return (
+        f"{pixels} is more than the limit of {limit} pixels (a decompression bomb?); "
+        f"set {PIXEL_LIMIT_ENV} to read larger images"
+    )
+
+
+def _unidentified(source) -> str:
+    size = source.getbuffer().nbytes if isinstance(source, io.BytesIO) else Path(source).stat().st_size
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    return f"not an image format Pillow can read ({size} bytes)"
+
+
+@contextlib.contextmanager
+def _opened(source, name: str) -> Iterator[Image.Image]:
+    """Image.open with the pixel limit checked on the header, before any pixel is decoded; every
+    failure becomes an ImageReadError naming `name` (FileNotFoundError stays itself)."""
+    limit = max_image_pixels()
     try:
-        with Image.open(path) as img:
-            img.load()
-            return _to_rgb_array(img)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, as an error
+            img = Image.open(source)
     except FileNotFoundError:
         raise
-    except Exception as exc:  # PIL raises many types for corrupt data
-        raise ImageReadError(f"cannot read image {path}: {exc}") from exc
+    except IsADirectoryError:
+        raise ImageReadError(f"cannot read image {name}: it is a folder, not a file") from None
+    except Image.DecompressionBombError as exc:
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        raise ImageReadError(f"cannot read image {name}: " + _too_large(
+            f"{pixels.group(1)} pixels" if pixels else "the size", limit)) from None  # fmt: skip
+    except UnidentifiedImageError:
+        raise ImageReadError(f"cannot read image {name}: {_unidentified(source)}") from None
+    except Exception as exc:  # PIL raises many types for data it cannot parse
+        raise ImageReadError(f"cannot read image {name}: {exc}") from exc
+    with img:
+        w, h = img.size
+        if limit and w * h > limit:
+            raise ImageReadError(f"cannot read image {name}: " + _too_large(f"{w}x{h} px", limit))
+        if w == 0 or h == 0:
+            raise ImageReadError(f"cannot read image {name}: it is {w}x{h} px (empty)")
+        yield img
+
+
+def _decode(source, name: str) -> np.ndarray:
+    """Animated files (GIF, WebP, APNG) give their first frame."""
+    with _opened(source, name) as img:
+        try:
+            img.load()
+            return _to_rgb_array(img)
+        except Exception as exc:  # truncated or corrupt data, unknown modes
+            raise ImageReadError(f"cannot read image {name}: {exc}") from exc
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) from the file's header, without decoding; the same checks and errors as
+    `load_image_uint8` up to the pixel data (which may still turn out corrupt)."""
+    with _opened(Path(path), str(path)) as img:
+        return img.height, img.width
+
+
+def load_image_uint8(path: str | os.PathLike) -> np.ndarray:
+    """Read a file as HxWx3 uint8 RGB; raises ImageReadError naming the file (FileNotFoundError if it
+    does not exist)."""
+    return _decode(Path(path), str(path))
 
 
 def decode_image_bytes(data: bytes, name: str) -> np.ndarray:
     """Encoded image bytes (e.g. a tar member) -> HxWx3 uint8, converted like `load_image_uint8`;
     ImageReadError names `name` when they cannot be decoded."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return _to_rgb_array(img)
-    except Exception as exc:
-        raise ImageReadError(f"cannot read image {name}: {exc}") from exc
+    return _decode(io.BytesIO(data), name)
 
 
 def uint8_to_tensor(arr: np.ndarray) -> torch.Tensor:

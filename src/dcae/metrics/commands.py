@@ -150,7 +150,7 @@ def _warn(msg: str) -> None:
 
 def _report_skipped(skipped: list[dict], total: int) -> None:
     if skipped:
-        _warn(f"skipped {len(skipped)} of {total} unreadable file(s):")
+        _warn(f"skipped {len(skipped)} of {total} file(s):")
         for item in skipped[:10]:
             print(f"  {item['error']}", file=sys.stderr)
         if len(skipped) > 10:
@@ -161,6 +161,7 @@ def _report_skipped(skipped: list[dict], total: int) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     import warnings
 
+    from dcae.errors import non_finite_warnings_as_lines
     from dcae.metrics.data import collect_images
     from dcae.metrics.fid import FewImagesWarning
     from dcae.metrics.reconstruction import EvalSettings, evaluate_reconstruction, load_autoencoder
@@ -181,7 +182,8 @@ def run_eval(args: argparse.Namespace) -> int:
     reference = _Reference(_cache(args), refs, args.data, args.resolution, inception, main=rank == 0)
     entries, results = [], []
     for spec in args.model:
-        model = load_autoencoder(spec, device, dtype, compiled=args.compile)
+        with non_finite_warnings_as_lines():  # NaN weights: one line naming the tensor, then per-file skips
+            model = load_autoencoder(spec, device, dtype, compiled=args.compile)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FewImagesWarning)  # reported once, below, with the count
             result = evaluate_reconstruction(
@@ -278,7 +280,7 @@ def _markdown_report(table: str, entries: list[dict], args) -> str:
     if first.get("fid_warning"):
         lines += [f"Warning: {first['fid_warning']}.", ""]
     if first.get("skipped"):
-        lines += [f"Skipped {len(first['skipped'])} unreadable file(s).", ""]
+        lines += [f"Skipped {len(first['skipped'])} file(s) (unreadable, or no finite reconstruction).", ""]
     for e in entries:
         if "extremes_png" in e:
             lines += [

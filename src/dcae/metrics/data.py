@@ -173,12 +173,17 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.refs)
 
     def __getitem__(self, i: int):
+        ref = self.refs[i]
         try:
-            arr = read_image(self.refs[i])
+            arr = read_image(ref)
+            if self.resolution is not None:
+                arr = center_crop_arr(arr, self.resolution)
         except ImageReadError as exc:
             return i, None, str(exc)
-        if self.resolution is not None:
-            arr = center_crop_arr(arr, self.resolution)
+        except FileNotFoundError:  # removed since it was listed
+            return i, None, f"cannot read image {ref.name}: it does not exist (any more)"
+        except Exception as exc:  # in a worker process an exception would end the whole run
+            return i, None, f"cannot read image {ref.name}: {type(exc).__name__}: {exc}"
         return i, torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1), None
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dcae.errors import NonFiniteError, UserError
+from dcae.errors import UserError
 from dcae.metrics.accumulate import ReconstructionMetrics
 from dcae.metrics.data import ImageRef, dataset_id, iterate_batches
 from dcae.metrics.fid import GaussianStats, StatsCache, stats_cache_key
@@ -283,11 +283,13 @@ def evaluate_reconstruction(
         skipped += [(mine[i], {"name": local[i].name, "error": err}) for i, err in batch.errors]
         if batch.indices:
             t0 = time.perf_counter()
-            z, recon = _reconstruct(model, batch.images, device, dtype)
+            batch, z, recon, failed = _reconstruct_guarded(model, batch, device, dtype)
             _sync(device)
             ae_time += time.perf_counter() - t0
-            values = metrics.update(batch.images, recon, z)
-            _record(batch, local, mine, values, recon, per_image, extremes)
+            skipped += [(mine[i], {"name": local[i].name, "error": f"{local[i].name}: {err}"}) for i, err in failed]
+            if batch.indices:
+                values = metrics.update(batch.images, recon, z)
+                _record(batch, local, mine, values, recon, per_image, extremes)
         bar.update(len(batch.indices) + len(batch.errors))
     bar.close()
     elapsed = time.perf_counter() - start
@@ -297,19 +299,58 @@ def evaluate_reconstruction(
     per_image = [row for _, row in sorted(per_image, key=lambda item: item[0])]
     skipped = [row for _, row in sorted(skipped, key=lambda item: item[0])]
     if not per_image:
-        raise UserError(f"none of the {len(refs)} images could be read; first error: {skipped[0]['error']}")
+        raise UserError(f"none of the {len(refs)} images could be evaluated; first problem: {skipped[0]['error']}")
     summary = _summary(model, metrics, settings, len(per_image), elapsed, ae_time, skipped)
     return EvalResult(summary, per_image, skipped, extremes, metrics.reference_stats())
 
 
 @torch.no_grad()
-def _reconstruct(model: LoadedAutoencoder, images_u8: torch.Tensor, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _reconstruct(model: LoadedAutoencoder, images_u8: torch.Tensor, device, dtype):
+    """(latents, uint8 reconstructions, batch positions whose latents or reconstruction hold NaN/Inf)."""
+    from dcae.errors import NonFiniteWarning
+
     x = to_unit_range(images_u8).to(device=device, dtype=dtype)
-    z = model.encode(x)
-    y = model.decode(z)[..., : x.shape[-2], : x.shape[-1]]
-    if not torch.isfinite(y).all():
-        raise NonFiniteError(f"{model.name}: the reconstruction contains NaN or Inf values")
-    return z.float(), quantize(y.float().cpu())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonFiniteWarning)  # reported by file by the caller
+        z = model.encode(x)
+        y = model.decode(z)[..., : x.shape[-2], : x.shape[-1]]
+    finite = torch.isfinite(z).flatten(1).all(1) & torch.isfinite(y).flatten(1).all(1)
+    bad = [j for j, ok in enumerate(finite.tolist()) if not ok]
+    return z.float(), quantize(y.float().cpu()), bad
+
+
+def _reconstruct_guarded(model: LoadedAutoencoder, batch, device, dtype):
+    """(batch of the images that worked, their latents, their reconstructions, [(index, reason)] of the
+    others): an image whose reconstruction fails or is not finite is skipped with the reason."""
+    try:
+        z, recon, bad = _reconstruct(model, batch.images, device, dtype)
+    except Exception as exc:  # out of memory, or an input the model cannot take: image by image
+        if len(batch.indices) == 1:
+            lines = str(exc).strip().splitlines()
+            reason = f"reconstruction failed ({type(exc).__name__}: {lines[0] if lines else ''})"
+            return _take(batch, []), None, None, [(batch.indices[0], reason)]
+        return _join([_reconstruct_guarded(model, _take(batch, [j]), device, dtype) for j in range(len(batch.indices))])
+    reason = "the autoencoder's output is not finite (NaN/Inf); check the weights"
+    keep = [j for j in range(len(batch.indices)) if j not in bad]
+    return _take(batch, keep), z[keep], recon[keep], [(batch.indices[j], reason) for j in bad]
+
+
+def _take(batch, js: list[int]):
+    from dcae.metrics.data import Batch
+
+    return Batch([batch.indices[j] for j in js], batch.images[js], [])
+
+
+def _join(parts: list):
+    """One result from the per-image results of `_reconstruct_guarded`."""
+    from dcae.metrics.data import Batch
+
+    ok = [p for p in parts if p[0].indices]
+    failed = [f for p in parts for f in p[3]]
+    if not ok:
+        return parts[0][0], None, None, failed
+    merged = Batch([i for p in ok for i in p[0].indices], torch.cat([p[0].images for p in ok]), [])
+    return merged, torch.cat([p[1] for p in ok]), torch.cat([p[2] for p in ok]), failed
 
 
 def _record(batch, refs, index, values: dict, recon: torch.Tensor, per_image: list, extremes: Extremes) -> None:
