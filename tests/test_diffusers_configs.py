@@ -44,7 +44,7 @@ CONFIGS = {
         "encoder_qkv_multiscales": ((), ()),
         "decoder_qkv_multiscales": ((), ()),
     },
-    # pixel (un)shuffle, batch norm + ReLU/GELU ResBlocks, two multi-scale kernels, a SiLU ("swish") head
+    # pixel (un)shuffle, batch norm, ReLU/GELU ResBlocks, two multi-scale kernels, a SiLU ("swish") head
     "bn-multiscale": dict(
         latent_channels=8,
         attention_head_dim=4,
@@ -56,7 +56,8 @@ CONFIGS = {
         decoder_layers_per_block=(2, 1, 1),
         encoder_qkv_multiscales=((), (), (3, 5)),
         decoder_qkv_multiscales=((), (), (3,)),
-        decoder_norm_types=("batch_norm", "batch_norm", "rms_norm"),
+        # batch norm on the attention stage too: diffusers keeps RMS norm in its GLUMBConv
+        decoder_norm_types=("batch_norm", "batch_norm", "batch_norm"),
         decoder_act_fns=("relu", "gelu", "relu"),  # diffusers' EfficientViT blocks ignore theirs (SiLU)
         decoder_conv_act_fn="swish",
     ),
@@ -140,9 +141,10 @@ def test_ignoring_the_head_dim_would_be_caught(tmp_path) -> None:
         assert rel_err(wrong.encode(x), twin.encode(x).latent) > 1e-2
 
 
-def test_round_trip_through_our_diffusers_writer(tmp_path) -> None:
+@pytest.mark.parametrize("name", ["stem-no-shortcuts", "bn-multiscale"])
+def test_round_trip_through_our_diffusers_writer(name: str, tmp_path) -> None:
     """A non-released config read from diffusers, written back by dcae, loads in diffusers strictly."""
-    twin = saved_by_diffusers(CONFIGS["stem-no-shortcuts"], tmp_path / "a")
+    twin = saved_by_diffusers(CONFIGS[name], tmp_path / "a")
     DCAE.from_pretrained(tmp_path / "a").save_pretrained(tmp_path / "b", format="diffusers")
     again, info = AutoencoderDC.from_pretrained(tmp_path / "b", output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
@@ -156,7 +158,7 @@ REFUSED = [
     ("attention_head_dim", 3, "attention_head_dim = 3", "encoder_block_out_channels[1] = 32"),
     ("attention_head_dim", 0, "attention_head_dim = 0", "positive integer"),
     ("decoder_norm_types", "layer_norm", "decoder_norm_types[0] = 'layer_norm'", "supported: 'rms_norm', 'batch_norm'"),
-    ("decoder_norm_types", ["rms_norm", "batch_norm"], "decoder_norm_types[1] = 'batch_norm'", "EfficientViTBlock"),
+    ("decoder_norm_types", ["rms_norm", "layer_norm"], "decoder_norm_types[1] = 'layer_norm'", "'batch_norm'"),
     ("decoder_norm_types", ["rms_norm"], "decoder_norm_types = ['rms_norm']", "each of the 2 stages"),
     ("decoder_act_fns", ["tanh", "silu"], "decoder_act_fns[0] = 'tanh'", "supported: 'silu', 'swish'"),
     ("decoder_conv_act_fn", "tanh", "decoder_conv_act_fn = 'tanh'", "unknown activation"),

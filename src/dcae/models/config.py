@@ -54,6 +54,9 @@ class DCAEConfig:
     decoder_head_act: str = "relu"
     # Channels per attention head in EfficientViT blocks (32 in every release; diffusers' test model uses 2).
     attention_head_dim: int = 32
+    # Norm of the EfficientViT blocks' local module (GLUMBConv). None: the stage's norm, as in the original
+    # code; diffusers' AutoencoderDC always uses "trms2d" there, whatever the stage's (attention) norm.
+    evit_local_norm: str | None = None
     scaling_factor: float = 1.0
     # Where the released weights live (None for user-defined models).
     hub_id: str | None = None

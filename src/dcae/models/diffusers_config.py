@@ -6,7 +6,8 @@ leaves out those at their default. Reading one:
   longer list are used (N = number of stages, e.g. the 6-entry default `qkv_multiscales` of a 2-stage
   model), and a shorter list is refused (diffusers would fail with an IndexError);
 - what diffusers hard-codes is mirrored: encoder blocks use RMS norm and SiLU, EfficientViT blocks
-  ignore `decoder_act_fns` (their GLUMBConv is SiLU), the decoder head norm is RMS norm;
+  ignore `decoder_act_fns` and norm their GLUMBConv with RMS norm whatever the stage's (attention) norm
+  (`DCAEConfig.evit_local_norm`), the decoder head norm is RMS norm;
 - anything dcae would build differently from diffusers is refused with the field, its value and what
   is supported, never silently replaced by a default.
 """
@@ -146,6 +147,9 @@ def from_diffusers_config(d: dict[str, Any], name: str = "custom") -> DCAEConfig
         scaling_factor=_scaling_factor(r),
     )
     fields["decoder_norms"], fields["decoder_acts"] = _decoder_norms_acts(r, fields["decoder_block_types"], n_dec)
+    evit_norms = {n for k, n in zip(fields["decoder_block_types"], fields["decoder_norms"]) if k != "ResBlock"}
+    # Only where it differs from the stage norm, so that released configs stay equal to the zoo's.
+    fields["evit_local_norm"] = "trms2d" if evit_norms - {"trms2d"} else None
     # Without bottleneck shortcuts the model has the DC-AE 1.5 layout; slicing is harmless at full width.
     fields["encoder_sliceable_out"] = not fields["encoder_out_shortcut"]
     fields["decoder_sliceable_in"] = not fields["decoder_in_shortcut"]
@@ -225,16 +229,9 @@ def _decoder_norms_acts(r: _Reader, kinds: tuple[str, ...], n: int) -> tuple[tup
                 None if act is None else r.choice(f"decoder_act_fns[{i}]", act, _ACTS, "unknown activation")
             )
             continue
-        # EfficientViT block: diffusers norms the attention output with this norm but its GLUMBConv with RMS
-        # norm, and ignores the activation (SiLU).
-        if norm != "rms_norm":
-            r.refuse(
-                f"decoder_norm_types[{i}]",
-                norm,
-                "on an EfficientViTBlock stage diffusers mixes this norm (attention) with RMS norm (GLUMBConv), "
-                "which dcae does not build; supported there: 'rms_norm'",
-            )
-        out_norms.append("trms2d")
+        # EfficientViT block: this norm is the attention's; its GLUMBConv always has RMS norm (evit_local_norm)
+        # and SiLU, whatever decoder_act_fns says.
+        out_norms.append(r.choice(f"decoder_norm_types[{i}]", norm, _NORMS, "not a channel norm dcae builds"))
         out_acts.append("silu")
     return tuple(out_norms), tuple(out_acts)
 
@@ -306,6 +303,8 @@ def _inexpressible(cfg: DCAEConfig) -> list[str]:
     problems = []
     if cfg.encoder_norm != "trms2d" or cfg.encoder_act != "silu":
         problems.append("diffusers' AutoencoderDC only supports encoder norm 'trms2d' and act 'silu'")
+    if cfg.evit_local_norm not in (None, "trms2d"):
+        problems.append("diffusers' EfficientViT blocks always norm their GLUMBConv with RMS norm")
     if cfg.decoder_head_norm != "trms2d":
         problems.append("diffusers' AutoencoderDC only supports an RMS-norm decoder head")
     if any(d == 0 for d in cfg.encoder_depths[1:] + cfg.decoder_depths[1:]):
@@ -313,6 +312,9 @@ def _inexpressible(cfg: DCAEConfig) -> list[str]:
     for i, (kind, norm, act) in enumerate(zip(cfg.decoder_block_types, cfg.decoder_norms, cfg.decoder_acts)):
         if norm not in _INV_NORMS:
             problems.append(f"decoder norm {norm!r} of stage {i} has no diffusers name")
-        if kind != "ResBlock" and (norm != "trms2d" or act != "silu"):
-            problems.append(f"diffusers' EfficientViT blocks use RMS norm and SiLU (decoder stage {i}: {norm}, {act})")
+        if kind != "ResBlock" and ((cfg.evit_local_norm or norm) != "trms2d" or act != "silu"):
+            problems.append(
+                f"diffusers' EfficientViT blocks use an RMS-norm GLUMBConv and SiLU (decoder stage {i}: "
+                f"local norm {cfg.evit_local_norm or norm}, act {act})"
+            )
     return problems

@@ -334,11 +334,17 @@ class EfficientViTBlock(nn.Module):
     """Global context (LiteMLA) then local mixing (GLUMBConv), each with an identity residual."""
 
     def __init__(
-        self, channels: int, scales: tuple[int, ...] = (), norm: str = "trms2d", act: str = "silu", head_dim: int = 32
+        self,
+        channels: int,
+        scales: tuple[int, ...] = (),
+        norm: str = "trms2d",
+        act: str = "silu",
+        head_dim: int = 32,
+        local_norm: str | None = None,
     ) -> None:
         super().__init__()
         self.context_module = ResidualBlock(LiteMLA(channels, head_dim, scales, norm), nn.Identity())
-        self.local_module = ResidualBlock(GLUMBConv(channels, norm=norm, act=act), nn.Identity())
+        self.local_module = ResidualBlock(GLUMBConv(channels, norm=local_norm or norm, act=act), nn.Identity())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.local_module(self.context_module(x))
@@ -360,10 +366,13 @@ def evit_block_type(scales: tuple[int, ...]) -> str:
     return "EViT" + "".join(f"S{k}" for k in scales) + "GLU"
 
 
-def build_block(kind: str, channels: int, norm: str | None, act: str | None, head_dim: int = 32) -> nn.Module:
+def build_block(
+    kind: str, channels: int, norm: str | None, act: str | None, head_dim: int = 32, local_norm: str | None = None
+) -> nn.Module:
+    """A stage's block; `local_norm` overrides the norm of an EfficientViT block's GLUMBConv."""
     if kind == "ResBlock":
         return ResidualBlock(ResBlock(channels, norm, act), nn.Identity())
     scales = evit_scales(kind)
     if scales is None:
         raise ValueError(f"unknown block type {kind!r} (expected 'ResBlock' or 'EViT[S<k>...]GLU', e.g. {BLOCK_TYPES})")
-    return EfficientViTBlock(channels, scales=scales, norm=norm or "trms2d", act=act or "silu", head_dim=head_dim)
+    return EfficientViTBlock(channels, scales, norm or "trms2d", act or "silu", head_dim, local_norm)
