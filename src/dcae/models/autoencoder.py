@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from dcae.errors import NonFiniteError
+from dcae.errors import NonFiniteError, NonFiniteWarning
 from dcae.models.config import DCAEConfig, get_config
 from dcae.models.layers import (
     ChannelDuplicatingPixelShuffle,
@@ -198,6 +198,23 @@ class Decoder(_Coder):
         return self.project_out(x)
 
 
+def non_finite_tensors(named: Iterator[tuple[str, torch.Tensor]]) -> list[tuple[str, int, int]]:
+    """(name, non-finite count, size) of each floating-point tensor that holds NaN or Inf."""
+    bad = []
+    for name, t in named:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad.append((name, int((~torch.isfinite(t)).sum()), t.numel()))
+    return bad
+
+
+def non_finite_items(t: torch.Tensor) -> list[int]:
+    """Batch indices of `t` (B, ...) that hold NaN or Inf; one isfinite pass, per-item only when needed."""
+    finite = torch.isfinite(t)
+    if bool(finite.all()):
+        return []
+    return [i for i, ok in enumerate(finite.flatten(1).all(1).tolist()) if not ok]
+
+
 class FastPathFallbackWarning(RuntimeWarning):
     """The fast inference path failed and the eager modules answered instead (see `DCAE.decode`)."""
 
@@ -227,7 +244,25 @@ class DCAE(nn.Module):
         sharded or not) or a single .safetensors/.pt file. See `dcae.checkpoint.load_dcae`."""
         from dcae.checkpoint import load_dcae
 
-        return load_dcae(source, **kwargs)
+        model = load_dcae(source, **kwargs)
+        model.check_weights_finite(str(source))
+        return model
+
+    def check_weights_finite(self, source: str = "weights") -> bool:
+        """Warn (NonFiniteWarning) naming the first parameter or buffer that holds NaN/Inf; such weights
+        make every output NaN. One pass over the weights; True when all are finite."""
+        bad = non_finite_tensors(self.state_dict(keep_vars=False).items())
+        if not bad:
+            return True
+        name, count, size = bad[0]
+        more = f" (and {len(bad) - 1} more tensor(s))" if len(bad) > 1 else ""
+        warnings.warn(
+            NonFiniteWarning(
+                f"{source}: weight {name} has {count} NaN/Inf of {size} values{more}; outputs will not be finite"
+            ),
+            stacklevel=3,
+        )
+        return False
 
     def save_pretrained(self, directory: str | os.PathLike, format: str = "original", overwrite: bool = False) -> Path:
         """Write `directory` in the original (`model.safetensors` + config.json) or diffusers format."""
@@ -285,7 +320,7 @@ class DCAE(nn.Module):
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
             raise ValueError(f"expected images of shape (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
         x = self.pad_to_multiple(x.to(self._param_dtype()))
-        return self._batched(lambda xb: self._encode(xb, latent_channels), x, batch_size)
+        return self._check_output(self._batched(lambda xb: self._encode(xb, latent_channels), x, batch_size), "latents")
 
     def decode(self, z: torch.Tensor, batch_size: int | None = None, check_finite: bool = False) -> torch.Tensor:
         """Latents (unscaled) -> images in [-1, 1] (not clamped: clamp when converting to pixels)."""
@@ -297,7 +332,22 @@ class DCAE(nn.Module):
             raise ValueError(f"the latents have {c} channels; {self.config.name} decodes {accepted}")
         if check_finite and not torch.isfinite(z).all():
             raise NonFiniteError("latents contain NaN or Inf values; they cannot be decoded")
-        return self._batched(self._decode, z.to(self._param_dtype()), batch_size)
+        return self._check_output(self._batched(self._decode, z.to(self._param_dtype()), batch_size), "images")
+
+    # What encode/decode do when their output holds NaN or Inf: "warn" (NonFiniteWarning naming the batch
+    # items), "error" (NonFiniteError) or "off" (no check; saves one pass over the output).
+    finite_check: str = "warn"
+
+    def _check_output(self, out: torch.Tensor, what: str) -> torch.Tensor:
+        if self.finite_check == "off":
+            return out
+        bad = non_finite_items(out)
+        if bad:
+            message = f"{self.config.name}: NaN/Inf in the {what} of batch item(s) {bad} of {out.shape[0]}"
+            if self.finite_check == "error":
+                raise NonFiniteError(message)
+            warnings.warn(NonFiniteWarning(message), stacklevel=3)
+        return out
 
     def reconstruct(self, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         """decode(encode(x)) cropped back to the input size."""
