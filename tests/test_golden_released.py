@@ -171,3 +171,26 @@ def test_golden_ddpm_draws_its_noise_from_the_generator():
 
     a, b, c = run(0), run(0), run(1)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_golden_weights_load_from_a_release_folder(family, tmp_path):
+    """The golden file's `diffusion_model.` tensors in a release folder (config.json naming the released model,
+    plus the small config) load strictly through `load_released` and reproduce the golden forward."""
+    from safetensors.torch import save_file
+
+    from dcae.diffusion.released import load_released
+
+    g = golden(family)
+    weights = {k: v for k, v in g.t.items() if k.startswith(PREFIX)}
+    assert {k: list(v.shape) for k, v in weights.items()} == json.loads((GOLDEN / f"{family}.json").read_text())[
+        "tiny_state_dict_keys"
+    ]
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    name = g.meta["released_names"][0]
+    (tmp_path / "config.json").write_text(json.dumps({"model_name": name, "config": g.meta["tiny_config"]}))
+    model = load_released(tmp_path)
+    assert model.release.name == name and not model.training
+    with torch.no_grad():
+        out = model(g.t["golden.fwd.x"], g.t["golden.fwd.t"], g.t["golden.fwd.y"])
+    assert rel_err(out, g.t["golden.fwd.out"]) < 1e-5

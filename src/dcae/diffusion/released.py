@@ -284,7 +284,7 @@ def load_released(
     source: str | os.PathLike, device: str | torch.device = "cpu", revision: str | None = None
 ) -> ReleasedDiffusion:
     """A released model from its name, Hub id or local folder, in eval mode, weights checked strictly."""
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     release, weights, config = resolve_released(source)
@@ -297,7 +297,7 @@ def load_released(
             raise UserError(f"{folder / 'config.json'} names {name!r}, not {release.name!r}")
     try:
         state = load_file(str(weights))
-    except (SafetensorsError, OSError) as exc:
+    except (SafetensorError, OSError) as exc:
         raise WeightsError(f"{weights}: not a readable safetensors file ({exc})") from exc
     with torch.device("meta"):
         network = _network_for(release, config, weights.parent / "config.json") if config else None
