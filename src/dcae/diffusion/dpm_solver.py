@@ -31,7 +31,8 @@ class DiscreteVPSchedule:
         return cls((torch.linspace(0.00085**0.5, 0.012**0.5, num_steps, dtype=torch.float64) ** 2).float())
 
     def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
-        return interpolate(t.reshape(-1, 1), self.t_array, self.log_alpha_array).reshape(-1)
+        xp, yp = self.t_array.to(t.device), self.log_alpha_array.to(t.device)
+        return interpolate(t.reshape(-1, 1), xp, yp).reshape(-1)
 
     def alpha(self, t: torch.Tensor) -> torch.Tensor:
         return torch.exp(self.log_alpha(t))
@@ -44,8 +45,9 @@ class DiscreteVPSchedule:
         return log_alpha - 0.5 * torch.log(1.0 - torch.exp(2.0 * log_alpha))
 
     def inverse_lambda(self, lamb: torch.Tensor) -> torch.Tensor:
-        log_alpha = -0.5 * torch.logaddexp(torch.zeros((1,), dtype=lamb.dtype), -2.0 * lamb)
+        log_alpha = -0.5 * torch.logaddexp(torch.zeros((1,), dtype=lamb.dtype, device=lamb.device), -2.0 * lamb)
         xp, yp = torch.flip(self.log_alpha_array, [1]), torch.flip(self.t_array, [1])
+        xp, yp = xp.to(lamb.device), yp.to(lamb.device)
         return interpolate(log_alpha.reshape(-1, 1), xp, yp).reshape(-1)
 
 
@@ -57,12 +59,12 @@ def interpolate(x: torch.Tensor, xp: torch.Tensor, yp: torch.Tensor) -> torch.Te
     sorted_all_x, x_indices = torch.sort(all_x, dim=2)
     x_idx = torch.argmin(x_indices, dim=2)
     cand_start_idx = x_idx - 1
-    lo, hi = torch.tensor(1), torch.tensor(k - 2)
+    lo, hi = torch.tensor(1, device=x.device), torch.tensor(k - 2, device=x.device)
     start_idx = torch.where(x_idx == 0, lo, torch.where(x_idx == k, hi, cand_start_idx))
     end_idx = torch.where(start_idx == cand_start_idx, start_idx + 2, start_idx + 1)
     start_x = torch.gather(sorted_all_x, dim=2, index=start_idx.unsqueeze(2)).squeeze(2)
     end_x = torch.gather(sorted_all_x, dim=2, index=end_idx.unsqueeze(2)).squeeze(2)
-    start_idx2 = torch.where(x_idx == 0, torch.tensor(0), torch.where(x_idx == k, hi, cand_start_idx))
+    start_idx2 = torch.where(x_idx == 0, torch.zeros_like(lo), torch.where(x_idx == k, hi, cand_start_idx))
     y_expanded = yp.unsqueeze(0).expand(n, -1, -1)
     start_y = torch.gather(y_expanded, dim=2, index=start_idx2.unsqueeze(2)).squeeze(2)
     end_y = torch.gather(y_expanded, dim=2, index=(start_idx2 + 1).unsqueeze(2)).squeeze(2)
@@ -93,14 +95,14 @@ class DPMSolver:
     @torch.no_grad()
     def sample(self, x: torch.Tensor, steps: int = 30, t_end: float = 1.0 / NUM_TRAIN_STEPS, t_start: float = 1.0):
         orders = singlestep_orders(steps)
-        grid = torch.linspace(t_start, t_end, steps + 1)
+        grid = torch.linspace(t_start, t_end, steps + 1).to(x.device)
         i = 0
         for order in orders:
             s, t = grid[i], grid[i + order]
             lam = self.ns.lambda_(grid[i : i + order + 1])
             h = lam[-1] - lam[0]
             r = [(lam[j] - lam[0]) / h for j in range(1, order)]
-            vec = torch.ones((x.shape[0],))
+            vec = torch.ones((x.shape[0],), device=x.device)
             x = self.update(x, vec * s, vec * t, order, r)
             i += order
         return x
