@@ -44,8 +44,9 @@ CONFIGS = {
         "encoder_qkv_multiscales": ((), ()),
         "decoder_qkv_multiscales": ((), ()),
     },
-    # pixel (un)shuffle, batch norm, ReLU/GELU ResBlocks, two multi-scale kernels, a SiLU ("swish") head
+    # one input channel, batch norm, ReLU/GELU ResBlocks, two multi-scale kernels, a SiLU ("swish") head
     "bn-multiscale": dict(
+        in_channels=1,  # grey-level images
         latent_channels=8,
         attention_head_dim=4,
         encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
@@ -121,11 +122,13 @@ def test_diffusers_saved_model_loads_with_parity(name: str, tmp_path) -> None:
     model = DCAE.from_pretrained(tmp_path / name)
     assert model.config.attention_head_dim == twin.config.attention_head_dim
     assert model.scaling_factor == pytest.approx(twin.config.scaling_factor)
-    x = torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1  # non-square
+    c = twin.config.in_channels
+    x = torch.rand(2, c, 32, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1  # non-square
     with torch.no_grad():
         z, z_ref = model.encode(x), twin.encode(x).latent
         y, y_ref = model.decode(z_ref), twin.decode(z_ref).sample
     assert z.shape == z_ref.shape and y.shape == y_ref.shape
+    print(f"{name}: encode {rel_err(z, z_ref):.1e}, decode {rel_err(y, y_ref):.1e} (relative error)")
     assert rel_err(z, z_ref) < 1e-5 and rel_err(y, y_ref) < 1e-5, (rel_err(z, z_ref), rel_err(y, y_ref))
 
 
