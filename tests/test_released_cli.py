@@ -230,3 +230,16 @@ def test_models_lists_released_diffusion_models(capsys):
     assert usit3b["parameters"] == 3_107_725_440 and usit3b["adaptive_channels"] and usit3b["sampler"] == "dopri5"
     assert cli(["models"]) == 0
     assert "dc-ae-f64c128-in-1.0-uvit-2b-in-512px" in capsys.readouterr().out
+
+
+def test_every_release_pairs_with_a_zoo_autoencoder():
+    """`dcae sample` loads the paired autoencoder by the release's name: the zoo knows each, with the same
+    latent channels and the scaling factor the diffusion model was trained with."""
+    from dcae.diffusion.released import RELEASED
+    from dcae.models import get_config
+
+    for release in RELEASED.values():
+        cfg = get_config(release.autoencoder)
+        assert cfg.latent_channels == release.latent_shape[0], release.name
+        assert cfg.spatial_compression * release.latent_shape[1] == 512
+        assert cfg.scaling_factor == release.scaling_factor, release.name

@@ -11,23 +11,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-# The DC-Gen names of the DC-AE 1.5 autoencoders and the zoo's names for them (until the zoo has aliases).
-_AE_FALLBACK = {"dc-ae-f64c128-1.5": "dc-ae-1.5-f64c128", "dc-ae-f32c128-1.5": "dc-ae-1.5-f32c128"}
-
-
-def paired_autoencoder(name: str) -> str:
-    """The autoencoder zoo name (or Hub id) for a release's autoencoder name."""
-    from dcae.errors import UnknownModelError
-    from dcae.models import get_config
-
-    try:
-        get_config(name)
-        return name
-    except UnknownModelError:
-        if name in _AE_FALLBACK:
-            return _AE_FALLBACK[name]
-        raise
-
 
 def cmd_sample_released(args: argparse.Namespace) -> int:
     import torch
@@ -50,7 +33,7 @@ def cmd_sample_released(args: argparse.Namespace) -> int:
     size = model.diffusion_model.input_size
     channels = args.channels or model.in_channels
     check_inputs(model, torch.tensor(labels[:1]), torch.zeros(1, channels, size, size))
-    source = args.autoencoder or paired_autoencoder(release.autoencoder)
+    source = args.autoencoder or release.autoencoder  # zoo name (DC-Gen's names are zoo aliases)
     ae = _load_autoencoder(source).to(device).eval()
     settings = {
         "model": release.name, "source": str(args.model), "family": release.family, "autoencoder": source,
