@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dcae.errors import UnknownModelError
+from dcae.models.layers import evit_scales
 
 STAGE_TUPLES = (
     "encoder_widths",
@@ -103,8 +104,6 @@ class DCAEConfig:
 
     def _attention_problems(self) -> list[str]:
         """Unknown block types, and attention stages whose width is not a whole number of heads."""
-        from dcae.models.layers import evit_scales
-
         problems = []
         for side in ("encoder", "decoder"):
             for i, (kind, width) in enumerate(
