@@ -440,7 +440,8 @@ def _train_step(s: Session, ph: Phase, data_iter, step: int, batches: int, skipp
         sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(model)
         with sync:
             with acc.autocast():
-                rec = model(x, latent_channels=_latent_channels(s.cfg, step, micro, acc.process_index))
+                slot = acc.process_index * accum + micro  # the same draw on n processes as on 1 with accumulation
+                rec = model(x, latent_channels=_latent_channels(s.cfg, step, slot))
                 loss, parts = loss_fn.generator(x, rec, step, ph.last_layer, disc=raw_disc)
             acc.backward(loss / accum)
         for k, v in parts.items():
@@ -467,11 +468,12 @@ def _train_step(s: Session, ph: Phase, data_iter, step: int, batches: int, skipp
     return {k: float(v) for k, v in logs.items()}, batches, skipped
 
 
-def _latent_channels(cfg: TrainConfig, step: int, micro: int, rank: int) -> int | None:
+def _latent_channels(cfg: TrainConfig, step: int, slot: int) -> int | None:
     """DC-AE 1.5 structured latent: the channels this micro-batch reconstructs from (None: all). A function
-    of the step, so a resumed run draws the same ones."""
+    of the step and of the micro-batch's slot in the global batch (rank x grad_accum + micro), so a resumed
+    run, and a run on more processes with less accumulation, draw the same ones."""
     choices = cfg.model.latent_channel_choices
-    return random.Random(f"{cfg.seed}/{step}/{micro}/{rank}").choice(choices) if choices else None
+    return random.Random(f"{cfg.seed}/{step}/{slot}").choice(choices) if choices else None
 
 
 def _time_is_up(acc, t_start: float, minutes: float) -> bool:
