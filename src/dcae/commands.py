@@ -316,7 +316,7 @@ def _write_reconstruction(path: Path, img, r, latent_ok: bool, stem: Path, probl
         return None
     b = tensor_to_uint8(r)
     out, side = save_image(b, stem.with_name(stem.name + ".png")), stem.with_name(stem.name + "_side_by_side.png")
-    save_image(make_grid([img, r.clamp(-1, 1)], nrow=2), side)
+    save_image(make_grid([img, r], nrow=2), side)  # save_image clamps
     row = {
         "file": str(path),
         "output": str(out),

@@ -157,8 +157,9 @@ def tensor_to_uint8(t: torch.Tensor) -> np.ndarray:
         if t.shape[0] != 1:
             raise ValueError(f"expected one image, got a batch of {t.shape[0]}")
         t = t[0]
-    t = ((t.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-    return t.permute(1, 2, 0).numpy()
+    x = t.detach().to("cpu", torch.float32, copy=True)  # one float copy, then in place: large images
+    x.clamp_(-1, 1).add_(1.0).mul_(127.5).round_()
+    return x.to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def load_image(path: str | os.PathLike) -> torch.Tensor:
