@@ -165,8 +165,12 @@ REFUSED = [
     ("decoder_norm_types", ["rms_norm"], "decoder_norm_types = ['rms_norm']", "each of the 2 stages"),
     ("decoder_act_fns", ["tanh", "silu"], "decoder_act_fns[0] = 'tanh'", "supported: 'silu', 'swish'"),
     ("decoder_conv_act_fn", "tanh", "decoder_conv_act_fn = 'tanh'", "unknown activation"),
+    ("decoder_conv_act_fn", ["relu"], "decoder_conv_act_fn = ['relu']", "unknown activation"),
     ("upsample_block_type", "bilinear", "upsample_block_type = 'bilinear'", "'pixel_shuffle', 'interpolate'"),
+    # diffusers would build pixel shuffle for this one (it tests == "interpolate"): refused, not guessed
+    ("upsample_block_type", "Interpolate", "upsample_block_type = 'Interpolate'", "unknown upsampling"),
     ("downsample_block_type", "avgpool", "downsample_block_type = 'avgpool'", "'pixel_unshuffle', 'conv'"),
+    ("downsample_block_type", "Pixel_Unshuffle", "downsample_block_type = 'Pixel_Unshuffle'", "unknown downsampling"),
     ("encoder_block_types", ["ResBlock", "Transformer"], "encoder_block_types[1] = 'Transformer'", "EfficientViTBlock"),
     ("encoder_qkv_multiscales", [[], [4]], "encoder_qkv_multiscales[1] = [4]", "odd kernel sizes"),
     ("encoder_layers_per_block", [1, 0], "encoder_layers_per_block = [1, 0]", "only the first stage"),

@@ -106,11 +106,15 @@ class _Reader:
         return tuple(v[:n])
 
     def choice(self, key: str, value: Any, allowed: dict[str, str], what: str) -> str:
-        low = value.lower() if isinstance(value, str) else value
-        if low not in allowed:
+        """Exact names, as diffusers compares them (`== "interpolate"`, `get_normalization`)."""
+        if not isinstance(value, str) or value not in allowed:
             self.refuse(key, value, f"{what}; supported: {', '.join(map(repr, allowed))}")
             return next(iter(allowed.values()))
-        return allowed[low]
+        return allowed[value]
+
+    def act(self, key: str, value: Any) -> str:
+        # diffusers' get_activation lower-cases the name first
+        return self.choice(key, value.lower() if isinstance(value, str) else value, _ACTS, "unknown activation")
 
 
 def from_diffusers_config(d: dict[str, Any], name: str = "custom") -> DCAEConfig:
@@ -143,7 +147,7 @@ def from_diffusers_config(d: dict[str, Any], name: str = "custom") -> DCAEConfig
         encoder_out_shortcut=r.flag("encoder_out_shortcut"),
         decoder_in_shortcut=r.flag("decoder_in_shortcut"),
         decoder_head_norm="trms2d",  # diffusers' Decoder.norm_out is always an RMSNorm
-        decoder_head_act=r.choice("decoder_conv_act_fn", r.get("decoder_conv_act_fn"), _ACTS, "unknown activation"),
+        decoder_head_act=r.act("decoder_conv_act_fn", r.get("decoder_conv_act_fn")),
         scaling_factor=_scaling_factor(r),
     )
     fields["decoder_norms"], fields["decoder_acts"] = _decoder_norms_acts(r, fields["decoder_block_types"], n_dec)
@@ -215,7 +219,10 @@ def _downsample(r: _Reader) -> str:
     v = r.get("downsample_block_type")
     # diffusers builds a strided conv for anything but "pixel_unshuffle"; its converter writes "Conv".
     return r.choice(
-        "downsample_block_type", v, {"pixel_unshuffle": "pixel_unshuffle", "conv": "conv"}, "unknown downsampling"
+        "downsample_block_type",
+        v,
+        {"pixel_unshuffle": "pixel_unshuffle", "conv": "conv", "Conv": "conv"},
+        "unknown downsampling",
     )
 
 
@@ -225,9 +232,7 @@ def _decoder_norms_acts(r: _Reader, kinds: tuple[str, ...], n: int) -> tuple[tup
     for i, (kind, norm, act) in enumerate(zip(kinds, norms, acts)):
         if kind == "ResBlock":
             out_norms.append(r.choice(f"decoder_norm_types[{i}]", norm, _NORMS, "not a channel norm dcae builds"))
-            out_acts.append(
-                None if act is None else r.choice(f"decoder_act_fns[{i}]", act, _ACTS, "unknown activation")
-            )
+            out_acts.append(None if act is None else r.act(f"decoder_act_fns[{i}]", act))
             continue
         # EfficientViT block: this norm is the attention's; its GLUMBConv always has RMS norm (evit_local_norm)
         # and SiLU, whatever decoder_act_fns says.
