@@ -217,6 +217,30 @@ def test_reconstruct_refuses_existing_outputs_before_any_work(corpus, tiny_model
     assert "PSNR" not in stdout and sorted(p.name for p in out.iterdir()) == ["palette_side_by_side.png"]
 
 
+def test_a_failing_metric_costs_only_that_number(corpus, tiny_model, tmp_path, capsys, monkeypatch) -> None:
+    """Metrics come after the outputs: one that fails (injected: a MemoryError on the largest image)
+    leaves that image's files written and its numbers null with the reason; the exit status stays 0."""
+    import dcae.commands
+
+    real = dcae.commands.image_psnr_ssim
+
+    def failing(a, b):
+        if a.shape[:2] == (48, 64):
+            raise MemoryError("cannot allocate the SSIM window")
+        return real(a, b)
+
+    monkeypatch.setattr(dcae.commands, "image_psnr_ssim", failing)
+    out, js = tmp_path / "rec", tmp_path / "r.json"
+    files = [corpus / n for n in ("ok.png", "gray16.png")]
+    rc, _, err = _run(capsys, "reconstruct", *files, "--model", tiny_model, "-o", out, "--json", js)
+    assert rc == 0, err
+    assert err.count("metrics failed: MemoryError: cannot allocate the SSIM window") == 1 and str(files[0]) in err
+    rows = {Path(r["file"]).name: r for r in json.loads(js.read_text())["images"]}
+    assert rows["ok.png"]["psnr"] is None and "MemoryError" in rows["ok.png"]["metric_note"]
+    assert Path(rows["ok.png"]["output"]).is_file() and Path(rows["ok.png"]["side_by_side"]).is_file()
+    assert rows["gray16.png"]["psnr"] > 0
+
+
 # ----------------------------------------------------------------------------- encode / decode
 def test_encode_and_decode_the_corpus(corpus, tiny_model, tmp_path, capsys) -> None:
     lat = tmp_path / "lat.safetensors"
@@ -270,6 +294,31 @@ def test_eval_the_corpus(corpus, tiny_model, tmp_path, capsys) -> None:
     for item in doc["skipped"]:
         assert item["name"] in item["error"]
     assert f"skipped {len(UNREADABLE)} of {len(READABLE) + len(UNREADABLE)} file(s)" in err
+
+
+def test_eval_model_failures_are_skipped_by_file(corpus, tiny_model, tmp_path, capsys, monkeypatch) -> None:
+    """A model call that fails for batches (injected, like running out of memory) is retried image by
+    image; images it fails on alone (here: flat ones) are skipped with the reason, the rest measured."""
+    real = DCAE._encode_once
+
+    def failing(self, x):
+        if x.shape[0] > 1 or bool((x.amax(dim=(-2, -1)) == x.amin(dim=(-2, -1))).all()):  # flat channels
+            raise RuntimeError("out of memory (injected)")
+        return real(self, x)
+
+    monkeypatch.setattr(DCAE, "_encode_once", failing)
+    js = tmp_path / "e.json"
+    argv = ["eval", "--model", tiny_model, "--data", corpus, "--resolution", 32, "--no-fid", "--lpips-net", "none"]
+    rc, _, err = _run(capsys, *argv, "--batch-size", 4, "--workers", 0, "--no-progress", "--json", js)
+    assert rc == 0 and "Traceback" not in err
+    doc = json.loads(js.read_text())
+    flat = {"anim.gif", "one_px.png"}  # a constant frame; one pixel scaled up
+    assert sorted(s["name"] for s in doc["skipped"]) == sorted(UNREADABLE + list(flat))
+    failed = [s for s in doc["skipped"] if s["name"] in flat]
+    assert all(
+        s["error"].startswith(f"{s['name']}: reconstruction failed (RuntimeError: out of memory") for s in failed
+    )
+    assert doc["num_images"] == len(READABLE) - len(flat)
 
 
 # ----------------------------------------------------------------------------- the large scan, memory

@@ -327,6 +327,8 @@ def _write_reconstruction(path: Path, img, r, latent_ok: bool, stem: Path, probl
 
     tqdm.write(f"{path}: PSNR {_fmt(row['psnr'], '.2f')} dB  SSIM {_fmt(row['ssim'], '.4f')}" + (
         f"  ({row['metric_note']})" if "metric_note" in row else ""))  # fmt: skip
+    if row.get("metric_note", "").startswith("metrics failed"):
+        tqdm.write(f"dcae: {path}: {row['metric_note']} (the reconstruction is written)", file=sys.stderr)
     return row
 
 
@@ -336,7 +338,7 @@ def _guarded_metrics(a, b) -> dict:
 
     try:
         psnr, ssim = image_psnr_ssim(a, b)
-    except Exception as exc:
+    except Exception as exc:  # MemoryError included: the reconstruction is already written
         return {"psnr": None, "ssim": None, "metric_note": f"metrics failed: {one_line(exc)}"}
     row: dict = {"psnr": None if math.isnan(psnr) else psnr, "ssim": None if math.isnan(ssim) else ssim}
     missing = [k.upper() for k in ("psnr", "ssim") if row[k] is None]
