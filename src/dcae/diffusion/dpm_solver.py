@@ -74,7 +74,9 @@ def interpolate(x: torch.Tensor, xp: torch.Tensor, yp: torch.Tensor) -> torch.Te
 def singlestep_orders(steps: int) -> list[int]:
     """Orders of the 'fast' method at order 3: as many third-order updates as fit, then a 2 / 1 tail."""
     if steps < 1:
-        raise ValueError(f"DPM-Solver needs at least 1 step, got {steps}")
+        from dcae.errors import UserError
+
+        raise UserError(f"DPM-Solver needs at least 1 step, got {steps}")
     k = steps // 3 + 1
     if steps % 3 == 0:
         return [3] * (k - 2) + [2, 1]

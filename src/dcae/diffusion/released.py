@@ -225,15 +225,26 @@ def _read_folder(folder: Path) -> tuple[str, Path, dict | None]:
     return name, weights, meta.get("config")
 
 
-def resolve_released(source: str | os.PathLike) -> tuple[ReleasedModel, Path | None, dict | None]:
-    """(release, weights, config) for a local folder; (release, None, None) for a name or Hub id."""
+def resolve_released(source: str | os.PathLike) -> tuple[ReleasedModel, Path | str, dict | None]:
+    """(release, weights file, config) for a local folder; (release, Hub repo id, None) for a released name
+    or a Hub id `<org>/<released name>` (the releases live under mit-han-lab; a copy elsewhere works too)."""
     path = Path(source)
     if path.is_dir():
         name, weights, config = _read_folder(path)
         return get_released(name), weights, config
-    if path.suffix in (".json", ".safetensors") or os.sep in str(source).replace(f"{HUB_ORG}/", "", 1):
-        raise UserError(f"{source}: no such diffusion model folder (config.json + model.safetensors)")
-    return get_released(str(source)), None, None
+    text = str(source).strip()
+    parts = text.split("/")
+    if path.suffix in (".json", ".safetensors") or len(parts) > 2 or path.exists():
+        raise UserError(f"{source}: no diffusion model folder there (config.json + model.safetensors)")
+    if len(parts) == 2:
+        if parts[1] not in RELEASED:
+            raise UnknownModelError(
+                f"{source}: neither a folder nor the Hub id of a released diffusion model (<org>/<name>); "
+                f"`dcae models` lists the names: {', '.join(RELEASED)}"
+            )
+        return RELEASED[parts[1]], text, None
+    release = get_released(text)
+    return release, release.hub_id, None
 
 
 def check_released_state_dict(model: ReleasedDiffusion, state: dict[str, torch.Tensor], source: str) -> None:
@@ -288,10 +299,10 @@ def load_released(
     from safetensors.torch import load_file
 
     release, weights, config = resolve_released(source)
-    if weights is None:
+    if isinstance(weights, str):  # a Hub repo id
         from dcae.checkpoint import hub_snapshot
 
-        folder = hub_snapshot(release.hub_id, revision)
+        folder = hub_snapshot(weights, revision)
         name, weights, config = _read_folder(folder)
         if get_released(name) != release:
             raise UserError(f"{folder / 'config.json'} names {name!r}, not {release.name!r}")
