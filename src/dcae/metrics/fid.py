@@ -44,12 +44,15 @@ class FewImagesWarning(UserWarning):
 
 
 # ----------------------------------------------------------------------------------------- network
-def tf1_bilinear_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def tf1_bilinear_resize(x: torch.Tensor, size: tuple[int, int], dtype: torch.dtype | None = None) -> torch.Tensor:
     """TF1 `resize_bilinear(align_corners=False)`: output pixel i samples input at i * in / out.
 
     This is what the original TF FID graph does (and what fid-helper / StyleGAN's `nv_bilinear`
-    reproduce with an offset affine grid); done separably here, in the input's float dtype.
+    reproduce with an offset affine grid); done separably here, rows first. Only the two source rows
+    (then columns) of each output pixel are gathered before converting to `dtype` (default: x's
+    dtype), so a uint8 8K image never exists as a float copy: memory is O(299 x W), not O(H x W).
     """
+    dtype = dtype or x.dtype
     for dim, n_out in ((2, size[0]), (3, size[1])):
         n_in = x.shape[dim]
         if n_in == n_out:
@@ -59,10 +62,28 @@ def tf1_bilinear_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         i1 = (i0 + 1).clamp(max=n_in - 1)
         shape = [1] * x.ndim
         shape[dim] = n_out
-        w = (src - i0).to(x.dtype).view(shape)
-        a, b = x.index_select(dim, i0), x.index_select(dim, i1)
+        w = (src - i0).to(dtype).view(shape)
+        a, b = x.index_select(dim, i0).to(dtype), x.index_select(dim, i1).to(dtype)
         x = a + (b - a) * w
-    return x
+    return x.to(dtype)
+
+
+# Rows of an image converted to float at once by the pytorch-fid resize (bounds memory for 8K images).
+RESIZE_BAND_ROWS = 512
+
+
+def torch_bilinear_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """pytorch-fid's `F.interpolate(bilinear, align_corners=False)` of a uint8 or float image in
+    bounded memory: images up to RESIZE_BAND_ROWS rows in one call; taller ones first resized along
+    the width in bands of rows (an exact identity along the height, scale 1), then along the height.
+    The two passes equal the joint 2-D interpolation up to float32 rounding."""
+    if x.shape[-2] <= RESIZE_BAND_ROWS:
+        return F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False)
+    bands = []
+    for r0 in range(0, x.shape[-2], RESIZE_BAND_ROWS):
+        band = x[..., r0 : r0 + RESIZE_BAND_ROWS, :].float()
+        bands.append(F.interpolate(band, size=(band.shape[-2], size[1]), mode="bilinear", align_corners=False))
+    return F.interpolate(torch.cat(bands, dim=-2), size=size, mode="bilinear", align_corners=False)
 
 
 class InceptionFeatures(nn.Module):
@@ -89,16 +110,17 @@ class InceptionFeatures(nn.Module):
         return {"inception": INCEPTION_ID, "resize": self.resize}
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) or (3, H, W) of any size (1 px to beyond 8K) -> the network's 299 x 299
+        float input. Both resizes read the uint8 pixels in bounded memory (no float copy of an 8K image)."""
         device = next(self.model.parameters()).device
-        x = images.to(device=device).to(torch.float32)
+        x = images.to(device=device)
         if x.ndim == 3:
             x = x.unsqueeze(0)
-        if x.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
-            if self.resize == "tf":
-                x = tf1_bilinear_resize(x, (INCEPTION_SIZE, INCEPTION_SIZE))
-            else:
-                x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
-        return x / 128.0 - 1.0 if self.resize == "tf" else x / 127.5 - 1.0
+        size = (INCEPTION_SIZE, INCEPTION_SIZE)
+        if self.resize == "tf":
+            return tf1_bilinear_resize(x, size, torch.float32) / 128.0 - 1.0
+        x = torch_bilinear_resize(x, size) if x.shape[-2:] != size else x.float()
+        return x / 127.5 - 1.0
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:

@@ -78,7 +78,9 @@ def _load_pair(r: ImageRef, t: ImageRef, resolution: int | None) -> tuple[torch.
 def paired_metrics(
     pairing: Pairing, lpips: nn.Module | None = None, resolution: int | None = None, progress: bool = False
 ) -> PairedResult:
-    """PSNR / SSIM / LPIPS per pair and their means; unreadable or size-mismatched pairs are skipped."""
+    """PSNR / SSIM / LPIPS per pair and their means; unreadable or size-mismatched pairs are skipped.
+    A metric not defined for a pair (smaller than its window) is NaN in the row and counted in
+    `<metric>_num_na` instead of entering the mean."""
     from tqdm import tqdm
 
     psnr, ssim = PSNRAccumulator(), SSIMAccumulator()
@@ -98,7 +100,8 @@ def paired_metrics(
         "num_pairs": len(result.per_image),
         "psnr": psnr.compute(),
         "ssim": ssim.compute(),
-        **({"lpips": lp.compute(), "lpips_net": lp.name} if lp is not None else {}),
+        "ssim_num_na": ssim.num_na,  # pairs too small for SSIM (NaN in their rows), left out of the mean
+        **({"lpips": lp.compute(), "lpips_net": lp.name, "lpips_num_na": lp.num_na} if lp is not None else {}),
         "num_skipped": len(result.skipped),
         "unmatched_ref": len(pairing.unmatched_ref),
         "unmatched_test": len(pairing.unmatched_test),
