@@ -150,7 +150,7 @@ def test_every_odd_file_reads_or_fails_with_its_name(corpus) -> None:
         "text.jpg": "not an image format",
         "truncated.jpg": "truncated",
         "zero.jpg": "empty (0 bytes)",
-        "dir.png": "it is a folder",
+        "dir.png": "it is a folder, not an image file",
     }
     for name, words in expected.items():
         with pytest.raises(ImageReadError, match=re.escape(words)) as info:

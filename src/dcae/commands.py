@@ -25,8 +25,15 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="compute dtype (default fp32)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
+    p.add_argument("--batch-size", type=_positive_int, default=4, help="images per forward pass (default 4)")
     p.add_argument("--tile", action="store_true", help="tiled encode/decode for very large images")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def load_model_from_args(args: argparse.Namespace):

@@ -91,14 +91,15 @@ def _opened(source, name: str) -> Iterator[Image.Image]:
     """Image.open with the pixel limit checked on the header, before any pixel is decoded; every
     failure becomes an ImageReadError naming `name` (FileNotFoundError stays itself)."""
     limit = max_image_pixels()
+    if isinstance(source, Path) and source.exists() and not source.is_file():
+        kind = "a folder" if source.is_dir() else "a special file (FIFO, device, socket)"  # a FIFO would block
+        raise ImageReadError(f"cannot read image {name}: it is {kind}, not an image file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, as an error
             img = Image.open(source)
     except FileNotFoundError:
         raise
-    except IsADirectoryError:
-        raise ImageReadError(f"cannot read image {name}: it is a folder, not a file") from None
     except Image.DecompressionBombError as exc:
         pixels = re.search(r"\((\d+) pixels\)", str(exc))
         raise ImageReadError(f"cannot read image {name}: " + _too_large(
