@@ -278,3 +278,29 @@ def test_lpips_of_a_megapixel_pair_is_tiled_in_bounded_memory():
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert 0.0 < res["lpips"] < 1.0
     assert res["grown_mb"] < 800, res
+
+
+# ----------------------------------------------------------------------------------------- CLI
+def test_metrics_command_on_tiny_and_normal_images(tmp_path, capsys):
+    """`dcae metrics` on 1 px, 5x3 px and 40x30 px pairs: no crash, SSIM / LPIPS n/a where undefined."""
+    from PIL import Image
+
+    from dcae.cli import main
+
+    gen = np.random.default_rng(0)
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "test").mkdir()
+    for name, (h, w) in {"a1x1.png": (1, 1), "b5x3.png": (3, 5), "c40x30.png": (30, 40)}.items():
+        img = gen.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(img).save(tmp_path / "ref" / name)
+        Image.fromarray(255 - img).save(tmp_path / "test" / name)
+    argv = ["metrics", tmp_path / "ref", tmp_path / "test", "--json", tmp_path / "m.json", "--csv", tmp_path / "m.csv"]
+    rc = main([str(a) for a in argv + ["--no-progress"]])
+    out = capsys.readouterr().out
+    assert rc == 0
+    res = json.loads((tmp_path / "m.json").read_text())
+    assert res["num_pairs"] == 3 and res["ssim_num_na"] == 2 and res["lpips_num_na"] == 2
+    assert res["ssim"] is not None and res["lpips"] is not None  # the mean of the one 40x30 pair
+    assert "(2 n/a)" in out
+    rows = (tmp_path / "m.csv").read_text().splitlines()
+    assert rows[1].count("n/a") == 2 and "n/a" not in rows[3]

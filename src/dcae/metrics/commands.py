@@ -405,7 +405,15 @@ def run_metrics(args: argparse.Namespace) -> int:
         )
     if args.csv:
         atomic_write_text(args.csv, per_image_csv(result.per_image))
-    lp = f"  LPIPS ({summary['lpips_net']}): {summary['lpips']:.4f}" if "lpips" in summary else ""
+    lp = f"  LPIPS ({summary['lpips_net']}): {_na(summary, 'lpips')}" if "lpips" in summary else ""
     psnr = "inf" if summary["psnr"] is None else f"{summary['psnr']:.3f}"
-    print(f"pairs: {summary['num_pairs']}  PSNR: {psnr}  SSIM: {summary['ssim']:.4f}{lp}")
+    print(f"pairs: {summary['num_pairs']}  PSNR: {psnr}  SSIM: {_na(summary, 'ssim')}{lp}")
     return 0
+
+
+def _na(summary: dict, key: str) -> str:
+    """'0.8123', '0.8123 (2 n/a)' or 'n/a': pairs too small for the metric are counted, not averaged."""
+    value, na = summary[key], summary.get(f"{key}_num_na", 0)
+    if value is None:
+        return "n/a"
+    return f"{value:.4f}" + (f" ({na} n/a)" if na else "")
