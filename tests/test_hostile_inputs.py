@@ -194,6 +194,12 @@ def test_reconstruct_the_corpus(corpus, tiny_model, tmp_path, capsys) -> None:
     assert rows["ok.png"]["psnr"] > 0 and -1 <= rows["ok.png"]["ssim"] <= 1
     side = load_image_uint8(rows["anim.gif"]["side_by_side"])
     assert (side[2:34, 2:42] == 10).all()  # the GIF's first frame is what was reconstructed
+    # the uint8 side-by-side is the float grid's layout and pixels
+    from dcae.data.images import load_image, make_grid, save_image
+
+    rec = load_image(rows["ok.png"]["output"])
+    save_image(make_grid([load_image(corpus / "ok.png"), rec], nrow=2), tmp_path / "grid.png")
+    assert (load_image_uint8(rows["ok.png"]["side_by_side"]) == load_image_uint8(tmp_path / "grid.png")).all()
 
 
 def test_reconstruct_only_readable_files_exits_zero(corpus, tiny_model, tmp_path, capsys) -> None:
