@@ -194,3 +194,37 @@ def test_golden_weights_load_from_a_release_folder(family, tmp_path):
     with torch.no_grad():
         out = model(g.t["golden.fwd.x"], g.t["golden.fwd.t"], g.t["golden.fwd.y"])
     assert rel_err(out, g.t["golden.fwd.out"]) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["sit", "usit", "usit_dcae15"])
+def test_golden_flow_models_with_our_fixed_step_solvers(family):
+    """dcae's own solvers on a released flow model (time reversed, velocity negated by the adapter) land on
+    the original's dopri5 sample, within dopri5's own accuracy (rtol 1e-3), and Euler converges to it."""
+    g = golden(family)
+    run = "dopri5_cfg1.5"
+    st, p = g.meta["sampling"][run], f"golden.sample.{run}."
+    y, noise, ref = g.t["golden.sample.y"], g.t[p + "init_noise"], g.t[p + "out"]
+
+    def err(solver, steps):
+        out, nfe = generate(g.model, y, noise, cfg_scale=st["cfg_scale"], sampler=solver, steps=steps)
+        assert nfe == steps * (2 if solver == "heun" else 1)
+        return rel_err(out, ref)
+
+    assert err("heun", 40) < 2e-3 and err("dpm++", 40) < 3e-3
+    e10, e40 = err("euler", 10), err("euler", 40)
+    assert e40 < e10 / 3 and e40 < 2e-2
+
+
+@pytest.mark.parametrize("family", ["dit", "uvit"])
+def test_golden_eps_models_with_our_fixed_step_solvers(family):
+    """dpm++ through the eps adapters (DiT: linear betas and the step index; UViT: scaled-linear betas and
+    time k + 1) converges towards the released deterministic sampler's limit: the DPM-Solver at 300
+    evaluations for UViT (itself bit-identical to the original at 30 and 6), DDIM at 500 steps for DiT."""
+    g = golden(family)
+    y = g.t["golden.sample.y"]
+    noise = torch.randn((2, *g.t["golden.fwd.x"].shape[1:]), generator=torch.Generator().manual_seed(0))
+    limit = generate(g.model, y, noise, sampler="dpm-solver", steps=300)[0] if family == "uvit" else None
+    if limit is None:
+        limit = generate(g.model, y, noise, sampler="ddim", steps=500)[0]
+    e = [rel_err(generate(g.model, y, noise, sampler="dpm++", steps=n)[0], limit) for n in (25, 100)]
+    assert e[1] < e[0] / 1.5 and e[1] < 0.05, e

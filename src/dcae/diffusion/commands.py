@@ -325,7 +325,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="auto",
         choices=["auto", "heun", "euler", "dpm++", "ddim", "ddpm", "dpm-solver", "dopri5", "heun2", "midpoint", "rk4"],
         help="auto: heun / dpm++ for our models, the released sampler for --model (ddpm, dpm-solver or dopri5); "
-        "released flow models also take heun2, euler, midpoint, rk4 on --steps grid points",
+        "released models also take dpm++ and ddim (flow ones heun, euler, and heun2, midpoint, rk4 on --steps "
+        "grid points)",
     )
     p.add_argument("--channels", type=int, help="DC-AE 1.5 models: generate the first N latent channels only")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity")

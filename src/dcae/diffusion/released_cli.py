@@ -19,7 +19,7 @@ def cmd_sample_released(args: argparse.Namespace) -> int:
     from dcae.data.images import save_image
     from dcae.diffusion.commands import _load_autoencoder, _sample_labels
     from dcae.diffusion.released import load_released
-    from dcae.diffusion.released_sampling import check_inputs, samplers_for
+    from dcae.diffusion.released_sampling import check_inputs, default_steps, samplers_for
     from dcae.errors import UserError
     from dcae.utils.runtime import process_group_from_env
 
@@ -37,7 +37,7 @@ def cmd_sample_released(args: argparse.Namespace) -> int:
     ae = _load_autoencoder(source).to(device).eval()
     settings = {
         "model": release.name, "source": str(args.model), "family": release.family, "autoencoder": source,
-        "scaling_factor": release.scaling_factor, "solver": solver, "steps": args.steps or release.spec.steps,
+        "scaling_factor": release.scaling_factor, "solver": solver, "steps": args.steps or default_steps(model, solver),
         "cfg": release.cfg_scale if args.cfg is None else args.cfg, "channels": channels, "seed": args.seed,
         "resolution": size * ae.spatial_compression,
     }  # fmt: skip

@@ -10,8 +10,10 @@ Samplers (`SAMPLERS`):
 - dpm-solver (uvit): U-ViT's DPM-Solver, `steps` evaluations (released: 30).
 - dopri5 (sit, usit): torchdiffeq's adaptive dopri5, atol 1e-6, rtol 1e-3, from t = 0 (noise) to 1 (data);
   `steps` output grid points (released: 250; the result does not depend on it).
-- heun2, euler, midpoint, rk4 (sit, usit): torchdiffeq's fixed-grid solvers on `steps` grid points
+- heun2, midpoint, rk4 (sit, usit): torchdiffeq's fixed-grid solvers on `steps` grid points
   (steps - 1 solver steps), e.g. heun2 with 8 points = 14 network evaluations.
+- dpm++, ddim (all), heun, euler (sit, usit): dcae.diffusion.sampling's fixed-step solvers with `steps`
+  steps (default 50), through adapters that translate each family's time and output conventions.
 """
 
 from __future__ import annotations
@@ -24,16 +26,37 @@ import torch
 from dcae.diffusion.released import NULL_CLASS, ReleasedDiffusion, combine_cfg
 from dcae.errors import UserError
 
-FLOW_SOLVERS = ("dopri5", "heun2", "euler", "midpoint", "rk4")
-SAMPLERS = {"eps-ddpm": ("ddpm",), "eps-dpm": ("dpm-solver",), "velocity": FLOW_SOLVERS}
+FLOW_SOLVERS = ("dopri5", "heun2", "midpoint", "rk4")  # torchdiffeq; steps = grid points
+OUR_SOLVERS = ("dpm++", "ddim", "heun", "euler")  # dcae.diffusion.sampling; steps = solver steps
+OUR_DEFAULT_STEPS = 50
 ODE_ATOL, ODE_RTOL = 1e-6, 1e-3
 
 
 def samplers_for(model: ReleasedDiffusion) -> tuple[str, ...]:
     spec = model.release.spec
     if spec.prediction == "velocity":
-        return FLOW_SOLVERS
-    return ("ddpm",) if spec.learn_sigma else ("dpm-solver",)
+        return FLOW_SOLVERS + OUR_SOLVERS
+    return ("ddpm" if spec.learn_sigma else "dpm-solver", "dpm++", "ddim")
+
+
+def default_steps(model: ReleasedDiffusion, sampler: str) -> int:
+    return OUR_DEFAULT_STEPS if sampler in OUR_SOLVERS else model.release.spec.steps
+
+
+def our_conventions(model: ReleasedDiffusion):
+    """(network adapter, process) that put a released model into dcae.diffusion.sampling's conventions
+    (time on 0..1000 with 1000 = noise; flow: t = 1 is noise and v = noise - data)."""
+    from dcae.diffusion.common import MODEL_TIME_SCALE
+    from dcae.diffusion.ddpm import GaussianDiffusion
+    from dcae.diffusion.flow import FlowMatching
+
+    net, spec = model.diffusion_model, model.release.spec
+    if spec.prediction == "velocity":  # SiT: t = 0 is noise, v = data - noise
+        return (lambda x, t, y: -net(x, 1 - t / MODEL_TIME_SCALE, y)), FlowMatching()
+    if spec.learn_sigma:  # DiT: linear betas, the integer step index
+        return net, GaussianDiffusion(1000, "linear", learn_sigma=True)
+    # UViT: scaled-linear betas; DPM-Solver's discrete time (k + 1) / 1000 of step k, times 1000
+    return (lambda x, t, y: net(x, t + 1, y)), GaussianDiffusion(1000, "scaled_linear")
 
 
 class GuidedNet:
@@ -146,11 +169,13 @@ def generate(
     release = model.release
     cfg_scale = release.cfg_scale if cfg_scale is None else float(cfg_scale)
     sampler = sampler or release.spec.sampler
-    steps = steps or release.spec.steps
+    steps = steps or default_steps(model, sampler)
     allowed = samplers_for(model)
     if sampler not in allowed:
         raise UserError(f"sampler {sampler!r} does not fit {release.name} ({release.family}); use {', '.join(allowed)}")
     check_inputs(model, labels, noise)
+    if sampler in OUR_SOLVERS:
+        return _sample_ours(model, labels, noise, cfg_scale, sampler, steps, generator)
     fn = GuidedNet(model.diffusion_model, labels, cfg_scale, trace)
     x = torch.cat([noise, noise]) if fn.cfg else noise
     if sampler == "ddpm":
@@ -164,6 +189,22 @@ def generate(
     else:
         x = sample_flow(fn, x, steps, sampler)
     return x[: len(noise)], fn.nfe
+
+
+def _sample_ours(model, labels, noise, cfg_scale: float, sampler: str, steps: int, generator) -> tuple:
+    from dcae.diffusion.sampling import sample
+
+    adapter, process = our_conventions(model)
+    nfe = 0
+
+    def counted(x, t, y):
+        nonlocal nfe
+        nfe += 1
+        return adapter(x, t, y)
+
+    x = sample(counted, process, noise, y=labels, null_class=NULL_CLASS, steps=steps, solver=sampler,
+               cfg_scale=cfg_scale, generator=generator)  # fmt: skip
+    return x, nfe
 
 
 def check_inputs(model: ReleasedDiffusion, labels: torch.Tensor, noise: torch.Tensor) -> None:
