@@ -328,3 +328,13 @@ def test_sample_released_gfid(tiny, tmp_path, capsys):
     assert cli([*base, "--fid-ref", str(tmp_path / "other.npz")]) == 0
     assert json.loads((out / "fid.json").read_text())["fid"] > 1.0
     assert "gFID" in capsys.readouterr().out
+
+
+def test_dcgen_options_no_release_uses_are_refused():
+    for key, value in [("mlp_time_embed", True), ("act_layer", "silu"), ("cfg_channels", 4)]:
+        config = json.loads(json.dumps(CONFIGS[UVIT]))
+        config["uvit"][key] = value
+        with pytest.raises(UserError, match=f"unsupported DC-Gen model settings.*{key}"):
+            network_from_config(config)
+    with pytest.raises(UserError, match="post_norm"):
+        network_from_config({"model": "dit", "dit": {**CONFIGS[DIT]["dit"], "post_norm": True}})

@@ -182,10 +182,11 @@ def network_from_config(config: dict) -> DiT | UViT:
     e.g. a merged released config or a small test config with the same structural options."""
     kind = config["model"]
     c = config[kind]
-    unsupported = {k: c.get(k) for k in ("post_norm", "patch_ffn_depth", "mlp_time_embed", "qkv_bias",
-                                         "patch_kernel_size", "cfg_channels") if c.get(k)}  # fmt: skip
-    if kind == "uvit":
-        unsupported.pop("qkv_bias", None), unsupported.pop("mlp_time_embed", None)
+    # options no release uses (their key layout is unknown): refused by name rather than guessed
+    unsupported = {k: c[k] for k in ("post_norm", "patch_ffn_depth", "mlp_time_embed", "patch_kernel_size",
+                                     "cfg_channels", "unconditional") if c.get(k)}  # fmt: skip
+    if c.get("act_layer", "gelu") != "gelu":
+        unsupported["act_layer"] = c["act_layer"]
     if kind not in ("dit", "uvit") or unsupported:
         raise UserError(f"unsupported DC-Gen model settings: model={kind!r} {unsupported}")
     kw = dict(input_size=c["input_size"], patch_size=c["patch_size"], in_channels=c["in_channels"],
@@ -193,9 +194,7 @@ def network_from_config(config: dict) -> DiT | UViT:
               num_classes=c["num_classes"], released_layout=True)  # fmt: skip
     if kind == "dit":
         return DiT(learn_sigma=c["learn_sigma"], **kw)
-    return UViT(
-        qkv_bias=c["qkv_bias"], mlp_time_embed=c["mlp_time_embed"], adaptive_channel=c["adaptive_channel"], **kw
-    )
+    return UViT(qkv_bias=c["qkv_bias"], adaptive_channel=c["adaptive_channel"], **kw)
 
 
 def build_released(name: str, device: str | torch.device = "cpu") -> ReleasedDiffusion:
