@@ -267,6 +267,18 @@ def test_encode_and_decode_the_corpus(corpus, tiny_model, tmp_path, capsys) -> N
         assert load_image_uint8(tmp_path / "dec" / f"{stem}.png").shape[:2] == (h, w), name
 
 
+@pytest.mark.parametrize(
+    "meta", ["{not json", '{"images": [{"key": "latent_000000"}]}', '{"images": 3}', '{"scaled": true, "images": []}']
+)
+def test_decode_of_damaged_latent_metadata_is_one_line(tmp_path, capsys, meta) -> None:
+    from safetensors.torch import save_file
+
+    lat = tmp_path / "lat.safetensors"
+    save_file({"latent_000000": torch.zeros(8, 2, 2)}, str(lat), metadata={"dcae": meta})
+    rc, _, err = _run(capsys, "decode", lat, "-o", tmp_path / "dec", "--model", "unused")
+    assert rc == 2 and err.startswith(f"dcae: error: {lat}: damaged dcae metadata") and err.count("\n") == 1
+
+
 def test_encode_failure_on_one_size_costs_only_those_images(corpus, tiny_model, tmp_path, capsys, monkeypatch):
     """A model call that fails for one input size (injected: the real failures are out-of-memory and
     unsupported shapes) loses that image only; one that fails for whole batches is retried image by image."""

@@ -207,7 +207,23 @@ def read_latents(path: str | Path):
         raise UserError(f"cannot read latents from {path}: {exc}") from exc
     if meta_text is None:
         raise UserError(f"{path} has no dcae metadata (was it written by `dcae encode`?)")
-    return tensors, json.loads(meta_text)
+    return tensors, _parse_latents_meta(path, meta_text)
+
+
+def _parse_latents_meta(path: Path, text: str) -> dict:
+    """The metadata of a latents file, checked enough that decoding cannot stop on a missing field."""
+    from dcae.errors import UserError
+
+    try:
+        meta = json.loads(text)
+        records = meta["images"]
+        for rec in records:
+            str(rec["key"]), str(rec["file"]), int(rec["height"]), int(rec["width"])  # raise if missing or mistyped
+        if meta.get("scaled"):
+            float(meta["scaling_factor"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise UserError(f"{path}: damaged dcae metadata ({type(exc).__name__}: {exc})") from None
+    return meta
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
