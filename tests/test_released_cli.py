@@ -128,6 +128,8 @@ def test_sample_released_dcae15_channel_subset(tiny, tmp_path, capsys):
         (["--classes", "-1"], "class -1 is out of range"),
         (["--channels", "16"], "generates 32 latent channels, not 16"),
         (["--solver", "dpm-solver"], "--solver dpm-solver does not fit"),
+        (["--guidance-interval", "0.2,0.8"], "--guidance-interval does not apply"),
+        (["--steps", "1001"], "DDPM steps must be in 1..1000"),
     ],
 )
 def test_sample_released_bad_input_writes_nothing(tiny, tmp_path, capsys, extra, message):
@@ -266,12 +268,12 @@ def test_generate_checks_its_inputs(tiny):
         generate(model, torch.tensor([1, 2]), noise, sampler="ddpm")
     with pytest.raises(UserError, match="at least 2 grid points"):
         generate(model, torch.tensor([1, 2]), noise, sampler="heun2", steps=1)
-    # the fixed-grid solvers approach the adaptive reference as the grid gets finer
-    ref, _ = generate(model, torch.tensor([1, 2]), noise)
+    # heun2 is second order: 4x the steps, about 16x less error (against rk4 on a fine grid)
+    ref, _ = generate(model, torch.tensor([1, 2]), noise, sampler="rk4", steps=65)
     errs = [
         (generate(model, torch.tensor([1, 2]), noise, sampler="heun2", steps=n)[0] - ref).abs().max() for n in (3, 9)
     ]
-    assert errs[1] < errs[0] / 4
+    assert errs[1] < errs[0] / 8
 
 
 @pytest.mark.slow

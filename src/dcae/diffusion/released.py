@@ -306,7 +306,7 @@ def load_released(
         if get_released(name) != release:
             raise UserError(f"{folder / 'config.json'} names {name!r}, not {release.name!r}")
     try:
-        state = load_file(str(weights))
+        state = load_file(str(weights), device=str(torch.device(device)))  # straight to the device
     except (SafetensorError, OSError) as exc:
         raise WeightsError(f"{weights}: not a readable safetensors file ({exc})") from exc
     with torch.device("meta"):

@@ -23,6 +23,8 @@ def cmd_sample_released(args: argparse.Namespace) -> int:
     from dcae.errors import UserError
     from dcae.utils.runtime import process_group_from_env
 
+    if tuple(float(v) for v in args.guidance_interval.split(",")) != (0.0, 1.0):
+        raise UserError("--guidance-interval does not apply to the released models (none was evaluated with one)")
     rank, world, device = process_group_from_env(args.device)
     model = load_released(args.model, device=device)
     release = model.release
