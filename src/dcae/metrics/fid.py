@@ -64,26 +64,30 @@ def tf1_bilinear_resize(x: torch.Tensor, size: tuple[int, int], dtype: torch.dty
         shape[dim] = n_out
         w = (src - i0).to(dtype).view(shape)
         a, b = x.index_select(dim, i0).to(dtype), x.index_select(dim, i1).to(dtype)
-        x = a + (b - a) * w
+        x = b.sub_(a).mul_(w).add_(a)  # a + (b - a) * w, in place on the fresh copies
     return x.to(dtype)
 
 
-# Rows of an image converted to float at once by the pytorch-fid resize (bounds memory for 8K images).
-RESIZE_BAND_ROWS = 512
+# Above this many pixels the pytorch-fid resize gathers source rows first instead of a float copy.
+RESIZE_DIRECT_PIXELS = 1024 * 1024
 
 
 def torch_bilinear_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """pytorch-fid's `F.interpolate(bilinear, align_corners=False)` of a uint8 or float image in
-    bounded memory: images up to RESIZE_BAND_ROWS rows in one call; taller ones first resized along
-    the width in bands of rows (an exact identity along the height, scale 1), then along the height.
-    The two passes equal the joint 2-D interpolation up to float32 rounding."""
-    if x.shape[-2] <= RESIZE_BAND_ROWS:
+    bounded memory. Large images: the height is interpolated by hand from the two source rows of each
+    output row (half-pixel centres, negative positions clamped to 0, as PyTorch computes them), gathered
+    from the uint8 image; then `F.interpolate` does the width (the height is unchanged: an exact
+    identity). Equal to the joint 2-D interpolation up to float32 rounding."""
+    if x.shape[-2] * x.shape[-1] <= RESIZE_DIRECT_PIXELS:
         return F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False)
-    bands = []
-    for r0 in range(0, x.shape[-2], RESIZE_BAND_ROWS):
-        band = x[..., r0 : r0 + RESIZE_BAND_ROWS, :].float()
-        bands.append(F.interpolate(band, size=(band.shape[-2], size[1]), mode="bilinear", align_corners=False))
-    return F.interpolate(torch.cat(bands, dim=-2), size=size, mode="bilinear", align_corners=False)
+    n_in, n_out = x.shape[-2], size[0]
+    src = ((torch.arange(n_out, dtype=torch.float32) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=n_in - 1)
+    i1 = (i0 + 1).clamp(max=n_in - 1)
+    w = (src - i0).view(-1, 1)
+    a, b = x.index_select(-2, i0.to(x.device)).float(), x.index_select(-2, i1.to(x.device)).float()
+    rows = b.sub_(a).mul_(w.to(a.device)).add_(a)
+    return F.interpolate(rows, size=size, mode="bilinear", align_corners=False)
 
 
 class InceptionFeatures(nn.Module):
