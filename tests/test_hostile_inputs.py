@@ -38,6 +38,7 @@ READABLE = {  # file -> (height, width) as read
     "anim.gif": (32, 40),
     "photo.webp": (48, 64),
     "photo.tif": (48, 64),
+    "strip.png": (1, 20000),
 }
 UNREADABLE = ["bomb.png", "text.jpg", "truncated.jpg", "zero.jpg"]
 
@@ -82,6 +83,7 @@ def make_corpus(d: Path) -> Path:
     frames[0].save(d / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
     Image.fromarray(photo).save(d / "photo.webp")
     Image.fromarray(photo).save(d / "photo.tif")
+    Image.fromarray(rng.integers(0, 256, (1, 20000, 3), dtype=np.uint8)).save(d / "strip.png")
     (d / "zero.jpg").write_bytes(b"")
     jpeg = io.BytesIO()
     Image.fromarray(photo).save(jpeg, "JPEG")
@@ -170,6 +172,29 @@ def test_pixel_limit_is_checked_on_the_header(corpus, tmp_path, monkeypatch) -> 
     monkeypatch.setenv("DCAE_MAX_IMAGE_PIXELS", "1000")
     with pytest.raises(ImageReadError, match="64x48 px is more than the limit of 1000 pixels"):
         image_size(corpus / "ok.png")
+
+
+CROP_UNDER_MEMORY_LIMIT = """
+import resource, sys
+import numpy as np
+from dcae.data.images import center_crop_arr
+vm = int(next(line for line in open("/proc/self/status") if line.startswith("VmSize")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + 2**30, resource.getrlimit(resource.RLIMIT_AS)[1]))  # 1 GiB more
+print(center_crop_arr(np.zeros((1, 100_000, 3), np.uint8), 256).shape)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc to cap the address space")
+def test_center_crop_of_a_long_strip_stays_small() -> None:
+    """The eval crop of a 1 x 100000 px strip would resize all of it first (to 256 x 25.6 million px,
+    20 GB): under a 1 GiB cap on new memory it must still work, by cutting the strip's centre first."""
+    proc = subprocess.run([sys.executable, "-c", CROP_UNDER_MEMORY_LIMIT], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "(256, 256, 3)", proc.stderr[-2000:]
+    from dcae.data.images import center_crop_arr
+
+    photo = np.random.default_rng(1).integers(0, 256, (100, 1500, 3), dtype=np.uint8)  # aspect 15: as before
+    img = Image.fromarray(photo).resize((3840, 256), resample=Image.BICUBIC)
+    assert (center_crop_arr(photo, 256) == np.asarray(img)[:, 1792:2048]).all()
 
 
 # ----------------------------------------------------------------------------- reconstruct

@@ -180,9 +180,21 @@ def save_image(t: torch.Tensor | np.ndarray, path: str | os.PathLike, overwrite:
     return path
 
 
+MAX_CROP_ASPECT = 16
+
+
 def center_crop_arr(arr: np.ndarray, size: int) -> np.ndarray:
     """ADM center crop (guided-diffusion): box-halve while the short side >= 2*size, bicubic resize
-    of the short side to `size`, then a center crop. This is the reference evaluation protocol."""
+    of the short side to `size`, then a center crop. This is the reference evaluation protocol.
+
+    An image longer than MAX_CROP_ASPECT times its short side (a 1 x 20000 px strip) is first cut to its
+    central part of that aspect, so that the resize stays small (it would be 256 x 5 million px there);
+    the result is the protocol's up to the resampling of the border pixels."""
+    h, w = arr.shape[:2]
+    long_max = MAX_CROP_ASPECT * min(h, w)
+    if max(h, w) > long_max:
+        top, left = max(0, (h - long_max) // 2), max(0, (w - long_max) // 2)
+        arr = arr[top : top + long_max, left : left + long_max]
     img = Image.fromarray(arr)
     while min(img.size) >= 2 * size:
         img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
