@@ -112,3 +112,20 @@ def test_unknown_model_exits_with_a_one_line_error(tmp_path, capsys) -> None:
         main(["encode", str(tmp_path / "a.png"), "-o", str(tmp_path / "l.safetensors"), "--model", "f32c32-inn"]) == 2
     )
     assert "Did you mean" in capsys.readouterr().err
+
+
+def test_images_smaller_than_the_compression_factor_reconstruct(model_dir, tmp_path, capsys) -> None:
+    """1x1 and 5x3 px through an f32 model: padded up, cropped back, written; SSIM is n/a, the exit status 0."""
+    rng = np.random.default_rng(0)
+    files = []
+    for h, w in ((1, 1), (3, 5)):
+        files.append(tmp_path / f"tiny_{h}x{w}.png")
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(files[-1])
+    out, js = tmp_path / "rec", tmp_path / "r.json"
+    rc = main(["reconstruct", *map(str, files), "--model", str(model_dir), "-o", str(out), "--json", str(js)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    for row, (h, w) in zip(json.loads(js.read_text())["images"], ((1, 1), (3, 5))):
+        assert load_image_uint8(row["output"]).shape == (h, w, 3)
+        assert row["psnr"] > 0 and row["ssim"] is None and f"n/a for a {w}x{h} px image" in row["metric_note"]
+    assert "SSIM n/a" in captured.out
