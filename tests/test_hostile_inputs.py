@@ -40,7 +40,7 @@ READABLE = {  # file -> (height, width) as read
     "photo.tif": (48, 64),
     "strip.png": (1, 20000),
 }
-UNREADABLE = ["bomb.png", "text.jpg", "truncated.jpg", "zero.jpg"]
+UNREADABLE = ["bomb.png", "nan_float.tif", "text.jpg", "truncated.jpg", "zero.jpg"]
 
 
 # ----------------------------------------------------------------------------- the corpus
@@ -90,6 +90,9 @@ def make_corpus(d: Path) -> Path:
     (d / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
     (d / "text.jpg").write_text("this is not an image\n")
     (d / "bomb.png").write_bytes(png_bytes(100_000, 100_000, 8, 2, b"\x00" * 301))
+    nan = np.linspace(0, 1, 24 * 32, dtype=np.float32).reshape(24, 32)
+    nan[3, 4] = np.nan
+    Image.fromarray(nan).save(d / "nan_float.tif")  # a 32-bit float image with a NaN pixel
     (d / "dir.png").mkdir()
     return d
 
@@ -153,6 +156,7 @@ def test_every_odd_file_reads_or_fails_with_its_name(corpus) -> None:
         "truncated.jpg": "truncated",
         "zero.jpg": "empty (0 bytes)",
         "dir.png": "it is a folder, not an image file",
+        "nan_float.tif": "1 of its 768 pixels are NaN/Inf",
     }
     for name, words in expected.items():
         with pytest.raises(ImageReadError, match=re.escape(words)) as info:

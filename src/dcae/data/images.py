@@ -47,6 +47,9 @@ def _to_rgb_array(img: Image.Image) -> np.ndarray:
         return np.repeat(arr[..., None], 3, axis=2)
     if img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
+        bad = int(arr.size - np.isfinite(arr).sum())
+        if bad:  # a float image (TIFF) with NaN/Inf pixels: there is no right 8-bit value for them
+            raise ValueError(f"{bad} of its {arr.size} pixels are NaN/Inf")
         arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0) + 0.5, 0, 255).astype(np.uint8)
         return np.repeat(arr[..., None], 3, axis=2)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
