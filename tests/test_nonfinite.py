@@ -128,3 +128,16 @@ def test_eval_with_nan_weights_is_a_clear_error(models, images, tmp_path, capsys
     assert f"weight {DECODER_HEAD} has 3 NaN/Inf" in err
     assert "none of the 3 images could be evaluated" in err and "output is not finite (NaN/Inf)" in err
     assert "ok.png" in err
+
+
+def test_eval_of_several_models_keeps_those_that_work(models, images, tmp_path, capsys) -> None:
+    js = tmp_path / "e.json"
+    argv = ["eval", "--model", models["nan_decoder"], "--model", models["ok"], "--data", *images]
+    argv += ["--resolution", 32, "--no-fid", "--lpips-net", "none", "--workers", 0, "--no-progress", "--json", js]
+    rc, stdout, err = _run(capsys, *argv)
+    assert rc == 1 and "Traceback" not in err
+    assert f"dcae: error: {models['nan_decoder']}: none of the 3 images could be evaluated" in err
+    doc = json.loads(js.read_text())
+    assert [e["model"] for e in doc["models"]] == [str(models["ok"])] and doc["models"][0]["num_images"] == 3
+    assert doc["failed_models"][0]["model"] == str(models["nan_decoder"])
+    assert f"| {models['ok']} | 3 |" in stdout

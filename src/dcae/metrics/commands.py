@@ -161,7 +161,7 @@ def _report_skipped(skipped: list[dict], total: int) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     import warnings
 
-    from dcae.errors import non_finite_warnings_as_lines
+    from dcae.errors import USER_ERROR_TYPES, UserError, non_finite_warnings_as_lines
     from dcae.metrics.data import collect_images
     from dcae.metrics.fid import FewImagesWarning
     from dcae.metrics.reconstruction import EvalSettings, evaluate_reconstruction, load_autoencoder
@@ -180,27 +180,38 @@ def run_eval(args: argparse.Namespace) -> int:
         args.resolution, args.batch_size, args.workers, args.fid_method, args.extremes, not args.no_progress
     )
     reference = _Reference(_cache(args), refs, args.data, args.resolution, inception, main=rank == 0)
-    entries, results = [], []
+    entries, results, failed = [], [], []
     for spec in args.model:
-        with non_finite_warnings_as_lines():  # NaN weights: one line naming the tensor, then per-file skips
-            model = load_autoencoder(spec, device, dtype, compiled=args.compile)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FewImagesWarning)  # reported once, below, with the count
-            result = evaluate_reconstruction(
-                model, refs, settings, lpips=lpips, inception=inception, reference_stats=reference.stats,
-                rank=rank, world=world,
-            )  # fmt: skip
+        try:
+            with non_finite_warnings_as_lines():  # NaN weights: one line naming the tensor, then per-file skips
+                model = load_autoencoder(spec, device, dtype, compiled=args.compile)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FewImagesWarning)  # reported once, below, with the count
+                result = evaluate_reconstruction(
+                    model, refs, settings, lpips=lpips, inception=inception, reference_stats=reference.stats,
+                    rank=rank, world=world,
+                )  # fmt: skip
+        except USER_ERROR_TYPES as exc:
+            if len(args.model) == 1:
+                raise
+            # Of several models, one that cannot be evaluated (NaN weights, a wrong name) costs its row only.
+            failed.append({"model": spec, "error": str(exc)})
+            if rank == 0:
+                print(f"dcae: error: {spec}: {exc}", file=sys.stderr)
+            continue
         reference.remember(result.reference_stats)
         del model
         results.append(result)
         entries.append(_entry(result))
+    if not results:
+        raise UserError(f"none of the {len(args.model)} models could be evaluated (see the errors above)")
     if rank != 0:  # every process holds the whole result; the first one reports it
         return 0
     _report_skipped(results[0].skipped, len(refs))
     if "fid_warning" in results[0].summary:
         _warn(results[0].summary["fid_warning"])
-    _write_eval_outputs(entries, results, out, json_path, args)
-    return 0
+    _write_eval_outputs(entries, results, out, json_path, args, failed)
+    return 1 if failed else 0
 
 
 class _Reference:
@@ -234,12 +245,14 @@ def _entry(result) -> dict:
     return entry
 
 
-def _write_eval_outputs(entries: list[dict], results, out: Path | None, json_path: Path | None, args) -> None:
+def _write_eval_outputs(
+    entries: list[dict], results, out: Path | None, json_path: Path | None, args, failed: list[dict]
+) -> None:
     from dcae.metrics.reconstruction import markdown_table, per_image_csv
     from dcae.utils.io import atomic_write_json, atomic_write_text
 
     table = markdown_table([r.summary for r in results])
-    doc = entries[0] if len(entries) == 1 else {"models": entries}
+    doc = entries[0] if len(args.model) == 1 else {"models": entries, **({"failed_models": failed} if failed else {})}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         slugs = _unique_slugs([e["model"] for e in entries])
