@@ -27,6 +27,8 @@ SSIM_WINDOW = int(3.5 * SSIM_SIGMA + 0.5) * 2 + 1
 SSIM_PAD = (SSIM_WINDOW - 1) // 2
 # torchmetrics reflect-pads by 5 px, which needs at least 6 rows and columns; below that it raises.
 SSIM_MIN_SIZE = SSIM_PAD + 1
+# Channel-pixels of one PSNR band: a few int32 / int64 copies of 1M values, about 16 MB.
+PSNR_BAND_PIXELS = 2**20
 # Working set of one SSIM band (float64 maps of one image): bounds memory for any image size.
 BAND_BYTES = 256 * 2**20
 
@@ -63,11 +65,11 @@ def psnr_per_image(ref: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
     The squared errors are summed as integers (exact) over bands of rows, so memory stays bounded."""
     ref, test = _check_pair(ref, test)
     b, c, h, w = ref.shape
-    rows = _band_rows(c * w * 8)
+    rows = max(1, PSNR_BAND_PIXELS // max(c * w, 1))
     sse = torch.zeros(b, dtype=torch.int64)
     for r0 in range(0, h, rows):
-        d = ref[:, :, r0 : r0 + rows].to(torch.int32) - test[:, :, r0 : r0 + rows].to(torch.int32)
-        sse += d.square().flatten(1).sum(dim=1, dtype=torch.int64)
+        d = ref[:, :, r0 : r0 + rows].to(torch.int32).sub_(test[:, :, r0 : r0 + rows])
+        sse += d.square_().flatten(1).sum(dim=1)  # integer sums accumulate in int64: exact
     mse = sse.to(torch.float64) / max(c * h * w, 1)
     with np.errstate(divide="ignore"):
         return 10.0 * torch.log10(DATA_RANGE**2 / mse)
