@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dcae.errors import NonFiniteError, NonFiniteWarning
 from dcae.models.config import DCAEConfig, get_config
+from dcae.models.finite import non_finite_items, warn_non_finite_weights
 from dcae.models.layers import (
     ChannelDuplicatingPixelShuffle,
     ConvLayer,
@@ -198,23 +199,6 @@ class Decoder(_Coder):
         return self.project_out(x)
 
 
-def non_finite_tensors(named: Iterator[tuple[str, torch.Tensor]]) -> list[tuple[str, int, int]]:
-    """(name, non-finite count, size) of each floating-point tensor that holds NaN or Inf."""
-    bad = []
-    for name, t in named:
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad.append((name, int((~torch.isfinite(t)).sum()), t.numel()))
-    return bad
-
-
-def non_finite_items(t: torch.Tensor) -> list[int]:
-    """Batch indices of `t` (B, ...) that hold NaN or Inf; one isfinite pass, per-item only when needed."""
-    finite = torch.isfinite(t)
-    if bool(finite.all()):
-        return []
-    return [i for i, ok in enumerate(finite.flatten(1).all(1).tolist()) if not ok]
-
-
 class FastPathFallbackWarning(RuntimeWarning):
     """The fast inference path failed and the eager modules answered instead (see `DCAE.decode`)."""
 
@@ -251,18 +235,7 @@ class DCAE(nn.Module):
     def check_weights_finite(self, source: str = "weights") -> bool:
         """Warn (NonFiniteWarning) naming the first parameter or buffer that holds NaN/Inf; such weights
         make every output NaN. One pass over the weights; True when all are finite."""
-        bad = non_finite_tensors(self.state_dict(keep_vars=False).items())
-        if not bad:
-            return True
-        name, count, size = bad[0]
-        more = f" (and {len(bad) - 1} more tensor(s))" if len(bad) > 1 else ""
-        warnings.warn(
-            NonFiniteWarning(
-                f"{source}: weight {name} has {count} NaN/Inf of {size} values{more}; outputs will not be finite"
-            ),
-            stacklevel=3,
-        )
-        return False
+        return warn_non_finite_weights(self.state_dict(), source, stacklevel=3)  # from_pretrained's caller
 
     def save_pretrained(self, directory: str | os.PathLike, format: str = "original", overwrite: bool = False) -> Path:
         """Write `directory` in the original (`model.safetensors` + config.json) or diffusers format."""
