@@ -307,3 +307,21 @@ def test_metrics_command_on_tiny_and_normal_images(tmp_path, capsys):
     assert "(2 n/a)" in out
     rows = (tmp_path / "m.csv").read_text().splitlines()
     assert rows[1].count("n/a") == 2 and "n/a" not in rows[3]
+
+
+def test_lpips_of_uint8_images_tiled_equals_the_plain_forward(tmp_path, monkeypatch):
+    """uint8 pairs (what the accumulators pass) are mapped to [-1, 1] tile by tile, with the same result."""
+    from dcae.metrics import lpips_tiled as lt
+    from dcae.metrics.accumulate import LPIPSAccumulator
+    from dcae.metrics.psnr_ssim import to_unit_range
+
+    model = _lpips("stlpips-alex", tmp_path)
+    gen = torch.Generator().manual_seed(4)
+    ref = torch.randint(0, 256, (2, 3, 97, 131), dtype=torch.uint8, generator=gen)
+    test = _noisy(ref, 20.0)
+    with torch.no_grad():
+        expected = model(to_unit_range(ref), to_unit_range(test))
+    monkeypatch.setattr(lt, "UNTILED_PIXELS", 0)  # force tiling
+    monkeypatch.setattr(lt, "TILE", 40)
+    acc = LPIPSAccumulator(model)
+    torch.testing.assert_close(acc.update(ref, test).float(), expected, rtol=2e-6, atol=0)

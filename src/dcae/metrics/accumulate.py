@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from dcae.metrics.fid import FEATURE_DIM, GaussianStats, fid_from_stats, fid_method_used
-from dcae.metrics.psnr_ssim import psnr_per_image, ssim_per_image, to_unit_range
+from dcae.metrics.psnr_ssim import psnr_per_image, ssim_per_image
 
 
 class Accumulator:
@@ -126,9 +126,7 @@ class LPIPSAccumulator(MeanAccumulator):
         """NaN for images below the network's minimum size; large images are tiled (bounded memory)."""
         from dcae.metrics.lpips_tiled import lpips_any_size
 
-        device = next(self.lpips.parameters()).device
-        values = lpips_any_size(self.lpips, to_unit_range(ref_u8).to(device), to_unit_range(test_u8).to(device))
-        return self.add(values)
+        return self.add(lpips_any_size(self.lpips, ref_u8, test_u8))  # uint8 in: mapped to [-1, 1] inside
 
     def merge(self, other: Accumulator) -> Accumulator:
         if isinstance(other, LPIPSAccumulator) and other.name != self.name:

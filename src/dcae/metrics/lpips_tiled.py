@@ -133,13 +133,21 @@ def _tap_sum(model: LPIPS, k: int, f: torch.Tensor) -> torch.Tensor:
     return lin((f0 - f1).pow(2).to(lin.model[1].weight.dtype)).float().sum(dim=(1, 2, 3))
 
 
-def _tile(model, layers, geoms, taps, x, rows, cols, sizes_h, sizes_w) -> torch.Tensor:
-    """Tap sums (B, 5) of one tile; x is the scaled pair (2B, 3, H, W)."""
-    sums = x.new_zeros(x.shape[0] // 2, 5, dtype=torch.float32)
+def _unit(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A crop to the network's device, uint8 pixels mapped to [-1, 1] like `to_unit_range`."""
+    x = x.to(device)
+    return x.to(torch.float32) / 127.5 - 1.0 if x.dtype == torch.uint8 else x
+
+
+def _tile(model, layers, geoms, taps, pair, rows, cols, sizes_h, sizes_w) -> torch.Tensor:
+    """Tap sums (B, 5) of one tile; pair = (x, y), (B, 3, H, W) each, cropped and scaled here only."""
+    device = next(model.parameters()).device
+    sums = torch.zeros(pair[0].shape[0], 5, dtype=torch.float32, device=device)
     first = next((i for i in range(len(layers)) if rows[i] is not None and cols[i] is not None), None)
     if first is None:
         return sums
-    t = x[:, :, rows[first][0] : rows[first][1], cols[first][0] : cols[first][1]]
+    crops = [_unit(v[:, :, rows[first][0] : rows[first][1], cols[first][0] : cols[first][1]], device) for v in pair]
+    t = model.scaling_layer(torch.cat(crops))
     for i in range(first, len(layers)):
         r, c = rows[i], cols[i]
         if r is None or c is None:
@@ -175,34 +183,37 @@ class _AxisPlan(list):
 
 
 @torch.no_grad()
-def lpips_tiled(model: LPIPS, x: torch.Tensor, y: torch.Tensor, tile: int = TILE) -> torch.Tensor:
-    """LPIPS of (B, 3, H, W) pairs in [-1, 1], computed tile by tile (see the module docstring);
-    equals `model(x, y)` up to float rounding, in memory bounded by `tile`."""
+def lpips_tiled(model: LPIPS, x: torch.Tensor, y: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+    """LPIPS of (B, 3, H, W) pairs in [-1, 1] (or uint8, mapped to [-1, 1] tile by tile), computed
+    tile by tile (see the module docstring); equals `model(x, y)` up to float rounding, in memory
+    bounded by `tile` (no float copy of the whole images is made)."""
+    tile = tile or TILE
     layers, taps = _layers(model)
     geoms = [_geometry(layer) for layer in layers]
     h, w = x.shape[-2:]
     sizes_h, sizes_w = _sizes(geoms, h), _sizes(geoms, w)
     if sizes_h is None or sizes_w is None:
         raise ValueError(f"{model.name} needs images of at least {min_size(model)} px a side, got {w}x{h}")
-    both = model.scaling_layer(torch.cat([x, y]))
     parts_h, parts_w = max(1, math.ceil(h / tile)), max(1, math.ceil(w / tile))
-    sums = x.new_zeros(x.shape[0], 5, dtype=torch.float32)
+    sums = torch.zeros(x.shape[0], 5, dtype=torch.float32, device=next(model.parameters()).device)
     for jr in range(parts_h):
         rows = _AxisPlan(geoms, taps, sizes_h, parts_h, jr)
         for jc in range(parts_w):
             cols = _AxisPlan(geoms, taps, sizes_w, parts_w, jc)
-            sums += _tile(model, layers, geoms, taps, both, rows, cols, sizes_h, sizes_w)
-    areas = torch.tensor([sizes_h[i + 1] * sizes_w[i + 1] for i in taps], dtype=torch.float32)
+            sums += _tile(model, layers, geoms, taps, (x, y), rows, cols, sizes_h, sizes_w)
+    areas = torch.tensor([sizes_h[i + 1] * sizes_w[i + 1] for i in taps], dtype=torch.float32, device=sums.device)
     return (sums / areas).sum(dim=1)
 
 
 @torch.no_grad()
 def lpips_any_size(model: LPIPS, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The LPIPS metric for pairs of any size: NaN (not defined) below `min_size`, the plain forward
-    for small images, `lpips_tiled` one pair at a time for large ones (bounded memory)."""
+    """The LPIPS metric of (B, 3, H, W) pairs of any size, uint8 or in [-1, 1]: NaN (not defined)
+    below `min_size`, the plain forward for small images, `lpips_tiled` one pair at a time for large
+    ones (bounded memory: uint8 images are converted tile by tile). Returns (B,) float32 on the CPU."""
     h, w = x.shape[-2:]
     if min(h, w) < min_size(model):
         return torch.full((x.shape[0],), math.nan)
     if h * w <= UNTILED_PIXELS:
-        return model(x, y).float()
-    return torch.cat([lpips_tiled(model, x[i : i + 1], y[i : i + 1]) for i in range(x.shape[0])])
+        device = next(model.parameters()).device
+        return model(_unit(x, device), _unit(y, device)).float().cpu()
+    return torch.cat([lpips_tiled(model, x[i : i + 1], y[i : i + 1]).cpu() for i in range(x.shape[0])])
