@@ -26,6 +26,7 @@ from dcae.models.layers import (
     ConvLayer,
     OpSequential,
     PixelUnshuffleChannelAveraging,
+    PlainBlock,
     ResidualBlock,
     SliceableInputConv,
     SliceableOutputConv,
@@ -34,6 +35,8 @@ from dcae.models.layers import (
     build_downsample,
     build_norm,
     build_upsample,
+    downsample_block,
+    upsample_block,
 )
 
 
@@ -106,10 +109,7 @@ class Encoder(_Coder):
             ]
             if i < len(widths) - 1 and depth > 0:
                 ops.append(
-                    ResidualBlock(
-                        build_downsample(cfg.encoder_downsample, width, widths[i + 1]),
-                        PixelUnshuffleChannelAveraging(width, widths[i + 1], 2),
-                    )
+                    downsample_block(cfg.encoder_downsample, width, widths[i + 1], cfg.encoder_downsample_shortcut)
                 )
             stages.append(OpSequential(ops))
         self.stages = nn.ModuleList(stages)
@@ -125,6 +125,8 @@ class Encoder(_Coder):
             self.project_out = ResidualBlock(
                 self.project_out, PixelUnshuffleChannelAveraging(widths[-1], cfg.latent_channels, 1)
             )
+        elif not cfg.encoder_sliceable_out:  # shortcut off, keys kept (`main.`); DC-AE 1.5 has its released layout
+            self.project_out = PlainBlock(self.project_out)
 
     def forward(self, x: torch.Tensor, latent_channels: int | None = None) -> torch.Tensor:
         x = self.project_in(x)
@@ -161,17 +163,14 @@ class Decoder(_Coder):
         if cfg.decoder_in_shortcut:
             # Bottleneck residual: h = conv(z) + z with each channel repeated width/latent times.
             self.project_in = ResidualBlock(in_conv, ChannelDuplicatingPixelShuffle(cfg.latent_channels, widths[-1], 1))
+        elif not cfg.decoder_sliceable_in:  # as in the encoder
+            self.project_in = PlainBlock(in_conv)
 
         stages = []
         for i, (width, depth) in enumerate(zip(widths, depths)):
             ops: list[nn.Module] = []
             if i < n - 1 and depth > 0:
-                ops.append(
-                    ResidualBlock(
-                        build_upsample(cfg.decoder_upsample, widths[i + 1], width),
-                        ChannelDuplicatingPixelShuffle(widths[i + 1], width, 2),
-                    )
-                )
+                ops.append(upsample_block(cfg.decoder_upsample, widths[i + 1], width, cfg.decoder_upsample_shortcut))
             norm, act = cfg.decoder_norms[i], cfg.decoder_acts[i]
             ops += [
                 build_block(cfg.decoder_block_types[i], width, norm, act, cfg.attention_head_dim, cfg.evit_local_norm)

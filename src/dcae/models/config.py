@@ -23,6 +23,28 @@ STAGE_TUPLES = (
     "decoder_acts",
 )
 
+# The residual-autoencoding switches: the stage shortcuts and the bottleneck ones.
+SHORTCUTS = ("encoder_downsample_shortcut", "decoder_upsample_shortcut", "encoder_out_shortcut", "decoder_in_shortcut")
+
+
+def _is_bool(cfg: DCAEConfig, name: str) -> bool:
+    return isinstance(getattr(cfg, name), bool)
+
+
+def expand_residual(d: dict[str, Any]) -> dict[str, Any]:
+    """A mapping of DCAEConfig fields in which the shorthand `residual: false` (no residual autoencoding)
+    stands for the four shortcut switches off; `residual: true` changes nothing."""
+    d = dict(d)
+    residual = d.pop("residual", True)
+    if not isinstance(residual, bool):
+        raise ValueError(f"residual must be true or false, got {residual!r}")
+    if residual:
+        return d
+    kept_on = [name for name in SHORTCUTS if d.get(name) is True]
+    if kept_on:
+        raise ValueError(f"residual: false contradicts {', '.join(f'{n}: true' for n in kept_on)}")
+    return {**d, **dict.fromkeys(SHORTCUTS, False)}
+
 
 @dataclass
 class DCAEConfig:
@@ -41,6 +63,9 @@ class DCAEConfig:
     encoder_norm: str = "trms2d"
     encoder_act: str = "silu"
     encoder_downsample: str = "pixel_unshuffle"  # or "conv" (stride-2, SANA)
+    # Residual autoencoding, one switch per parameter-free shortcut (see `without_residual`): off, the learned
+    # layers and the parameter count stay the same. Stage downsampling: + space-to-channel, channel averaging.
+    encoder_downsample_shortcut: bool = True
     encoder_out_shortcut: bool = True  # residual autoencoding at the bottleneck
     encoder_sliceable_out: bool = False  # DC-AE 1.5 structured latent
     decoder_widths: tuple[int, ...] = (128, 256, 512, 512, 1024, 1024)
@@ -49,6 +74,7 @@ class DCAEConfig:
     decoder_norms: tuple[str, ...] = ("bn2d",) * 3 + ("trms2d",) * 3
     decoder_acts: tuple[str, ...] = ("relu",) * 3 + ("silu",) * 3
     decoder_upsample: str = "pixel_shuffle"  # or "interpolate" (SANA)
+    decoder_upsample_shortcut: bool = True  # stage upsampling: + channel duplicating, channel-to-space
     decoder_in_shortcut: bool = True
     decoder_sliceable_in: bool = False
     decoder_head_norm: str = "trms2d"
@@ -89,6 +115,7 @@ class DCAEConfig:
         if self.encoder_depths and self.encoder_depths[-1] == 0:
             problems.append("the last encoder stage must have depth > 0")
         problems += self._attention_problems()
+        problems += self._shortcut_problems()
         if self.encoder_out_shortcut and self.encoder_widths[-1] % self.latent_channels:
             problems.append(
                 f"encoder_out_shortcut needs the last width ({self.encoder_widths[-1]}) divisible by "
@@ -101,6 +128,20 @@ class DCAEConfig:
             )
         if problems:
             raise ValueError(f"invalid DCAEConfig {self.name!r}: " + "; ".join(problems))
+
+    def _shortcut_problems(self) -> list[str]:
+        """Switches that are not booleans, and stage shortcuts whose channels do not average/duplicate evenly."""
+        problems = [f"{n} must be true or false, got {getattr(self, n)!r}" for n in SHORTCUTS if not _is_bool(self, n)]
+        for side, flag in (("encoder", "encoder_downsample_shortcut"), ("decoder", "decoder_upsample_shortcut")):
+            widths, depths = getattr(self, f"{side}_widths"), getattr(self, f"{side}_depths")
+            for i in range(min(len(widths), len(depths)) - 1):
+                # stages i and i+1 meet through a x2 space-to-channel: 4 * widths[i] against widths[i+1] channels
+                if getattr(self, flag) is True and depths[i] > 0 and (4 * widths[i]) % widths[i + 1]:
+                    problems.append(
+                        f"{flag} needs 4 x {side}_widths[{i}] ({4 * widths[i]}) divisible by {side}_widths[{i + 1}] "
+                        f"({widths[i + 1]}); or set it to false"
+                    )
+        return problems
 
     def _attention_problems(self) -> list[str]:
         """Unknown block types, and attention stages whose width is not a whole number of heads."""
@@ -122,12 +163,24 @@ class DCAEConfig:
                     )
         return problems
 
+    def without_residual(self) -> DCAEConfig:
+        """The same network without residual autoencoding ("plain", the paper's baseline): every shortcut off,
+        the same learned layers and parameters. Not a released model, so no Hub ids."""
+        return dataclasses.replace(
+            self,
+            **dict.fromkeys(SHORTCUTS, False),
+            name=self.name if self.name.endswith("-plain") else f"{self.name}-plain",
+            hub_id=None,
+            hub_id_diffusers=None,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DCAEConfig:
+        d = expand_residual(d)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -136,7 +189,8 @@ class DCAEConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> DCAEConfig:
-        """Load from .yaml/.yml/.json. A file may name a zoo model and override fields: {base: name, ...}."""
+        """Load from .yaml/.yml/.json. A file may name a zoo model and override fields: {base: name, ...};
+        `residual: false` turns every residual-autoencoding shortcut off (see `without_residual`)."""
         path = Path(path)
         text = path.read_text()
         if path.suffix in (".yaml", ".yml"):
@@ -149,6 +203,7 @@ class DCAEConfig:
             raise ValueError(f"{path}: expected a mapping of DCAEConfig fields")
         base = d.pop("base", None)
         if base is not None:
+            d = expand_residual(d)
             return dataclasses.replace(get_config(base), **{**d, "hub_id": None, "hub_id_diffusers": None})
         return cls.from_dict(d)
 

@@ -306,6 +306,9 @@ def to_diffusers_config(cfg: DCAEConfig) -> dict[str, Any]:
 
 def _inexpressible(cfg: DCAEConfig) -> list[str]:
     problems = []
+    for flag in ("encoder_downsample_shortcut", "decoder_upsample_shortcut"):
+        if not getattr(cfg, flag):
+            problems.append(f"{flag} = False: diffusers' AutoencoderDC always has the stage shortcuts")
     if cfg.encoder_norm != "trms2d" or cfg.encoder_act != "silu":
         problems.append("diffusers' AutoencoderDC only supports encoder norm 'trms2d' and act 'silu'")
     if cfg.evit_local_norm not in (None, "trms2d"):

@@ -114,6 +114,22 @@ class ResidualBlock(nn.Module):
         return self.main(x) + self.shortcut(x)
 
 
+class PlainBlock(nn.Module):
+    """A block whose residual-autoencoding shortcut is switched off (stage down/upsampling, bottleneck): the
+    learned branch only.
+
+    The branch keeps ResidualBlock's `main` name, so a plain and a residual model share every state-dict
+    key and weights move between them unchanged (the shortcuts have no parameters).
+    """
+
+    def __init__(self, main: nn.Module) -> None:
+        super().__init__()
+        self.main = main
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x)
+
+
 # ----------------------------------------------------------------------------- residual-autoencoding shortcuts
 class PixelUnshuffleChannelAveraging(nn.Module):
     """Space-to-channel (factor f) then average groups of consecutive channels down to `out_channels`.
@@ -210,6 +226,22 @@ def build_upsample(kind: str, in_channels: int, out_channels: int, factor: int =
     if kind == "interpolate":
         return InterpolateConvUpsample(in_channels, out_channels, factor)
     raise ValueError(f"unknown upsample {kind!r} (expected 'pixel_shuffle' or 'interpolate')")
+
+
+def downsample_block(kind: str, in_channels: int, out_channels: int, shortcut: bool = True) -> nn.Module:
+    """An encoder stage's x2 downsampling; `shortcut`: add the space-to-channel + channel-averaging shortcut."""
+    main = build_downsample(kind, in_channels, out_channels)
+    if not shortcut:
+        return PlainBlock(main)
+    return ResidualBlock(main, PixelUnshuffleChannelAveraging(in_channels, out_channels, 2))
+
+
+def upsample_block(kind: str, in_channels: int, out_channels: int, shortcut: bool = True) -> nn.Module:
+    """A decoder stage's x2 upsampling; `shortcut`: add the channel-duplicating + channel-to-space shortcut."""
+    main = build_upsample(kind, in_channels, out_channels)
+    if not shortcut:
+        return PlainBlock(main)
+    return ResidualBlock(main, ChannelDuplicatingPixelShuffle(in_channels, out_channels, 2))
 
 
 # ----------------------------------------------------------------------------- channel-sliceable convs (DC-AE 1.5)

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from dcae.errors import UserError
+from dcae.models.config import expand_residual
 
 PHASE_NAMES = {
     1: "low-resolution full training",
@@ -205,8 +206,19 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] | 
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. phase1.steps=100)")
         _set_dotted(cfg, key.strip(), yaml.safe_load(value) if value.strip() else None)
+    _expand_model_shorthands(cfg)
     validate(cfg)
     return cfg
+
+
+def _expand_model_shorthands(cfg: TrainConfig) -> None:
+    """model.config.residual=false (a plain autoencoder) -> the four shortcut switches off, so that the model
+    is built, saved and resumed from ordinary DCAEConfig fields."""
+    if isinstance(cfg.model.config, dict):
+        try:
+            cfg.model.config = expand_residual(cfg.model.config)
+        except ValueError as exc:
+            raise ConfigError(f"model.config: {exc}") from None
 
 
 def packaged_configs() -> dict[str, Path]:
