@@ -265,3 +265,35 @@ def test_training_a_plain_autoencoder(tmp_path) -> None:
     assert _shapes(exported) == _shapes(DCAE(TINY))
     with pytest.raises(ConfigError, match="model.config: residual: false contradicts"):
         load_config(raw, ["model.config.residual=false", "model.config.decoder_in_shortcut=true"])
+
+
+def test_plain_model_on_the_fast_path_and_in_exact_tiles() -> None:
+    """The fast path runs a plain model's blocks with its own kernels, and exact tiling walks their receptive
+    fields (a PlainBlock is its learned branch): both equal the eager, untiled model."""
+    import sys
+    from fractions import Fraction
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_models_parity import narrow, randomize_norms
+    from test_tiling import images, rel_err
+
+    from dcae.models import fast
+    from dcae.models.tiling import receptive_walk
+
+    torch.manual_seed(0)
+    model = DCAE.from_config(narrow("dc-ae-f32c32-in-1.0", 8).without_residual()).eval()
+    randomize_norms(model)
+    plain = [m for m in model.modules() if isinstance(m, PlainBlock)]
+    assert plain and all(receptive_walk(m, Fraction(1))[0] >= 0 for m in plain)  # NotLocal if unknown to the tiler
+    assert all(type(m) in fast.FastPath()._handlers for m in plain)
+    x = images(320, 224)
+    with torch.inference_mode():
+        model.disable_fast_path()
+        z0, y0 = model.encode(x), model.decode(model.encode(x))
+        model.enable_fast_path()
+        z1, y1 = model.encode(x), model.decode(z0)
+        assert rel_err(z1, z0) < 1e-5 and rel_err(y1, y0) < 1e-5
+        model.enable_tiling(tile_size=128)
+        z2, y2 = model.encode(x), model.decode(z0)
+    assert rel_err(z2, z0) < 1e-5 and rel_err(y2, y0) < 1e-5

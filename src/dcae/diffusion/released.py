@@ -306,7 +306,9 @@ def load_released(
         if get_released(name) != release:
             raise UserError(f"{folder / 'config.json'} names {name!r}, not {release.name!r}")
     try:
-        state = load_file(str(weights), device=str(torch.device(device)))  # straight to the device
+        # Straight to the device; safetensors knows "cpu" but not "cpu:0" (what a CPU torchrun process gets).
+        dev = torch.device(device)
+        state = load_file(str(weights), device="cpu" if dev.type == "cpu" else str(dev))
     except (SafetensorError, OSError) as exc:
         raise WeightsError(f"{weights}: not a readable safetensors file ({exc})") from exc
     with torch.device("meta"):

@@ -41,6 +41,7 @@ from dcae.models.layers import (
     InterpolateConvUpsample,
     LiteMLA,
     OpSequential,
+    PlainBlock,
     ResBlock,
     ResidualBlock,
     RMSNorm2d,
@@ -131,6 +132,7 @@ class FastPath:
         self._handlers: dict[type, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {
             OpSequential: self._sequential,
             ResidualBlock: self._residual,
+            PlainBlock: lambda m, x: self.run(m.main, x),  # residual autoencoding switched off
             ConvLayer: self.conv_layer,
             EfficientViTBlock: lambda m, x: self.run(m.local_module, self.run(m.context_module, x)),
             LiteMLA: self._lite_mla,

@@ -40,6 +40,7 @@ from dcae.models.layers import (
     InterpolateConvUpsample,
     OpSequential,
     PixelUnshuffleChannelAveraging,
+    PlainBlock,
     ResBlock,
     ResidualBlock,
     RMSNorm2d,
@@ -209,6 +210,8 @@ def receptive_walk(module: nn.Module, scale: Fraction) -> tuple[Fraction, Fracti
         return receptive_walk(module.conv, scale)
     if isinstance(module, OpSequential):
         return _walk_sequence(list(module.op_list), scale)
+    if isinstance(module, PlainBlock):  # residual autoencoding switched off: the learned branch alone
+        return receptive_walk(module.main, scale)
     if isinstance(module, ResidualBlock):
         r_main, s_main = receptive_walk(module.main, scale)
         r_short, s_short = receptive_walk(module.shortcut, scale)
