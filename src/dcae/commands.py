@@ -404,12 +404,10 @@ def _report_reconstruction(results: list[dict], problems, args) -> None:
 
 
 def image_psnr_ssim(a, b) -> tuple[float, float]:
-    """PSNR (dB) and SSIM of two HxWx3 uint8 images, as the evaluation protocol computes them, in
-    bounded memory at any size. PSNR is +inf for identical images; SSIM is NaN (not defined) for an
-    image with a side below 6 px."""
-    from dcae.metrics.psnr_ssim import psnr_per_image, ssim_per_image
+    """`dcae.metrics.psnr_ssim.image_psnr_ssim`, imported when first used (`dcae --help` stays fast)."""
+    from dcae.metrics.psnr_ssim import image_psnr_ssim as metric
 
-    return float(psnr_per_image(a, b)[0]), float(ssim_per_image(a, b)[0])
+    return metric(a, b)
 
 
 # ----------------------------------------------------------------------------- convert

@@ -39,8 +39,8 @@ def reconstruct_photos(model, photos, out_dir: Path, tag: str) -> dict[str, floa
     """Reconstruct each photo, write one side-by-side grid, return mean PSNR/SSIM."""
     import torch
 
-    from dcae.commands import image_psnr_ssim
     from dcae.data.images import make_grid, save_image, tensor_to_uint8, uint8_to_tensor
+    from dcae.metrics.psnr_ssim import image_psnr_ssim
 
     device = next(model.parameters()).device
     rows, psnrs, ssims = [], [], []

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dcae.diffusion.generation import compute_gfid, sample_labels
 from dcae.utils.cliargs import IntermixedParser
 
 
@@ -92,32 +93,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- dcae sample
-def _parse_classes(text: str | None, meta: dict, num_classes: int) -> list[int] | None:
-    """'1,2,3' or class names / WordNet ids from the latent index ('tench,goldfish')."""
-    from dcae.errors import UserError
-
-    if not text:
-        return None
-    if num_classes == 0:
-        raise UserError("this model is unconditional: drop --classes")
-    names = meta.get("class_names") or []
-    ids = meta.get("class_ids") or []
-    out = []
-    for item in (s.strip() for s in text.split(",") if s.strip()):
-        if item.lstrip("-").isdigit():
-            k = int(item)
-        elif item in ids:
-            k = ids.index(item)
-        elif item in names:
-            k = names.index(item)
-        else:
-            raise UserError(f"unknown class {item!r}: use indices 0..{num_classes - 1} or names from the latent index")
-        if not 0 <= k < num_classes:
-            raise UserError(f"class {k} is out of range: the model has {num_classes} classes (0..{num_classes - 1})")
-        out.append(k)
-    return out
-
-
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
@@ -143,7 +118,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     rank, world, device = process_group_from_env(args.device)
     model, process, meta = load_checkpoint(args.ckpt, use_ema=not args.no_ema, device=device)
     lat, num_classes = meta["latents"] or {}, int(meta["model_args"]["num_classes"])
-    labels = _sample_labels(args, lat, num_classes)
+    labels = sample_labels(args.classes, args.n, lat, num_classes)
     solver = args.solver if args.solver != "auto" else ("heun" if process.prediction == "velocity" else "dpm++")
     source = args.autoencoder or lat.get("model")
     if not source:
@@ -171,18 +146,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
         _sample_report(args, out, paths, labels, meta, {"autoencoder": source, "solver": solver,
                                                          "guidance_interval": list(run.interval)}, device)  # fmt: skip
     return 0
-
-
-def _sample_labels(args: argparse.Namespace, lat: dict, num_classes: int) -> list:
-    """The class of every image: the given classes in turn, else all classes evenly (what FID protocols use)."""
-    from dcae.errors import UserError
-
-    classes = _parse_classes(args.classes, lat, num_classes)
-    if args.n < 1:
-        raise UserError("-n must be >= 1")
-    if num_classes == 0:
-        return [None] * args.n
-    return [classes[i % len(classes)] if classes else i % num_classes for i in range(args.n)]
 
 
 class _Sampler:
@@ -247,26 +210,6 @@ def _sample_report(args, out: Path, paths: list[Path], labels: list, meta: dict,
         score = compute_gfid([str(p) for p in paths], args.fid_ref, device, resolution=lat.get("resolution"))
         print(f"gFID {score:.3f} ({args.n} samples vs {args.fid_ref})")
         atomic_write_json(out / "fid.json", {"fid": score, "num_samples": args.n, "reference": args.fid_ref})
-
-
-def compute_gfid(images, reference: str, device, resolution: int | None = None, batch_size: int = 32) -> float:
-    """gFID of generated images (a folder or a list of files) against reference statistics (.npz with mu,
-    sigma, as pytorch-fid writes) or a reference image folder (ADM center crop to `resolution`), with
-    dcae.metrics' TF-Inception protocol."""
-    from dcae.metrics.data import collect_images
-    from dcae.metrics.fid import GaussianStats, InceptionFeatures, dataset_stats, fid_from_stats
-
-    inception = InceptionFeatures().to(device).eval()
-    if str(reference).endswith(".npz"):
-        ref = GaussianStats.load(reference)
-    else:
-        ref, _ = dataset_stats(collect_images(reference), inception, resolution, batch_size, progress=True, desc="ref")
-    gen, skipped = dataset_stats(collect_images(images), inception, None, batch_size, progress=True, desc="gFID")
-    if skipped:
-        from dcae.errors import UserError
-
-        raise UserError(f"{len(skipped)} generated image(s) could not be read, e.g. {skipped[0]}")
-    return float(fid_from_stats(gen, ref))
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -17,10 +17,11 @@ def cmd_sample_released(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from dcae.data.images import save_image
-    from dcae.diffusion.commands import _load_autoencoder, _sample_labels
+    from dcae.diffusion.generation import sample_labels
     from dcae.diffusion.released import load_released
     from dcae.diffusion.released_sampling import check_inputs, default_steps, samplers_for
     from dcae.errors import UserError
+    from dcae.models import DCAE
     from dcae.utils.runtime import process_group_from_env
 
     if tuple(float(v) for v in args.guidance_interval.split(",")) != (0.0, 1.0):
@@ -28,7 +29,7 @@ def cmd_sample_released(args: argparse.Namespace) -> int:
     rank, world, device = process_group_from_env(args.device)
     model = load_released(args.model, device=device)
     release = model.release
-    labels = _sample_labels(args, {}, model.num_classes)
+    labels = sample_labels(args.classes, args.n, {}, model.num_classes)
     solver = release.spec.sampler if args.solver == "auto" else args.solver
     if solver not in samplers_for(model):
         raise UserError(f"--solver {solver} does not fit {release.name}; use {', '.join(samplers_for(model))}")
@@ -36,7 +37,7 @@ def cmd_sample_released(args: argparse.Namespace) -> int:
     channels = args.channels or model.in_channels
     check_inputs(model, torch.tensor(labels[:1]), torch.zeros(1, channels, size, size))
     source = args.autoencoder or release.autoencoder  # zoo name (DC-Gen's names are zoo aliases)
-    ae = _load_autoencoder(source).to(device).eval()
+    ae = DCAE.from_pretrained(source).to(device).eval()
     settings = {
         "model": release.name, "source": str(args.model), "family": release.family, "autoencoder": source,
         "scaling_factor": release.scaling_factor, "solver": solver, "steps": args.steps or default_steps(model, solver),
@@ -92,7 +93,7 @@ class _ReleasedSampler:
 
 def _report(args, out: Path, paths: list[Path], labels: list[int], settings: dict, device) -> None:
     from dcae.data.images import load_image, make_grid, save_image
-    from dcae.diffusion.commands import compute_gfid
+    from dcae.diffusion.generation import compute_gfid
     from dcae.utils.io import atomic_write_json
 
     k = min(args.n, args.grid)

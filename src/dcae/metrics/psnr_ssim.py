@@ -166,6 +166,13 @@ def ssim_per_image(ref: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
 
 
+def image_psnr_ssim(a, b) -> tuple[float, float]:
+    """PSNR (dB) and SSIM of two HxWx3 uint8 images, as the evaluation protocol computes them, in
+    bounded memory at any size. PSNR is +inf for identical images; SSIM is NaN (not defined) for an
+    image with a side below 6 px."""
+    return float(psnr_per_image(a, b)[0]), float(ssim_per_image(a, b)[0])
+
+
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float32 in [-1, 1], the input range of LPIPS and the autoencoders."""
     return images.to(torch.float32) / 127.5 - 1.0
