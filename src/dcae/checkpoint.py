@@ -117,9 +117,9 @@ def _strip_bn_counters(shapes: dict[str, tuple]) -> dict[str, tuple]:
     return {k: v for k, v in shapes.items() if not k.endswith("num_batches_tracked")}
 
 
-def check_state_dict(model: DCAE, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Name every missing, unexpected or wrong-shape key before loading."""
-    expected = model.state_dict()
+def state_dict_problems(expected: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Every missing, unexpected or wrong-shape key of `state_dict` against a model's own state dict, as
+    short sentences (empty when it fits). BatchNorm's `num_batches_tracked` may be absent."""
     missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state_dict if k not in expected]
     wrong = [
@@ -134,6 +134,12 @@ def check_state_dict(model: DCAE, state_dict: dict[str, torch.Tensor], source: s
         problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:4])})")
     if wrong:
         problems.append(f"{len(wrong)} keys with the wrong shape (e.g. {'; '.join(wrong[:3])})")
+    return problems
+
+
+def check_state_dict(model: DCAE, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Name every missing, unexpected or wrong-shape key before loading."""
+    problems = state_dict_problems(model.state_dict(), state_dict)
     if problems:
         raise WeightsError(f"weights in {source} do not fit {model.config.name!r}: " + "; ".join(problems))
 

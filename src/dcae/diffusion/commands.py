@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dcae.diffusion.generation import compute_gfid, sample_labels
+from dcae.diffusion.generation import compute_gfid, sample_labels, write_samples
 from dcae.utils.cliargs import IntermixedParser
 
 
@@ -94,10 +94,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- dcae sample
 def cmd_sample(args: argparse.Namespace) -> int:
-    import torch
-    from tqdm.auto import tqdm
 
-    from dcae.data.images import save_image
     from dcae.diffusion.trainer import load_checkpoint
     from dcae.errors import UserError
     from dcae.utils.runtime import process_group_from_env
@@ -129,19 +126,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                    num_classes, device)  # fmt: skip
 
     out = Path(args.output)
-    paths = [out / "images" / f"{i:06d}.png" for i in range(args.n)]
-    # Image i belongs to process i % world (fixed by the index, not by what exists when a process looks:
-    # the others may already be writing); reruns resume with the images that are missing.
-    todo = [i for i in range(args.n) if i % world == rank and (args.overwrite or not paths[i].exists())]
-    bar = tqdm(total=len(todo), unit="img", desc="sampling", disable=args.n < 2 or rank != 0)
-    for start in range(0, len(todo), args.batch_size):
-        idx = todo[start : start + args.batch_size]
-        for i, img in zip(idx, run.images(idx, labels)):
-            save_image(img, paths[i])
-        bar.update(len(idx))
-    bar.close()
-    if world > 1:
-        torch.distributed.barrier()  # every image is written before the first process reads them
+    paths = write_samples(run.images, labels, out, args.n, args.batch_size, args.overwrite, rank, world)
     if rank == 0:
         _sample_report(args, out, paths, labels, meta, {"autoencoder": source, "solver": solver,
                                                          "guidance_interval": list(run.interval)}, device)  # fmt: skip

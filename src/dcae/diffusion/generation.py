@@ -61,3 +61,31 @@ def compute_gfid(images, reference: str, device, resolution: int | None = None, 
 
         raise UserError(f"{len(skipped)} generated image(s) could not be read, e.g. {skipped[0]}")
     return float(fid_from_stats(gen, ref))
+
+
+def write_samples(
+    images, labels: list, out, n: int, batch_size: int, overwrite: bool, rank: int, world: int, desc: str = "sampling"
+) -> list:
+    """Generate and write images out/images/000000.png ... for indices 0..n-1; `images(indices, labels)`
+    yields one image tensor per index. Image i belongs to process i % world (fixed by the index, not by
+    what exists when a process looks: the others may already be writing); reruns make only the missing
+    ones. Returns every path, after all processes have written theirs."""  # fmt: skip
+    from pathlib import Path
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from dcae.data.images import save_image
+
+    paths = [Path(out) / "images" / f"{i:06d}.png" for i in range(n)]
+    todo = [i for i in range(n) if i % world == rank and (overwrite or not paths[i].exists())]
+    bar = tqdm(total=len(todo), unit="img", desc=desc, disable=n < 2 or rank != 0)
+    for start in range(0, len(todo), batch_size):
+        idx = todo[start : start + batch_size]
+        for i, img in zip(idx, images(idx, labels)):
+            save_image(img, paths[i])
+        bar.update(len(idx))
+    bar.close()
+    if world > 1:
+        torch.distributed.barrier()  # every image is written before the first process reads them
+    return paths

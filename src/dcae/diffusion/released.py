@@ -248,18 +248,9 @@ def resolve_released(source: str | os.PathLike) -> tuple[ReleasedModel, Path | s
 
 def check_released_state_dict(model: ReleasedDiffusion, state: dict[str, torch.Tensor], source: str) -> None:
     """Strict: the exact key set and shapes of the released model, else an error naming the file and keys."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k}: {tuple(state[k].shape)} in the file, {expected[k]} expected" for k in expected
-             if k in state and tuple(state[k].shape) != expected[k]]  # fmt: skip
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:4])})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:4])})")
-    if wrong:
-        problems.append(f"{len(wrong)} keys with the wrong shape (e.g. {'; '.join(wrong[:3])})")
+    from dcae.checkpoint import state_dict_problems
+
+    problems = state_dict_problems(model.state_dict(), state)
     if problems:
         hint = _family_hint(state, model.release)
         raise WeightsError(f"weights in {source} do not fit {model.release.name!r}: " + "; ".join(problems) + hint)

@@ -14,10 +14,8 @@ from pathlib import Path
 
 def cmd_sample_released(args: argparse.Namespace) -> int:
     import torch
-    from tqdm.auto import tqdm
 
-    from dcae.data.images import save_image
-    from dcae.diffusion.generation import sample_labels
+    from dcae.diffusion.generation import sample_labels, write_samples
     from dcae.diffusion.released import load_released
     from dcae.diffusion.released_sampling import check_inputs, default_steps, samplers_for
     from dcae.errors import UserError
@@ -47,17 +45,8 @@ def cmd_sample_released(args: argparse.Namespace) -> int:
     run = _ReleasedSampler(model, ae, settings, (channels, size, size), device, args.dtype)
 
     out = Path(args.output)
-    paths = [out / "images" / f"{i:06d}.png" for i in range(args.n)]
-    todo = [i for i in range(args.n) if i % world == rank and (args.overwrite or not paths[i].exists())]
-    bar = tqdm(total=len(todo), unit="img", desc=f"sampling ({solver})", disable=args.n < 2 or rank != 0)
-    for start in range(0, len(todo), args.batch_size):
-        idx = todo[start : start + args.batch_size]
-        for i, img in zip(idx, run.images(idx, labels)):
-            save_image(img, paths[i])
-        bar.update(len(idx))
-    bar.close()
-    if world > 1:
-        torch.distributed.barrier()
+    paths = write_samples(run.images, labels, out, args.n, args.batch_size, args.overwrite, rank, world,
+                          desc=f"sampling ({solver})")  # fmt: skip
     if rank == 0:
         _report(args, out, paths, labels, settings, device)
     return 0
