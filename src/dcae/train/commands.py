@@ -11,6 +11,8 @@ examples:
   dcae train tiny --out runs/tiny                      # packaged CPU-sized config, all three phases
   dcae train configs/train_f32c32.yaml data.train=[/data/imagenet/train] --phase 1
   dcae train configs/train_finetune.yaml --init mit-han-lab/dc-ae-f32c32-in-1.0 data.train=[my_photos]
+  dcae train decoder_lite --init mit-han-lab/dc-ae-f32c32-sana-1.1 data.train=[my_photos]  # new decoder,
+                                                       # frozen encoder (also decoder_tiny: ~1M preview)
   dcae train CONFIG.yaml --resume --out runs/x         # continue a killed run exactly where it stopped
   accelerate launch -m dcae.cli train CONFIG.yaml      # multi-GPU / multi-node (also torchrun -m)
 overrides are dotted keys: phase2.resolution=1024 phase2.trainable_inner_stages=true loss weights:
@@ -31,10 +33,14 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.__class__ = IntermixedParser
-    p.add_argument("config", help="training config YAML, or a packaged one: tiny, f32c32, finetune")
+    p.add_argument(
+        "config", help="training config YAML, or a packaged one: tiny, f32c32, finetune, decoder_lite, decoder_tiny"
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. phase1.steps=100")
     p.add_argument("--phase", default="all", choices=["1", "2", "3", "all"], help="which phase(s) to run")
-    p.add_argument("--init", help="start from these weights (folder, file or Hub id): fine-tuning")
+    p.add_argument(
+        "--init", help="start from these weights (folder, file or Hub id): fine-tuning; the teacher in decoder_*"
+    )
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoints in the output folder")
     p.add_argument("--out", help="output folder (default: out_dir of the config)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

@@ -167,6 +167,14 @@ class ValConfig:
 
 
 @dataclass
+class DecoderRecipeConfig:
+    """Train a new decoder against the frozen encoder of --init (see dcae.train.decoder)."""
+
+    student: dict[str, Any] | None = None  # base: <zoo name> and/or decoder_* DCAEConfig fields; None: off
+    distill_weight: float = 0.0  # > 0: + weight * L1(student output, teacher decoder output)
+
+
+@dataclass
 class TrainConfig:
     out_dir: str = "runs/dcae"
     seed: int = 0
@@ -182,6 +190,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     val: ValConfig = field(default_factory=ValConfig)
+    decoder: DecoderRecipeConfig = field(default_factory=DecoderRecipeConfig)
 
     def phase(self, n: int) -> PhaseConfig:
         return getattr(self, f"phase{n}")
@@ -452,8 +461,28 @@ def validate(cfg: TrainConfig) -> None:
             problems.append(f"{where}.loss.perceptual_net: unknown network {lo_.perceptual_net!r}")
         if p.disc.norm not in ("bn", "none") or p.disc.layers < 1:
             problems.append(f"{where}.disc: norm must be bn or none, layers >= 1")
+    problems += _decoder_recipe_problems(cfg)
     if problems:
         raise ConfigError("invalid training config:\n  " + "\n  ".join(problems))
+
+
+def _decoder_recipe_problems(cfg: TrainConfig) -> list[str]:
+    d = cfg.decoder
+    if d.distill_weight < 0:
+        return [f"decoder.distill_weight must be >= 0, got {d.distill_weight}"]
+    if d.student is None:
+        return ["decoder.distill_weight needs decoder.student"] if d.distill_weight > 0 else []
+    problems = []
+    if cfg.model.name is not None or cfg.model.config is not None or cfg.model.latent_channel_choices:
+        problems.append("decoder.student: the encoder comes from --init; drop model.name / config / latent choices")
+    for n in (1, 2, 3):
+        p = cfg.phase(n)
+        outside = [v for v in p.trainable.values() if not v.startswith(("decoder.", "re:decoder\\."))]
+        if outside:
+            problems.append(f"phase{n}.trainable: the decoder recipe trains only decoder.*, got {outside}")
+        if p.trainable_inner_stages:
+            problems.append(f"phase{n}.trainable_inner_stages: would train the encoder (the recipe freezes it)")
+    return problems
 
 
 def dump_yaml(cfg: TrainConfig) -> str:

@@ -30,7 +30,7 @@ from torch import nn
 
 from dcae.errors import UserError
 from dcae.models import DCAE, DCAEConfig
-from dcae.train import monitor, params, state
+from dcae.train import decoder, monitor, params, state
 from dcae.train.config import PHASE_NAMES, PhaseConfig, TrainConfig, dump_yaml
 from dcae.train.data import (
     ImageDataset,
@@ -131,7 +131,10 @@ def starting_model(s: Session, n: int, first: bool) -> tuple[DCAE, str]:
     """Phase 1 of a fresh run: model.init or a seeded random init. A later phase: the previous phase's
     exported result; the first phase of a command started at phase 2/3 may take --init instead."""
     prev = s.out / f"phase{n - 1}" / "model"
-    if first and s.init is not None:
+    recipe = s.cfg.decoder.student is not None  # --init is the teacher; phases 2-3 continue the student
+    if recipe and n == 1:
+        return decoder.student_model(s.cfg, s.init), f"new decoder, frozen encoder of --init {s.init}"
+    if first and s.init is not None and not recipe:
         return DCAE.from_pretrained(s.init), f"--init {s.init}"
     if n > 1:
         if not (prev / "config.json").is_file():
@@ -169,6 +172,7 @@ class Phase:
     last_layer: torch.Tensor
     trainable: list[torch.Tensor]
     trainable_names: list[str]
+    distill: nn.Module | None = None  # decoder recipe: the teacher-decoder term
 
     @property
     def ckpt_dir(self) -> Path:
@@ -290,6 +294,8 @@ def _setup_phase(s: Session, n: int, first: bool, folder: Path) -> Phase:
             raise UserError(f"model.latent_channel_choices: {exc}") from exc
     selected = params.select_trainable(model, params.phase_patterns(phase, model))
     trainable_names = params.apply_trainable(model, selected)
+    if cfg.decoder.student is not None:
+        decoder.check_encoder_frozen(model)
     s.print(f"\n=== phase {n}: {PHASE_NAMES[n]} ({phase.resolution} px, {phase.steps} steps) from {origin}")
     s.print("trainable parameters:\n" + params.summary(model, selected))
     if s.main:
@@ -320,7 +326,8 @@ def _setup_phase(s: Session, n: int, first: bool, folder: Path) -> Phase:
         ema.shadow = {k: v.to(acc.device) for k, v in ema.shadow.items()}
     loss_fn = AutoencoderLoss(phase.loss, raw_disc, perceptual)
     return Phase(n, phase, folder, model, raw, opt, disc, d_opt, raw_disc, ema, perceptual, loss_fn,
-                 last_decoder_layer(raw), trainable, trainable_names)  # fmt: skip
+                 last_decoder_layer(raw), trainable, trainable_names,
+                 decoder.distiller(cfg, s.init, acc.device))  # fmt: skip
 
 
 def _resume_phase(s: Session, ph: Phase, ck: dict | None, path: Path | None) -> tuple[int, int, int, float]:
@@ -443,6 +450,9 @@ def _train_step(s: Session, ph: Phase, data_iter, step: int, batches: int, skipp
                 slot = acc.process_index * accum + micro  # the same draw on n processes as on 1 with accumulation
                 rec = model(x, latent_channels=_latent_channels(s.cfg, step, slot))
                 loss, parts = loss_fn.generator(x, rec, step, ph.last_layer, disc=raw_disc)
+                if ph.distill is not None:
+                    loss = loss + ph.distill(x, rec, ph.raw.encoder)  # logged within "loss"
+                    parts["loss"] = loss.detach()
             acc.backward(loss / accum)
         for k, v in parts.items():
             logs[k] = logs[k] + v / accum
