@@ -175,3 +175,14 @@ def test_missing_teacher_is_refused(teacher_and_photos, tmp_path):
     _, photos = teacher_and_photos
     with pytest.raises(ConfigError, match=r"needs the teacher: pass --init"):
         train(load_config(recipe_config(tmp_path / "x", photos)), phases=[1])
+
+
+def test_trainer_refuses_a_pattern_that_reaches_the_encoder(teacher_and_photos, tmp_path):
+    """A regex that passes the config check (it starts with decoder) but also selects encoder tensors."""
+    from dcae.train.trainer import train
+
+    teacher, photos = teacher_and_photos
+    cfg = recipe_config(tmp_path / "x", photos)
+    cfg["phase1"]["trainable"] = {"sneaky": "re:decoder\\..*|encoder\\.project_out\\..*"}
+    with pytest.raises(ConfigError, match=r"keeps the encoder frozen.*encoder\.project_out"):
+        train(load_config(cfg), phases=[1], init=str(teacher))
