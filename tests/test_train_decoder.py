@@ -186,3 +186,33 @@ def test_trainer_refuses_a_pattern_that_reaches_the_encoder(teacher_and_photos, 
     cfg["phase1"]["trainable"] = {"sneaky": "re:decoder\\..*|encoder\\.project_out\\..*"}
     with pytest.raises(ConfigError, match=r"keeps the encoder frozen.*encoder\.project_out"):
         train(load_config(cfg), phases=[1], init=str(teacher))
+
+
+def test_interrupted_recipe_resumes_to_the_same_student(teacher_and_photos, tmp_path, capsys):
+    """A phase cut after step 2 of 4 (later checkpoints and the export removed) continues from the checkpoint
+    with --resume and ends with the weights of the uninterrupted run; the encoder is still the teacher's."""
+    import shutil
+
+    from dcae.train.trainer import train
+
+    teacher, photos = teacher_and_photos
+    runs = {}
+    for name in ("whole", "cut"):
+        cfg = recipe_config(tmp_path / name, photos, distill=0.5)
+        cfg["phase1"]["steps"] = 4
+        cfg["checkpoint"]["keep_last"] = 4
+        train(load_config(cfg), phases=[1], init=str(teacher))
+        runs[name] = (tmp_path / name, cfg)
+    cut, cfg = runs["cut"]
+    for path in [cut / "phase1" / "metrics.json", *sorted((cut / "phase1" / "checkpoints").iterdir())[2:]]:
+        path.unlink()
+    shutil.rmtree(cut / "phase1" / "model")
+    capsys.readouterr()
+    train(load_config(cfg), phases=[1], init=str(teacher), resume=True)
+    printed = capsys.readouterr().out
+    assert "resumed phase 1 from" in printed and "(step 2," in printed, printed[-500:]
+    a = DCAE.from_pretrained(tmp_path / "whole" / "phase1" / "model").state_dict()
+    b = DCAE.from_pretrained(cut / "phase1" / "model").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+    t = DCAE.from_pretrained(teacher).encoder.state_dict()
+    assert all(torch.equal(v, b[f"encoder.{k}"]) for k, v in t.items())
