@@ -68,6 +68,10 @@ def test_overrides_and_yaml_numbers(tmp_path):
     assert cfg.phase3.optim.betas == (0.4, 0.8)
     assert cfg.phase2.trainable["extra"].startswith("re:")
     assert cfg.data.train == ["a", "b"] and cfg.val.resolutions == [128, 256]
+    # YAML reads a bare `no` as false: mixed_precision=no must still mean "no", in a file and as an override
+    path.write_text("mixed_precision: no\n")
+    assert load_config(path).mixed_precision == "no"
+    assert load_config(None, ["mixed_precision=no"]).mixed_precision == "no"
 
 
 def test_packaged_configs_load_and_match_repo_copies():

@@ -364,6 +364,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if tp is str:
             if isinstance(value, (dict, list)) or value is None:
                 raise ValueError
+            if isinstance(value, bool):  # YAML 1.1 reads a bare no / yes / off / on as a boolean
+                return "no" if value is False else "yes"
             return str(value)
         if origin is tuple:
             items = _as_list(value)
