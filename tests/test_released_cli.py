@@ -166,7 +166,8 @@ def test_load_released_strict_errors_name_file_and_key(tiny, tmp_path):
     assert str(missing / "model.safetensors") in str(e.value) and key in str(e.value)
 
     shape = _copy_release(tiny["dit"], tmp_path / "shape", edit=lambda s: {**s, key: s[key][:, :8].contiguous()})
-    with pytest.raises(WeightsError, match=r"wrong shape .*blocks\.1\.attn\.qkv\.weight: file \(96, 8\) vs model \(96, 32\)"):
+    wrong = r"wrong shape .*blocks\.1\.attn\.qkv\.weight: file \(96, 8\) vs model \(96, 32\)"
+    with pytest.raises(WeightsError, match=wrong):
         load_released(shape)
 
     extra = _copy_release(tiny["dit"], tmp_path / "extra", edit=lambda s: {**s, PREFIX + "ema.x": torch.zeros(1)})
