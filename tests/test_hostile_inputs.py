@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import struct
 import subprocess
@@ -241,6 +242,23 @@ def test_reconstruct_only_readable_files_exits_zero(corpus, tiny_model, tmp_path
 def test_folder_named_like_an_image(corpus, tiny_model, tmp_path, capsys) -> None:
     rc, _, err = _run(capsys, "reconstruct", corpus / "dir.png", "--model", tiny_model, "-o", tmp_path / "rec")
     assert rc == 2 and "no image files in the folder" in err and "no input images" in err
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs (POSIX)")
+def test_a_fifo_named_like_an_image_is_refused_not_read(corpus, tiny_model, tmp_path) -> None:
+    """Opening a FIFO for reading blocks until a writer comes: the reader must refuse it by its file type.
+    Run in a subprocess with a timeout, so that a regression fails instead of hanging the suite."""
+    data = tmp_path / "data"
+    data.mkdir()
+    os.mkfifo(data / "pipe.png")
+    (data / "ok.png").write_bytes((corpus / "palette.png").read_bytes())
+    argv = ["-m", "dcae.cli", "encode", str(data / "pipe.png"), str(data / "ok.png"), "--model", str(tiny_model),
+            "-o", str(tmp_path / "z.safetensors")]  # fmt: skip
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    (line,) = [ln for ln in proc.stderr.splitlines() if "pipe.png" in ln]
+    assert "special file" in line
+    assert (tmp_path / "z.safetensors").is_file()  # the readable image still got its latent
 
 
 def test_reconstruct_refuses_existing_outputs_before_any_work(corpus, tiny_model, tmp_path, capsys) -> None:
