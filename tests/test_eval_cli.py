@@ -295,16 +295,14 @@ def test_eval_on_two_processes_equals_one(photos, models, tmp_path, capsys):
     gathered features, per-image rows in file order, skipped files, extremes) equals the 1-process one."""
     import os
     import subprocess
-    import sys
 
-    from test_train_ddp import _free_port
+    from test_train_helpers import torchrun_dcae
 
     common = ["eval", "--model", models["dcae"], "--data", str(photos), "--resolution", "64", "--batch-size", "2",
               "--no-fid-cache", "--no-progress"]  # fmt: skip
     rc, _, err = _run(capsys, *common, "--out", tmp_path / "one")
     assert rc == 0, err
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "dcae.cli", *common, "--out", str(tmp_path / "two")]  # fmt: skip
+    cmd = [*torchrun_dcae(), *common, "--out", str(tmp_path / "two")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

