@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import sys
-import warnings
 from pathlib import Path
 
 
@@ -75,17 +73,6 @@ def _expand_inputs(inputs: list[str]) -> list[Path]:
     return paths
 
 
-@contextlib.contextmanager
-def _per_file_reports():
-    """The commands name the file of each NaN/Inf output themselves; the model's own warning (which
-    only knows batch positions) would repeat it."""
-    from dcae.errors import NonFiniteWarning
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NonFiniteWarning)
-        yield
-
-
 def _check_outputs_free(files: list[Path], overwrite: bool) -> None:
     """Refuse before any work, not after the first images are done."""
     from dcae.utils.io import check_writable
@@ -133,6 +120,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
     from dcae.data.batches import Problems, load_batch, plan, run_per_image_on_failure
     from dcae.errors import UserError
+    from dcae.models.finite import checked_by_caller
     from dcae.utils.io import check_writable
 
     out = check_writable(args.output, args.overwrite)
@@ -146,7 +134,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     encoded: list[tuple[int, dict, torch.Tensor]] = []
     batches = plan(paths, args.batch_size, problems)
     bar = _progress(range(sum(map(len, batches))), sum(map(len, batches)), "encode")
-    with torch.inference_mode(), _per_file_reports():
+    with torch.inference_mode(), checked_by_caller(model):
         for batch in batches:
             for names, x in load_batch(batch, problems):
                 step = run_per_image_on_failure(
@@ -230,6 +218,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     import torch
 
     from dcae.data.batches import Problems, output_stems
+    from dcae.models.finite import checked_by_caller
 
     tensors, meta = read_latents(args.latents)
     if args.model is None:
@@ -245,7 +234,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     model = load_model_from_args(args)
     problems = Problems()
     done = 0
-    with torch.inference_mode(), _per_file_reports():
+    with torch.inference_mode(), checked_by_caller(model):
         for rec in _progress(records, len(records), "decode"):
             done += _decode_one(model, tensors, rec, meta, out_dir / f"{stems[Path(rec['file'])]}.png", problems, args)
     print(f"wrote {done} images to {out_dir}")
@@ -290,6 +279,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
     from dcae.data.batches import Problems, load_batch, output_stems, plan, run_per_image_on_failure
     from dcae.errors import UserError
+    from dcae.models.finite import checked_by_caller
 
     paths = _expand_inputs(args.images)
     if not paths:
@@ -310,7 +300,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         latent_ok = torch.isfinite(z).flatten(1).all(1).cpu()
         return latent_ok, model.decode(z)[..., : x.shape[-2], : x.shape[-1]].float().cpu()
 
-    with torch.inference_mode(), _per_file_reports():
+    with torch.inference_mode(), checked_by_caller(model):
         for batch in batches:
             for names, x in load_batch(batch, problems):
                 for done, xs, (latent_ok, rec) in run_per_image_on_failure(

@@ -307,11 +307,10 @@ def evaluate_reconstruction(
 @torch.no_grad()
 def _reconstruct(model: LoadedAutoencoder, images_u8: torch.Tensor, device, dtype):
     """(latents, uint8 reconstructions, batch positions whose latents or reconstruction hold NaN/Inf)."""
-    from dcae.errors import NonFiniteWarning
+    from dcae.models.finite import checked_by_caller
 
     x = to_unit_range(images_u8).to(device=device, dtype=dtype)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NonFiniteWarning)  # reported by file by the caller
+    with checked_by_caller(model.module):  # non-finite outputs are reported by file by the caller
         z = model.encode(x)
         y = model.decode(z)[..., : x.shape[-2], : x.shape[-1]]
     finite = torch.isfinite(z).flatten(1).all(1) & torch.isfinite(y).flatten(1).all(1)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -38,3 +39,23 @@ def warn_non_finite_weights(state: dict[str, torch.Tensor], source: str, stackle
     message = f"{source}: weight {name} has {count} NaN/Inf of {size} values{more}; outputs will not be finite"
     warnings.warn(NonFiniteWarning(message), stacklevel=stacklevel + 1)
     return False
+
+
+@contextlib.contextmanager
+def checked_by_caller(module) -> Iterator[None]:
+    """For callers that check each output for NaN/Inf themselves and name the file: the module's own
+    output check (`DCAE.finite_check`: one more pass over every output and a device sync, whose warning
+    knows only batch positions) is off meanwhile. Modules without the check are left as they are."""
+    if not hasattr(module, "finite_check"):
+        yield
+        return
+    own = "finite_check" in vars(module)
+    previous = module.finite_check
+    module.finite_check = "off"
+    try:
+        yield
+    finally:
+        if own:
+            module.finite_check = previous
+        else:
+            del module.finite_check  # back to the class default
