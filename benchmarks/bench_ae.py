@@ -4,7 +4,8 @@
 
 Takes the options of `dcae bench ae` (see `dcae bench ae --help`); without --device it runs on the CPU
 with the CPU defaults (dc-ae-f32c32-in-1.0, 256 px, batch 1, fp32, median of 3), a few minutes on 2
-cores. On a GPU machine use `dcae bench ae` or benchmarks/gpu_check.py instead.
+cores. --models also takes saved models (e.g. a trained decoder's runs/x/phase3/model next to its
+teacher's folder). On a GPU machine use `dcae bench ae` or benchmarks/gpu_check.py instead.
 """
 
 from __future__ import annotations

@@ -43,6 +43,36 @@ def test_bench_ae_json_schema(tmp_path: Path, tiny_config: Path, capsys: pytest.
     assert "| dcae |" in capsys.readouterr().out
 
 
+def test_bench_ae_saved_models(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--models takes saved folders (e.g. a trained decoder's `phase3/model`) and weight files, loaded with
+    their weights and named as given; a model diffusers cannot express runs without the diffusers impls."""
+    import torch
+
+    from dcae.bench import load_model, weights_kind
+    from dcae.models import DCAE
+
+    torch.manual_seed(1)
+    saved = DCAE(TINY)
+    saved.save_pretrained(tmp_path / "run" / "model")
+    DCAE(TINY.without_residual()).save_pretrained(tmp_path / "plain")
+    folder, plain, weights = tmp_path / "run" / "model", tmp_path / "plain", tmp_path / "plain" / "model.safetensors"
+    loaded = load_model(str(folder)).state_dict()
+    assert all(torch.equal(v, loaded[k]) for k, v in saved.state_dict().items())  # the real weights, not a re-init
+    out = tmp_path / "ae.json"
+    argv = ["bench", "ae", "--models", str(folder), str(plain), str(weights), "--res", "64", "--batch", "1"]
+    argv += ["--device", "cpu", "--repeats", "1", "--warmup", "0", "--threads", "1", "--no-memory"]
+    assert cli_main(argv + ["--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    got = [(r["model"], r["impl"]) for r in records]
+    assert got == [(str(folder), "dcae"), (str(folder), "diffusers"), (str(plain), "dcae"), (str(weights), "dcae")]
+    assert all(r["weights"] == "loaded" and r["enc_img_s"] > 0 and r["dec_img_s"] > 0 for r in records)
+    assert all(r["enc_peak_gib"] is None for r in records)
+    err = capsys.readouterr().err
+    assert f"dcae: note: {plain}: diffusers cannot express this model" in err and "skipping the diffusers" in err
+    assert f"| {folder} | 64 | 1 | dcae |" in out.with_suffix(".md").read_text()
+    assert weights_kind("dc-ae-f32c32-in-1.0") == "random"  # zoo names: a random init of the config, as before
+
+
 def test_bench_ae_batch_count_must_match(tiny_config: Path, capsys: pytest.CaptureFixture) -> None:
     argv = ["bench", "ae", "--models", str(tiny_config), "--res", "64", "128", "--batch", "1", "2", "3"]
     assert cli_main(argv + ["--device", "cpu"]) == 2

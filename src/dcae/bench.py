@@ -12,9 +12,14 @@ on GPU. Peak memory: on CUDA `max_memory_allocated` during one run (weights incl
 of live tensor bytes during one extra, untimed run (a dispatch mode that tracks every tensor the call
 allocates, plus the weights): allocator-independent and comparable between implementations.
 
-The JSON is a list of records with keys model, impl, res, batch, dtype, device, enc_img_s, dec_img_s,
-enc_peak_gib, dec_peak_gib, plus enc_s/dec_s (median seconds per call), compile_s, threads,
-device_name, torch, diffusers, date and the command.
+--models takes zoo names and config files (a randomly initialised model of that config: the timing does
+not depend on the weights) and anything `DCAE.from_pretrained` loads (a saved folder such as a trained
+decoder's `runs/x/phase3/model`, a weight file, a Hub id). A model that diffusers cannot express (e.g.
+residual shortcuts off) runs without the diffusers implementations, with a one-line note.
+
+The JSON is a list of records with keys model (as given to --models), impl, res, batch, dtype, device,
+enc_img_s, dec_img_s, enc_peak_gib, dec_peak_gib, plus weights ("random" or "loaded"), enc_s/dec_s (median
+seconds per call), compile_s, threads, device_name, torch, diffusers, date and the command.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -52,7 +58,13 @@ def register_bench(subparsers) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", nargs="+", default=["dc-ae-f32c32-in-1.0"], help="zoo names (see `dcae models`)")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=["dc-ae-f32c32-in-1.0"],
+        metavar="MODEL",
+        help="zoo names or config files (random weights), saved folders, weight files or Hub ids",
+    )
     p.add_argument("--res", nargs="+", type=int, default=None, help="square resolutions (GPU: 512 1024 2048 4096)")
     p.add_argument("--batch", nargs="+", type=int, default=None, help="batch per resolution (default 16/4/1/1)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="GPU: bf16, CPU: fp32")
@@ -93,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _command(args: argparse.Namespace, res, batches, dtype: str, device: str, impls, repeats: int) -> str:
     """The fully spelled-out command that reproduces this run (defaults resolved)."""
-    parts = ["dcae bench ae", "--models", *args.models, "--res", *map(str, res), "--batch", *map(str, batches)]
+    models = [shlex.quote(str(m)) for m in args.models]
+    parts = ["dcae bench ae", "--models", *models, "--res", *map(str, res), "--batch", *map(str, batches)]
     parts += ["--dtype", dtype, "--device", device, "--impls", *impls, "--warmup", str(args.warmup)]
     parts += ["--repeats", str(repeats)]
     if args.threads:
@@ -117,21 +130,18 @@ def _batches(res: list[int], batch: list[int] | None) -> list[int]:
 
 # ----------------------------------------------------------------------------- building the contenders
 def build_impls(name: str, dtype, device: str, impls: list[str], seed: int = 0) -> dict[str, Any]:
-    """name -> object with .encode(x) and .decode(z) tensors, all with the same weights."""
-    import torch
-
-    from dcae import DCAE
-
-    torch.manual_seed(seed)
-    ours = DCAE.from_config(name).eval()
+    """name -> object with .encode(x) and .decode(z) tensors, all with the same weights. The diffusers
+    implementations are left out (with a note on stderr) where diffusers cannot build this model."""
+    ours = load_model(name, seed)
     out: dict[str, Any] = {}
     if any(i.startswith("diffusers") for i in impls):
-        peer = _diffusers_twin(ours).to(device=device)
-        peer = peer.to(dtype=dtype) if dtype != torch.float32 else peer
-        if "diffusers" in impls:
-            out["diffusers"] = _DiffusersRunner(peer)
-        if "diffusers-compiled" in impls:
-            out["diffusers-compiled"] = _DiffusersRunner(_compiled(copy.deepcopy(peer)), channels_last=True)
+        peer = _diffusers_twin_or_note(ours, name)
+        if peer is not None:
+            peer = peer.to(device=device, dtype=dtype)
+            if "diffusers" in impls:
+                out["diffusers"] = _DiffusersRunner(peer)
+            if "diffusers-compiled" in impls:
+                out["diffusers-compiled"] = _DiffusersRunner(_compiled(copy.deepcopy(peer)), channels_last=True)
     ours = ours.to(device=device, dtype=dtype)
     if "dcae" in impls:
         out["dcae"] = _OursRunner(ours)
@@ -139,7 +149,45 @@ def build_impls(name: str, dtype, device: str, impls: list[str], seed: int = 0) 
         from dcae.models.fast import compile_dcae
 
         out["dcae-compiled"] = _OursRunner(compile_dcae(copy.deepcopy(ours)), channels_last=True)
-    return {i: out[i] for i in impls}
+    return {i: out[i] for i in impls if i in out}
+
+
+def load_model(name: str, seed: int = 0):
+    """Zoo names and config files give a randomly initialised model (seeded), anything else goes to
+    `DCAE.from_pretrained` (a saved folder, a weight file, a Hub id)."""
+    import torch
+
+    from dcae import DCAE
+
+    if weights_kind(name) == "random":
+        torch.manual_seed(seed)
+        return DCAE.from_config(name).eval()
+    return DCAE.from_pretrained(name).eval()
+
+
+def weights_kind(name: str) -> str:
+    """How `load_model` gets the weights: "random" for a config file or a zoo name that is not also a
+    local path, else "loaded"."""
+    from dcae.models.config import is_model_name
+
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix in (".yaml", ".yml", ".json") and not path.name.endswith(".index.json"):
+        return "random"
+    return "random" if not path.exists() and is_model_name(name) else "loaded"
+
+
+def _diffusers_twin_or_note(model, name: str):
+    """The diffusers twin, or None with a one-line note when diffusers is missing or cannot express it."""
+    try:
+        from dcae.models.convert import DiffusersConfigError
+
+        return _diffusers_twin(model)
+    except ImportError as exc:
+        why = f"diffusers is not installed ({exc})"
+    except DiffusersConfigError as exc:
+        why = f"diffusers cannot express this model ({exc})"
+    print(f"dcae: note: {name}: {why}; skipping the diffusers implementations", file=sys.stderr, flush=True)
+    return None
 
 
 def _diffusers_twin(model):
@@ -152,7 +200,7 @@ def _diffusers_twin(model):
 
     cfg = {k: v for k, v in to_diffusers_config(model.config).items() if not k.startswith("_")}
     twin = AutoencoderDC(**cfg).eval()
-    twin.load_state_dict(original_to_diffusers(model.state_dict()), strict=True)
+    twin.load_state_dict(original_to_diffusers(model.state_dict(), model.config), strict=True)
     return twin
 
 
@@ -217,13 +265,16 @@ def bench_model(
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
     runners = build_impls(name, dtype, device, impls, seed)
-    meta = _environment(device)
+    if not runners:
+        return []
+    first = next(iter(runners.values()))
+    meta = {"weights": weights_kind(name), **_environment(device)}
     records = []
     for r, b in zip(res, batches):
         g = torch.Generator().manual_seed(seed)
         x = (torch.rand(b, 3, r, r, generator=g) * 2 - 1).to(device=device, dtype=dtype)
         with torch.inference_mode():
-            z = runners[impls[0]].encode(x)
+            z = first.encode(x)
         times, compile_s = _time_interleaved(runners, x, z, warmup, repeats, device)
         for impl, runner in runners.items():
             enc_s, dec_s = statistics.median(times[impl]["enc"]), statistics.median(times[impl]["dec"])
