@@ -89,6 +89,9 @@ class LossConfig:
     gan_adaptive: bool = True  # scale by |grad rec| / |grad gan| at the last decoder layer (taming)
     gan_adaptive_max: float = 1e4  # clamp of that ratio (taming)
     disc_start: int = 0  # phase step from which the discriminator trains and the GAN loss applies
+    # Steps over which the generator's GAN weight ramps linearly up to its full value, starting at disc_start
+    # (step disc_start gets 1/gan_warmup of it); 0 = full weight at once. The discriminator is not ramped.
+    gan_warmup: int = 0
 
 
 @dataclass
@@ -458,6 +461,8 @@ def validate(cfg: TrainConfig) -> None:
         if min(weights) < 0:
             problems.append(f"{where}.loss: weights must be >= 0")
         if lo_.l1_weight == lo_.l2_weight == lo_.perceptual_weight == 0:
+        if lo_.disc_start < 0 or lo_.gan_warmup < 0:
+            problems.append(f"{where}.loss: disc_start and gan_warmup must be >= 0")
             problems.append(f"{where}.loss: no reconstruction loss (l1, l2 and perceptual weights are all 0)")
         if lo_.perceptual_net not in ("stlpips-vgg", "stlpips-alex", "lpips-vgg", "lpips-alex"):
             problems.append(f"{where}.loss.perceptual_net: unknown network {lo_.perceptual_net!r}")

@@ -5,6 +5,8 @@ The DC-AE authors did not release their loss code; the GAN part follows taming-t
 3-layer PatchGAN (pix2pix), hinge loss, and a generator GAN weight of
     0.5 * clamp(|grad_L rec| / (|grad_L gan| + 1e-4), 0, 1e4)
 with L the last decoder layer, so that the GAN term never dominates the reconstruction term.
+From `disc_start` on, the discriminator trains and the generator gets the GAN term; with `gan_warmup` > 0
+the generator's weight ramps linearly from 1/gan_warmup of it to all of it over that many steps (ours).
 """
 
 from __future__ import annotations
@@ -71,10 +73,11 @@ def adaptive_gan_weight(
     """|d rec / d W| / |d gan / d W| at the last decoder layer W, clamped and detached (taming)."""
     rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    ratio = rec_grad.float().norm() / (g_grad.float().norm() + 1e-4)
-    ratio = torch.clamp(ratio, 0.0, max_ratio).detach()
-    # fp16 overflow in either gradient gives inf/nan: skip the GAN term for this step rather than poison it.
-    return torch.where(torch.isfinite(ratio), ratio, torch.zeros_like(ratio))
+    ratio = (rec_grad.float().norm() / (g_grad.float().norm() + 1e-4)).detach()
+    # fp16 overflow in either gradient gives inf/nan: skip the GAN term for this step rather than poison it
+    # (checked before the clamp, which would turn an infinite ratio into the largest weight).
+    ratio = torch.where(torch.isfinite(ratio), ratio, torch.zeros_like(ratio))
+    return torch.clamp(ratio, 0.0, max_ratio)
 
 
 class AutoencoderLoss(nn.Module):
@@ -90,6 +93,11 @@ class AutoencoderLoss(nn.Module):
 
     def gan_active(self, step: int) -> bool:
         return self.disc is not None and self.cfg.gan_weight > 0 and step >= self.cfg.disc_start
+
+    def warmup_factor(self, step: int) -> float:
+        """Fraction of the generator's GAN weight at an active `step`: min(1, (step - disc_start + 1) / gan_warmup)."""
+        w = self.cfg.gan_warmup
+        return min(1.0, (step - self.cfg.disc_start + 1) / w) if w > 0 else 1.0
 
     def reconstruction(self, x: torch.Tensor, rec: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         c = self.cfg
@@ -126,7 +134,7 @@ class AutoencoderLoss(nn.Module):
                 weight = adaptive_gan_weight(rec_loss, g_loss, last_layer, self.cfg.gan_adaptive_max)
             else:  # the head is frozen in this phase: no layer to balance at, use the plain weight
                 weight = torch.ones((), device=x.device)
-            weight = weight * self.cfg.gan_weight
+            weight = weight * (self.cfg.gan_weight * self.warmup_factor(step))
             total = total + weight * g_loss
             logs.update(g_loss=g_loss.detach(), gan_weight=weight.detach())
         logs["loss"] = total.detach()
