@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "dcae.metrics.commands",  # eval, fid, metrics
     "dcae.train.commands",  # train
     "dcae.diffusion.commands",  # latents, diffusion, sample
+    "dcae.experiments.commands",  # experiment
 ]
 # Modules that add `dcae bench <what>` subcommands.
 BENCH_MODULES = ["dcae.bench", "dcae.diffusion.commands"]

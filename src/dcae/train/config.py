@@ -166,7 +166,8 @@ class ValConfig:
     max_images: int = 100
     batch_size: int = 8
     grid_images: int = 8
-    lpips: bool = False  # also report LPIPS (the loss network) on the held-out set
+    lpips: bool = False  # also report LPIPS (the loss network) on the held-out set, at phase ends and every `every`
+    at_start: bool = True  # evaluate before the first phase of a command (the "before" numbers)
 
 
 @dataclass
@@ -460,9 +461,9 @@ def validate(cfg: TrainConfig) -> None:
         weights = (lo_.l1_weight, lo_.l2_weight, lo_.perceptual_weight, lo_.gan_weight)
         if min(weights) < 0:
             problems.append(f"{where}.loss: weights must be >= 0")
-        if lo_.l1_weight == lo_.l2_weight == lo_.perceptual_weight == 0:
         if lo_.disc_start < 0 or lo_.gan_warmup < 0:
             problems.append(f"{where}.loss: disc_start and gan_warmup must be >= 0")
+        if lo_.l1_weight == lo_.l2_weight == lo_.perceptual_weight == 0:
             problems.append(f"{where}.loss: no reconstruction loss (l1, l2 and perceptual weights are all 0)")
         if lo_.perceptual_net not in ("stlpips-vgg", "stlpips-alex", "lpips-vgg", "lpips-alex"):
             problems.append(f"{where}.loss.perceptual_net: unknown network {lo_.perceptual_net!r}")

@@ -30,6 +30,7 @@ LOG_COLUMNS = (
     "skipped",
     "val_psnr",
     "val_ssim",
+    "val_lpips",
 )
 CURVES = ("loss", "l1", "l2", "lpips", "g_loss", "d_loss", "val_psnr")
 

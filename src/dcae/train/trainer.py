@@ -211,7 +211,7 @@ def run_phase(s: Session, n: int, first: bool) -> tuple[Path, dict[str, Any]]:
 
     logger = monitor.Logger(folder, step if ck is not None else None, cfg.log.tensorboard) if s.main else None
     start_metrics = None
-    if s.main and first and ck is None and s.val_images:
+    if s.main and first and ck is None and s.val_images and cfg.val.at_start:
         start_metrics = _evaluate_all(s, ph.raw, ph.cfg.resolution, ph.perceptual)
         s.print(f"held-out before phase {n}: {_fmt_metrics(start_metrics)}")
     if s.main and ck is None:
@@ -371,8 +371,9 @@ def _log_row(s: Session, ph: Phase, step: int, row: dict, logger) -> None:
     """Held-out PSNR/SSIM when due, then the row to the CSV/TensorBoard log (main process)."""
     cfg = s.cfg
     if cfg.val.every and step % cfg.val.every == 0 and s.main and s.val_images:
-        m = monitor.evaluate(ph.raw, s.val_images, ph.cfg.resolution, cfg.val.batch_size, s.accelerator.device)
-        row.update(val_psnr=m["psnr"], val_ssim=m["ssim"])
+        lp = ph.perceptual if cfg.val.lpips else None
+        m = monitor.evaluate(ph.raw, s.val_images, ph.cfg.resolution, cfg.val.batch_size, s.accelerator.device, lp)
+        row.update(val_psnr=m["psnr"], val_ssim=m["ssim"], **({"val_lpips": m["lpips"]} if lp is not None else {}))
         params.set_train_mode(ph.model)
     if logger is not None:
         logger.log(row)
