@@ -40,6 +40,7 @@ STUDENTS = {  # name -> decoder fields (the teacher: widths 16-32-32-64-64-64, R
         "decoder_acts": "silu",
     },
 }
+PHASE2 = {"trainable": {"decoder_in": "decoder.project_in.*"}}  # not run; the recipe refuses encoder patterns
 METRICS = [("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("lpips", f"LPIPS ({common.LPIPS_NET})")]
 
 
@@ -61,7 +62,7 @@ def run(p: Protocol) -> dict[str, Any]:
             ph = common.phase(RESOLUTION, batch, steps, 1e-3, optim=optim, trainable={"decoder": "decoder.*"})
             student = {"name": _slug(name), **fields}
             cfg = common.train_config(
-                p, run_dir, seed, None, {1: ph, 2: {"trainable": {"decoder_in": "decoder.project_in.*"}}}, val_resolutions=EVAL, decoder={"student": student},
+                p, run_dir, seed, None, {1: ph, 2: PHASE2}, val_resolutions=EVAL, decoder={"student": student},
                 val={"at_start": False, "lpips": True, "resolutions": EVAL},
             )  # fmt: skip
             quality.setdefault(name, []).append(common.run_arm(cfg, [1], init=teacher)[1]["eval"])
