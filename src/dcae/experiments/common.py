@@ -54,11 +54,11 @@ class Protocol:
 def make_protocol(name: str, out: str | Path, data: str | None, smoke: bool, seeds: int | None) -> Protocol:
     if data is None:
         data = SMOKE_DATA if smoke else DEFAULT_DATA
-        if not smoke and not Path(data).is_dir():
-            raise UserError(
-                f"the experiment's data {data} does not exist (run from the project root beside ../shared, "
-                "or pass --data FOLDER: its sorted files, the first 900 train and the last 100 are held out)"
-            )
+    if not data.startswith("skimage:") and not Path(data).is_dir():
+        raise UserError(
+            f"the experiment's data {data} does not exist (run from the project root beside ../shared, "
+            "or pass --data FOLDER: its sorted files, the first 900 train and the last 100 are held out)"
+        )
     holdout = 2 if data.startswith("skimage:") else 100
     n_seeds = seeds or (1 if smoke else 3)
     cmd = (
@@ -144,18 +144,17 @@ def run_arm(cfg: TrainConfig, phases: list[int], init: str | None = None) -> dic
     return result["phases"]
 
 
-def val_curve(run: Path, n: int, start: list[dict] | None) -> list[dict[str, float]]:
-    """Held-out metrics over the steps of phase n: the evaluation before the phase (step 0) + the log."""
-    rows = (
-        []
-        if not start
-        else [{"step": 0, "psnr": start[0]["psnr"], "ssim": start[0]["ssim"], "lpips": start[0].get("lpips", math.nan)}]
-    )
-    for r in monitor.read_log(run / f"phase{n}" / "log.csv"):
-        if "val_psnr" in r:
-            rows.append(
-                {"step": r["step"], "psnr": r["val_psnr"], "ssim": r["val_ssim"], "lpips": r.get("val_lpips", math.nan)}
-            )
+def val_curve(run: Path, n: int, result: dict[str, Any]) -> list[dict[str, float]]:
+    """Held-out metrics over the steps of phase n: before the phase (step 0), the log's evaluations every
+    `val.every` steps, and the evaluation at the end (the same weights: no EMA in the experiments)."""
+
+    def point(step: float, m: dict, prefix: str = "") -> dict[str, float]:
+        return {"step": step, **{k: m.get(prefix + k, math.nan) for k in ("psnr", "ssim", "lpips")}}
+
+    rows = [point(0, result["start"][0])] if result.get("start") else []
+    rows += [point(r["step"], r, "val_") for r in monitor.read_log(run / f"phase{n}" / "log.csv") if "val_psnr" in r]
+    if not rows or rows[-1]["step"] != result["steps"]:
+        rows.append(point(result["steps"], result["eval"][0]))
     return rows
 
 

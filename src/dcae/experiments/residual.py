@@ -27,7 +27,7 @@ def run(p: Protocol) -> dict[str, Any]:
     from dcae.models import DCAE, DCAEConfig
 
     steps = p.steps(300)
-    every = p.steps(50, smoke=steps)
+    every = p.steps(50, smoke=0)  # smoke: before and after only
     ph = common.phase(
         RESOLUTION,
         2 if p.smoke else 8,
@@ -45,7 +45,7 @@ def run(p: Protocol) -> dict[str, Any]:
             run_dir = p.run_dir(label.replace(" ", "_"), f"seed{seed}")
             cfg = common.train_config(p, run_dir, seed, model, {1: ph}, val_every=every)
             result = common.run_arm(cfg, [1])[1]
-            curves.setdefault(label, []).append(common.val_curve(run_dir, 1, result.get("start")))
+            curves.setdefault(label, []).append(common.val_curve(run_dir, 1, result))
             finals.setdefault(label, []).append(result["eval"][0])
 
     table = {label: {k: spread([r[k] for r in rows]) for k, _ in METRICS} for label, rows in finals.items()}

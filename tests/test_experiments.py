@@ -1,0 +1,109 @@
+"""`dcae experiment NAME --smoke`: each experiment end to end on scikit-image's bundled photos (a few
+steps, one seed), plus the statistics and the sharpness measure against independent computations."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import numpy as np
+import pytest
+import torch
+
+from dcae.cli import main
+from dcae.experiments import EXPERIMENTS
+from dcae.experiments.common import sharpness, spread
+
+
+def _smoke(name: str, tmp_path) -> dict:
+    out = tmp_path / name
+    assert main(["experiment", name, "--smoke", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    report = (out / "report.md").read_text()
+    for png in [line.split("(")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]:
+        assert (out / png).stat().st_size > 1000, png  # every picture the report shows exists
+    assert results["smoke"] is True and results["command"].startswith("dcae experiment")
+    assert "smoke run" in report
+    return results
+
+
+def test_residual_smoke(tmp_path):
+    r = _smoke("residual", tmp_path)
+    # "plain" is the same network minus the shortcuts: same parameter count at each factor
+    assert r["parameters"]["f32 residual"] == r["parameters"]["f32 plain"]
+    assert r["parameters"]["f64 residual"] == r["parameters"]["f64 plain"]
+    assert set(r["residual_minus_plain"]) == {"f32", "f64"}
+    for label, curves in r["curves"].items():
+        (curve,) = curves  # one seed
+        assert [p["step"] for p in curve] == [0, r["steps"]], label  # before and after training
+        assert all(math.isfinite(p["psnr"]) and 0 < p["lpips"] < 2 for p in curve)
+    # the recorded final metrics are the last curve point (the same weights)
+    assert r["final"]["f32 plain"]["psnr"]["mean"] == pytest.approx(r["curves"]["f32 plain"][0][-1]["psnr"])
+
+
+def test_adaptation_smoke(tmp_path):
+    r = _smoke("adaptation", tmp_path)
+    assert set(r["quality"]) == {"phase 1 only (no adaptation)", *_arms("adaptation")}
+    assert all(set(by_res) == {"64", "128", "256"} for by_res in r["quality"].values())
+    cost = r["cost"]
+    latent, full = cost["phase 2 (latent layers, high res)"], cost["control: full fine-tuning, high res"]
+    for res in latent:
+        assert latent[res]["trainable_parameters"] < full[res]["trainable_parameters"]
+        # less to keep for backward, no gradients / AdamW state for the frozen layers
+        assert latent[res]["peak_mib"] < full[res]["peak_mib"]
+
+
+def test_gan_smoke(tmp_path):
+    r = _smoke("gan", tmp_path)
+    assert set(r["final"]) == {"start (phase 2 result)", *_arms("gan")}
+    for arm, m in r["final"].items():
+        assert math.isfinite(m["fid"]["mean"]) and m["sharpness"]["mean"] > 0, arm
+    # the GAN arms really trained a discriminator (smoke: disc_start 0)
+    log = (tmp_path / "gan" / "runs" / "head___GAN" / "seed0" / "phase3" / "log.csv").read_text()
+    assert "d_loss" in log.splitlines()[0] and log.count("\n") >= 2
+
+
+def test_decoder_smoke(tmp_path):
+    r = _smoke("decoder", tmp_path)
+    check = r["encoder_checks"]["tiny preview"]
+    assert check["encoder_tensors_identical"] and check["teacher_latents_decode_like_own"]
+    assert check["scaling_factor"][0] == check["scaling_factor"][1]
+    assert r["decoder_parameters"]["tiny preview"] < r["decoder_parameters"]["teacher"]
+    assert r["decode"]["teacher"]["speedup"] == 1.0 and r["decode"]["tiny preview"]["dec_img_s"] > 0
+
+
+def _arms(name: str) -> list[str]:
+    import importlib
+
+    return list(importlib.import_module(EXPERIMENTS[name][0]).ARMS)
+
+
+def test_full_protocol_needs_the_data(tmp_path, capsys):
+    assert main(["experiment", "residual", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "missing does not exist" in err and "--data" in err
+
+
+def test_spread_matches_statistics():
+    values = [14.2, 15.1, 14.7]
+    s = spread(values)
+    assert s["mean"] == pytest.approx(statistics.mean(values), abs=1e-12)
+    assert s["std"] == pytest.approx(statistics.stdev(values), abs=1e-12)  # sample std (n - 1)
+    assert math.isnan(spread([1.0])["std"]) and spread([1.0])["n"] == 1
+
+
+def test_sharpness_ratio():
+    rng = np.random.default_rng(0)
+    ref = torch.from_numpy(rng.integers(0, 256, (2, 3, 32, 32), dtype=np.uint8))
+    assert sharpness(ref, ref) == pytest.approx([1.0, 1.0])
+    # a 2x2 box blur removes high frequencies: a ratio well below 1
+    blur = torch.nn.functional.avg_pool2d(ref.double(), 2, 1, padding=0)
+    blur = torch.nn.functional.pad(blur, (0, 1, 0, 1), mode="replicate")
+    assert all(v < 0.6 for v in sharpness(ref, blur))
+    # scaling the detail by 2 (around the mean) multiplies the Laplacian's variance by 4
+    mean = ref.double().mean()
+    assert sharpness(ref, (ref.double() - mean) * 2 + mean) == pytest.approx([4.0, 4.0])
+    # a flat original has no detail to compare with: skipped
+    flat = torch.full((1, 3, 8, 8), 128, dtype=torch.uint8)
+    assert sharpness(flat, flat) == []
