@@ -28,7 +28,7 @@ def register(subparsers) -> None:
     p.add_argument("--smoke", action="store_true", help="a few steps on bundled photos: checks the pipeline")
     p.add_argument("--out", help="output folder (default runs/experiments/NAME, or NAME-smoke with --smoke)")
     p.add_argument("--data", help="image folder (default ../shared/data/imagenet-samples)")
-    p.add_argument("--seeds", type=int, help="number of seeds (default 3, smoke 2)")
+    p.add_argument("--seeds", type=int, help="number of seeds (default 3, decoder 1, smoke 1)")
     p.set_defaults(func=run)
 
 
@@ -36,8 +36,9 @@ def run(args: argparse.Namespace) -> int:
     from dcae.experiments.common import make_protocol
 
     out = args.out or f"runs/experiments/{args.name}" + ("-smoke" if args.smoke else "")
-    protocol = make_protocol(args.name, out, args.data, args.smoke, args.seeds)
     module = importlib.import_module(EXPERIMENTS[args.name][0])
+    seeds = args.seeds or (None if args.smoke else getattr(module, "DEFAULT_SEEDS", None))
+    protocol = make_protocol(args.name, out, args.data, args.smoke, seeds)
     module.run(protocol)
     print(f"report: {protocol.out / 'report.md'}")
     return 0
