@@ -39,13 +39,7 @@ def run(p: Protocol) -> dict[str, Any]:
     steps1, steps2 = p.steps(300), p.steps(120, 2)
     batch2 = 2 if p.smoke else 4
     model = common.tiny_model(32, 32)
-    ph1 = common.phase(
-        LOW,
-        2 if p.smoke else 8,
-        steps1,
-        1e-3,
-        optim={"weight_decay": 0.1, "warmup_steps": p.steps(20, 0), "schedule": "cosine"},
-    )
+    ph1 = common.phase1(p, steps1, LOW)
     evals: dict[str, list[list[dict]]] = {}
     for seed in p.seeds:
         base = p.run_dir("phase1", f"seed{seed}")

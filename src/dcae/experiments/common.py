@@ -107,6 +107,13 @@ def phase(resolution: int, batch: int, steps: int, lr: float, **extra: Any) -> d
     return d
 
 
+def phase1(p: Protocol, steps: int, resolution: int = 64, **extra: Any) -> dict[str, Any]:
+    """The experiments' phase 1: all layers, batch 8 (smoke 2), AdamW lr 1e-3, wd 0.1, 20 warm-up steps,
+    cosine (the `tiny` config's recipe)."""
+    optim = {"weight_decay": 0.1, "warmup_steps": p.steps(20, 0), "schedule": "cosine"}
+    return phase(resolution, 2 if p.smoke else 8, steps, 1e-3, optim=optim, **extra)
+
+
 def train_config(
     p: Protocol,
     run: Path,

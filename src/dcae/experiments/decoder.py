@@ -47,20 +47,18 @@ METRICS = [("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("lpips", f"LPIPS ({common.L
 
 def run(p: Protocol) -> dict[str, Any]:
     steps = p.steps(400)
-    batch = 2 if p.smoke else 8
-    optim = {"weight_decay": 0.1, "warmup_steps": p.steps(20, 0), "schedule": "cosine"}
     quality: dict[str, list[list[dict]]] = {}
     models: dict[str, str] = {}
     for seed in p.seeds:
         teacher_run = p.run_dir("teacher", f"seed{seed}")
-        ph = common.phase(RESOLUTION, batch, steps, 1e-3, optim=optim)
+        ph = common.phase1(p, steps, RESOLUTION)
         cfg = common.train_config(p, teacher_run, seed, common.tiny_model(), {1: ph}, val_resolutions=EVAL)
         quality.setdefault("teacher", []).append(common.run_arm(cfg, [1])[1]["eval"])
         teacher = str(teacher_run / "phase1" / "model")
         models["teacher"] = teacher
         for name, fields in _students(p).items():
             run_dir = p.run_dir(_slug(name), f"seed{seed}")
-            ph = common.phase(RESOLUTION, batch, steps, 1e-3, optim=optim, trainable={"decoder": "decoder.*"})
+            ph = common.phase1(p, steps, RESOLUTION, trainable={"decoder": "decoder.*"})
             student = {"name": _slug(name), **fields}
             cfg = common.train_config(
                 p, run_dir, seed, None, {1: ph, 2: PHASE2}, val_resolutions=EVAL, decoder={"student": student},

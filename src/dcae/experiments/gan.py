@@ -50,13 +50,7 @@ def run(p: Protocol) -> dict[str, Any]:
 
     steps = p.steps(100, 2)
     batch = 2 if p.smoke else 8
-    ph1 = common.phase(
-        RESOLUTION,
-        batch,
-        p.steps(300),
-        1e-3,
-        optim={"weight_decay": 0.1, "warmup_steps": p.steps(20, 0), "schedule": "cosine"},
-    )
+    ph1 = common.phase1(p, p.steps(300), RESOLUTION)
     ph2 = common.phase(2 * RESOLUTION, batch // 2, p.steps(40, 2), 2.5e-4, optim={"weight_decay": 1e-3})
     images = common.held_out_images(p)
     lpips, inception = common.load_lpips(), InceptionFeatures()

@@ -28,13 +28,7 @@ def run(p: Protocol) -> dict[str, Any]:
 
     steps = p.steps(300)
     every = p.steps(50, smoke=0)  # smoke: before and after only
-    ph = common.phase(
-        RESOLUTION,
-        2 if p.smoke else 8,
-        steps,
-        1e-3,
-        optim={"weight_decay": 0.1, "warmup_steps": p.steps(20, 0), "schedule": "cosine"},
-    )
+    ph = common.phase1(p, steps, RESOLUTION)
     curves: dict[str, list] = {}
     finals: dict[str, list[dict]] = {}
     params: dict[str, int] = {}
