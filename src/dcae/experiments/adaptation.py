@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from dcae.experiments import common
+from dcae.experiments import common, plots
 from dcae.experiments.common import Protocol, pm, spread
 
 LOW = 64
@@ -66,7 +66,7 @@ def run(p: Protocol) -> dict[str, Any]:
 
     out = p.out
     groups = {f"{r} px": {arm: table[arm][r] for arm in table} for r in EVAL}
-    common.plot_bars(
+    plots.plot_bars(
         groups,
         METRICS,
         out / "quality.png",
@@ -82,7 +82,7 @@ def run(p: Protocol) -> dict[str, Any]:
         )
         for arm in ARMS
     ]
-    common.recon_grid(
+    plots.recon_grid(
         rows,
         images,
         2 * HIGH,
@@ -169,7 +169,7 @@ def _training_step(p: Protocol, patterns: dict[str, str], resolution: int, batch
 
 
 def _plot_cost(cost: dict, path, batch: int) -> None:
-    plt = common._plt()
+    plt = plots.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     arms = list(cost)
     resolutions = list(next(iter(cost.values())))
@@ -182,7 +182,7 @@ def _plot_cost(cost: dict, path, batch: int) -> None:
         ax.grid(alpha=0.3, axis="y")
     axes[0].legend(fontsize=7)
     fig.suptitle("cost of one training step (CPU)")
-    common._save(fig, path)
+    plots.save(fig, path)
 
 
 def _markdown(table: dict, cost: dict, steps1: int, steps2: int, batch2: int) -> str:

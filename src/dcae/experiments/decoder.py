@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from dcae.experiments import common
+from dcae.experiments import common, plots
 from dcae.experiments.common import Protocol, pm, spread
 
 DEFAULT_SEEDS = 1  # five trainings per seed: one seed fits the ~15 min budget (--seeds N for more)
@@ -76,7 +76,7 @@ def run(p: Protocol) -> dict[str, Any]:
     _plot_tradeoff(table, speed, params, out / "tradeoff.png")
     images = common.held_out_images(p)[:8]
     rows = [(m, _load(path)) for m, path in models.items()]
-    common.recon_grid(rows, images, 128, out / "reconstructions.png", f"held out, 128 px, seed {p.seeds[-1]}")
+    plots.recon_grid(rows, images, 128, out / "reconstructions.png", f"held out, 128 px, seed {p.seeds[-1]}")
     results = {"steps": steps, "resolution": RESOLUTION, "students": STUDENTS, "quality": table, "decode": speed,
                "decoder_parameters": params, "encoder_checks": checks, "bench": BENCH}  # fmt: skip
     common.write_report(p, "New decoders for a frozen encoder", _markdown(table, speed, params, checks, steps), results)
@@ -160,7 +160,7 @@ def bench_decode(p: Protocol, models: dict[str, str]) -> dict[str, dict]:
 
 
 def _plot_tradeoff(table: dict, speed: dict, params: dict, path) -> None:
-    plt = common._plt()
+    plt = plots.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in (
         (axes[0], "psnr", "held-out PSNR at 128 px (dB)"),
@@ -176,7 +176,7 @@ def _plot_tradeoff(table: dict, speed: dict, params: dict, path) -> None:
         ax.set_title(label)
         ax.grid(alpha=0.3)
     fig.suptitle("student decoders: speed vs quality (teacher = 1.0)")
-    common._save(fig, path)
+    plots.save(fig, path)
 
 
 def _markdown(table: dict, speed: dict, params: dict, checks: dict, steps: int) -> str:

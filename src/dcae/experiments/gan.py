@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dcae.experiments import common
+from dcae.experiments import common, plots
 from dcae.experiments.common import Protocol, pm, spread
 
 RESOLUTION = 64
@@ -75,12 +75,12 @@ def run(p: Protocol) -> dict[str, Any]:
 
     table = {arm: {k: spread([r[k] for r in rows]) for k, _ in METRICS} for arm, rows in finals.items()}
     out = p.out
-    common.plot_bars({"held out": table}, METRICS, out / "final.png", "phase 3 arms from the same phase-2 model")
+    plots.plot_bars({"held out": table}, METRICS, out / "final.png", "phase 3 arms from the same phase-2 model")
     _plot_training(logs, out / "training.png")
     last = p.seeds[-1]
     rows = [("start", _load(p.run_dir("base", f"seed{last}", "phase2", "model")))]
     rows += [(arm, _load(p.run_dir(_slug(arm), f"seed{last}", "phase3", "model"))) for arm in ARMS]
-    common.recon_grid(
+    plots.recon_grid(
         rows, images[:8], RESOLUTION, out / "reconstructions.png", f"held out, {RESOLUTION} px, seed {last}"
     )
     results = {"resolution": RESOLUTION, "steps": steps, "phase1": ph1, "phase2": ph2, "gan": GAN, "disc": DISC,
@@ -117,7 +117,7 @@ def _monitor_rows(run_dir) -> list[dict]:
 
 def _plot_training(logs: dict[str, list[list[dict]]], path) -> None:
     """The balance of the GAN: discriminator hinge loss (1 = chance, 0 = it always wins) and logits."""
-    plt = common._plt()
+    plt = plots.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for arm, runs in logs.items():
         if not any("d_loss" in r for r in runs[0]):
@@ -135,7 +135,7 @@ def _plot_training(logs: dict[str, list[list[dict]]], path) -> None:
     axes[0].axhline(1.0, color="gray", ls="--", lw=0.8)
     axes[0].legend(fontsize=8)
     fig.suptitle("GAN balance during phase 3 (one line per seed)")
-    common._save(fig, path)
+    plots.save(fig, path)
 
 
 def _markdown(table: dict, steps: int) -> str:

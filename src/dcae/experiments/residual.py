@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dcae.experiments import common
+from dcae.experiments import common, plots
 from dcae.experiments.common import Protocol, pm, spread
 
 FACTORS = {32: 32, 64: 128}  # spatial factor -> latent channels (the paper's f32c32 and f64c128)
@@ -49,17 +49,17 @@ def run(p: Protocol) -> dict[str, Any]:
         gaps[f"f{f}"] = {k: spread([a[k] - b[k] for a, b in zip(res, plain)]) for k, _ in METRICS}
 
     out = p.out
-    common.plot_curves(
+    plots.plot_curves(
         curves,
         METRICS,
         out / "curves.png",
         f"residual vs plain autoencoder, held-out, {RESOLUTION} px (mean ± std over seeds)",
     )
     groups = {f"f{f}": {r: table[f"f{f} {r}"] for r in ("residual", "plain")} for f in FACTORS}
-    common.plot_bars(groups, METRICS, out / "final.png", f"after {steps} steps (bars: mean, dots: seeds)")
+    plots.plot_bars(groups, METRICS, out / "final.png", f"after {steps} steps (bars: mean, dots: seeds)")
     images = common.held_out_images(p)[:8]
     models = [(label, _load(p, label)) for label, _, _ in arms()]
-    common.recon_grid(
+    plots.recon_grid(
         models,
         images,
         RESOLUTION,
