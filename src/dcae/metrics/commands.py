@@ -307,8 +307,9 @@ def _markdown_report(table: str, entries: list[dict], args) -> str:
 # ----------------------------------------------------------------------------------------- dcae fid
 def _stats_for(source: str, args, inception, cache) -> tuple:
     """(stats, skipped, n_files) of a .npz or an image set (cached when possible)."""
+    from dcae.metrics.accumulate import dataset_stats
     from dcae.metrics.data import collect_images
-    from dcae.metrics.fid import GaussianStats, dataset_stats, stats_cache_key
+    from dcae.metrics.fid import GaussianStats, stats_cache_key
 
     if source.endswith(".npz"):
         return GaussianStats.load(source), [], None

@@ -340,34 +340,3 @@ class StatsCache:
         except OSError as exc:  # a read-only cache must not fail an evaluation
             warnings.warn(f"could not write FID statistics cache {self.path(key)}: {exc}", stacklevel=2)
             return None
-
-
-# ----------------------------------------------------------------------------------------- data sets
-def dataset_stats(
-    refs,
-    inception: InceptionFeatures,
-    resolution: int | None = None,
-    batch_size: int = 16,
-    workers: int = 0,
-    progress: bool = False,
-    desc: str = "inception",
-) -> tuple[GaussianStats, list[dict]]:
-    """Inception statistics of images (`dcae.metrics.data.ImageRef`s); resolution=None feeds each
-    image at its own size (resized to 299 alone), else ADM center crop first. Returns (stats, skipped)."""
-    from tqdm import tqdm
-
-    from dcae.metrics.accumulate import FeatureStatsAccumulator
-    from dcae.metrics.data import iterate_batches
-
-    acc = FeatureStatsAccumulator()
-    skipped: list[dict] = []
-    with tqdm(total=len(refs), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
-        for batch in iterate_batches(refs, resolution, batch_size, workers):
-            skipped += [{"name": refs[i].name, "error": err} for i, err in batch.errors]
-            if batch.indices:
-                acc.update(inception(batch.images))
-            bar.update(len(batch.indices) + len(batch.errors))
-    if int(acc.count) < 2:
-        raise UserError(f"FID needs at least 2 readable images, found {int(acc.count)} of {len(refs)}")
-    meta = {"resolution": resolution, "crop": "adm-center" if resolution else "none", **inception.protocol}
-    return acc.compute(meta), skipped
