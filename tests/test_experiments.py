@@ -60,8 +60,13 @@ def test_gan_smoke(tmp_path):
     for arm, m in r["final"].items():
         assert math.isfinite(m["fid"]["mean"]) and m["sharpness"]["mean"] > 0, arm
     # the GAN arms really trained a discriminator (smoke: disc_start 0)
-    log = (tmp_path / "gan" / "runs" / "head___GAN" / "seed0" / "phase3" / "log.csv").read_text()
-    assert "d_loss" in log.splitlines()[0] and log.count("\n") >= 2
+    from dcae.train.monitor import read_log
+
+    runs = tmp_path / "gan" / "runs"
+    with_gan = read_log(runs / "head___GAN" / "seed0" / "phase3" / "log.csv")
+    without = read_log(runs / "head__no_GAN" / "seed0" / "phase3" / "log.csv")
+    assert with_gan and all("d_loss" in row for row in with_gan)
+    assert without and not any("d_loss" in row or "g_loss" in row for row in without)  # the control has no GAN
 
 
 def test_decoder_smoke(tmp_path):

@@ -63,7 +63,8 @@ def run(p: Protocol) -> dict[str, Any]:
         finals.setdefault("start (phase 2 result)", []).append(_eval(start, images, lpips, inception))
         for arm, (trainable, gan) in ARMS.items():
             run_dir = p.run_dir(_slug(arm), f"seed{seed}")
-            loss = (GAN | ({"disc_start": 0, "gan_warmup": 1} if p.smoke else {})) if gan else {}
+            # phase 3's default loss has a GAN (gan_weight 0.5): the control must switch it off explicitly
+            loss = (GAN | ({"disc_start": 0, "gan_warmup": 1} if p.smoke else {})) if gan else {"gan_weight": 0.0}
             ph3 = common.phase(
                 RESOLUTION, batch, steps, LR, trainable=trainable, optim={"weight_decay": 1e-3, "betas": [0.5, 0.9]},
                 loss=dict(loss), disc=DISC,
