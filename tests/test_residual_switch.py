@@ -131,28 +131,23 @@ def test_residual_stage_output_is_plain_output_plus_shortcut() -> None:
 
 
 @pytest.mark.parametrize("shortcut", [True, False])
-@pytest.mark.parametrize("kind", ["pixel_unshuffle", "conv"])
-def test_downsample_block_matches_diffusers(kind: str, shortcut: bool) -> None:
-    """diffusers' DCDownBlock2d has the same shortcut switch: with the same conv weights, the same output."""
-    ours = downsample_block(kind, 16, 32, shortcut)
-    theirs = DCDownBlock2d(16, 32, downsample=kind == "pixel_unshuffle", shortcut=shortcut)
+@pytest.mark.parametrize("kind", ["down:pixel_unshuffle", "down:conv", "up:pixel_shuffle", "up:interpolate"])
+def test_resample_block_matches_diffusers(kind: str, shortcut: bool) -> None:
+    """diffusers' DCDownBlock2d / DCUpBlock2d have the same shortcut switch: with the same conv weights,
+    the same output."""
+    direction, kind = kind.split(":")
+    if direction == "down":
+        ours = downsample_block(kind, 16, 32, shortcut)
+        theirs = DCDownBlock2d(16, 32, downsample=kind == "pixel_unshuffle", shortcut=shortcut)
+        x = torch.randn(2, 16, 8, 8)
+    else:
+        ours = upsample_block(kind, 32, 16, shortcut)
+        theirs = DCUpBlock2d(32, 16, interpolate=kind == "interpolate", shortcut=shortcut)
+        x = torch.randn(2, 32, 4, 4)
     conv = next(m for m in ours.modules() if isinstance(m, nn.Conv2d))
     theirs.conv.load_state_dict(conv.state_dict())
-    x = torch.randn(2, 16, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs(x))
-
-
-@pytest.mark.parametrize("shortcut", [True, False])
-@pytest.mark.parametrize("kind", ["pixel_shuffle", "interpolate"])
-def test_upsample_block_matches_diffusers(kind: str, shortcut: bool) -> None:
-    ours = upsample_block(kind, 32, 16, shortcut)
-    theirs = DCUpBlock2d(32, 16, interpolate=kind == "interpolate", shortcut=shortcut)
-    conv = next(m for m in ours.modules() if isinstance(m, nn.Conv2d))
-    theirs.conv.load_state_dict(conv.state_dict())
-    z = torch.randn(2, 32, 4, 4)
-    with torch.no_grad():
-        torch.testing.assert_close(ours(z), theirs(z))
 
 
 def test_plain_model_through_the_public_api() -> None:
