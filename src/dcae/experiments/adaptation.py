@@ -49,12 +49,12 @@ def run(p: Protocol) -> dict[str, Any]:
             ph2 = common.phase(res, batch2, steps2, 2.5e-4, trainable=patterns, optim={"weight_decay": 1e-3})
             cfg = common.train_config(
                 p,
-                p.run_dir(_slug(arm), f"seed{seed}"),
+                p.run_dir(common.arm_slug(arm), f"seed{seed}"),
                 seed,
                 None,
                 {2: ph2},
                 val_resolutions=EVAL,
-                val={"at_start": False, "lpips": True, "grid_images": 4, "resolutions": EVAL},
+                val_at_start=False,
             )
             evals.setdefault(arm, []).append(common.run_arm(cfg, [2], init=str(base / "phase1" / "model"))[2]["eval"])
 
@@ -74,11 +74,11 @@ def run(p: Protocol) -> dict[str, Any]:
     )
     _plot_cost(cost, out / "cost.png", batch2)
     images = common.held_out_images(p)[:6]
-    rows = [("phase 1 only", _load(base / "phase1" / "model"))]
+    rows = [("phase 1 only", common.load_model(base / "phase1" / "model"))]
     rows += [
         (
             arm.split(" (")[0].replace("control: ", ""),
-            _load(p.run_dir(_slug(arm), f"seed{p.seeds[-1]}", "phase2", "model")),
+            common.load_model(p.run_dir(common.arm_slug(arm), f"seed{p.seeds[-1]}", "phase2", "model")),
         )
         for arm in ARMS
     ]
@@ -103,16 +103,6 @@ def run(p: Protocol) -> dict[str, Any]:
         p, "Decoupled high-resolution adaptation", _markdown(table, cost, steps1, steps2, batch2), results
     )
     return results
-
-
-def _slug(arm: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in arm.split(" (")[0]).strip("_")
-
-
-def _load(path):
-    from dcae.models import DCAE
-
-    return DCAE.from_pretrained(path).eval()
 
 
 def measure_cost(p: Protocol, resolutions: list[int], batch: int, rounds: int) -> dict[str, dict[int, dict]]:

@@ -122,10 +122,12 @@ def train_config(
     phases: dict[int, dict],
     val_every: int = 0,
     val_resolutions: list[int] | None = None,
+    val_at_start: bool = True,
     **extra: Any,
 ) -> TrainConfig:
     """One arm's TrainConfig: the protocol's data split, no EMA (the curves and the result are the same
-    weights), checkpoints only at phase ends, held-out LPIPS with the loss network."""
+    weights), checkpoints only at phase ends, held-out LPIPS with the loss network. val_at_start=False: an
+    arm that starts from a model already evaluated skips the "before" evaluation."""
     d: dict[str, Any] = {
         "out_dir": str(run),
         "seed": seed,
@@ -133,7 +135,13 @@ def train_config(
         "data": {"train": p.data, "holdout": p.holdout, "scale_range": [1.0, 1.0], "num_workers": 1},
         "checkpoint": {"every": 10**9, "keep_last": 1},
         "log": {"every": max(1, min(10, val_every or 10)), "image_every": 0, "tensorboard": False},
-        "val": {"every": val_every, "resolutions": val_resolutions or [], "lpips": True, "grid_images": 4},
+        "val": {
+            "every": val_every,
+            "resolutions": val_resolutions or [],
+            "lpips": True,
+            "grid_images": 4,
+            "at_start": val_at_start,
+        },
         **extra,
     }
     if model is not None:
@@ -141,6 +149,22 @@ def train_config(
     for n, ph in phases.items():
         d[f"phase{n}"] = ph
     return load_config(d)
+
+
+def slug(text: str) -> str:
+    """A folder name for an arm's label: every character but letters and digits becomes '_'."""
+    return "".join(c if c.isalnum() else "_" for c in text).strip("_")
+
+
+def arm_slug(label: str) -> str:
+    """The folder of an arm: its label up to a parenthesised note ("head + GAN (paper)" -> head___GAN)."""
+    return slug(label.split(" (")[0])
+
+
+def load_model(path: str | Path):
+    from dcae.models import DCAE
+
+    return DCAE.from_pretrained(path).eval()
 
 
 def run_arm(cfg: TrainConfig, phases: list[int], init: str | None = None) -> dict[str, Any]:

@@ -57,12 +57,12 @@ def run(p: Protocol) -> dict[str, Any]:
         teacher = str(teacher_run / "phase1" / "model")
         models["teacher"] = teacher
         for name, fields in _students(p).items():
-            run_dir = p.run_dir(_slug(name), f"seed{seed}")
+            run_dir = p.run_dir(common.slug(name).lower(), f"seed{seed}")
             ph = common.phase1(p, steps, RESOLUTION, trainable={"decoder": "decoder.*"})
-            student = {"name": _slug(name), **fields}
+            student = {"name": common.slug(name).lower(), **fields}
             cfg = common.train_config(
                 p, run_dir, seed, None, {1: ph, 2: PHASE2}, val_resolutions=EVAL, decoder={"student": student},
-                val={"at_start": False, "lpips": True, "resolutions": EVAL},
+                val_at_start=False,
             )  # fmt: skip
             quality.setdefault(name, []).append(common.run_arm(cfg, [1], init=teacher)[1]["eval"])
             models[name] = str(run_dir / "phase1" / "model")
@@ -75,7 +75,7 @@ def run(p: Protocol) -> dict[str, Any]:
     out = p.out
     _plot_tradeoff(table, speed, params, out / "tradeoff.png")
     images = common.held_out_images(p)[:8]
-    rows = [(m, _load(path)) for m, path in models.items()]
+    rows = [(m, common.load_model(path)) for m, path in models.items()]
     plots.recon_grid(rows, images, 128, out / "reconstructions.png", f"held out, 128 px, seed {p.seeds[-1]}")
     results = {"steps": steps, "resolution": RESOLUTION, "students": STUDENTS, "quality": table, "decode": speed,
                "decoder_parameters": params, "encoder_checks": checks, "bench": BENCH}  # fmt: skip
@@ -88,18 +88,8 @@ def _students(p: Protocol) -> dict[str, dict]:
     return {"tiny preview": STUDENTS["tiny preview"]} if p.smoke else STUDENTS
 
 
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
-
-
-def _load(path: str):
-    from dcae.models import DCAE
-
-    return DCAE.from_pretrained(path).eval()
-
-
 def _decoder_parameters(path: str) -> int:
-    return sum(t.numel() for t in _load(path).decoder.parameters())
+    return sum(t.numel() for t in common.load_model(path).decoder.parameters())
 
 
 @torch.no_grad()
@@ -108,7 +98,7 @@ def latent_checks(teacher_path: str, student_path: str, p: Protocol) -> dict[str
     student exactly as the student's own encode-decode does (no re-encoding needed)."""
     from dcae.data.images import center_crop_arr, uint8_to_tensor
 
-    teacher, student = _load(teacher_path), _load(student_path)
+    teacher, student = common.load_model(teacher_path), common.load_model(student_path)
     t_sd, s_sd = teacher.encoder.state_dict(), student.encoder.state_dict()
     identical = t_sd.keys() == s_sd.keys() and all(torch.equal(t_sd[k], s_sd[k]) for k in t_sd)
     x = torch.stack([uint8_to_tensor(center_crop_arr(a, 64)) for a in common.held_out_images(p)[:4]])

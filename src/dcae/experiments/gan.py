@@ -62,14 +62,14 @@ def run(p: Protocol) -> dict[str, Any]:
         start = str(base / "phase2" / "model")
         finals.setdefault("start (phase 2 result)", []).append(_eval(start, images, lpips, inception))
         for arm, (trainable, gan) in ARMS.items():
-            run_dir = p.run_dir(_slug(arm), f"seed{seed}")
+            run_dir = p.run_dir(common.arm_slug(arm), f"seed{seed}")
             # phase 3's default loss has a GAN (gan_weight 0.5): the control must switch it off explicitly
             loss = (GAN | ({"disc_start": 0, "gan_warmup": 1} if p.smoke else {})) if gan else {"gan_weight": 0.0}
             ph3 = common.phase(
                 RESOLUTION, batch, steps, LR, trainable=trainable, optim={"weight_decay": 1e-3, "betas": [0.5, 0.9]},
                 loss=dict(loss), disc=DISC,
             )  # fmt: skip
-            cfg = common.train_config(p, run_dir, seed, None, {3: ph3}, val={"at_start": False, "lpips": True})
+            cfg = common.train_config(p, run_dir, seed, None, {3: ph3}, val_at_start=False)
             common.run_arm(cfg, [3], init=start)
             finals.setdefault(arm, []).append(_eval(str(run_dir / "phase3" / "model"), images, lpips, inception))
             logs.setdefault(arm, []).append(_monitor_rows(run_dir))
@@ -79,8 +79,10 @@ def run(p: Protocol) -> dict[str, Any]:
     plots.plot_bars({"held out": table}, METRICS, out / "final.png", "phase 3 arms from the same phase-2 model")
     _plot_training(logs, out / "training.png")
     last = p.seeds[-1]
-    rows = [("start", _load(p.run_dir("base", f"seed{last}", "phase2", "model")))]
-    rows += [(arm, _load(p.run_dir(_slug(arm), f"seed{last}", "phase3", "model"))) for arm in ARMS]
+    rows = [("start", common.load_model(p.run_dir("base", f"seed{last}", "phase2", "model")))]
+    rows += [
+        (arm, common.load_model(p.run_dir(common.arm_slug(arm), f"seed{last}", "phase3", "model"))) for arm in ARMS
+    ]
     plots.recon_grid(
         rows, images[:8], RESOLUTION, out / "reconstructions.png", f"held out, {RESOLUTION} px, seed {last}"
     )
@@ -90,16 +92,6 @@ def run(p: Protocol) -> dict[str, Any]:
     return results
 
 
-def _slug(arm: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in arm.split(" (")[0]).strip("_")
-
-
-def _load(path):
-    from dcae.models import DCAE
-
-    return DCAE.from_pretrained(path).eval()
-
-
 def _eval(path: str, images, lpips, inception) -> dict[str, Any]:
     import warnings
 
@@ -107,7 +99,7 @@ def _eval(path: str, images, lpips, inception) -> dict[str, Any]:
 
     with warnings.catch_warnings():  # the report says it: FID of a small set, compared between arms only
         warnings.simplefilter("ignore", FewImagesWarning)
-        return common.evaluate(_load(path), images, RESOLUTION, lpips=lpips, inception=inception)
+        return common.evaluate(common.load_model(path), images, RESOLUTION, lpips=lpips, inception=inception)
 
 
 def _monitor_rows(run_dir) -> list[dict]:

@@ -36,7 +36,7 @@ def run(p: Protocol) -> dict[str, Any]:
         model = common.tiny_model(f, FACTORS[f], residual)
         params[label] = sum(t.numel() for t in DCAE(DCAEConfig.from_dict(model)).parameters())
         for seed in p.seeds:
-            run_dir = p.run_dir(label.replace(" ", "_"), f"seed{seed}")
+            run_dir = p.run_dir(common.slug(label), f"seed{seed}")
             cfg = common.train_config(p, run_dir, seed, model, {1: ph}, val_every=every)
             result = common.run_arm(cfg, [1])[1]
             curves.setdefault(label, []).append(common.val_curve(run_dir, 1, result))
@@ -58,7 +58,9 @@ def run(p: Protocol) -> dict[str, Any]:
     groups = {f"f{f}": {r: table[f"f{f} {r}"] for r in ("residual", "plain")} for f in FACTORS}
     plots.plot_bars(groups, METRICS, out / "final.png", f"after {steps} steps (bars: mean, dots: seeds)")
     images = common.held_out_images(p)[:8]
-    models = [(label, _load(p, label)) for label, _, _ in arms()]
+    models = [
+        (label, common.load_model(p.run_dir(common.slug(label), "seed0", "phase1", "model"))) for label, _, _ in arms()
+    ]
     plots.recon_grid(
         models,
         images,
@@ -78,12 +80,6 @@ def run(p: Protocol) -> dict[str, Any]:
     }
     common.write_report(p, "Residual autoencoding: residual vs plain", _markdown(table, gaps, params, steps), results)
     return results
-
-
-def _load(p: Protocol, label: str):
-    from dcae.models import DCAE
-
-    return DCAE.from_pretrained(p.run_dir(label.replace(" ", "_"), "seed0", "phase1", "model")).eval()
 
 
 def _markdown(table: dict, gaps: dict, params: dict, steps: int) -> str:
