@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from dcae.errors import NonFiniteError, NonFiniteWarning
+from dcae.models import memory, weights
 from dcae.models.config import DCAEConfig, get_config
 from dcae.models.finite import non_finite_items, warn_non_finite_weights
 from dcae.models.layers import (
@@ -224,10 +225,8 @@ class DCAE(nn.Module):
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, **kwargs) -> DCAE:
         """Load released or saved weights: a Hub id, a local folder (original or diffusers format,
-        sharded or not) or a single .safetensors/.pt file. See `dcae.checkpoint.load_dcae`."""
-        from dcae.checkpoint import load_dcae
-
-        model = load_dcae(source, **kwargs)
+        sharded or not) or a single .safetensors/.pt file. Keyword arguments: see `dcae.models.weights.load`."""
+        model = weights.load(DCAE, source, **kwargs)
         model.check_weights_finite(str(source))
         return model
 
@@ -238,9 +237,7 @@ class DCAE(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike, format: str = "original", overwrite: bool = False) -> Path:
         """Write `directory` in the original (`model.safetensors` + config.json) or diffusers format."""
-        from dcae.checkpoint import save_dcae
-
-        return save_dcae(self, directory, format=format, overwrite=overwrite)
+        return weights.save(self, directory, format=format, overwrite=overwrite)
 
     # --------------------------------------------------------------------- properties
     @property
@@ -370,8 +367,6 @@ class DCAE(nn.Module):
 
     def _exceeds_ram(self, kind: str, inp: torch.Tensor) -> bool:
         """True (with a warning) when an untiled CPU call would need more than ~half the free memory."""
-        from dcae.models import memory
-
         pixels = inp.shape[-2] * inp.shape[-1] * (self.spatial_compression**2 if kind == "decode" else 1)
         if inp.device.type != "cpu" or not self.tile_on_oom or torch.is_grad_enabled():
             return False

@@ -47,6 +47,11 @@ from dcae.models.layers import (
     RMSNorm2d,
     relu_quadratic_attention,
 )
+from dcae.models.linear_attention import (  # re-exported: the PyTorch reference of the kernels
+    relu_linear_attention_apply,
+    relu_linear_attention_kv,
+    relu_linear_attention_tokens,
+)
 
 FP16_MAX = 65504.0
 
@@ -431,34 +436,6 @@ def _act_inplace(act: nn.Module, y: torch.Tensor) -> torch.Tensor:
     if isinstance(act, nn.SiLU):
         return F.silu(y, inplace=True)
     return act(y)
-
-
-def relu_linear_attention_kv(t: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """First half of ReLU linear attention on a token-major qkv view t (B, N, heads, 3d), [q | k | v] per
-    head: KV = sum_n relu(k_n) v_n^T (B, heads, d, d) and ksum = sum_n relu(k_n) (B, heads, d), fp32.
-    Sums over tokens, so they can be accumulated over bands of rows."""
-    _, k, v = t.float().split(head_dim, dim=-1)
-    k = F.relu(k)
-    return torch.einsum("bnhd,bnhe->bhde", k, v), k.sum(dim=1)
-
-
-def relu_linear_attention_apply(
-    t: torch.Tensor, kv: torch.Tensor, ksum: torch.Tensor, head_dim: int, eps: float = 1e-15
-) -> torch.Tensor:
-    """Second half: out_n = (relu(q_n) @ KV) / (relu(q_n) . ksum) -> (B, N, heads, d) fp32.
-
-    The same kernel as the eager `relu_linear_attention` (which gets the denominator from a row of ones
-    padded onto v). fp32 throughout: the sums over N overflow fp16.
-    """
-    q = F.relu(t[..., :head_dim].float())
-    num = torch.einsum("bnhd,bhde->bnhe", q, kv)
-    den = torch.einsum("bnhd,bhd->bnh", q, ksum)
-    return num / (den.unsqueeze(-1) + eps)
-
-
-def relu_linear_attention_tokens(t: torch.Tensor, head_dim: int, eps: float = 1e-15) -> torch.Tensor:
-    """Both halves at once: t (B, N, heads, 3d) -> (B, N, heads, d) fp32."""
-    return relu_linear_attention_apply(t, *relu_linear_attention_kv(t, head_dim), head_dim, eps)
 
 
 def check_kernels(kernels, device: torch.device) -> str | None:

@@ -19,6 +19,8 @@ import os
 
 import torch
 
+from dcae.models import linear_attention as reference
+
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs do not have it.
     import triton
     import triton.language as tl
@@ -121,11 +123,9 @@ def _supported(t: torch.Tensor, head_dim: int) -> bool:
 
 def relu_linear_attention_kv(t: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """KV (B, heads, d, d) and ksum (B, heads, d) in fp32 from a token-major qkv view t (B, N, heads, 3d)
-    with unit stride in the last dim; same contract as `dcae.models.fast.relu_linear_attention_kv`."""
+    with unit stride in the last dim; same contract as `dcae.models.linear_attention.relu_linear_attention_kv`."""
     if not _supported(t, head_dim):
-        from dcae.models.fast import relu_linear_attention_kv as reference
-
-        return reference(t, head_dim)
+        return reference.relu_linear_attention_kv(t, head_dim)
     b, n, heads, _ = t.shape
     d, block_n = head_dim, 64
     # Enough programs to fill the GPU even for batch 1 with few heads: split N, sum the partials after.
@@ -145,9 +145,7 @@ def relu_linear_attention_apply(
 ) -> torch.Tensor:
     """(B, N, heads, d) fp32 = relu(q) @ KV / (relu(q) . ksum); see `relu_linear_attention_kv`."""
     if not _supported(t, head_dim):
-        from dcae.models.fast import relu_linear_attention_apply as reference
-
-        return reference(t, kv, ksum, head_dim, eps)
+        return reference.relu_linear_attention_apply(t, kv, ksum, head_dim, eps)
     b, n, heads, _ = t.shape
     d, block_n = head_dim, 64
     kv, ksum = kv.contiguous(), ksum.contiguous()

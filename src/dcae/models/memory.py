@@ -67,12 +67,11 @@ def _storage_id(t: torch.Tensor) -> int:
 
 def estimate_peak_bytes(model, kind: str, shape: tuple[int, ...], dtype: torch.dtype) -> int:
     """Peak tensor memory of an untiled `model.encode` / `model.decode` (kind "encode" / "decode") of an input
-    of `shape`, measured on a meta-device twin: no memory is allocated and nothing computed (~1 s for a
-    full-size model at 4096 px). Weights and the input are not counted."""
-    from dcae.models.autoencoder import DCAE
-
+    of `shape`, measured on a meta-device twin (`type(model)(model.config)`, a DCAE with default settings):
+    no memory is allocated and nothing computed (~1 s for a full-size model at 4096 px). Weights and the
+    input are not counted."""
     with torch.device("meta"):
-        twin = DCAE(model.config).to(dtype).eval()
+        twin = type(model)(model.config).to(dtype).eval()
     x = torch.empty(shape, device="meta", dtype=dtype)
     with torch.inference_mode(), TensorMemoryTracker() as tracker:
         getattr(twin, kind)(x)
