@@ -6,14 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dcae.diffusion.models import (
+from dcae.diffusion.nets import (
     DiT,
     UViT,
     create_diffusion_model,
     list_diffusion_models,
     set_grad_checkpointing,
-    sincos_pos_embed_2d,
 )
+from dcae.diffusion.nets.layers import sincos_pos_embed_2d
 from dcae.errors import UnknownModelError
 
 

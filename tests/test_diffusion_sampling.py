@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from dcae.diffusion.common import drop_labels
-from dcae.diffusion.ddpm import GaussianDiffusion
-from dcae.diffusion.flow import FlowMatching
-from dcae.diffusion.models import DiT
-from dcae.diffusion.sampling import Denoiser, guided_output, sample
+from dcae.diffusion.conditioning import Labels, drop
+from dcae.diffusion.nets import DiT
+from dcae.diffusion.processes.ddpm import GaussianDiffusion
+from dcae.diffusion.processes.flow import FlowMatching
+from dcae.diffusion.processes.sampling import Denoiser, guided_output, sample
 from dcae.errors import UserError
 
 MU, S = 1.5, 0.3  # data ~ N(MU, S^2) in every coordinate
@@ -131,38 +131,38 @@ def test_cfg_scale_one_is_conditional_and_zero_is_unconditional():
     x, t, y = torch.randn(3, 4, 4, 4), torch.tensor([10.0, 500.0, 900.0]), torch.tensor([0, 3, 4])
     cond, uncond = model(x, t, y), model(x, t, torch.full_like(y, 5))
     assert not torch.allclose(cond, uncond)
-    torch.testing.assert_close(guided_output(model, x, t, y, 5, 1.0), cond, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(guided_output(model, x, t, y, 5, 0.0), uncond, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(guided_output(model, x, t, Labels(y, 5), 1.0), cond, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(guided_output(model, x, t, Labels(y, 5), 0.0), uncond, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(
-        guided_output(model, x, t, y, 5, 4.0), uncond + 4 * (cond - uncond), atol=1e-4, rtol=1e-4
+        guided_output(model, x, t, Labels(y, 5), 4.0), uncond + 4 * (cond - uncond), atol=1e-4, rtol=1e-4
     )
 
 
 def test_cfg_leaves_learned_variance_conditional():
     model = small_dit(learn_sigma=True)
     x, t, y = torch.randn(2, 4, 4, 4), torch.tensor([10.0, 500.0]), torch.tensor([0, 3])
-    out = guided_output(model, x, t, y, 5, 3.0)
+    out = guided_output(model, x, t, Labels(y, 5), 3.0)
     torch.testing.assert_close(out[:, 4:], model(x, t, y)[:, 4:], atol=1e-5, rtol=1e-5)
 
 
 def test_guidance_interval():
     model = small_dit()
     x, y = torch.randn(2, 4, 4, 4), torch.tensor([0, 3])
-    d = Denoiser(model, FlowMatching(), y, null_class=5, cfg_scale=3.0, guidance_interval=(0.2, 0.6))
+    d = Denoiser(model, FlowMatching(), Labels(y, 5), cfg_scale=3.0, guidance_interval=(0.2, 0.6))
     t = torch.full((2,), 900.0)
     torch.testing.assert_close(d(x, 0.9), model(x, t, y))  # outside the interval: conditional only
     t = torch.full((2,), 400.0)
-    torch.testing.assert_close(d(x, 0.4), guided_output(model, x, t, y, 5, 3.0))
+    torch.testing.assert_close(d(x, 0.4), guided_output(model, x, t, Labels(y, 5), 3.0))
 
 
 def test_sampling_with_guidance_is_seeded_and_finite():
     model = small_dit()
     noise = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(3))
     y = torch.tensor([1, 2])
-    a = sample(model, FlowMatching(), noise, y=y, null_class=5, steps=4, solver="heun", cfg_scale=2.0)
-    b = sample(model, FlowMatching(), noise, y=y, null_class=5, steps=4, solver="heun", cfg_scale=2.0)
+    a = sample(model, FlowMatching(), noise, Labels(y, 5), steps=4, solver="heun", cfg_scale=2.0)
+    b = sample(model, FlowMatching(), noise, Labels(y, 5), steps=4, solver="heun", cfg_scale=2.0)
     assert torch.equal(a, b) and torch.isfinite(a).all()
-    c = sample(model, FlowMatching(), noise, y=y, null_class=5, steps=4, solver="heun", cfg_scale=1.0)
+    c = sample(model, FlowMatching(), noise, Labels(y, 5), steps=4, solver="heun", cfg_scale=1.0)
     assert not torch.allclose(a, c)
 
 
@@ -171,14 +171,14 @@ def test_sampling_with_guidance_is_seeded_and_finite():
 
 def test_label_dropout_rate_and_null_class():
     y = torch.arange(10).repeat(1000)
-    dropped = drop_labels(y, 0.1, null_class=10, generator=torch.Generator().manual_seed(0))
+    dropped = Labels(y, 10).drop(0.1, generator=torch.Generator().manual_seed(0)).y
     frac = (dropped == 10).float().mean().item()
     assert 0.09 < frac < 0.11
     kept = dropped != 10
     assert torch.equal(dropped[kept], y[kept])
-    assert drop_labels(None, 0.1, 10) is None
+    assert drop(None, 0.1) is None
     with pytest.raises(ValueError):
-        drop_labels(y, 0.1, None)
+        Labels(y, 0)  # no null class
 
 
 def test_flow_interpolation_and_t_sampling():
@@ -198,7 +198,7 @@ def test_flow_interpolation_and_t_sampling():
     assert ((ln < 0.1) | (ln > 0.9)).float().mean() < 0.5 * ((un < 0.1) | (un > 0.9)).float().mean()
 
 
-@pytest.mark.parametrize("process", [FlowMatching(label_dropout=0.1), GaussianDiffusion(learn_sigma=True)])
+@pytest.mark.parametrize("process", [FlowMatching(cond_dropout=0.1), GaussianDiffusion(learn_sigma=True)])
 def test_training_loss_decreases_on_toy_latents(process):
     """A tiny DiT fits 4 fixed 'latent images' (one per class): the loss on a fixed evaluation batch (same
     noise and times before and after) must drop by more than half."""
@@ -218,14 +218,16 @@ def test_training_loss_decreases_on_toy_latents(process):
     def eval_loss() -> float:
         idx = torch.arange(4).repeat(64)
         with torch.no_grad():
-            return process.loss(model, data[idx], labels[idx], 4, torch.Generator().manual_seed(123)).mean().item()
+            return (
+                process.loss(model, data[idx], Labels(labels[idx], 4), torch.Generator().manual_seed(123)).mean().item()
+            )
 
     before = eval_loss()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(1)
     for _ in range(200):
         idx = torch.randint(0, 4, (16,), generator=gen)
-        loss = process.loss(model, data[idx], labels[idx], null_class=4, generator=gen).mean()
+        loss = process.loss(model, data[idx], Labels(labels[idx], 4), generator=gen).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -21,7 +21,9 @@ from test_train_helpers import has_fid_weights
 
 from dcae.cli import main as cli
 from dcae.diffusion.latents import extract_latents
-from dcae.diffusion.trainer import TrainConfig, list_checkpoints, load_checkpoint, load_config, train
+from dcae.diffusion.train.checkpoint import list_checkpoints, load_checkpoint
+from dcae.diffusion.train.config import TrainConfig, load_config
+from dcae.diffusion.train.loop import train
 from dcae.errors import UserError
 
 TINY_MODEL = {"depth": 2, "hidden_size": 32, "num_heads": 2}

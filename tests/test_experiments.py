@@ -60,7 +60,7 @@ def test_gan_smoke(tmp_path):
     for arm, m in r["final"].items():
         assert math.isfinite(m["fid"]["mean"]) and m["sharpness"]["mean"] > 0, arm
     # the GAN arms really trained a discriminator (smoke: disc_start 0)
-    from dcae.train.monitor import read_log
+    from dcae.runtime.log import read_log
 
     runs = tmp_path / "gan" / "runs"
     with_gan = read_log(runs / "head___GAN" / "seed0" / "phase3" / "log.csv")

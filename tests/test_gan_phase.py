@@ -16,10 +16,10 @@ from test_train_helpers import TINY_MODEL, tiny_config
 from torch import nn
 
 from dcae.models import DCAE, DCAEConfig
-from dcae.train import state
+from dcae.runtime import checkpoint as state
+from dcae.runtime.log import read_log
 from dcae.train.config import ConfigError, LossConfig, load_config
 from dcae.train.losses import AutoencoderLoss, PatchDiscriminator, adaptive_gan_weight, hinge_d_loss
-from dcae.train.monitor import read_log
 
 PHOTOS = "skimage:astronaut,chelsea,coffee"
 HEAD = "decoder.project_out."

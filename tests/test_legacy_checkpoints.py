@@ -55,18 +55,21 @@ def _diffusion_overrides(data: Path, out: Path) -> list[str]:
 
 
 def test_diffusion_checkpoint_loads_and_samples():
-    from dcae.diffusion.sampling import sample
-    from dcae.diffusion.trainer import load_checkpoint
+    from dcae.diffusion.conditioning import Labels
+    from dcae.diffusion.processes.sampling import sample
+    from dcae.diffusion.train.checkpoint import load_checkpoint
 
     model, process, meta = load_checkpoint(LEGACY / "diffusion" / "checkpoints" / "step_0000001.pt")
     assert meta["step"] == 1 and meta["latents"]["class_names"] == ["cat", "dog"]
     noise = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(0))
-    out = sample(model, process, noise, torch.tensor([0, 1]), null_class=2, steps=2, solver="euler", cfg_scale=2.0)
+    out = sample(model, process, noise, Labels(torch.tensor([0, 1]), 2), steps=2, solver="euler", cfg_scale=2.0)
     assert out.shape == noise.shape and torch.isfinite(out).all()
 
 
 def test_diffusion_checkpoint_resumes(tmp_path):
-    from dcae.diffusion.trainer import list_checkpoints, load_config, train
+    from dcae.diffusion.train.checkpoint import list_checkpoints
+    from dcae.diffusion.train.config import load_config
+    from dcae.diffusion.train.loop import train
 
     out = tmp_path / "run"
     shutil.copytree(LEGACY / "diffusion" / "checkpoints", out / "checkpoints")
@@ -75,4 +78,11 @@ def test_diffusion_checkpoint_resumes(tmp_path):
     assert final["step"] == 2
     ref = torch.load(LEGACY / "diffusion" / "final.pt", weights_only=True)
     _close(final["model"], ref["model"], "model")
-    _close(final["ema"], ref["ema"], "ema")
+    # The EMA's warm-up is now the runtime's one for every trainer: the k-th update decays by
+    # min(decay, (1 + k) / (10 + k)); the diffusion trainer used to take (1 + s) / (10 + s) with s = k - 1.
+    # So the resumed step 2 averages the legacy step-1 EMA with decay 3/12 where the old code used 2/11.
+    legacy = torch.load(LEGACY / "diffusion" / "checkpoints" / "step_0000001.pt", weights_only=True)["ema"]
+    expected = {k: legacy[k].lerp(ref["model"][k], 1 - 3 / 12) for k in legacy}
+    _close(final["ema"], expected, "ema")
+    old_rule = {k: legacy[k].lerp(ref["model"][k], 1 - 2 / 11) for k in legacy}
+    _close(old_rule, ref["ema"], "ema of the old code")

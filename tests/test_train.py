@@ -14,7 +14,9 @@ import torch
 from test_train_helpers import TINY_MODEL, tiny_config, write_photos
 
 from dcae.models import DCAE, DCAEConfig
-from dcae.train import params, state
+from dcae.runtime import checkpoint as state
+from dcae.runtime.schedule import lr_at
+from dcae.train import params
 from dcae.train.config import ConfigError, OptimConfig, load_config, packaged_configs
 from dcae.train.data import ImageDataset, ResumableBatchSampler, augment, list_items, split_items
 
@@ -206,10 +208,10 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
 # ----------------------------------------------------------------------------- units
 def test_lr_schedule():
     o = OptimConfig(lr=1.0, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
-    assert state.lr_at(0, 100, o) == pytest.approx(0.1)
-    assert state.lr_at(10, 100, o) == pytest.approx(1.0)
-    assert state.lr_at(100, 100, o) == pytest.approx(0.1)
-    assert state.lr_at(55, 100, o) == pytest.approx(0.55)
+    assert lr_at(0, 100, o) == pytest.approx(0.1)
+    assert lr_at(10, 100, o) == pytest.approx(1.0)
+    assert lr_at(100, 100, o) == pytest.approx(0.1)
+    assert lr_at(55, 100, o) == pytest.approx(0.55)
 
 
 def test_discriminator_and_adaptive_weight():
@@ -310,7 +312,7 @@ def test_phase_2_needs_phase_1(tmp_path):
 
 
 def test_loss_decreases_on_real_photos(tmp_path):
-    from dcae.train.monitor import read_log
+    from dcae.runtime.log import read_log
     from dcae.train.trainer import train
 
     cfg = tiny_config(tmp_path / "run", ["skimage:astronaut,chelsea,coffee,rocket,camera,coins"])

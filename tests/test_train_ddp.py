@@ -12,7 +12,7 @@ import yaml
 from test_train_helpers import tiny_config, torchrun_dcae, write_photos
 
 from dcae.models import DCAE
-from dcae.train import state
+from dcae.runtime import checkpoint as state
 from dcae.train.config import load_config
 
 

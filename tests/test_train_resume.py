@@ -15,7 +15,7 @@ import torch
 import yaml
 from test_train_helpers import tiny_config, write_photos
 
-from dcae.train import state
+from dcae.runtime import checkpoint as state
 
 
 def _train_cmd(config: Path, out: Path, *extra: str) -> list[str]:
@@ -93,7 +93,7 @@ def test_checkpoint_rng_state_round_trips_and_loads_weights_only(tmp_path):
     np.random.seed(3)
     random.seed(3)
     torch.manual_seed(3)
-    path = state.save_checkpoint({"rng": state.rng_state(), "step": 7}, tmp_path, 7, keep_last=2)
+    path = state.save_checkpoint({"rng": state.rng_state(), "step": 7}, state.checkpoint_path(tmp_path, 7), keep_last=2)
     expected = (np.random.rand(4), random.random(), torch.rand(3))
     np.random.rand(10), random.random(), torch.rand(10)  # move every generator on
     state.set_rng_state(state.load_checkpoint(path)["rng"])

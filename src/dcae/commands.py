@@ -37,7 +37,7 @@ def _positive_int(text: str) -> int:
 def load_model_from_args(args: argparse.Namespace):
     from dcae.errors import non_finite_warnings_as_lines
     from dcae.models import DCAE
-    from dcae.utils.runtime import resolve_device, resolve_dtype
+    from dcae.utils.devices import resolve_device, resolve_dtype
 
     with non_finite_warnings_as_lines():  # NaN weights: one line naming the tensor; outputs are checked by file
         model = DCAE.from_pretrained(args.model, model_name=args.model_name)
@@ -90,7 +90,7 @@ def _summary_exit(done: int, problems, total: int, what: str) -> int:
 
 # ----------------------------------------------------------------------------- models
 def cmd_models(args: argparse.Namespace) -> int:
-    from dcae.diffusion.released import print_released_table, released_rows
+    from dcae.diffusion.released.models import print_released_table, released_rows
     from dcae.models import get_config, list_models
     from dcae.models.config import model_aliases
 

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from dcae.data.images import make_grid, save_image
 from dcae.diffusion.latents import read_index
-from dcae.diffusion.sampling import sample
-from dcae.diffusion.trainer import load_checkpoint
+from dcae.diffusion.processes.sampling import sample
+from dcae.diffusion.train.checkpoint import conditioning_of, load_checkpoint
 from dcae.models import DCAE
 
 run, lat_dir, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
@@ -36,7 +36,7 @@ torch.manual_seed(0)
 noise = torch.randn(4 * n_cls, *index["latent_shape"], generator=torch.Generator().manual_seed(0))
 y = torch.arange(n_cls).repeat(4)
 for cfg in (1.0, 2.0):
-    z = sample(model, process, noise, y=y, null_class=n_cls, steps=20, solver="heun", cfg_scale=cfg)
+    z = sample(model, process, noise, conditioning_of(meta).batch(y), steps=20, solver="heun", cfg_scale=cfg)
     cls, rel = nearest(z)
     d = torch.cdist(z.flatten(1), real.flatten(1))
     own = torch.stack([d[i, real_y == y[i]].min() for i in range(len(y))])

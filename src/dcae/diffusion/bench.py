@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from dcae.diffusion.flow import FlowMatching
-from dcae.diffusion.models import create_diffusion_model
+from dcae.diffusion.nets import create_diffusion_model
+from dcae.diffusion.processes.flow import FlowMatching
 
 
 @dataclass(frozen=True)
@@ -131,13 +131,13 @@ def bench_one(
     run = torch.compile(model) if compile else model
     process = FlowMatching()
     x = torch.randn(batch, setting.channels, setting.size, setting.size, device=device)
-    y = torch.randint(0, 1000, (batch,), device=device)
+    cond = model.conditioning.batch(torch.randint(0, 1000, (batch,), device=device), device)
     t = torch.full((batch,), 500.0, device=device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def train_step() -> None:
         with autocast:
-            loss = process.loss(run, x, y, null_class=1000).mean()
+            loss = process.loss(run, x, cond).mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -145,7 +145,7 @@ def bench_one(
     @torch.no_grad()
     def infer_step() -> None:
         with autocast:
-            run(x, t, y)
+            run(x, t, cond)
 
     record = {
         "model": family + "".join(f" ({k} {v})" for k, v in (overrides or {}).items()),

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dcae.diffusion.generation import compute_gfid, sample_labels, write_samples
 from dcae.utils.cliargs import IntermixedParser
 
 
@@ -23,7 +22,7 @@ def cmd_latents(args: argparse.Namespace) -> int:
     import torch
 
     from dcae.diffusion.latents import extract_latents, finalize_latents
-    from dcae.utils.runtime import process_group_from_env, resolve_dtype
+    from dcae.utils.devices import process_group_from_env, resolve_dtype
 
     # One process, or one per GPU under `accelerate launch` / torchrun: each writes every n-th shard.
     rank, world, device = process_group_from_env(args.device)
@@ -75,7 +74,8 @@ def cmd_latents(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- dcae diffusion train
 def cmd_train(args: argparse.Namespace) -> int:
-    from dcae.diffusion.trainer import config_to_dict, load_config, train
+    from dcae.diffusion.train.config import config_to_dict, load_config
+    from dcae.diffusion.train.loop import train
 
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not Path(config).exists():  # no config file, only overrides
@@ -94,15 +94,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- dcae sample
 def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
 
-    from dcae.diffusion.trainer import load_checkpoint
+    from dcae.diffusion.generation import ImageSampler, condition_values, write_samples
+    from dcae.diffusion.processes.sampling import sample
+    from dcae.diffusion.train.checkpoint import conditioning_of, load_checkpoint
+    from dcae.diffusion.train.samples import default_solver
     from dcae.errors import UserError
-    from dcae.utils.runtime import process_group_from_env
+    from dcae.utils.devices import process_group_from_env
 
     if args.model:  # a released DC-AE ImageNet model (name, Hub id or folder)
         if args.ckpt:
             raise UserError("pass --ckpt (a checkpoint of ours) or --model (a released model), not both")
-        from dcae.diffusion.released_cli import cmd_sample_released
+        from dcae.diffusion.released.commands import cmd_sample_released
 
         return cmd_sample_released(args)
     if not args.ckpt:
@@ -114,59 +118,35 @@ def cmd_sample(args: argparse.Namespace) -> int:
     # Under torchrun / `accelerate launch` process r samples the missing images i with i % n == r, on its own GPU.
     rank, world, device = process_group_from_env(args.device)
     model, process, meta = load_checkpoint(args.ckpt, use_ema=not args.no_ema, device=device)
-    lat, num_classes = meta["latents"] or {}, int(meta["model_args"]["num_classes"])
-    labels = sample_labels(args.classes, args.n, lat, num_classes)
-    solver = args.solver if args.solver != "auto" else ("heun" if process.prediction == "velocity" else "dpm++")
+    lat, conditioning = meta["latents"] or {}, conditioning_of(meta)
+    values = condition_values(conditioning, args.classes, args.n, lat)
+    solver = default_solver(process, args.solver)
     source = args.autoencoder or lat.get("model")
     if not source:
         raise UserError("the checkpoint records no autoencoder: pass --autoencoder")
     ae = _load_autoencoder(source).to(device).eval()
-    run = _Sampler(args, model, process, ae, solver, float(lat.get("scaling_factor") or ae.scaling_factor),
-                   tuple(lat.get("latent_shape") or (model.in_channels, model.input_size, model.input_size)),
-                   num_classes, device)  # fmt: skip
+    interval = tuple(float(v) for v in args.guidance_interval.split(","))
 
+    def latents(noise, batch_values: list, seeds: list[int], generators):
+        return sample(model, process, noise, conditioning.batch(batch_values, device), steps=args.steps,
+                      solver=solver, cfg_scale=args.cfg, guidance_interval=interval, eta=args.eta,
+                      generator=torch.Generator(device).manual_seed(seeds[0]))  # fmt: skip
+
+    shape = tuple(lat.get("latent_shape") or (model.in_channels, model.input_size, model.input_size))
+    scaling = float(lat.get("scaling_factor") or ae.scaling_factor)
+    run = ImageSampler(latents, ae, scaling, shape, args.seed, device, args.dtype)
     out = Path(args.output)
-    paths = write_samples(run.images, labels, out, args.n, args.batch_size, args.overwrite, rank, world)
+    paths = write_samples(run.images, values, out, args.n, args.batch_size, args.overwrite, rank, world)
     if rank == 0:
-        _sample_report(args, out, paths, labels, meta, {"autoencoder": source, "solver": solver,
-                                                         "guidance_interval": list(run.interval)}, device)  # fmt: skip
+        _sample_report(args, out, paths, values, meta, {"autoencoder": source, "solver": solver,
+                                                         "guidance_interval": list(interval)}, device)  # fmt: skip
     return 0
-
-
-class _Sampler:
-    """Decoded samples for given image indices: the noise of image i is seeded by i, so any batch size,
-    process count or resumed run gives the same image i."""
-
-    def __init__(self, args, model, process, ae, solver: str, scaling: float, shape: tuple, num_classes: int,
-                 device) -> None:  # fmt: skip
-        self.args, self.model, self.process, self.ae, self.solver = args, model, process, ae, solver
-        self.scaling, self.shape, self.num_classes, self.device = scaling, shape, num_classes, device
-        self.interval = tuple(float(v) for v in args.guidance_interval.split(","))
-
-    def images(self, idx: list[int], labels: list):
-        import torch
-
-        from dcae.diffusion.sampling import sample
-        from dcae.errors import NonFiniteError
-
-        a, device = self.args, self.device
-        seeds = [a.seed * 1_000_003 + i for i in idx]
-        noise = torch.stack([torch.randn(self.shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-        y = torch.tensor([labels[i] for i in idx], device=device) if self.num_classes > 0 else None
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.dtype == "bf16")
-        with torch.no_grad(), autocast:
-            z = sample(self.model, self.process, noise.to(device), y=y, null_class=self.num_classes, steps=a.steps,
-                       solver=self.solver, cfg_scale=a.cfg, guidance_interval=self.interval, eta=a.eta,
-                       generator=torch.Generator(device).manual_seed(seeds[0]))  # fmt: skip
-        if not torch.isfinite(z).all():
-            raise NonFiniteError("sampling produced NaN/Inf latents")
-        with torch.no_grad():
-            return self.ae.decode(z / self.scaling).float()
 
 
 def _sample_report(args, out: Path, paths: list[Path], labels: list, meta: dict, settings: dict, device) -> None:
     """grid.png, samples.json (settings, labels, class names) and, with --fid-ref, gFID."""
     from dcae.data.images import load_image, make_grid, save_image
+    from dcae.diffusion.generation import compute_gfid
     from dcae.utils.io import atomic_write_json
 
     lat = meta["latents"] or {}

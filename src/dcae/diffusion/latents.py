@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from dcae.data.images import ImageReadError, center_crop_arr, find_images, load_image_uint8
+from dcae.diffusion.conditioning import Conditioning, from_record
 from dcae.errors import NonFiniteError, UserError
 from dcae.utils.io import atomic_save_safetensors, atomic_write_json, atomic_write_text
 
@@ -341,6 +342,12 @@ def read_index(root: str | os.PathLike) -> dict:
 
 
 # ----------------------------------------------------------------------------- reading back
+def decode_scaled(autoencoder, z: torch.Tensor, scaling_factor: float) -> torch.Tensor:
+    """Images in [-1, 1] (float32) from latents stored scaled, z * scaling_factor, as `dcae latents` writes them
+    and diffusion models generate them."""
+    return autoencoder.decode(z.float() / scaling_factor).float()
+
+
 class LatentDataset(torch.utils.data.Dataset):
     """Latents from `dcae latents`: items are (latent C x h x w float32, label int64; -1 when unconditional).
 
@@ -379,6 +386,11 @@ class LatentDataset(torch.utils.data.Dataset):
     @property
     def num_classes(self) -> int:
         return int(self.index.get("num_classes", 0))
+
+    @property
+    def conditioning(self) -> Conditioning:
+        """What the index says the latents are conditioned on (class labels, or nothing)."""
+        return from_record(self.index)
 
     @property
     def latent_shape(self) -> tuple[int, ...]:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from dcae.errors import UserError
+from dcae.runtime.log import read_log
 from dcae.train import monitor
 from dcae.train.config import TrainConfig, load_config
 from dcae.utils.io import atomic_write_json, atomic_write_text
@@ -183,7 +184,7 @@ def val_curve(run: Path, n: int, result: dict[str, Any]) -> list[dict[str, float
         return {"step": step, **{k: m.get(prefix + k, math.nan) for k in ("psnr", "ssim", "lpips")}}
 
     rows = [point(0, result["start"][0])] if result.get("start") else []
-    rows += [point(r["step"], r, "val_") for r in monitor.read_log(run / f"phase{n}" / "log.csv") if "val_psnr" in r]
+    rows += [point(r["step"], r, "val_") for r in read_log(run / f"phase{n}" / "log.csv") if "val_psnr" in r]
     if not rows or rows[-1]["step"] != result["steps"]:
         rows.append(point(result["steps"], result["eval"][0]))
     return rows

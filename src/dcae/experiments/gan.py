@@ -103,9 +103,9 @@ def _eval(path: str, images, lpips, inception) -> dict[str, Any]:
 
 
 def _monitor_rows(run_dir) -> list[dict]:
-    from dcae.train import monitor
+    from dcae.runtime.log import read_log
 
-    return monitor.read_log(run_dir / "phase3" / "log.csv")
+    return read_log(run_dir / "phase3" / "log.csv")
 
 
 def _plot_training(logs: dict[str, list[list[dict]]], path) -> None:

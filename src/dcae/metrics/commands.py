@@ -165,7 +165,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from dcae.metrics.data import collect_images
     from dcae.metrics.fid import FewImagesWarning
     from dcae.metrics.reconstruction import EvalSettings, evaluate_reconstruction, load_autoencoder
-    from dcae.utils.runtime import process_group_from_env, resolve_dtype
+    from dcae.utils.devices import process_group_from_env, resolve_dtype
 
     out = Path(args.out) if args.out else None
     json_path = Path(args.json) if args.json else None
@@ -344,7 +344,7 @@ def run_fid(args: argparse.Namespace) -> int:
     from dcae.errors import UserError
     from dcae.metrics.fid import FewImagesWarning, fid_from_stats, fid_method_used
     from dcae.utils.io import atomic_write_json
-    from dcae.utils.runtime import resolve_device
+    from dcae.utils.devices import resolve_device
 
     if args.b is None and not args.save_stats:
         raise UserError("give two sets to compare, or one set and --save-stats")
@@ -392,7 +392,7 @@ def run_metrics(args: argparse.Namespace) -> int:
     from dcae.metrics.paired import pair_images, paired_metrics
     from dcae.metrics.reconstruction import as_json, per_image_csv
     from dcae.utils.io import atomic_write_json, atomic_write_text
-    from dcae.utils.runtime import resolve_device
+    from dcae.utils.devices import resolve_device
 
     _check_outputs([Path(p) if p else None for p in (args.json, args.csv)], args.overwrite)
     pairing = pair_images(collect_images(args.ref), collect_images(args.test))

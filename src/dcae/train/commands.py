@@ -48,7 +48,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dcae.train.config import dump_yaml, load_config
+    from dcae.runtime.config import dump_yaml
+    from dcae.train.config import load_config
 
     cfg = load_config(args.config, list(args.overrides))
     if args.out:

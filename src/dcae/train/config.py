@@ -12,18 +12,14 @@ Where the defaults come from (DC-AE paper, arXiv 2410.10733, Sec. 3.3 / appendix
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from dcae.errors import UserError
 from dcae.models.config import expand_residual
+from dcae.runtime import config as runtime_config
+from dcae.runtime.config import ConfigError
+from dcae.runtime.schedule import SCHEDULES
 
 PHASE_NAMES = {
     1: "low-resolution full training",
@@ -35,10 +31,6 @@ INNER_STAGE_PATTERNS = {
     "encoder_inner_stage": "encoder.stages.{last}.*",
     "decoder_inner_stage": "decoder.stages.{last}.*",
 }
-
-
-class ConfigError(UserError):
-    """A training config that cannot be used: unknown keys, wrong types, impossible values."""
 
 
 @dataclass
@@ -200,25 +192,14 @@ class TrainConfig:
         return getattr(self, f"phase{n}")
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        return runtime_config.to_dict(self)
 
 
 # ----------------------------------------------------------------------------- loading
 def load_config(source: str | Path | dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """A TrainConfig from a YAML file (or a packaged name such as 'tiny'), a dict, or defaults, then
-    `key.sub=value` overrides (values parsed as YAML, converted to the field's type)."""
-    if source is None:
-        data: dict[str, Any] = {}
-    elif isinstance(source, dict):
-        data = source
-    else:
-        data = _read_yaml(resolve_config_path(source))
-    cfg = _build(TrainConfig, data, "")
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. phase1.steps=100)")
-        _set_dotted(cfg, key.strip(), yaml.safe_load(value) if value.strip() else None)
+    `key.sub=value` overrides (values parsed as YAML, converted to the field's type); see dcae.runtime.config."""
+    cfg = runtime_config.load_config(TrainConfig, source, overrides, packaged_configs())
     _expand_model_shorthands(cfg)
     validate(cfg)
     return cfg
@@ -238,182 +219,6 @@ def packaged_configs() -> dict[str, Path]:
     """Default configs shipped inside the package: {'tiny': .../train_tiny.yaml, ...}."""
     root = Path(__file__).resolve().parents[1] / "configs"
     return {p.stem.removeprefix("train_"): p for p in sorted(root.glob("train_*.yaml"))}
-
-
-def resolve_config_path(source: str | Path) -> Path:
-    path = Path(source)
-    if path.is_file():
-        return path
-    shipped = packaged_configs()
-    if str(source) in shipped:
-        return shipped[str(source)]
-    raise ConfigError(f"config {source} not found (a YAML file or one of the packaged configs: {', '.join(shipped)})")
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _build(cls: type, data: Any, where: str) -> Any:
-    """Dataclass `cls` from a mapping, recursively; unknown keys are errors with a suggestion."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
-    obj = cls()
-    for key, value in data.items():
-        _set_field(obj, str(key), value, where)
-    return obj
-
-
-def _set_field(obj: Any, key: str, value: Any, where: str) -> None:
-    hints = _hints(type(obj))
-    path = f"{where}.{key}" if where else key
-    if key not in hints:
-        close = difflib.get_close_matches(key, list(hints), n=1)
-        hint = f" (did you mean {where + '.' if where else ''}{close[0]}?)" if close else ""
-        raise ConfigError(f"unknown config key {path!r}{hint}")
-    tp = hints[key]
-    if dataclasses.is_dataclass(tp):
-        # Merge into the existing default so that a partial mapping keeps the other defaults.
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-        sub = getattr(obj, key)
-        for k, v in value.items():
-            _set_field(sub, str(k), v, path)
-        return
-    setattr(obj, key, _coerce(value, tp, path))
-
-
-def _set_dotted(cfg: TrainConfig, key: str, value: Any) -> None:
-    parts = key.split(".")
-    obj: Any = cfg
-    for i, part in enumerate(parts[:-1]):
-        where = ".".join(parts[:i])
-        if isinstance(obj, dict):  # e.g. phase2.trainable.extra=... or model.config.latent_channels=...
-            obj = obj.setdefault(part, {})
-            continue
-        hints = _hints(type(obj))
-        if part not in hints:
-            _set_field(obj, part, None, where)  # raises the unknown-key error
-        sub = getattr(obj, part)
-        if sub is None and _is_dict_type(hints[part]):
-            sub = {}
-            setattr(obj, part, sub)
-        if not (dataclasses.is_dataclass(sub) or isinstance(sub, dict)):
-            raise ConfigError(f"config key {'.'.join(parts[: i + 1])!r} is not a section (cannot set {key})")
-        obj = sub
-    if isinstance(obj, dict):
-        obj[parts[-1]] = value
-    else:
-        _set_field(obj, parts[-1], value, ".".join(parts[:-1]))
-
-
-def _is_dict_type(tp: Any) -> bool:
-    return any(typing.get_origin(a) is dict for a in _union_args(tp))
-
-
-def _union_args(tp: Any) -> tuple:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return typing.get_args(tp)
-    return (tp,)
-
-
-def _coerce(value: Any, tp: Any, path: str) -> Any:
-    """`value` as type `tp` (YAML 1.1 reads 6.4e-5 as a string: numbers are converted here)."""
-    args = _union_args(tp)
-    if len(args) > 1:  # Optional[...]
-        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
-        if is_none and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, path)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0])
-    origin = typing.get_origin(tp)
-    try:
-        if tp is Any:
-            return value
-        if tp is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-                return value.lower() in ("true", "yes", "1")
-            if isinstance(value, int) and value in (0, 1):
-                return bool(value)
-            raise ValueError
-        if tp is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(float(value)) if isinstance(value, str) else int(value)
-        if tp is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if tp is str:
-            if isinstance(value, (dict, list)) or value is None:
-                raise ValueError
-            if isinstance(value, bool):  # YAML 1.1 reads a bare no / yes / off / on as a boolean
-                return "no" if value is False else "yes"
-            return str(value)
-        if origin is tuple:
-            items = _as_list(value)
-            inner = typing.get_args(tp)
-            if len(inner) == 2 and inner[1] is Ellipsis:
-                return tuple(_coerce(v, inner[0], path) for v in items)
-            if len(items) != len(inner):
-                raise ValueError
-            return tuple(_coerce(v, t, path) for v, t in zip(items, inner))
-        if origin is list:
-            (inner,) = typing.get_args(tp)
-            return [_coerce(v, inner, path) for v in _as_list(value)]
-        if origin is dict:
-            if not isinstance(value, dict):
-                raise ValueError
-            _, vt = typing.get_args(tp)
-            return {str(k): _coerce(v, vt, f"{path}.{k}") for k, v in value.items()}
-    except (TypeError, ValueError):
-        pass
-    else:
-        raise ConfigError(f"{path}: unsupported field type {tp}")
-    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
-
-
-def _as_list(value: Any) -> list:
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    if isinstance(value, str):  # "0.9,0.999" on the command line
-        return [v.strip() for v in value.strip("[]()").split(",") if v.strip()]
-    if value is None:
-        return []
-    return [value]
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
 
 
 # ----------------------------------------------------------------------------- checks
@@ -454,7 +259,7 @@ def validate(cfg: TrainConfig) -> None:
         o, lo_ = p.optim, p.loss
         if o.lr <= 0 or o.weight_decay < 0 or o.warmup_steps < 0 or o.grad_clip < 0:
             problems.append(f"{where}.optim: lr must be > 0; weight_decay, warmup_steps, grad_clip >= 0")
-        if o.schedule not in ("constant", "cosine"):
+        if o.schedule not in SCHEDULES:
             problems.append(f"{where}.optim.schedule must be constant or cosine, got {o.schedule!r}")
         if not all(0.0 <= b < 1.0 for b in o.betas):
             problems.append(f"{where}.optim.betas must be in [0, 1)")
@@ -491,7 +296,3 @@ def _decoder_recipe_problems(cfg: TrainConfig) -> list[str]:
         if p.trainable_inner_stages:
             problems.append(f"phase{n}.trainable_inner_stages: would train the encoder (the recipe freezes it)")
     return problems
-
-
-def dump_yaml(cfg: TrainConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

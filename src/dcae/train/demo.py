@@ -54,7 +54,8 @@ def demo_threads() -> int:
 
 
 def _train_demo(out: Path, minutes: float, seed: int, progress: bool) -> dict[str, Any]:
-    from dcae.train import monitor, state
+    from dcae.runtime.checkpoint import seed_everything
+    from dcae.train import monitor
     from dcae.train.data import list_items, load_val_images
     from dcae.train.trainer import build_model, train
 
@@ -78,7 +79,7 @@ def _train_demo(out: Path, minutes: float, seed: int, progress: bool) -> dict[st
     cfg.out_dir = str(out)
 
     held_out, _ = load_val_images(list_items(cfg.data.val), max_images=8)
-    state.seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     untrained = build_model(cfg)  # the same weights phase 1 starts from (same seed, same order)
     before = monitor.evaluate(untrained, held_out, EVAL_RESOLUTION)
 

@@ -1,16 +1,14 @@
-"""Seeing progress: CSV (+ TensorBoard) logs, held-out PSNR/SSIM, reconstruction grids, loss curves."""
+"""Seeing an autoencoder learn: the columns of its log (written by dcae.runtime.log), held-out PSNR/SSIM and
+reconstruction grids."""
 
 from __future__ import annotations
 
-import csv
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from dcae.data.images import center_crop_arr, make_grid, save_image, uint8_to_tensor
-from dcae.utils.io import atomic_path
 
 LOG_COLUMNS = (
     "step",
@@ -32,55 +30,8 @@ LOG_COLUMNS = (
     "val_ssim",
     "val_lpips",
 )
+# The quantities plotted as loss curves.
 CURVES = ("loss", "l1", "l2", "lpips", "g_loss", "d_loss", "val_psnr")
-
-
-class Logger:
-    """One CSV per phase (rewritten up to the resume step, then appended) and optional TensorBoard."""
-
-    def __init__(self, folder: Path, resume_step: int | None, tensorboard: bool) -> None:
-        self.path = folder / "log.csv"
-        folder.mkdir(parents=True, exist_ok=True)
-        rows = read_log(self.path) if resume_step is not None else []
-        rows = [r for r in rows if r["step"] <= (resume_step or 0)]
-        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, LOG_COLUMNS)
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: _fmt(v) for k, v in r.items() if k in LOG_COLUMNS})
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(folder / "tensorboard"))
-            except ImportError:  # tensorboard is optional
-                self.tb = None
-
-    def log(self, row: dict[str, float]) -> None:
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, LOG_COLUMNS).writerow({k: _fmt(row.get(k)) for k in LOG_COLUMNS})
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step" and v is not None and math.isfinite(v):
-                    self.tb.add_scalar(k, v, int(row["step"]))
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _fmt(v: float | None) -> str:
-    if v is None or v == "":
-        return ""
-    return f"{v:.6g}" if isinstance(v, float) else str(v)
-
-
-def read_log(path: Path) -> list[dict[str, float]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -146,45 +97,3 @@ def side_by_side(pairs: list[tuple[str, list[torch.Tensor]]], path: Path) -> Pat
     n = len(pairs[0][1])
     tiles = [t for _, row in pairs for t in row]
     return save_image(make_grid(tiles, nrow=n), path)
-
-
-# ----------------------------------------------------------------------------- plots
-def plot_curves(logs: dict[str, list[dict[str, float]]], path: Path, title: str = "") -> Path | None:
-    """Loss curves (one panel per quantity) from one or more phases' CSV rows, phases side by side
-    on a shared step axis. Matplotlib with the Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [k for k in CURVES if any(k in r for rows in logs.values() for r in rows)]
-    if not keys:
-        return None
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
-    offset = 0.0
-    for phase, rows in logs.items():
-        if not rows:
-            continue
-        for ax, k in zip(axes[0], keys):
-            pts = [(r["step"] + offset, r[k]) for r in rows if k in r]
-            if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, label=phase, marker="." if len(pts) < 20 else None)
-        offset += max(r["step"] for r in rows)
-        for ax in axes[0]:
-            if len(logs) > 1:
-                ax.axvline(offset, color="gray", lw=0.5, ls="--")
-    for ax, k in zip(axes[0], keys):
-        ax.set_title(k)
-        ax.set_xlabel("step")
-        if k not in ("g_loss", "val_psnr") and all(r[k] > 0 for rows in logs.values() for r in rows if k in r):
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
-    return path

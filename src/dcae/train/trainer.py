@@ -30,8 +30,14 @@ from torch import nn
 
 from dcae.errors import UserError
 from dcae.models import DCAE, DCAEConfig
-from dcae.train import decoder, monitor, params, state
-from dcae.train.config import PHASE_NAMES, PhaseConfig, TrainConfig, dump_yaml
+from dcae.runtime import checkpoint as ckpt
+from dcae.runtime.accelerator import make_accelerator
+from dcae.runtime.config import dump_yaml
+from dcae.runtime.ema import EMA
+from dcae.runtime.log import Logger, plot_curves, read_log
+from dcae.runtime.schedule import lr_at, set_lr
+from dcae.train import decoder, monitor, params
+from dcae.train.config import PHASE_NAMES, PhaseConfig, TrainConfig
 from dcae.train.data import (
     ImageDataset,
     Item,
@@ -42,7 +48,6 @@ from dcae.train.data import (
 )
 from dcae.train.losses import AutoencoderLoss, PatchDiscriminator, build_perceptual
 from dcae.utils.io import atomic_write_json, atomic_write_text
-from dcae.utils.runtime import make_accelerator
 
 
 @dataclass
@@ -99,8 +104,8 @@ def train(
         export, results[n] = run_phase(s, n, first=i == 0)
         accelerator.free_memory()
     if s.main:
-        logs = {f"phase {n}": monitor.read_log(out / f"phase{n}" / "log.csv") for n in (1, 2, 3)}
-        monitor.plot_curves({k: v for k, v in logs.items() if v}, out / "loss_curves.png", "DC-AE training")
+        logs = {f"phase {n}": read_log(out / f"phase{n}" / "log.csv") for n in (1, 2, 3)}
+        plot_curves({k: v for k, v in logs.items() if v}, out / "loss_curves.png", "DC-AE training", monitor.CURVES)
         atomic_write_json(out / "summary.json", {"model": str(export), "phases": results})
     accelerator.wait_for_everyone()
     return {"model": export, "phases": results}
@@ -143,7 +148,7 @@ def starting_model(s: Session, n: int, first: bool) -> tuple[DCAE, str]:
                 f"run phase {n - 1} first (or --phase all), or pass --init"
             )
         return DCAE.from_pretrained(prev), f"phase {n - 1} result {prev}"
-    state.seed_everything(s.cfg.seed)
+    ckpt.seed_everything(s.cfg.seed)
     return build_model(s.cfg), "random init"
 
 
@@ -166,7 +171,7 @@ class Phase:
     disc: nn.Module | None
     d_opt: torch.optim.Optimizer | None
     raw_disc: nn.Module | None
-    ema: state.EMA | None
+    ema: EMA | None
     perceptual: nn.Module | None
     loss_fn: AutoencoderLoss
     last_layer: torch.Tensor
@@ -191,8 +196,8 @@ def run_phase(s: Session, n: int, first: bool) -> tuple[Path, dict[str, Any]]:
     cfg, acc = s.cfg, s.accelerator
     folder = s.out / f"phase{n}"
     if s.main:
-        state.remove_stale_temp_files(folder / "checkpoints")
-    latest = state.latest_checkpoint(folder / "checkpoints")
+        ckpt.remove_stale_temp_files(folder / "checkpoints")
+    latest = ckpt.latest_checkpoint(folder / "checkpoints")
     if (folder / "metrics.json").is_file() and s.resume:
         s.print(f"phase {n} ({PHASE_NAMES[n]}) already complete: {folder / 'model'}")
         return folder / "model", json.loads((folder / "metrics.json").read_text())
@@ -200,16 +205,17 @@ def run_phase(s: Session, n: int, first: bool) -> tuple[Path, dict[str, Any]]:
         raise UserError(f"{folder} holds a previous run: pass --resume to continue it, or choose another --out")
 
     ph = _setup_phase(s, n, first, folder)
-    ck = state.load_checkpoint(latest) if latest is not None else None
+    ck = ckpt.load_checkpoint(latest) if latest is not None else None
     step, batches, skipped, elapsed = _resume_phase(s, ph, ck, latest)
     sampler, data_iter = _phase_data(s, ph, batches)
     # RNG after the loader: creating its iterator draws a worker seed from the global generator.
     if ck is not None:
-        state.set_rng_state(ck["rng"])
+        ckpt.restore_rng(ck["rng"], acc.process_index)
     else:
-        state.seed_everything(cfg.seed + n)
+        ckpt.seed_everything(cfg.seed + n)
 
-    logger = monitor.Logger(folder, step if ck is not None else None, cfg.log.tensorboard) if s.main else None
+    resume_step = step if ck is not None else None
+    logger = Logger(folder, monitor.LOG_COLUMNS, resume_step, cfg.log.tensorboard) if s.main else None
     start_metrics = None
     if s.main and first and ck is None and s.val_images and cfg.val.at_start:
         start_metrics = _evaluate_all(s, ph.raw, ph.cfg.resolution, ph.perceptual)
@@ -233,9 +239,8 @@ def run_phase(s: Session, n: int, first: bool) -> tuple[Path, dict[str, Any]]:
     running: dict[str, float] = {}
     stopped_early = False
     while step < phase.steps:
-        lr = state.lr_at(step, phase.steps, o)
-        for g in ph.opt.param_groups:
-            g["lr"] = lr
+        lr = lr_at(step, phase.steps, o)
+        set_lr(ph.opt, lr)
         if ph.d_opt is not None:  # the discriminator follows the same schedule, relative to its own lr
             for g in ph.d_opt.param_groups:
                 g["lr"] = (phase.disc.lr or o.lr) * lr / o.lr
@@ -314,7 +319,7 @@ def _setup_phase(s: Session, n: int, first: bool, folder: Path) -> Phase:
     perceptual = build_perceptual(phase.loss.perceptual_net) if phase.loss.perceptual_weight > 0 else None
     if perceptual is not None:
         perceptual.to(acc.device)
-    ema = state.EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
     if disc is not None:
         model, opt, disc, d_opt = acc.prepare(model, opt, disc, d_opt)
@@ -323,7 +328,7 @@ def _setup_phase(s: Session, n: int, first: bool, folder: Path) -> Phase:
     raw = acc.unwrap_model(model)
     raw_disc = acc.unwrap_model(disc) if disc is not None else None
     if ema is not None:
-        ema.shadow = {k: v.to(acc.device) for k, v in ema.shadow.items()}
+        ema.to(acc.device)
     loss_fn = AutoencoderLoss(phase.loss, raw_disc, perceptual)
     return Phase(n, phase, folder, model, raw, opt, disc, d_opt, raw_disc, ema, perceptual, loss_fn,
                  last_decoder_layer(raw), trainable, trainable_names,
@@ -394,11 +399,11 @@ def _save_checkpoint(s: Session, ph: Phase, step: int, data: dict) -> None:
         "data": data["position"],
         "skipped": data["skipped"],
         "elapsed": data["elapsed"],
-        "rng": state.rng_state(),
+        "rng": ckpt.all_rng_states(acc),
         "config": s.cfg.to_dict(),
     }
     if s.main:
-        state.save_checkpoint(ck, ph.ckpt_dir, step, s.cfg.checkpoint.keep_last)
+        ckpt.save_checkpoint(ck, ckpt.checkpoint_path(ph.ckpt_dir, step), s.cfg.checkpoint.keep_last)
     acc.wait_for_everyone()
 
 
@@ -531,7 +536,8 @@ def _finish_phase(s, n, config, final_sd, folder, export_dir, perceptual) -> dic
         result["eval"] = _evaluate_all(s, model, s.cfg.phase(n).resolution, perceptual)
         s.print(f"held-out after phase {n}: {_fmt_metrics(result['eval'])}")
     _grid(s, model, s.cfg.phase(n).resolution, folder / "samples" / "final.png")
-    rows = monitor.read_log(folder / "log.csv")
-    if monitor.plot_curves({f"phase {n}": rows}, folder / "loss_curves.png", f"phase {n}: {PHASE_NAMES[n]}"):
+    rows = read_log(folder / "log.csv")
+    title = f"phase {n}: {PHASE_NAMES[n]}"
+    if plot_curves({f"phase {n}": rows}, folder / "loss_curves.png", title, monitor.CURVES):
         result["loss_curves"] = str(folder / "loss_curves.png")
     return result

@@ -18,17 +18,17 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from dcae.diffusion.common import randn
+from dcae.diffusion.conditioning import Condition, with_null
+from dcae.diffusion.processes.common import randn
+from dcae.errors import UserError
 
 SOLVERS = ("euler", "heun", "ddim", "dpm++", "ddpm")
 
 
-def guided_output(
-    model: Callable, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, null_class: int, scale: float
-) -> torch.Tensor:
+def guided_output(model: Callable, x: torch.Tensor, t: torch.Tensor, cond: Condition, scale: float) -> torch.Tensor:
     """Classifier-free guidance: uncond + scale * (cond - uncond), both from one batched model call.
     Only the prediction channels are guided; learned-variance channels keep the conditional value."""
-    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_class)]))
+    out = model(torch.cat([x, x]), torch.cat([t, t]), with_null(cond))
     cond, uncond = out.chunk(2)
     C = x.shape[1]
     guided = uncond[:, :C] + scale * (cond[:, :C] - uncond[:, :C])
@@ -44,14 +44,11 @@ class Denoiser:
         self,
         model: Callable,
         process,
-        y: torch.Tensor | None = None,
-        null_class: int | None = None,
+        cond: Condition | None = None,
         cfg_scale: float = 1.0,
         guidance_interval: tuple[float, float] = (0.0, 1.0),
     ) -> None:
-        if cfg_scale != 1.0 and y is not None and null_class is None:
-            raise ValueError("classifier-free guidance needs the null class index")
-        self.model, self.process, self.y, self.null_class = model, process, y, null_class
+        self.model, self.process, self.cond = model, process, cond
         self.cfg_scale, self.interval = cfg_scale, guidance_interval
         self.nfe = 0  # network evaluations, for reporting
 
@@ -59,9 +56,9 @@ class Denoiser:
         tm = torch.full((x.shape[0],), self.process.model_time(t), device=x.device, dtype=torch.float32)
         lo, hi = self.interval
         self.nfe += 1
-        if self.y is not None and self.cfg_scale != 1.0 and lo <= self.process.normalized_time(t) <= hi:
-            return guided_output(self.model, x, tm, self.y, self.null_class, self.cfg_scale).float()
-        return self.model(x, tm, self.y).float()
+        if self.cond is not None and self.cfg_scale != 1.0 and lo <= self.process.normalized_time(t) <= hi:
+            return guided_output(self.model, x, tm, self.cond, self.cfg_scale).float()
+        return self.model(x, tm, self.cond).float()
 
 
 @torch.no_grad()
@@ -69,8 +66,7 @@ def sample(
     model: Callable,
     process,
     noise: torch.Tensor,
-    y: torch.Tensor | None = None,
-    null_class: int | None = None,
+    cond: Condition | None = None,
     steps: int = 50,
     solver: str = "heun",
     cfg_scale: float = 1.0,
@@ -80,21 +76,16 @@ def sample(
     generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Integrate from `noise` (a standard normal tensor) to data with `steps` solver steps."""
+    """Integrate from `noise` (a standard normal tensor) to data with `steps` solver steps, conditioned on
+    `cond` (None: unconditional, or the null condition of a conditional model)."""
     if solver not in SOLVERS:
-        from dcae.errors import UserError
-
         raise UserError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     is_flow = process.prediction == "velocity"
     if solver in ("euler", "heun") and not is_flow:
-        from dcae.errors import UserError
-
         raise UserError(f"solver {solver!r} integrates the flow ODE; for a DDPM model use ddim, dpm++ or ddpm")
     if solver == "ddpm" and is_flow:
-        from dcae.errors import UserError
-
         raise UserError("solver 'ddpm' needs a DDPM model; for flow matching use heun, euler, dpm++ or ddim")
-    denoise = Denoiser(model, process, y, null_class, cfg_scale, guidance_interval)
+    denoise = Denoiser(model, process, cond, cfg_scale, guidance_interval)
     times = process.sampling_times(steps, shift=shift) if is_flow else process.sampling_times(steps)
     x = noise.float()
     x0_prev, lam_prev = None, None

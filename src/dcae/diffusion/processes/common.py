@@ -1,4 +1,4 @@
-"""Small pieces shared by the flow-matching and DDPM objectives."""
+"""Small pieces shared by the flow-matching and DDPM processes."""
 
 from __future__ import annotations
 
@@ -11,19 +11,6 @@ MODEL_TIME_SCALE = 1000.0
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
     """Mean over all but the batch dimension."""
     return x.mean(dim=tuple(range(1, x.ndim)))
-
-
-def drop_labels(
-    y: torch.Tensor | None, p: float, null_class: int | None, generator: torch.Generator | None = None
-) -> torch.Tensor | None:
-    """Replace each label by the null class with probability `p`, so that one network learns both the
-    conditional and the unconditional model that classifier-free guidance mixes (Ho & Salimans 2022)."""
-    if y is None or p <= 0:
-        return y
-    if null_class is None:
-        raise ValueError("label dropout needs the null class index (the model's num_classes)")
-    drop = torch.rand(y.shape, generator=generator, device=y.device) < p
-    return torch.where(drop, torch.full_like(y, null_class), y)
 
 
 def randn(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 import torch
 
-from dcae.diffusion.common import drop_labels, expand_as, mean_flat, randn
+from dcae.diffusion.conditioning import Condition, drop
+from dcae.diffusion.processes.common import expand_as, mean_flat, randn
 
 
 def make_betas(schedule: str, num_steps: int = 1000) -> torch.Tensor:
@@ -50,9 +51,9 @@ class GaussianDiffusion:
         num_steps: int = 1000,
         beta_schedule: str = "linear",
         learn_sigma: bool = False,
-        label_dropout: float = 0.1,
+        cond_dropout: float = 0.1,
     ) -> None:
-        self.num_steps, self.learn_sigma, self.label_dropout = num_steps, learn_sigma, label_dropout
+        self.num_steps, self.learn_sigma, self.cond_dropout = num_steps, learn_sigma, cond_dropout
         self.betas = make_betas(beta_schedule, num_steps)  # float64 tables, cast when indexed
         alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(alphas, dim=0)
@@ -76,8 +77,7 @@ class GaussianDiffusion:
         self,
         model: Callable,
         x0: torch.Tensor,
-        y: torch.Tensor | None = None,
-        null_class: int | None = None,
+        cond: Condition | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Per-sample loss (shape B): eps-MSE, plus the VLB term when the model learns its variance."""
@@ -85,8 +85,8 @@ class GaussianDiffusion:
         t = torch.randint(0, self.num_steps, (x0.shape[0],), generator=generator, device=x0.device)
         noise = randn(x0.shape, x0, generator)
         xt = self.q_sample(x0, t, noise)
-        y = drop_labels(y, self.label_dropout, null_class, generator)
-        out = model(xt, t.float(), y).float()
+        cond = drop(cond, self.cond_dropout, generator)
+        out = model(xt, t.float(), cond).float()
         C = x0.shape[1]
         if out.shape[1] != (2 * C if self.learn_sigma else C):
             raise ValueError(

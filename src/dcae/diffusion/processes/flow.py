@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dcae.diffusion.common import MODEL_TIME_SCALE, drop_labels, expand_as, mean_flat, randn
+from dcae.diffusion.conditioning import Condition, drop
+from dcae.diffusion.processes.common import MODEL_TIME_SCALE, expand_as, mean_flat, randn
 
 
 @dataclass
@@ -19,7 +20,7 @@ class FlowMatching:
     t_sampling: str = "logit_normal"  # "uniform" or "logit_normal" (SD3: more weight on mid-range t)
     logit_mean: float = 0.0
     logit_std: float = 1.0
-    label_dropout: float = 0.1
+    cond_dropout: float = 0.1  # classifier-free guidance: the share of conditions dropped to the null one
     prediction = "velocity"
 
     def __post_init__(self) -> None:
@@ -43,16 +44,15 @@ class FlowMatching:
         self,
         model: Callable,
         x0: torch.Tensor,
-        y: torch.Tensor | None = None,
-        null_class: int | None = None,
+        cond: Condition | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Mean squared velocity error, per sample (shape B)."""
         t = self.sample_t(x0.shape[0], x0.device, generator)
         noise = randn(x0.shape, x0, generator)
         xt, target = self.interpolate(x0, noise, t)
-        y = drop_labels(y, self.label_dropout, null_class, generator)
-        pred = model(xt, t * MODEL_TIME_SCALE, y)
+        cond = drop(cond, self.cond_dropout, generator)
+        pred = model(xt, t * MODEL_TIME_SCALE, cond)
         if pred.shape[1] != x0.shape[1]:
             raise ValueError("flow matching predicts a velocity only: build the model without learn_sigma")
         return mean_flat((pred.float() - target.float()) ** 2)

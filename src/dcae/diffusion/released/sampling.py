@@ -12,7 +12,7 @@ Samplers (`SAMPLERS`):
   `steps` output grid points (released: 250; the result does not depend on it).
 - heun2, midpoint, rk4 (sit, usit): torchdiffeq's fixed-grid solvers on `steps` grid points
   (steps - 1 solver steps), e.g. heun2 with 8 points = 14 network evaluations.
-- dpm++, ddim (all), heun, euler (sit, usit): dcae.diffusion.sampling's fixed-step solvers with `steps`
+- dpm++, ddim (all), heun, euler (sit, usit): dcae.diffusion.processes.sampling's fixed-step solvers with `steps`
   steps (default 50), through adapters that translate each family's time and output conventions.
 """
 
@@ -23,11 +23,17 @@ from collections.abc import Callable
 
 import torch
 
-from dcae.diffusion.released import NULL_CLASS, ReleasedDiffusion, combine_cfg
+from dcae.diffusion.conditioning import Labels, with_null
+from dcae.diffusion.processes.common import MODEL_TIME_SCALE
+from dcae.diffusion.processes.ddpm import GaussianDiffusion
+from dcae.diffusion.processes.flow import FlowMatching
+from dcae.diffusion.processes.sampling import sample
+from dcae.diffusion.released.dpm_solver import DPMSolver
+from dcae.diffusion.released.models import NULL_CLASS, ReleasedDiffusion, combine_cfg
 from dcae.errors import UserError
 
 FLOW_SOLVERS = ("dopri5", "heun2", "midpoint", "rk4")  # torchdiffeq; steps = grid points
-OUR_SOLVERS = ("dpm++", "ddim", "heun", "euler")  # dcae.diffusion.sampling; steps = solver steps
+OUR_SOLVERS = ("dpm++", "ddim", "heun", "euler")  # dcae.diffusion.processes.sampling; steps = solver steps
 OUR_DEFAULT_STEPS = 50
 ODE_ATOL, ODE_RTOL = 1e-6, 1e-3
 
@@ -44,19 +50,15 @@ def default_steps(model: ReleasedDiffusion, sampler: str) -> int:
 
 
 def our_conventions(model: ReleasedDiffusion):
-    """(network adapter, process) that put a released model into dcae.diffusion.sampling's conventions
+    """(network adapter, process) that put a released model into dcae.diffusion.processes.sampling's conventions
     (time on 0..1000 with 1000 = noise; flow: t = 1 is noise and v = noise - data)."""
-    from dcae.diffusion.common import MODEL_TIME_SCALE
-    from dcae.diffusion.ddpm import GaussianDiffusion
-    from dcae.diffusion.flow import FlowMatching
-
     net, spec = model.diffusion_model, model.release.spec
     if spec.prediction == "velocity":  # SiT: t = 0 is noise, v = data - noise
-        return (lambda x, t, y: -net(x, 1 - t / MODEL_TIME_SCALE, y)), FlowMatching()
+        return (lambda x, t, c: -net(x, 1 - t / MODEL_TIME_SCALE, c)), FlowMatching()
     if spec.learn_sigma:  # DiT: linear betas, the integer step index
         return net, GaussianDiffusion(1000, "linear", learn_sigma=True)
     # UViT: scaled-linear betas; DPM-Solver's discrete time (k + 1) / 1000 of step k, times 1000
-    return (lambda x, t, y: net(x, t + 1, y)), GaussianDiffusion(1000, "scaled_linear")
+    return (lambda x, t, c: net(x, t + 1, c)), GaussianDiffusion(1000, "scaled_linear")
 
 
 class GuidedNet:
@@ -66,16 +68,16 @@ class GuidedNet:
     def __init__(self, net: Callable, y: torch.Tensor, cfg_scale: float, trace: list | None = None) -> None:
         self.net, self.scale, self.trace = net, cfg_scale, trace
         self.cfg = cfg_scale != 1.0
-        self.labels = torch.cat([y, torch.full_like(y, NULL_CLASS)]) if self.cfg else y
+        self.cond = with_null(Labels(y, NULL_CLASS)) if self.cfg else Labels(y, NULL_CLASS)
         self.nfe = 0
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self.nfe += 1
-        labels = self.labels.to(x.device)
+        cond = self.cond.to(x.device)
         if self.cfg:
             half = x[: len(x) // 2]
             x = torch.cat([half, half])
-        out = self.net(x, t, labels)
+        out = self.net(x, t, cond)
         if self.trace is not None:
             self.trace.append((t[0].item(), x, out))
         return combine_cfg(out, x.shape[1], self.scale) if self.cfg else out
@@ -183,8 +185,6 @@ def generate(
             step_noise = lambda k: torch.randn(x.shape, generator=generator, device=x.device)  # noqa: E731
         x = sample_ddpm(fn, x, steps, step_noise)
     elif sampler == "dpm-solver":
-        from dcae.diffusion.dpm_solver import DPMSolver
-
         x = DPMSolver(fn).sample(x, steps=steps)
     else:
         x = sample_flow(fn, x, steps, sampler)
@@ -192,17 +192,15 @@ def generate(
 
 
 def _sample_ours(model, labels, noise, cfg_scale: float, sampler: str, steps: int, generator) -> tuple:
-    from dcae.diffusion.sampling import sample
-
     adapter, process = our_conventions(model)
     nfe = 0
 
-    def counted(x, t, y):
+    def counted(x, t, c):
         nonlocal nfe
         nfe += 1
-        return adapter(x, t, y)
+        return adapter(x, t, c)
 
-    x = sample(counted, process, noise, y=labels, null_class=NULL_CLASS, steps=steps, solver=sampler,
+    x = sample(counted, process, noise, Labels(labels, NULL_CLASS), steps=steps, solver=sampler,
                cfg_scale=cfg_scale, generator=generator)  # fmt: skip
     return x, nfe
 

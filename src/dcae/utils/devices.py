@@ -1,4 +1,4 @@
-"""Device and dtype names as the command line spells them."""
+"""Device and dtype names as the command line spells them, and the process group of inference commands."""
 
 from __future__ import annotations
 
@@ -20,20 +20,6 @@ def resolve_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r} (expected one of {sorted(DTYPES)})")
     return DTYPES[name]
-
-
-def make_accelerator(mixed_precision: str = "no", find_unused_parameters: bool = False):
-    """The `accelerate.Accelerator` of a training run, on one process or under `accelerate launch`/torchrun.
-
-    Without a GPU, accelerate only sets up multi-process (gloo) training when told it runs on the CPU;
-    otherwise each process of a CPU torchrun would train alone. mixed_precision "no" defers to the
-    launcher (`accelerate launch --mixed_precision bf16`); an explicit value wins."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
-    mp = None if mixed_precision == "no" else mixed_precision
-    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
 
 
 def process_group_from_env(device: str = "auto") -> tuple[int, int, torch.device]:

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from dcae.diffusion.models import DiT, UViT
+from dcae.diffusion.conditioning import Condition
+from dcae.diffusion.nets import DiT, UViT
 from dcae.errors import UnknownModelError, UserError, WeightsError
 
 HUB_ORG = "mit-han-lab"
@@ -154,20 +155,20 @@ class ReleasedDiffusion(nn.Module):
     def num_classes(self) -> int:
         return self.diffusion_model.num_classes
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Condition | torch.Tensor) -> torch.Tensor:
         """The network on its own time scale (see the module docstring)."""
-        return self.diffusion_model(x, t, y)
+        return self.diffusion_model(x, t, cond)
 
-    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
-        return forward_with_cfg(self.diffusion_model, x, t, y, scale)
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, cond: Condition, scale: float) -> torch.Tensor:
+        return forward_with_cfg(self.diffusion_model, x, t, cond, scale)
 
 
-def forward_with_cfg(net, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
+def forward_with_cfg(net, x: torch.Tensor, t: torch.Tensor, cond: Condition, scale: float) -> torch.Tensor:
     """DC-Gen's guidance wrapper on a batch [cond rows; uncond rows]: it runs the network on the first half
     duplicated, guides the first `C` output channels (C = input channels) and writes the guided tensor into
     both halves; further output channels (learned variance) pass through, each half keeping its own."""
     half = x[: len(x) // 2]
-    return combine_cfg(net(torch.cat([half, half]), t, y), x.shape[1], scale)
+    return combine_cfg(net(torch.cat([half, half]), t, cond), x.shape[1], scale)
 
 
 def combine_cfg(out: torch.Tensor, channels: int, scale: float) -> torch.Tensor:

@@ -15,19 +15,19 @@ from pathlib import Path
 def cmd_sample_released(args: argparse.Namespace) -> int:
     import torch
 
-    from dcae.diffusion.generation import sample_labels, write_samples
-    from dcae.diffusion.released import load_released
-    from dcae.diffusion.released_sampling import check_inputs, default_steps, samplers_for
+    from dcae.diffusion.generation import ImageSampler, condition_values, write_samples
+    from dcae.diffusion.released.models import load_released
+    from dcae.diffusion.released.sampling import check_inputs, default_steps, generate, samplers_for
     from dcae.errors import UserError
     from dcae.models import DCAE
-    from dcae.utils.runtime import process_group_from_env
+    from dcae.utils.devices import process_group_from_env
 
     if tuple(float(v) for v in args.guidance_interval.split(",")) != (0.0, 1.0):
         raise UserError("--guidance-interval does not apply to the released models (none was evaluated with one)")
     rank, world, device = process_group_from_env(args.device)
     model = load_released(args.model, device=device)
     release = model.release
-    labels = sample_labels(args.classes, args.n, {}, model.num_classes)
+    labels = condition_values(model.diffusion_model.conditioning, args.classes, args.n, {})
     solver = release.spec.sampler if args.solver == "auto" else args.solver
     if solver not in samplers_for(model):
         raise UserError(f"--solver {solver} does not fit {release.name}; use {', '.join(samplers_for(model))}")
@@ -42,42 +42,25 @@ def cmd_sample_released(args: argparse.Namespace) -> int:
         "cfg": release.cfg_scale if args.cfg is None else args.cfg, "channels": channels, "seed": args.seed,
         "resolution": size * ae.spatial_compression,
     }  # fmt: skip
-    run = _ReleasedSampler(model, ae, settings, (channels, size, size), device, args.dtype)
+    shape = (channels, size, size)
 
+    def latents(noise, batch_labels: list[int], seeds: list[int], generators):
+        def step_noise(k: int) -> torch.Tensor:  # DDPM: one draw per image and step from the image's generator
+            draw = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+            return torch.cat([draw, draw]) if settings["cfg"] != 1.0 else draw  # the second half is never used
+
+        y = torch.tensor(batch_labels, device=device)
+        z, _ = generate(model, y, noise, cfg_scale=settings["cfg"], sampler=solver, steps=settings["steps"],
+                        step_noise=step_noise)  # fmt: skip
+        return z
+
+    run = ImageSampler(latents, ae, release.scaling_factor, shape, args.seed, device, args.dtype)
     out = Path(args.output)
     paths = write_samples(run.images, labels, out, args.n, args.batch_size, args.overwrite, rank, world,
                           desc=f"sampling ({solver})")  # fmt: skip
     if rank == 0:
         _report(args, out, paths, labels, settings, device)
     return 0
-
-
-class _ReleasedSampler:
-    def __init__(self, model, ae, settings: dict, shape: tuple, device, dtype: str) -> None:
-        self.model, self.ae, self.s, self.shape, self.device, self.dtype = model, ae, settings, shape, device, dtype
-
-    def images(self, idx: list[int], labels: list[int]):
-        import torch
-
-        from dcae.diffusion.released_sampling import generate
-        from dcae.errors import NonFiniteError
-
-        gens = [torch.Generator().manual_seed(self.s["seed"] * 1_000_003 + i) for i in idx]
-        noise = torch.stack([torch.randn(self.shape, generator=g) for g in gens]).to(self.device)
-        y = torch.tensor([labels[i] for i in idx], device=self.device)
-
-        def step_noise(k: int) -> torch.Tensor:  # DDPM: one draw per image and step from the image's generator
-            draw = torch.stack([torch.randn(self.shape, generator=g) for g in gens]).to(self.device)
-            return torch.cat([draw, draw]) if self.s["cfg"] != 1.0 else draw  # the second half is never used
-
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == "bf16")
-        with torch.no_grad(), autocast:
-            z, _ = generate(self.model, y, noise, cfg_scale=self.s["cfg"], sampler=self.s["solver"],
-                            steps=self.s["steps"], step_noise=step_noise)  # fmt: skip
-        if not torch.isfinite(z).all():
-            raise NonFiniteError("sampling produced NaN/Inf latents")
-        with torch.no_grad():
-            return self.ae.decode(z.float() / self.s["scaling_factor"]).float()
 
 
 def _report(args, out: Path, paths: list[Path], labels: list[int], settings: dict, device) -> None:

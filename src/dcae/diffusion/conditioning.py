@@ -1,0 +1,187 @@
+"""What a diffusion model is conditioned on: the one place that knows.
+
+Two objects:
+- a *conditioning* (`ClassConditioning`, `Unconditional`; text comes next) is part of a model's definition: it
+  builds the network's embedding table, says what a latents index or a checkpoint records about it, and turns
+  what a user or a data set gives (class names, label tensors) into conditions;
+- a *condition* (`Labels`) is one batch of it, as networks, processes and samplers pass it around: it knows
+  its null value (classifier-free guidance), drops to it in training, and splits and joins with the batch.
+
+An unconditional model takes the condition None everywhere; a class-conditional network given None uses the
+null class for every sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from dcae.errors import UserError
+
+
+# ----------------------------------------------------------------------------- conditions (batches)
+@dataclass
+class Labels:
+    """A batch of class labels; label `num_classes` is the null class (the last row of the embedding table)."""
+
+    y: torch.Tensor  # (B,) int64
+    num_classes: int
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 1:
+            raise ValueError(f"class labels need num_classes >= 1 (the null class index), got {self.num_classes}")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def to(self, device: torch.device | str) -> Labels:
+        return Labels(self.y.to(device, non_blocking=True), self.num_classes)
+
+    def chunk(self, k: int) -> list[Labels]:
+        return [Labels(y, self.num_classes) for y in self.y.chunk(k)]
+
+    def cat(self, other: Labels) -> Labels:
+        return Labels(torch.cat([self.y, other.y]), self.num_classes)
+
+    def null(self) -> Labels:
+        """The same batch with every label replaced by the null class."""
+        return Labels(torch.full_like(self.y, self.num_classes), self.num_classes)
+
+    def drop(self, p: float, generator: torch.Generator | None = None) -> Labels:
+        """Each label replaced by the null class with probability `p`, so that one network learns both the
+        conditional and the unconditional model that classifier-free guidance mixes (Ho & Salimans 2022)."""
+        if p <= 0:
+            return self
+        drop = torch.rand(self.y.shape, generator=generator, device=self.y.device) < p
+        return Labels(torch.where(drop, torch.full_like(self.y, self.num_classes), self.y), self.num_classes)
+
+
+Condition = Labels  # the kinds of condition batch; text joins this union
+
+
+def drop(cond: Condition | None, p: float, generator: torch.Generator | None = None) -> Condition | None:
+    return None if cond is None else cond.drop(p, generator)
+
+
+def with_null(cond: Condition) -> Condition:
+    """[cond; null]: both halves of classifier-free guidance in one batch."""
+    return cond.cat(cond.null())
+
+
+def chunk(cond: Condition | None, k: int) -> list[Condition | None]:
+    return [None] * k if cond is None else cond.chunk(k)
+
+
+def class_labels(c: Condition | torch.Tensor | None, n: int, num_classes: int, device) -> torch.Tensor:
+    """The label tensor a class table embeds: from Labels, a plain label tensor (the Python API), or None
+    (every sample the null class)."""
+    if c is None:
+        return torch.full((n,), num_classes, dtype=torch.long, device=device)
+    return c.y if isinstance(c, Labels) else c
+
+
+# ----------------------------------------------------------------------------- conditionings (kinds)
+class LabelEmbedder(nn.Module):
+    """The class table under the name the released DC-Gen checkpoints use (`<owner>.embedding_table.weight`)."""
+
+    def __init__(self, num_rows: int, dim: int) -> None:
+        super().__init__()
+        # nn.Embedding's own N(0, 1) init, skipped on the meta device (where it is slow and holds no values)
+        self.embedding_table = nn.Embedding(num_rows, dim, _weight=torch.empty(num_rows, dim))
+        if self.embedding_table.weight.device.type != "meta":
+            nn.init.normal_(self.embedding_table.weight)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(y)
+
+
+@dataclass(frozen=True)
+class ClassConditioning:
+    """Class labels 0..num_classes-1 and the null class num_classes."""
+
+    num_classes: int
+    kind = "class"
+
+    def embedder(self, dim: int, released_layout: bool = False) -> nn.Module:
+        """num_classes + 1 rows (the last is the null class); key layout of ours or of the released models."""
+        rows = self.num_classes + 1
+        return LabelEmbedder(rows, dim) if released_layout else nn.Embedding(rows, dim)
+
+    def batch(self, labels: torch.Tensor | list, device=None) -> Labels:
+        """Labels from a data set's or a user's label values."""
+        y = labels if isinstance(labels, torch.Tensor) else torch.tensor([int(v) for v in labels])
+        return Labels(y.to(device=device, dtype=torch.long), self.num_classes)
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "num_classes": self.num_classes}
+
+    def parse(self, text: str | None, meta: dict) -> list[int] | None:
+        """'1,2,3' or class names / WordNet ids from the latent index ('tench,goldfish'); None if no text."""
+        if not text:
+            return None
+        names, ids = meta.get("class_names") or [], meta.get("class_ids") or []
+        out = []
+        for item in (s.strip() for s in text.split(",") if s.strip()):
+            if item.lstrip("-").isdigit():
+                k = int(item)
+            elif item in ids:
+                k = ids.index(item)
+            elif item in names:
+                k = names.index(item)
+            else:
+                by_name = " or names from the latent index" if names or ids else ""
+                raise UserError(f"unknown class {item!r}: use indices 0..{self.num_classes - 1}{by_name}")
+            if not 0 <= k < self.num_classes:
+                raise UserError(
+                    f"class {k} is out of range: the model has {self.num_classes} classes (0..{self.num_classes - 1})"
+                )
+            out.append(k)
+        return out
+
+    def values(self, text: str | None, n: int, meta: dict) -> list[int]:
+        """The class of each of n images: the given classes in turn, else all classes evenly (as FID protocols
+        sample)."""
+        classes = self.parse(text, meta)
+        return [classes[i % len(classes)] if classes else i % self.num_classes for i in range(n)]
+
+
+@dataclass(frozen=True)
+class Unconditional:
+    """No condition: networks take None and build no table."""
+
+    kind = "none"
+    num_classes = 0
+
+    def embedder(self, dim: int, released_layout: bool = False) -> None:
+        return None
+
+    def batch(self, labels=None, device=None) -> None:
+        return None
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+    def parse(self, text: str | None, meta: dict) -> None:
+        if text:
+            raise UserError("this model is unconditional: drop --classes")
+        return None
+
+    def values(self, text: str | None, n: int, meta: dict) -> list[None]:
+        self.parse(text, meta)
+        return [None] * n
+
+
+Conditioning = ClassConditioning | Unconditional
+
+
+def conditioning_for(num_classes: int) -> Conditioning:
+    """The conditioning of a model with `num_classes` classes (0: unconditional)."""
+    return ClassConditioning(int(num_classes)) if num_classes > 0 else Unconditional()
+
+
+def from_record(record: dict) -> Conditioning:
+    """The conditioning a latents index or a checkpoint's model arguments record (`num_classes`)."""
+    return conditioning_for(int(record.get("num_classes") or 0))

@@ -1,0 +1,292 @@
+"""Training a latent diffusion model on `dcae latents` output: `dcae diffusion train CONFIG.yaml [key=value ...]`.
+
+One loop, nanoGPT-style, on the shared training runtime (dcae.runtime): accelerate for devices / multi-GPU /
+bf16, AdamW with the runtime's learning-rate schedule, gradient clipping, the runtime's fp32 EMA, atomic
+checkpoints (keep the last N) from which a killed run resumes exactly: model, optimizer, EMA, step, RNG and
+data position. Every step draws its noise from a generator seeded by (seed, step, rank), and the data order
+is a fixed permutation per epoch, so a resumed run repeats the uninterrupted one bit for bit (same hardware
+and settings).
+
+Outputs in `out/`: config.yaml, log.csv, loss.png, checkpoints/step_XXXXXXX.pt, samples/step_XXXXXXX.png.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dcae.diffusion.conditioning import Condition, Conditioning, chunk, from_record
+from dcae.diffusion.latents import LatentDataset
+from dcae.diffusion.nets import set_grad_checkpointing
+from dcae.diffusion.train import checkpoint as run_ckpt
+from dcae.diffusion.train.config import TrainConfig, config_to_dict, validate_config
+from dcae.diffusion.train.samples import AutoencoderCache, sample_grid
+from dcae.errors import NonFiniteError, UserError
+from dcae.runtime import checkpoint as ckpt
+from dcae.runtime.accelerator import make_accelerator
+from dcae.runtime.config import dump_yaml
+from dcae.runtime.ema import EMA
+from dcae.runtime.log import Logger, plot_curves, read_log
+from dcae.runtime.schedule import lr_at, set_lr
+from dcae.utils.io import atomic_write_text
+
+LOG_COLUMNS = ("step", "loss", "grad_norm", "lr", "img_per_s", "elapsed_s")
+
+
+def _step_seed(seed: int, step: int, slot: int) -> int:
+    """Seed of the noise of one micro-batch: slot = rank * accumulation steps + micro-batch index, so a
+    run on 1 process with 2 accumulation steps draws exactly what 2 processes without accumulation draw."""
+    return (seed * 1_000_003 + step) * 4096 + slot
+
+
+def accumulate_gradients(accelerator, train_model, model, process, x, cond: Condition | None, gen, seeds: list[int]):
+    """Backward of the mean loss over this process's batch in len(seeds) micro-batches (DDP syncs gradients
+    only on the last); micro-batch k draws its noise from `gen` seeded with seeds[k]. Returns the mean loss."""
+    accum, total = len(seeds), 0.0
+    for k, (xk, ck) in enumerate(zip(x.chunk(accum), chunk(cond, accum))):
+        sync = accelerator.no_sync(model) if k < accum - 1 else contextlib.nullcontext()
+        gen.manual_seed(seeds[k])
+        with sync, accelerator.autocast():
+            loss = process.loss(train_model, xk, ck, generator=gen).mean() / accum
+        accelerator.backward(loss)
+        total = total + loss.detach()
+    return total
+
+
+def data_batches(ds, batch_size: int, seed: int, rank: int, world: int, start_step: int, num_workers: int = 0):
+    """Yield this process's (latents, labels) for steps start_step, start_step + 1, ...: global batch b of an
+    epoch is perm[b*B:(b+1)*B] of a permutation seeded by (seed, epoch); rank r takes its r-th slice."""
+    per_proc = batch_size // world
+    steps_per_epoch = len(ds) // batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"the dataset has {len(ds)} latents, fewer than one batch of {batch_size}: lower batch_size")
+    epoch, offset = divmod(start_step, steps_per_epoch)
+    while True:
+        ds.set_epoch(epoch)
+        perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        batches = [
+            perm[b * batch_size + rank * per_proc : b * batch_size + (rank + 1) * per_proc]
+            for b in range(offset, steps_per_epoch)
+        ]
+        yield from torch.utils.data.DataLoader(
+            ds, batch_sampler=batches, num_workers=num_workers, pin_memory=torch.cuda.is_available()
+        )
+        epoch, offset = epoch + 1, 0
+
+
+@dataclass
+class _Run:
+    """Everything one training run holds: config, accelerator, data, model, EMA, optimizer, output paths."""
+
+    cfg: TrainConfig
+    accelerator: object
+    ds: LatentDataset
+    conditioning: Conditioning
+    model_args: dict
+    model: torch.nn.Module  # prepared (DDP-wrapped under several processes)
+    raw_model: torch.nn.Module
+    ema: EMA
+    opt: torch.optim.Optimizer
+    process: object
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def save_checkpoint(self, step: int) -> Path:
+        """Atomic checkpoint (every process's RNG state included), keep-last-N, and the loss plot."""
+        path = run_ckpt.checkpoint_path(self.out, step)
+        rng = ckpt.all_rng_states(self.accelerator)
+        if self.main:
+            state = {
+                "model": self.raw_model.state_dict(),
+                "ema": self.ema.state_dict_for(self.raw_model),
+                "optimizer": self.opt.state_dict(),
+                "step": step,
+                "rng": rng,
+                "config": config_to_dict(self.cfg),
+                "model_args": self.model_args,
+                "latents": {k: self.ds.index.get(k) for k in run_ckpt.LATENT_META_KEYS},
+            }
+            ckpt.save_checkpoint(state, path, self.cfg.keep_last)
+            plot_curves({"train": read_log(self.out / "log.csv")}, self.out / "loss.png", "diffusion training")
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def ema_model(self) -> torch.nn.Module:
+        """A copy of the network with the EMA weights, in eval mode, for sampling."""
+        model = copy.deepcopy(self.raw_model)  # a copy draws no random numbers, unlike a new network
+        model.load_state_dict(self.ema.state_dict_for(self.raw_model))
+        return model.eval()
+
+    def save_samples(self, step: int, autoencoders: AutoencoderCache) -> None:
+        """A grid of fixed-seed EMA samples, decoded (or saved as latents when no autoencoder loads)."""
+        from dcae.data.images import make_grid, save_image
+
+        if self.main:
+            ae = autoencoders.get()
+            scaling = float(self.ds.index.get("scaling_factor", 1.0))
+            with self.accelerator.autocast():
+                imgs = sample_grid(self.ema_model(), self.process, self.conditioning, self.cfg.sample,
+                                   self.ds.latent_shape, self.accelerator.device, ae, scaling)  # fmt: skip
+            path = self.out / "samples" / f"step_{step:0{run_ckpt.DIGITS}d}"
+            if ae is not None:
+                save_image(make_grid(list(imgs), nrow=min(8, len(imgs))), path.with_suffix(".png"))
+            else:
+                from dcae.utils.io import atomic_save_safetensors
+
+                atomic_save_safetensors({"latents": imgs}, path.with_suffix(".safetensors"))
+        self.accelerator.wait_for_everyone()
+
+
+def _setup(cfg: TrainConfig) -> tuple[_Run, int]:
+    """Build (or resume) a run; returns it and the step it starts at."""
+    validate_config(cfg)
+    accelerator = make_accelerator(cfg.mixed_precision)
+    rank, world, accum = accelerator.process_index, accelerator.num_processes, cfg.grad_accum
+    if cfg.batch_size % (world * accum):
+        raise UserError(
+            f"batch_size {cfg.batch_size} is not divisible by the {world} processes x {accum} accumulation steps"
+        )
+    torch.manual_seed(cfg.seed + rank)
+    ds = LatentDataset(cfg.data, use_flip=cfg.use_flip, seed=cfg.seed)
+    C, H, W = ds.latent_shape
+    if H != W:
+        raise UserError(f"latents must be square, got {H}x{W}")
+    model_args = {
+        "name": cfg.model.name,
+        "in_channels": C,
+        "input_size": H,
+        "num_classes": ds.conditioning.num_classes,
+        "learn_sigma": cfg.model.learn_sigma,
+        "overrides": dict(cfg.model.overrides),
+    }
+    model = run_ckpt.build_model(model_args)
+    set_grad_checkpointing(model, cfg.model.grad_checkpointing)
+    ema = EMA(model, cfg.optim.ema_decay, warmup=cfg.optim.ema_warmup)
+    process = run_ckpt.make_process(cfg.diffusion, cfg.model.learn_sigma)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
+    )
+    # Resume before `prepare`, so every process starts from the same weights.
+    step = _resume(cfg, model_args, model, ema, opt, rank, accelerator.is_main_process)
+    if accelerator.is_main_process:
+        print(
+            f"{world} process(es) ({accelerator.distributed_type}, {accelerator.device}, mixed precision "
+            f"{accelerator.mixed_precision}); {len(ds)} latents, batch {cfg.batch_size} = {world} x {accum} x "
+            f"{cfg.batch_size // (world * accum)}",
+            file=sys.stderr,
+        )
+    ema.to(accelerator.device)
+    model, opt = accelerator.prepare(model, opt)
+    run = _Run(cfg, accelerator, ds, from_record(model_args), model_args, model, accelerator.unwrap_model(model),
+               ema, opt, process)  # fmt: skip
+    return run, step
+
+
+def _resume(cfg: TrainConfig, model_args: dict, model, ema: EMA, opt, rank: int, main: bool) -> int:
+    """Load the checkpoint `cfg.resume` asks for (newest in `out` for "auto"); the step to continue from."""
+    resume_from = None
+    if cfg.resume == "auto":
+        resume_from = next(reversed(run_ckpt.list_checkpoints(cfg.out)), None)
+    elif cfg.resume not in ("none", ""):
+        resume_from = run_ckpt.latest_checkpoint(cfg.resume)
+    if resume_from is None:
+        return 0
+    state = ckpt.load_checkpoint(resume_from)
+    if state["model_args"] != model_args:
+        raise UserError(
+            f"{resume_from} was trained with {state['model_args']}, this config builds {model_args}; "
+            "use another `out` folder or resume=none"
+        )
+    model.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])  # the averaged weights as a model state dict
+    ema.num_updates = int(state["step"])
+    opt.load_state_dict(state["optimizer"])
+    ckpt.restore_rng(state["rng"], rank)
+    if main:
+        print(f"resuming from {resume_from} (step {int(state['step'])})", file=sys.stderr)
+    return int(state["step"])
+
+
+def _start_outputs(run: _Run, step: int) -> Logger | None:
+    """config.yaml, and the log without the rows past `step` (the lost steps of an interrupted run)."""
+    if not run.main:
+        return None
+    run.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run.out / "config.yaml", dump_yaml(run.cfg))
+    return Logger(run.out, LOG_COLUMNS, step if step > 0 else None, tensorboard=False)
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> dict:
+    """Train (or resume) according to cfg; returns {'step', 'loss', 'checkpoint'}."""
+    from tqdm.auto import tqdm
+
+    run, step = _setup(cfg)
+    acc, model, opt = run.accelerator, run.model, run.opt
+    device, rank, accum = acc.device, acc.process_index, cfg.grad_accum
+    train_model = torch.compile(model) if cfg.compile else model
+    logger = _start_outputs(run, step)
+    autoencoders = AutoencoderCache(run.ds.index.get("model") if cfg.sample.decode else None, device)
+
+    batches = data_batches(run.ds, cfg.batch_size, cfg.seed, rank, acc.num_processes, step, cfg.num_workers)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not progress or not run.main)  # fmt: skip
+    window_loss, window_n, window_t0, t_start = 0.0, 0, time.perf_counter(), time.perf_counter()
+    last_loss, last_ckpt = float("nan"), None
+    gen = torch.Generator(device)
+    train_model.train()
+    while step < cfg.max_steps:
+        x, labels = next(batches)
+        x = x.to(device, non_blocking=True)
+        cond = run.conditioning.batch(labels, device)
+        lr = lr_at(step, cfg.max_steps, cfg.optim)
+        set_lr(opt, lr)
+        seeds = [_step_seed(cfg.seed, step, rank * accum + k) for k in range(accum)]
+        loss = accumulate_gradients(acc, train_model, model, run.process, x, cond, gen, seeds)
+        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        run.ema.update(run.raw_model)
+        step += 1
+        window_loss += loss.detach()
+        window_n += 1
+        bar.update(1)
+
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            mean_loss = acc.reduce(window_loss / window_n, reduction="mean").item()
+            if not np.isfinite(mean_loss):  # checked here, not every step: no GPU sync per step
+                raise NonFiniteError(
+                    f"training loss became {mean_loss} by step {step}; lower optim.lr, "
+                    f"raise optim.warmup_steps or check the latents (resume from a checkpoint)"
+                )
+            img_s = window_n * cfg.batch_size / max(time.perf_counter() - window_t0, 1e-9)
+            last_loss = mean_loss
+            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{img_s:.1f}")
+            if logger is not None:
+                logger.log({"step": step, "loss": mean_loss, "grad_norm": float(grad_norm), "lr": lr,
+                            "img_per_s": img_s, "elapsed_s": time.perf_counter() - t_start})  # fmt: skip
+            window_loss, window_n = 0.0, 0
+        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+            last_ckpt = run.save_checkpoint(step)
+        if (cfg.sample.every and step % cfg.sample.every == 0) or step == cfg.max_steps:
+            run.save_samples(step, autoencoders)
+        if window_n == 0:  # restart the throughput clock after logging, checkpointing or sampling
+            window_t0 = time.perf_counter()
+    bar.close()
+    if logger is not None:
+        logger.close()
+    if last_ckpt is None and run.main:
+        last_ckpt = next(reversed(run_ckpt.list_checkpoints(cfg.out)), None)
+    return {"step": step, "loss": last_loss, "checkpoint": str(last_ckpt) if last_ckpt else None}

@@ -1,0 +1,71 @@
+"""Periodic sample grids of a diffusion run: fixed-seed EMA samples, decoded by the autoencoder recorded in the
+latents index (or saved as latents when it cannot be loaded)."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from dcae.diffusion.conditioning import Conditioning
+from dcae.diffusion.latents import decode_scaled
+from dcae.diffusion.processes.sampling import sample
+from dcae.diffusion.train.config import SampleConfig
+
+
+class AutoencoderCache:
+    """Loads the autoencoder recorded in the latent index once, on first use; warns (once) if it cannot."""
+
+    def __init__(self, source: str | None, device: torch.device) -> None:
+        self.source, self.device, self.model, self.failed = source, device, None, False
+
+    def get(self):
+        if self.model is None and not self.failed and self.source:
+            try:
+                from dcae.models import DCAE
+
+                self.model = DCAE.from_pretrained(self.source).to(self.device).eval()
+            except Exception as exc:  # sampling grids are a convenience; training goes on
+                print(
+                    f"dcae: cannot load autoencoder {self.source!r} to decode samples ({exc}); "
+                    "samples are saved as latents",
+                    file=sys.stderr,
+                )
+                self.failed = True
+        return self.model
+
+
+def default_solver(process, solver: str) -> str:
+    return solver if solver != "auto" else ("heun" if process.prediction == "velocity" else "dpm++")
+
+
+@torch.no_grad()
+def sample_grid(
+    model,
+    process,
+    conditioning: Conditioning,
+    scfg: SampleConfig,
+    latent_shape,
+    device,
+    autoencoder=None,
+    scaling_factor: float = 1.0,
+) -> torch.Tensor:
+    """scfg.num samples with fixed seeds: decoded images in [-1, 1], or latents when no autoencoder. The
+    conditions are scfg.classes in turn (default 0, 1, 2, ...)."""
+    g = torch.Generator().manual_seed(scfg.seed)
+    noise = torch.randn(scfg.num, *latent_shape, generator=g).to(device)
+    classes = scfg.classes or list(range(scfg.num))
+    values = [int(classes[i % len(classes)]) % max(conditioning.num_classes, 1) for i in range(scfg.num)]
+    z = sample(
+        model,
+        process,
+        noise,
+        conditioning.batch(values, device),
+        steps=scfg.steps,
+        solver=default_solver(process, scfg.solver),
+        cfg_scale=scfg.cfg_scale,
+        generator=torch.Generator(device).manual_seed(scfg.seed),
+    )
+    if autoencoder is None:
+        return z
+    return decode_scaled(autoencoder, z, scaling_factor).clamp(-1, 1)

@@ -1,0 +1,19 @@
+"""The `accelerate.Accelerator` every trainer runs under."""
+
+from __future__ import annotations
+
+import torch
+
+
+def make_accelerator(mixed_precision: str = "no", find_unused_parameters: bool = False):
+    """The `accelerate.Accelerator` of a training run, on one process or under `accelerate launch`/torchrun.
+
+    Without a GPU, accelerate only sets up multi-process (gloo) training when told it runs on the CPU;
+    otherwise each process of a CPU torchrun would train alone. mixed_precision "no" defers to the
+    launcher (`accelerate launch --mixed_precision bf16`); an explicit value wins."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
+    mp = None if mixed_precision == "no" else mixed_precision
+    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
