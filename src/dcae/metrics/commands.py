@@ -343,8 +343,8 @@ def run_fid(args: argparse.Namespace) -> int:
 
     from dcae.errors import UserError
     from dcae.metrics.fid import FewImagesWarning, fid_from_stats, fid_method_used
-    from dcae.utils.io import atomic_write_json
     from dcae.utils.devices import resolve_device
+    from dcae.utils.io import atomic_write_json
 
     if args.b is None and not args.save_stats:
         raise UserError("give two sets to compare, or one set and --save-stats")
@@ -391,8 +391,8 @@ def run_metrics(args: argparse.Namespace) -> int:
     from dcae.metrics.data import collect_images
     from dcae.metrics.paired import pair_images, paired_metrics
     from dcae.metrics.reconstruction import as_json, per_image_csv
-    from dcae.utils.io import atomic_write_json, atomic_write_text
     from dcae.utils.devices import resolve_device
+    from dcae.utils.io import atomic_write_json, atomic_write_text
 
     _check_outputs([Path(p) if p else None for p in (args.json, args.csv)], args.overwrite)
     pairing = pair_images(collect_images(args.ref), collect_images(args.test))
