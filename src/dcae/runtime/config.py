@@ -100,7 +100,10 @@ def read_with_bases(path: Path, packaged: dict[str, Path], seen: tuple[Path, ...
     if not isinstance(base, str):
         raise ConfigError(f"{path}: base: expected a file name, got {base!r}")
     relative = path.parent / base
-    base_path = relative if relative.is_file() else resolve_path(base, packaged)
+    try:
+        base_path = relative if relative.is_file() else resolve_path(base, packaged)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: base: {exc}") from None
     return merge(read_with_bases(base_path, packaged, (*seen, path.resolve())), data)
 
 

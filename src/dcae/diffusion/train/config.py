@@ -66,6 +66,7 @@ class TrainConfig:
     num_workers: int = 4
     use_flip: bool = True  # use flipped latents when the folder has them
     log_every: int = 50
+    tensorboard: bool = True  # also log to out/tensorboard when the tensorboard package is installed
     ckpt_every: int = 5000
     keep_last: int = 3
     resume: str = "auto"  # "auto" (latest checkpoint in out/), "none", or a checkpoint path

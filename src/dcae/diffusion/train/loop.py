@@ -226,7 +226,7 @@ def _start_outputs(run: _Run, step: int) -> Logger | None:
         return None
     run.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run.out / "config.yaml", dump_yaml(run.cfg))
-    return Logger(run.out, LOG_COLUMNS, step if step > 0 else None, tensorboard=False)
+    return Logger(run.out, LOG_COLUMNS, step if step > 0 else None, run.cfg.tensorboard)
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
