@@ -26,7 +26,7 @@ def demo_photos(names: tuple[str, ...] = DEMO_PHOTOS, size: int = 512) -> list[t
 
         raise UserError("the demo needs scikit-image for its photos: pip install scikit-image") from exc
     from dcae.data.images import center_crop_arr
-    from dcae.train.data import skimage_photo
+    from dcae.data.sources import skimage_photo
 
     photos = []
     for name in names:

@@ -137,10 +137,10 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         return img.height, img.width
 
 
-def load_image_uint8(path: str | os.PathLike) -> np.ndarray:
-    """Read a file as HxWx3 uint8 RGB; raises ImageReadError naming the file (FileNotFoundError if it
-    does not exist)."""
-    return _decode(Path(path), str(path))
+def load_image_uint8(path: str | os.PathLike, name: str | None = None) -> np.ndarray:
+    """Read a file as HxWx3 uint8 RGB; raises ImageReadError naming the file (or `name`, when given;
+    FileNotFoundError if it does not exist)."""
+    return _decode(Path(path), str(path) if name is None else name)
 
 
 def decode_image_bytes(data: bytes, name: str) -> np.ndarray:

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from dcae.data.images import ImageReadError, center_crop_arr
+from dcae.data.sources import ImageRef, read_image
 from dcae.metrics.accumulate import LPIPSAccumulator, PSNRAccumulator, SSIMAccumulator
-from dcae.metrics.data import ImageRef, read_image
 
 
 @dataclass

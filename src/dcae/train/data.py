@@ -4,126 +4,45 @@ Resumability: the sampler walks a seeded permutation per epoch, and every sample
 seeded from (seed, epoch, position), so batch k is the same whatever the worker count and whether the
 run was interrupted. The data position saved in checkpoints is just the number of batches consumed.
 
-Unreadable files are skipped with a warning (once per file and process) and counted: the sample is
-replaced by the next readable one in the permutation, so batch shapes stay fixed (needed for DDP).
+Listing and reading go through `dcae.data.sources` (the same for evaluation): broken tar shards are skipped
+when listed, unreadable files are skipped with a warning (once per file and process) and counted: the
+sample is replaced by the next readable one in the permutation, so batch shapes stay fixed (needed for DDP).
 """
 
 from __future__ import annotations
 
-import functools
-import glob
 import os
-import tarfile
-import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from dcae.data.images import (
-    IMAGE_EXTENSIONS,
-    ImageReadError,
-    decode_image_bytes,
-    find_images,
-    load_image_uint8,
-    uint8_to_tensor,
+from dcae.data.images import ImageReadError, uint8_to_tensor
+from dcae.data.sources import (  # noqa: F401 (SKIMAGE_PHOTOS, skimage_photo: re-exported)
+    SKIMAGE_PHOTOS,
+    ImageList,
+    ImageRef,
+    Skipped,
+    list_images,
+    read_image,
+    read_images,
+    record_skip,
+    skimage_photo,
 )
 from dcae.errors import UserError
 
 MAX_CONSECUTIVE_FAILURES = 64  # then the data set is declared unusable
 
-
-@dataclass(frozen=True)
-class Item:
-    """One image: a file, a member of a tar shard (byte range), or a scikit-image photo."""
-
-    source: str  # file path, tar path, or "skimage"
-    key: str  # member name / skimage name ("" for plain files)
-    offset: int = 0
-    size: int = 0
-
-    @property
-    def name(self) -> str:
-        return f"{self.source}:{self.key}" if self.key else self.source
+# One image of the training data; `name` is its location (path, `<shard>:<member>`, `skimage:<photo>`).
+Item = ImageRef
 
 
 # ----------------------------------------------------------------------------- listing
-SKIMAGE_PHOTOS = (
-    "astronaut",
-    "chelsea",
-    "coffee",
-    "rocket",
-    "hubble_deep_field",
-    "immunohistochemistry",
-    "retina",
-    "motorcycle_left",
-    "motorcycle_right",
-    "camera",
-    "brick",
-    "grass",
-    "gravel",
-    "coins",
-    "moon",
-    "clock",
-)
-
-
-@functools.cache
-def skimage_photo(name: str) -> np.ndarray:
-    """A scikit-image bundled photo as HxWx3 uint8 (grayscale replicated); decoded once per process."""
-    import skimage.data
-
-    if name in ("motorcycle_left", "motorcycle_right"):
-        left, right, _ = skimage.data.stereo_motorcycle()
-        arr = left if name == "motorcycle_left" else right
-    else:
-        if name not in SKIMAGE_PHOTOS:
-            raise UserError(f"unknown scikit-image photo {name!r}; available: {', '.join(SKIMAGE_PHOTOS)}")
-        arr = getattr(skimage.data, name)()
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=2)
-    arr = np.ascontiguousarray(arr[..., :3].astype(np.uint8))
-    arr.flags.writeable = False  # shared by every sample cut from it
-    return arr
-
-
-def list_items(specs: list[str]) -> list[Item]:
-    """Expand data specs (folders, files, .tar shards or globs of them, "skimage:a,b" / "skimage:*")."""
-    items: list[Item] = []
-    for spec in specs:
-        if spec.startswith("skimage:"):
-            names = spec.removeprefix("skimage:")
-            chosen = SKIMAGE_PHOTOS if names in ("", "*") else [n.strip() for n in names.split(",") if n.strip()]
-            items += [Item("skimage", n) for n in chosen]
-            continue
-        paths = sorted(glob.glob(spec)) if glob.has_magic(spec) else [spec]
-        if not paths:
-            raise UserError(f"data: {spec} matches no files")
-        for p in paths:
-            path = Path(p)
-            if path.is_file() and path.suffix == ".tar":
-                items += list_tar(path)
-            elif path.is_file() and path.suffix.lower() not in IMAGE_EXTENSIONS:
-                raise UserError(f"data: {path} is neither an image nor a .tar shard")
-            else:
-                items += [Item(str(f), "") for f in find_images(path)]
-    return items
-
-
-def list_tar(path: Path) -> list[Item]:
-    """Image members of an (uncompressed) tar shard, as byte ranges; a broken shard is skipped with a warning."""
-    out = []
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for m in tar:
-                if m.isfile() and Path(m.name).suffix.lower() in IMAGE_EXTENSIONS:
-                    out.append(Item(str(path), m.name, m.offset_data, m.size))
-    except (tarfile.TarError, OSError) as exc:
-        warnings.warn(f"skipping unreadable tar shard {path}: {exc}", stacklevel=2)
-    return out
+def list_items(specs: list[str]) -> ImageList:
+    """Expand data specs (folders, files, .tar shards or globs of them, "skimage:a,b" / "skimage:*"), named
+    by location; broken shards are skipped, named in a warning and counted in the result's `skipped`."""
+    return list_images(specs, naming="location", allow_empty=True)
 
 
 def split_items(cfg_train: list[str], cfg_val: list[str], holdout: int) -> tuple[list[Item], list[Item]]:
@@ -134,26 +53,11 @@ def split_items(cfg_train: list[str], cfg_val: list[str], holdout: int) -> tuple
     if cfg_val:
         return train, list_items(cfg_val)
     if holdout:
-        train = sorted(train, key=lambda it: it.name)
-        if holdout >= len(train):
-            raise UserError(f"data.holdout={holdout} leaves no training images (found {len(train)})")
-        return train[:-holdout], train[-holdout:]
+        ordered = sorted(train, key=lambda it: it.name)
+        if holdout >= len(ordered):
+            raise UserError(f"data.holdout={holdout} leaves no training images (found {len(ordered)})")
+        return ImageList(ordered[:-holdout], train.skipped, train.sources), ordered[-holdout:]
     return train, []
-
-
-def read_item(item: Item) -> np.ndarray:
-    """HxWx3 uint8; ImageReadError (naming the file/member) when it cannot be decoded."""
-    if item.source == "skimage":
-        return skimage_photo(item.key)
-    if not item.key:
-        return load_image_uint8(item.source)
-    try:
-        with open(item.source, "rb") as f:
-            f.seek(item.offset)
-            data = f.read(item.size)
-    except OSError as exc:
-        raise ImageReadError(f"cannot read image {item.name}: {exc}") from exc
-    return decode_image_bytes(data, item.name)  # grayscale/RGBA/16-bit handled like image files
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -221,20 +125,22 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
         """-> (3xRxR image in [-1, 1], number of unreadable files skipped to get it)."""
         index, epoch, position = key
-        skipped = 0
+        skipped, last = 0, ""
         for k in range(MAX_CONSECUTIVE_FAILURES):
             item = self.items[(index + k) % len(self.items)]
             try:
-                arr = read_item(item)
+                arr = read_image(item)
             except ImageReadError as exc:
-                skipped += 1
-                if item.name not in self._warned:
+                skipped, last = skipped + 1, str(exc)
+                if item.name not in self._warned:  # named once per file and process, counted every time
                     self._warned.add(item.name)
-                    warnings.warn(f"skipping unreadable image: {exc}", stacklevel=2)
+                    record_skip(None, Skipped(item.name, last))
                 continue
             rng = np.random.default_rng([self.seed, epoch, position])
             return uint8_to_tensor(augment(arr, self.resolution, rng, **self.aug)), skipped
-        raise UserError(f"{MAX_CONSECUTIVE_FAILURES} unreadable images in a row: is the data set corrupt?")
+        raise UserError(
+            f"{MAX_CONSECUTIVE_FAILURES} unreadable images in a row (last: {last}): is the data set corrupt?"
+        )
 
 
 class ResumableBatchSampler(torch.utils.data.Sampler):
@@ -299,14 +205,7 @@ def _limit_worker_threads(_: int) -> None:
 
 
 def load_val_images(items: list[Item], max_images: int) -> tuple[list[np.ndarray], int]:
-    """Validation photos as uint8 arrays (unreadable ones skipped and counted)."""
-    out, skipped = [], 0
-    for item in items:
-        if len(out) >= max_images:
-            break
-        try:
-            out.append(read_item(item))
-        except ImageReadError as exc:
-            skipped += 1
-            warnings.warn(f"skipping unreadable validation image: {exc}", stacklevel=2)
-    return out, skipped
+    """Validation photos as uint8 arrays (unreadable ones skipped, named and counted; a UserError when none
+    of them can be read)."""
+    out, skipped = read_images(items, max_images, what="validation images")
+    return out, len(skipped)
