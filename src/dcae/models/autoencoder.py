@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from dcae.errors import NonFiniteError, NonFiniteWarning
 from dcae.models import memory, weights
 from dcae.models.config import DCAEConfig, get_config
+from dcae.models.fast import FastOptions, FastPath
 from dcae.models.finite import non_finite_items, warn_non_finite_weights
 from dcae.models.layers import (
     ChannelDuplicatingPixelShuffle,
@@ -39,6 +41,7 @@ from dcae.models.layers import (
     downsample_block,
     upsample_block,
 )
+from dcae.models.tiling import DEFAULT_OVERLAP, Tiler, TilingConfig
 
 
 def _leading_empty_stages(depths: tuple[int, ...]) -> int:
@@ -200,7 +203,16 @@ class Decoder(_Coder):
 
 
 class FastPathFallbackWarning(RuntimeWarning):
-    """The fast inference path failed and the eager modules answered instead (see `DCAE.decode`)."""
+    """The fast inference path failed and the eager modules answered instead (see `DCAE._run`)."""
+
+
+def _warn_at_caller(message: Warning | str) -> None:
+    """warnings.warn attributed to the first frame outside this module: the code that called encode/decode,
+    however deep the dispatch below it went (Python 3.12's `skip_file_prefixes`, by hand)."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)
 
 
 class DCAE(nn.Module):
@@ -211,6 +223,41 @@ class DCAE(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
+        # How encode/decode run (see `_run`); plain attributes, set them directly or with the methods named.
+        # The fast inference kernels (dcae.models.fast; `enable_fast_path`). They only run in eval mode without
+        # autograd, so training and gradient-based uses always see the eager modules.
+        self.fast_path_enabled: bool = True
+        # The `Tiler` of `enable_tiling`, or None: inputs larger than its tile run in tiles.
+        self.tiling: Tiler | None = None
+        # An untiled call that runs out of accelerator memory is retried once in exact tiles (the same result
+        # up to rounding), with a warning, instead of failing: a 4K decode then just works. False: the error.
+        self.tile_on_oom: bool = True
+        # A CPU process that runs out of memory is killed, not told: so on the CPU (and with tile_on_oom),
+        # inputs of more than this many pixels get their untiled peak memory estimated first (once per shape;
+        # see dcae.models.memory) and run in exact tiles when it exceeds about half the free memory.
+        self.ram_check_pixels: int = 1536 * 1536
+        # What encode/decode do when their output holds NaN or Inf: "warn" (NonFiniteWarning naming the batch
+        # items), "error" (NonFiniteError) or "off" (no check; saves one pass over the output).
+        self.finite_check: str = "warn"
+        self._fast: FastPath | None = None  # the fast path and its weight caches, made on first use
+        self._peak_estimates: dict[tuple, int] = {}  # (kind, shape, dtype) -> untiled peak bytes (ram check)
+
+    def __setstate__(self, state: dict) -> None:
+        # Whole-model pickles from before these settings were set in __init__ (their defaults were class
+        # attributes) may lack them, and hold the tiler as "_tiler".
+        super().__setstate__(state)
+        tiling = self.__dict__.pop("_tiler", None)
+        defaults = {
+            "fast_path_enabled": True,
+            "tiling": tiling,
+            "tile_on_oom": True,
+            "ram_check_pixels": 1536 * 1536,
+            "finite_check": "warn",
+            "_fast": None,
+            "_peak_estimates": {},
+        }
+        for name, value in defaults.items():
+            self.__dict__.setdefault(name, value)
 
     # --------------------------------------------------------------------- construction and I/O
     @classmethod
@@ -289,7 +336,12 @@ class DCAE(nn.Module):
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
             raise ValueError(f"expected images of shape (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
         x = self.pad_to_multiple(x.to(self._param_dtype()))
-        return self._check_output(self._batched(lambda xb: self._encode(xb, latent_channels), x, batch_size), "latents")
+        if latent_channels is not None:
+            self.encoder.sliceable_out(latent_channels)  # a clear error for other models and bad counts
+        z = self._run("encode", x, batch_size)
+        if latent_channels is not None:  # DC-AE 1.5: the first k channels of the full latent, on every path
+            z = z[:, :latent_channels].contiguous()
+        return self._check_output(z, "latents")
 
     def decode(self, z: torch.Tensor, batch_size: int | None = None, check_finite: bool = False) -> torch.Tensor:
         """Latents (unscaled) -> images in [-1, 1] (not clamped: clamp when converting to pixels)."""
@@ -301,11 +353,126 @@ class DCAE(nn.Module):
             raise ValueError(f"the latents have {c} channels; {self.config.name} decodes {accepted}")
         if check_finite and not torch.isfinite(z).all():
             raise NonFiniteError("latents contain NaN or Inf values; they cannot be decoded")
-        return self._check_output(self._batched(self._decode, z.to(self._param_dtype()), batch_size), "images")
+        return self._check_output(self._run("decode", z.to(self._param_dtype()), batch_size), "images")
 
-    # What encode/decode do when their output holds NaN or Inf: "warn" (NonFiniteWarning naming the batch
-    # items), "error" (NonFiniteError) or "off" (no check; saves one pass over the output).
-    finite_check: str = "warn"
+    def reconstruct(self, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """decode(encode(x)) cropped back to the input size."""
+        h, w = x.shape[-2:]
+        return self.decode(self.encode(x, batch_size=batch_size), batch_size=batch_size)[..., :h, :w]
+
+    def forward(self, x: torch.Tensor, latent_channels: int | None = None) -> torch.Tensor:
+        """Reconstruction for training; DC-AE 1.5: through the first `latent_channels` latent channels only."""
+        return self.decoder(self.encoder(x, latent_channels=latent_channels))
+
+    # --------------------------------------------------------------------- how encode/decode run
+    def _run(self, kind: str, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """Encode or decode (`kind`) a batch: the one place that decides how it runs.
+
+        1. batches larger than `batch_size` run one chunk of batch_size at a time;
+        2. in tiles when tiling is on and x is larger than a tile, or, on the CPU, when the untiled call would
+           not fit in the free memory (`_exceeds_ram`; exact tiles, with a warning);
+        3. else untiled: the fast path in eval mode without autograd (`_fast_path`), else the eager modules;
+        4. if the untiled call runs out of accelerator memory (`tile_on_oom`, no autograd): once more in exact
+           tiles, with a warning;
+        5. if any of that fails on the fast path with an error other than out-of-memory, the eager modules
+           answer (steps 2-4 once more) and the fast path is switched off, with a warning: the fast path has
+           kernels and layouts the eager modules do not (a driver or library the project never met), and may
+           cost speed, never a result. If the eager modules fail too, their error is raised and the fast path
+           stays on (the input is at fault, not the fast path).
+        """
+        if batch_size is not None and x.shape[0] > batch_size:
+            return torch.cat([self._run(kind, chunk) for chunk in x.split(batch_size)])
+        on_fast_path = self._fast_path() is not None
+        try:
+            if self.tiling is not None and self.tiling.wants(kind, x):
+                return self.tiling.run(kind, self, x)
+            if self._exceeds_ram(kind, x):
+                return Tiler(self.spatial_compression).run(kind, self, x)
+            try:
+                return self._encode_once(x) if kind == "encode" else self._decode_once(x)
+            except torch.OutOfMemoryError as exc:
+                if not self.tile_on_oom or torch.is_grad_enabled():
+                    raise
+                oom = str(exc).split("\n")[0]  # the message only: the traceback keeps the failed call's tensors
+            return self._tiled_after_oom(kind, x, oom)
+        except RuntimeError as exc:
+            if not on_fast_path or isinstance(exc, torch.OutOfMemoryError):
+                raise
+            failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        self.fast_path_enabled = False
+        try:
+            out = self._run(kind, x)
+        except BaseException:
+            self.fast_path_enabled = True
+            raise
+        self._fast = None  # frees its weight caches
+        _warn_at_caller(
+            FastPathFallbackWarning(
+                f"the fast inference path failed ({failure}) where the eager modules work; it is off for this "
+                "model now (enable_fast_path() turns it back on). Please report this with your GPU and versions."
+            )
+        )
+        return out
+
+    def _exceeds_ram(self, kind: str, x: torch.Tensor) -> bool:
+        """True (with a warning) when an untiled CPU call would need more than ~half the free memory."""
+        if x.device.type != "cpu" or not self.tile_on_oom or torch.is_grad_enabled():
+            return False
+        pixels = x.shape[-2] * x.shape[-1] * (self.spatial_compression**2 if kind == "decode" else 1)
+        if pixels * x.shape[0] <= self.ram_check_pixels:
+            return False
+        free = memory.available_ram_bytes()
+        if free is None:
+            return False
+        key = (kind, tuple(x.shape), x.dtype)
+        if key not in self._peak_estimates:
+            try:
+                self._peak_estimates[key] = memory.estimate_peak_bytes(self, kind, tuple(x.shape), x.dtype)
+            except Exception:  # an op the meta device cannot trace: no estimate, so no reason to tile
+                self._peak_estimates[key] = 0
+        need = self._peak_estimates[key]
+        # 2x: allocator slack, backend scratch and the fast path's caches are not in the estimate.
+        if 2 * need <= free:
+            return False
+        _warn_at_caller(
+            f"{kind} of {tuple(x.shape)} needs about {need / 2**30:.1f} GiB untiled, {free / 2**30:.1f} GiB are "
+            "free: running in exact tiles (same result). enable_tiling() does this from the start."
+        )
+        return True
+
+    def _tiled_after_oom(self, kind: str, x: torch.Tensor, oom: str) -> torch.Tensor:
+        """The retry of an untiled call that ran out of accelerator memory (message `oom`), in tiles."""
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        tiler = self.tiling or Tiler(self.spatial_compression)
+        _warn_at_caller(
+            f"out of memory on input {tuple(x.shape)} ({oom}); retrying in tiles ({tiler}). Call "
+            "enable_tiling() to tile from the start, or set tile_on_oom = False to get the error instead."
+        )
+        try:
+            return tiler.run(kind, self, x)
+        except torch.OutOfMemoryError:
+            raise torch.OutOfMemoryError(
+                f"out of memory on input {tuple(x.shape)}, also in tiles ({tiler}): use a smaller batch_size "
+                "or enable_tiling(tile_size=512)"
+            ) from None
+
+    def _fast_path(self) -> FastPath | None:
+        """The fast path when it applies (enabled, eval mode, no autograd), made on first use; else None."""
+        if not self.fast_path_enabled or self.training or torch.is_grad_enabled():
+            return None
+        if self._fast is None:
+            self._fast = FastPath()
+        return self._fast
+
+    # One untiled model call each (the blend tiler calls these per batch of tiles).
+    def _encode_once(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self._fast_path()
+        return fast.encode(self.encoder, x) if fast is not None else self.encoder(x)
+
+    def _decode_once(self, z: torch.Tensor) -> torch.Tensor:
+        fast = self._fast_path()
+        return fast.decode(self.decoder, z) if fast is not None else self.decoder(z)
 
     def _check_output(self, out: torch.Tensor, what: str) -> torch.Tensor:
         # Nothing to read on the meta device, and no host sync while a CUDA graph is captured or dynamo traces.
@@ -321,146 +488,14 @@ class DCAE(nn.Module):
             warnings.warn(NonFiniteWarning(message), stacklevel=3)
         return out
 
-    def reconstruct(self, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
-        """decode(encode(x)) cropped back to the input size."""
-        h, w = x.shape[-2:]
-        return self.decode(self.encode(x, batch_size=batch_size), batch_size=batch_size)[..., :h, :w]
-
-    def forward(self, x: torch.Tensor, latent_channels: int | None = None) -> torch.Tensor:
-        """Reconstruction for training; DC-AE 1.5: through the first `latent_channels` latent channels only."""
-        return self.decoder(self.encoder(x, latent_channels=latent_channels))
-
-    # Hooks that the tiled and fused paths override; plain calls by default.
-    def _encode(self, x: torch.Tensor, latent_channels: int | None = None) -> torch.Tensor:
-        if latent_channels is not None:  # DC-AE 1.5: the first k channels of the full latent, on every path
-            self.encoder.sliceable_out(latent_channels)
-            return self._encode(x)[:, :latent_channels].contiguous()
-        return self._call(
-            "encode", x, lambda t: t.wants_encode(x), lambda t: t.encode(self, x), lambda: self._encode_once(x)
-        )
-
-    def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self._call(
-            "decode", z, lambda t: t.wants_decode(z), lambda t: t.decode(self, z), lambda: self._decode_once(z)
-        )
-
-    def _call(self, kind: str, inp: torch.Tensor, wants_tiles: Callable, in_tiles: Callable, whole: Callable):
-        """In tiles when tiling is on and the input is larger than a tile, or (CPU) when the untiled call
-        would not fit in the free memory; else whole, and in tiles after all if that runs out of GPU memory.
-        The eager modules answer if the fast path fails."""
-
-        def attempt() -> torch.Tensor:
-            tiler = self.__dict__.get("_tiler")
-            if tiler is not None and wants_tiles(tiler):
-                return in_tiles(tiler)
-            if self._exceeds_ram(kind, inp):
-                from dcae.models.tiling import Tiler
-
-                return in_tiles(Tiler(self.spatial_compression))
-            return self._tiled_on_oom(whole, in_tiles, inp.shape)
-
-        return self._eager_if_fast_fails(attempt)
-
-    # A CPU process that runs out of memory is killed, not told: so on the CPU, inputs of more than this many
-    # pixels get their untiled peak memory estimated first (once per shape; see dcae.models.memory).
-    ram_check_pixels: int = 1536 * 1536
-
-    def _exceeds_ram(self, kind: str, inp: torch.Tensor) -> bool:
-        """True (with a warning) when an untiled CPU call would need more than ~half the free memory."""
-        pixels = inp.shape[-2] * inp.shape[-1] * (self.spatial_compression**2 if kind == "decode" else 1)
-        if inp.device.type != "cpu" or not self.tile_on_oom or torch.is_grad_enabled():
-            return False
-        if pixels * inp.shape[0] <= self.ram_check_pixels:
-            return False
-        free = memory.available_ram_bytes()
-        if free is None:
-            return False
-        key = (kind, tuple(inp.shape), inp.dtype)
-        estimates = self.__dict__.setdefault("_peak_estimates", {})
-        if key not in estimates:
-            try:
-                estimates[key] = memory.estimate_peak_bytes(self, kind, tuple(inp.shape), inp.dtype)
-            except Exception:  # an op the meta device cannot trace: no estimate, so no reason to tile
-                estimates[key] = 0
-        # 2x: allocator slack, backend scratch and the fast path's caches are not in the estimate.
-        if 2 * estimates[key] <= free:
-            return False
-        warnings.warn(
-            f"{kind} of {tuple(inp.shape)} needs about {estimates[key] / 2**30:.1f} GiB untiled, {free / 2**30:.1f} "
-            "GiB are free: running in exact tiles (same result). enable_tiling() does this from the start.",
-            stacklevel=6,
-        )
-        return True
-
-    def _eager_if_fast_fails(self, run: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """The fast path has kernels and layouts the eager modules do not; if it fails where the eager
-        modules succeed (a driver or library the project never met), the call is answered by the eager
-        modules and the fast path is switched off, with a warning: speed is lost, never a result."""
-        if self._fast_path() is None:
-            return run()
-        try:
-            return run()
-        except torch.OutOfMemoryError:
-            raise
-        except RuntimeError as exc:
-            message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        self.fast_path_enabled = False
-        try:
-            out = run()
-        except BaseException:
-            self.fast_path_enabled = True  # the eager modules fail too: the input is at fault, not the fast path
-            raise
-        self.__dict__["_fast"] = None  # frees its weight caches
-        warnings.warn(
-            FastPathFallbackWarning(
-                f"the fast inference path failed ({message}) where the eager modules work; it is off for this "
-                "model now (enable_fast_path() turns it back on). Please report this with your GPU and versions."
-            ),
-            stacklevel=4,
-        )
-        return out
-
-    # An untiled call that runs out of accelerator memory is retried once in exact tiles (the same
-    # result up to rounding), with a warning, instead of failing: a 4K decode then just works.
-    tile_on_oom: bool = True
-
-    def _tiled_on_oom(self, run: Callable[[], torch.Tensor], run_tiled: Callable, shape: torch.Size) -> torch.Tensor:
-        if not self.tile_on_oom or torch.is_grad_enabled():
-            return run()
-        try:
-            return run()
-        except torch.OutOfMemoryError as exc:
-            # Only the message is kept: the traceback would keep the failed attempt's tensors alive.
-            message = str(exc).split("\n")[0]
-        from dcae.models.tiling import Tiler
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        tiler = self.tiling or Tiler(self.spatial_compression)
-        warnings.warn(
-            f"out of memory on input {tuple(shape)} ({message}); retrying in tiles ({tiler}). Call "
-            "enable_tiling() to tile from the start, or set tile_on_oom = False to get the error instead.",
-            stacklevel=4,
-        )
-        try:
-            return run_tiled(tiler)
-        except torch.OutOfMemoryError:
-            raise torch.OutOfMemoryError(
-                f"out of memory on input {tuple(shape)}, also in tiles ({tiler}): use a smaller batch_size "
-                "or enable_tiling(tile_size=512)"
-            ) from None
+    def _param_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
 
     # --------------------------------------------------------------------- fast path and tiling
-    # The fast path (dcae.models.fast) is on by default; it only runs in eval mode without autograd,
-    # so training and gradient-based uses always see the eager modules.
-    fast_path_enabled: bool = True
-
     def enable_fast_path(self, enabled: bool = True, **options) -> None:
         """Use the fast inference kernels (options: see `dcae.models.fast.FastOptions`)."""
-        from dcae.models.fast import FastOptions, FastPath
-
         self.fast_path_enabled = enabled
-        self.__dict__["_fast"] = FastPath(FastOptions(**options)) if enabled else None
+        self._fast = FastPath(FastOptions(**options)) if enabled else None
 
     def disable_fast_path(self) -> None:
         """Run the eager modules only (the reference numerics)."""
@@ -481,54 +516,16 @@ class DCAE(nn.Module):
         images whose 1/8-resolution features do not fit). Sizes are in image pixels, rounded up to
         multiples of the compression factor; max_batch_pixels bounds the tiles per model call.
         """
-        from dcae.models.tiling import DEFAULT_OVERLAP, Tiler, TilingConfig
-
         d = TilingConfig()
         tile = tile_size or d.tile_size
         if overlap is None:  # the default overlap, but at most a quarter of a smaller tile
             overlap = min(DEFAULT_OVERLAP, max(tile // 4, self.spatial_compression))
             overlap = 0 if overlap >= tile else overlap
         cfg = TilingConfig(tile, overlap, max_batch_pixels or d.max_batch_pixels, mode)
-        self.__dict__["_tiler"] = Tiler(self.spatial_compression, cfg)
+        self.tiling = Tiler(self.spatial_compression, cfg)
 
     def disable_tiling(self) -> None:
-        self.__dict__["_tiler"] = None
-
-    @property
-    def tiling(self):
-        """The active `Tiler`, or None."""
-        return self.__dict__.get("_tiler")
-
-    def _fast_path(self):
-        if not self.fast_path_enabled or self.training or torch.is_grad_enabled():
-            return None
-        fast = self.__dict__.get("_fast")
-        if fast is None:
-            from dcae.models.fast import FastPath
-
-            fast = self.__dict__["_fast"] = FastPath()
-        return fast
-
-    def _encode_once(self, x: torch.Tensor) -> torch.Tensor:
-        fast = self._fast_path()
-        if fast is not None:
-            return fast.encode(self.encoder, x)
-        return self.encoder(x)
-
-    def _decode_once(self, z: torch.Tensor) -> torch.Tensor:
-        fast = self._fast_path()
-        if fast is not None:
-            return fast.decode(self.decoder, z)
-        return self.decoder(z)
-
-    def _param_dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    @staticmethod
-    def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int | None) -> torch.Tensor:
-        if batch_size is None or x.shape[0] <= batch_size:
-            return fn(x)
-        return torch.cat([fn(chunk) for chunk in x.split(batch_size)])
+        self.tiling = None
 
     def extra_repr(self) -> str:
         return f"name={self.config.name!r}, f{self.spatial_compression}c{self.latent_channels}"

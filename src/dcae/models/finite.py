@@ -49,13 +49,9 @@ def checked_by_caller(module) -> Iterator[None]:
     if not hasattr(module, "finite_check"):
         yield
         return
-    own = "finite_check" in vars(module)
     previous = module.finite_check
     module.finite_check = "off"
     try:
         yield
     finally:
-        if own:
-            module.finite_check = previous
-        else:
-            del module.finite_check  # back to the class default
+        module.finite_check = previous

@@ -385,6 +385,14 @@ class Tiler:
     def wants_decode(self, z: torch.Tensor) -> bool:
         return max(z.shape[-2:]) * self.factor > self.config.tile_size
 
+    def wants(self, kind: str, x: torch.Tensor) -> bool:
+        """`wants_encode` or `wants_decode` (kind "encode" / "decode")."""
+        return self.wants_encode(x) if kind == "encode" else self.wants_decode(x)
+
+    def run(self, kind: str, model, x: torch.Tensor) -> torch.Tensor:
+        """`encode` or `decode` (kind "encode" / "decode") of `model` in tiles."""
+        return self.encode(model, x) if kind == "encode" else self.decode(model, x)
+
     def encode(self, model, x: torch.Tensor) -> torch.Tensor:
         """x: images (B, C, H, W), H and W multiples of f."""
         if self.config.mode == "exact":
