@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dcae.data.images import ImageReadError, center_crop_arr, find_images, load_image_uint8
+from dcae.data.images import ImageReadError, center_crop_arr
+from dcae.data.sources import ImageRef, list_images, read_image
 from dcae.diffusion.conditioning import Conditioning, from_record
 from dcae.errors import NonFiniteError, UserError
 from dcae.utils.io import atomic_save_safetensors, atomic_write_json, atomic_write_text
@@ -111,7 +112,7 @@ class _CropDataset(torch.utils.data.Dataset):
     """Decodes and ADM-center-crops images in DataLoader workers; errors come back as messages so that
     the main process can name the file."""
 
-    def __init__(self, files: list[Path], resolution: int) -> None:
+    def __init__(self, files: list[ImageRef], resolution: int) -> None:
         self.files, self.resolution = files, resolution
 
     def __len__(self) -> int:
@@ -119,7 +120,7 @@ class _CropDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         try:
-            arr = center_crop_arr(load_image_uint8(self.files[i]), self.resolution)
+            arr = center_crop_arr(read_image(self.files[i]), self.resolution)
             return torch.from_numpy(np.array(arr)), ""  # a writable copy of PIL's read-only buffer
         except (ImageReadError, OSError) as exc:
             return torch.zeros(self.resolution, self.resolution, 3, dtype=torch.uint8), str(exc) or repr(exc)
@@ -209,18 +210,16 @@ def extract_latents(
 
 
 def _plan(autoencoder, data: Path, model_name: str, resolution: int, flip: bool, shard_size: int, labels_file,
-          unconditional: bool) -> tuple[list[Path], list[str], Labels, dict]:  # fmt: skip
+          unconditional: bool) -> tuple[list[ImageRef], list[str], Labels, dict]:  # fmt: skip
     """The images, their labels and the index of the folder to write (its fingerprint names the plan)."""
     f = autoencoder.spatial_compression
     if resolution % f:
         raise UserError(f"resolution {resolution} is not a multiple of the autoencoder's compression f{f}")
     if not data.exists():
         raise UserError(f"data folder {data} does not exist")
-    files = find_images(data)
-    if not files:
-        raise UserError(f"no images found under {data}")
-    root = data if data.is_dir() else data.parent
-    rel_paths = [p.relative_to(root).as_posix() for p in files]
+    # The one image source: a broken tar shard is named and left out of the plan; nothing readable is an error.
+    files = list_images(data, naming="relative")
+    rel_paths = [r.name for r in files]
     labels = Labels(None, None, None) if unconditional else infer_labels(rel_paths, labels_file)
     n_shards = (len(files) + shard_size - 1) // shard_size
     index = {
@@ -271,7 +270,7 @@ def _prepare_folder(out: Path, index: dict, rel_paths: list[str], overwrite: boo
         torch.distributed.barrier()
 
 
-def _encode_images(autoencoder, files: list[Path], resolution: int, flip: bool, batch_size: int,
+def _encode_images(autoencoder, files: list[ImageRef], resolution: int, flip: bool, batch_size: int,
                    num_workers: int, dtype: torch.dtype, bar) -> dict[str, torch.Tensor]:  # fmt: skip
     """Scaled fp32 latents of `files` (and of their mirror images with flip); unreadable images and
     non-finite latents are errors that name the files."""
@@ -280,9 +279,9 @@ def _encode_images(autoencoder, files: list[Path], resolution: int, flip: bool, 
                                          num_workers=num_workers, pin_memory=device.type == "cuda")  # fmt: skip
     chunks, flip_chunks, start = [], [], 0
     for batch, errors in loader:
-        for j, err in enumerate(errors):
+        for err in errors:
             if err:
-                raise ImageReadError(f"cannot read image {files[start + j]}: {err}")
+                raise ImageReadError(err)  # the reader's message names the image
         x = _to_model_input(batch, device, dtype)
         for dest, inp in ((chunks, x), (flip_chunks, x.flip(-1) if flip else None)):
             if inp is None:
@@ -290,7 +289,7 @@ def _encode_images(autoencoder, files: list[Path], resolution: int, flip: bool, 
             z = autoencoder.scale_latents(autoencoder.encode(inp)).float()
             bad = ~torch.isfinite(z.flatten(1)).all(dim=1)
             if bad.any():
-                names = [str(files[start + j]) for j in bad.nonzero().flatten().tolist()]
+                names = [files[start + j].location for j in bad.nonzero().flatten().tolist()]
                 raise NonFiniteError(
                     f"the autoencoder produced NaN/Inf latents for {len(names)} image(s), e.g. {names[:3]}; "
                     "check the weights, or use --dtype float32 if you ran in half precision"

@@ -93,11 +93,13 @@ def train(
     if s.main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+        broken = len(train_items.skipped)  # tar shards that could not be read (named in a warning)
         s.print(
             f"{accelerator.num_processes} process(es) ({accelerator.distributed_type}, {accelerator.device}, "
             f"mixed precision {accelerator.mixed_precision}); data: {len(train_items)} training images, "
             f"{len(val_images)} held out" + (f" ({skipped} unreadable)" if skipped else "")
-        )
+            + (f"; {broken} unreadable shard(s) skipped" if broken else "")
+        )  # fmt: skip
     results: dict[int, Any] = {}
     export = None
     for i, n in enumerate(phases):
