@@ -1,4 +1,8 @@
-"""User-facing errors: the CLI prints these as one line, without a traceback."""
+"""User-facing errors: the CLI prints these as one line, without a traceback.
+
+Standard library only, and no dcae module: any module can import this one at module level, cheaply (no
+torch, numpy or PIL) and without an import cycle.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,6 @@ import contextlib
 import sys
 import warnings
 from collections.abc import Iterator
-
-from dcae.data.images import ImageReadError
-from dcae.utils.io import OutputExistsError
 
 
 class UserError(Exception):
@@ -32,7 +33,15 @@ class NonFiniteWarning(RuntimeWarning):
     """NaN or Inf in weights, latents or decoded images; the message says which tensor or file."""
 
 
-# Existing exception types that are also user errors.
+class ImageReadError(OSError):
+    """An image file could not be read or decoded (raised by dcae.data.images, importable from there too)."""
+
+
+class OutputExistsError(FileExistsError):
+    """Raised when an output exists and the caller did not ask to overwrite it (see dcae.utils.io)."""
+
+
+# Exception types that are user errors without deriving from UserError.
 USER_ERROR_TYPES = (UserError, ImageReadError, OutputExistsError, FileNotFoundError)
 
 

@@ -19,11 +19,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from dcae.errors import ImageReadError  # defined there (cheap to import for everyone), raised here
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
-
-
-class ImageReadError(OSError):
-    """An image file could not be read or decoded."""
 
 
 def find_images(root: str | os.PathLike, recursive: bool = True) -> list[Path]:

@@ -11,9 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-
-class OutputExistsError(FileExistsError):
-    """Raised when an output exists and the caller did not ask to overwrite it."""
+from dcae.errors import OutputExistsError  # defined there (cheap to import for everyone), raised here
 
 
 def check_writable(path: str | os.PathLike, overwrite: bool = False) -> Path:
