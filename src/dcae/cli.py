@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from dcae.errors import USER_ERROR_TYPES
+
 # (module, function) pairs that add subcommands to the top-level parser.
 COMMAND_MODULES = [
     "dcae.commands",  # models, encode, decode, reconstruct, convert, demo
@@ -68,8 +70,6 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # known, user-facing errors print one line
-        from dcae.errors import USER_ERROR_TYPES
-
         if isinstance(exc, (*USER_ERROR_TYPES, CLIError)):
             print(f"dcae: error: {exc}", file=sys.stderr)
             return 2

@@ -8,6 +8,8 @@ import math
 import sys
 from pathlib import Path
 
+from dcae.errors import UserError, non_finite_warnings_as_lines
+
 
 # ----------------------------------------------------------------------------- shared options
 def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -35,7 +37,6 @@ def _positive_int(text: str) -> int:
 
 
 def load_model_from_args(args: argparse.Namespace):
-    from dcae.errors import non_finite_warnings_as_lines
     from dcae.models import DCAE
     from dcae.utils.devices import resolve_device, resolve_dtype
 
@@ -44,8 +45,6 @@ def load_model_from_args(args: argparse.Namespace):
     model.to(device=resolve_device(args.device), dtype=resolve_dtype(args.dtype)).eval()
     if getattr(args, "tile", False):
         if not hasattr(model, "enable_tiling"):
-            from dcae.errors import UserError
-
             raise UserError("this build has no tiled path")
         model.enable_tiling()
     return model
@@ -119,7 +118,6 @@ def cmd_encode(args: argparse.Namespace) -> int:
     import torch
 
     from dcae.data.batches import Problems, load_batch, plan, run_per_image_on_failure
-    from dcae.errors import UserError
     from dcae.models.finite import checked_by_caller
     from dcae.utils.io import check_writable
 
@@ -182,8 +180,6 @@ def read_latents(path: str | Path):
     """(tensors, metadata) of a file written by `dcae encode`; clear errors for anything else."""
     from safetensors import safe_open
 
-    from dcae.errors import UserError
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
@@ -200,7 +196,6 @@ def read_latents(path: str | Path):
 
 def _parse_latents_meta(path: Path, text: str) -> dict:
     """The metadata of a latents file, checked enough that decoding cannot stop on a missing field."""
-    from dcae.errors import UserError
 
     try:
         meta = json.loads(text)
@@ -278,7 +273,6 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     import torch
 
     from dcae.data.batches import Problems, load_batch, output_stems, plan, run_per_image_on_failure
-    from dcae.errors import UserError
     from dcae.models.finite import checked_by_caller
 
     paths = _expand_inputs(args.images)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dcae.errors import UserError
+
 # Public-domain / freely licensed photos in scikit-image's wheel (no network needed).
 DEMO_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 
@@ -22,8 +24,6 @@ def demo_photos(names: tuple[str, ...] = DEMO_PHOTOS, size: int = 512) -> list[t
     try:
         import skimage.data  # noqa: F401
     except ImportError as exc:
-        from dcae.errors import UserError
-
         raise UserError("the demo needs scikit-image for its photos: pip install scikit-image") from exc
     from dcae.data.images import center_crop_arr
     from dcae.data.sources import skimage_photo
@@ -60,7 +60,6 @@ def reconstruct_photos(model, photos, out_dir: Path, tag: str) -> dict[str, floa
 
 
 def run_demo(out_dir: Path, model: str = "dc-ae-f32c32-sana-1.1", minutes: float = 4.0) -> dict:
-    from dcae.errors import UserError
     from dcae.models import DCAE
     from dcae.utils.io import atomic_write_json
 

@@ -39,6 +39,7 @@ from typing import Literal
 import numpy as np
 
 from dcae.data.images import IMAGE_EXTENSIONS, ImageReadError, decode_image_bytes, load_image_uint8
+from dcae.errors import UserError
 
 TAR_SUFFIXES = (".tar",)
 SKIMAGE = "skimage"  # the `path` of a scikit-image photo; its `member` is the photo's name
@@ -170,7 +171,6 @@ def list_images(
     shards are skipped with a warning and recorded in the result's `skipped`; if that leaves nothing, a
     UserError names the sources and the first broken shard. With nothing found at all: a UserError, or an
     empty list with `allow_empty`. Missing paths raise FileNotFoundError."""
-    from dcae.errors import UserError
 
     if isinstance(sources, str | os.PathLike):
         sources = [sources]
@@ -229,7 +229,6 @@ def record_skip(skipped: list[Skipped] | None, item: Skipped, warn: bool = True)
 def nothing_readable(sources: Sequence[Source], skipped: Sequence[Skipped]) -> Exception:
     """The UserError for sources of which nothing could be read (one line: the sources, the count, the
     first problem)."""
-    from dcae.errors import UserError
 
     kinds = sorted({s.what for s in skipped})
     return UserError(
@@ -268,8 +267,6 @@ def _list_folder(root: Path, naming: Naming, skipped: list[Skipped]) -> list[Ima
 
 
 def _skimage_refs(source: str) -> list[ImageRef]:
-    from dcae.errors import UserError
-
     names = source.removeprefix(f"{SKIMAGE}:")
     chosen = SKIMAGE_PHOTOS if names in ("", "*") else [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in chosen if n not in SKIMAGE_PHOTOS]
@@ -289,8 +286,6 @@ def skimage_photo(name: str) -> np.ndarray:
         arr = left if name == "motorcycle_left" else right
     else:
         if name not in SKIMAGE_PHOTOS:
-            from dcae.errors import UserError
-
             raise UserError(f"unknown scikit-image photo {name!r}; available: {', '.join(SKIMAGE_PHOTOS)}")
         arr = getattr(skimage.data, name)()
     if arr.ndim == 2:
@@ -362,7 +357,5 @@ def read_images(
         except ImageReadError as exc:
             record_skip(skipped, Skipped(ref.name, str(exc)))
     if skipped and not out:
-        from dcae.errors import UserError
-
         raise UserError(f"none of the {len(skipped)} {what} could be read; first: {skipped[0].error}")
     return out, skipped

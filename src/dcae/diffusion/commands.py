@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dcae.errors import UserError
 from dcae.utils.cliargs import IntermixedParser
 
 
@@ -100,7 +101,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from dcae.diffusion.processes.sampling import sample
     from dcae.diffusion.train.checkpoint import conditioning_of, load_checkpoint
     from dcae.diffusion.train.samples import default_solver
-    from dcae.errors import UserError
     from dcae.utils.devices import process_group_from_env
 
     if args.model:  # a released DC-AE ImageNet model (name, Hub id or folder)

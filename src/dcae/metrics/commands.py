@@ -11,6 +11,8 @@ import re
 import sys
 from pathlib import Path
 
+from dcae.errors import USER_ERROR_TYPES, UserError, non_finite_warnings_as_lines
+
 LPIPS_CHOICES = ("stlpips-alex", "stlpips-vgg", "lpips-alex", "lpips-vgg", "none")
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
@@ -161,7 +163,6 @@ def _report_skipped(skipped: list[dict], total: int) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     import warnings
 
-    from dcae.errors import USER_ERROR_TYPES, UserError, non_finite_warnings_as_lines
     from dcae.metrics.data import collect_images
     from dcae.metrics.fid import FewImagesWarning
     from dcae.metrics.reconstruction import EvalSettings, evaluate_reconstruction, load_autoencoder
@@ -341,7 +342,6 @@ def _stats_for(source: str, args, inception, cache) -> tuple:
 def run_fid(args: argparse.Namespace) -> int:
     import warnings
 
-    from dcae.errors import UserError
     from dcae.metrics.fid import FewImagesWarning, fid_from_stats, fid_method_used
     from dcae.utils.devices import resolve_device
     from dcae.utils.io import atomic_write_json
@@ -387,7 +387,6 @@ def run_fid(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------- dcae metrics
 def run_metrics(args: argparse.Namespace) -> int:
-    from dcae.errors import UserError
     from dcae.metrics.data import collect_images
     from dcae.metrics.paired import pair_images, paired_metrics
     from dcae.metrics.reconstruction import as_json, per_image_csv

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dcae.errors import UserError
+
 
 def cmd_sample_released(args: argparse.Namespace) -> int:
     import torch
@@ -18,7 +20,6 @@ def cmd_sample_released(args: argparse.Namespace) -> int:
     from dcae.diffusion.generation import ImageSampler, condition_values, write_samples
     from dcae.diffusion.released.models import load_released
     from dcae.diffusion.released.sampling import check_inputs, default_steps, generate, samplers_for
-    from dcae.errors import UserError
     from dcae.models import DCAE
     from dcae.utils.devices import process_group_from_env
 

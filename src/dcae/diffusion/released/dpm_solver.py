@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import torch
 
+from dcae.errors import UserError
+
 NUM_TRAIN_STEPS = 1000
 
 
@@ -74,8 +76,6 @@ def interpolate(x: torch.Tensor, xp: torch.Tensor, yp: torch.Tensor) -> torch.Te
 def singlestep_orders(steps: int) -> list[int]:
     """Orders of the 'fast' method at order 3: as many third-order updates as fit, then a 2 / 1 tail."""
     if steps < 1:
-        from dcae.errors import UserError
-
         raise UserError(f"DPM-Solver needs at least 1 step, got {steps}")
     k = steps // 3 + 1
     if steps % 3 == 0:
