@@ -20,6 +20,7 @@ import torch
 
 from dcae.diffusion.nets import create_diffusion_model
 from dcae.diffusion.processes.flow import FlowMatching
+from dcae.utils.devices import match_inductor_to_aten_isa
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,8 @@ def bench_one(
     params = sum(p.numel() for p in model.parameters())
     flops = forward_flops(model, setting, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    if compile:
+        match_inductor_to_aten_isa()
     run = torch.compile(model) if compile else model
     process = FlowMatching()
     x = torch.randn(batch, setting.channels, setting.size, setting.size, device=device)

@@ -52,6 +52,7 @@ from dcae.models.linear_attention import (  # re-exported: the PyTorch reference
     relu_linear_attention_kv,
     relu_linear_attention_tokens,
 )
+from dcae.utils.devices import match_inductor_to_aten_isa
 
 FP16_MAX = 65504.0
 
@@ -527,6 +528,7 @@ def compile_dcae(
     the modules compile without graph breaks (checked with `torch._dynamo.explain` in the tests).
     `dynamic=False`: one specialised graph per input shape, the fastest for fixed-size benchmarks.
     """
+    match_inductor_to_aten_isa()
     model.disable_fast_path()
     model.to(memory_format=torch.channels_last)
     model.encoder.compile(mode=mode, dynamic=dynamic, backend=backend)

@@ -35,6 +35,7 @@ from dcae.runtime.config import dump_yaml
 from dcae.runtime.ema import EMA
 from dcae.runtime.log import Logger, plot_curves, read_log
 from dcae.runtime.schedule import lr_at, set_lr
+from dcae.utils.devices import match_inductor_to_aten_isa
 from dcae.utils.io import atomic_write_text
 
 LOG_COLUMNS = ("step", "loss", "grad_norm", "lr", "img_per_s", "elapsed_s")
@@ -236,6 +237,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     run, step = _setup(cfg)
     acc, model, opt = run.accelerator, run.model, run.opt
     device, rank, accum = acc.device, acc.process_index, cfg.grad_accum
+    if cfg.compile:
+        match_inductor_to_aten_isa()
     train_model = torch.compile(model) if cfg.compile else model
     logger = _start_outputs(run, step)
     autoencoders = AutoencoderCache(run.ds.index.get("model") if cfg.sample.decode else None, device)
