@@ -10,10 +10,10 @@ import torch
 from test_models_parity import narrow
 
 from dcae import DCAE, get_config, list_models
-from dcae.checkpoint import _config_from_json
 from dcae.cli import main
 from dcae.errors import UserError
 from dcae.models.config import find_by_hub_id, model_aliases
+from dcae.models.weights import _config_from_json
 
 # name as published -> (registered name, its Hub repos), from the reference zoo (DC-Gen) and the Hub.
 PUBLISHED = {

@@ -1,14 +1,6 @@
-"""Loading and saving DC-AE models: `load_dcae` / `save_dcae`, which `DCAE.from_pretrained` /
-`DCAE.save_pretrained` also do (the first then checks the weights for NaN/Inf).
-
-The formats and their helpers live in `dcae.models.weights` (re-exported here), which knows
-configurations but not the model class; this module binds them to `DCAE`. Formats, detected automatically:
-- original (`mit-han-lab/dc-ae-*`): `config.json` = {"model_name": ...} (ours adds "dcae_config" for
-  user-defined shapes) + `model.safetensors`;
-- diffusers (`mit-han-lab/dc-ae-*-diffusers`): AutoencoderDC `config.json` +
-  `diffusion_pytorch_model.safetensors`, possibly sharded with an `.index.json`;
-- a single `.safetensors` / `.pt` / `.pth` file in either key scheme, including the reference training
-  checkpoints (`{"state_dict": ..., "ema": ...}`).
+"""Loading and saving DC-AE models: `load_dcae` / `save_dcae` (what `DCAE.from_pretrained` /
+`DCAE.save_pretrained` do), `infer_config`. The formats (original, diffusers, single files, the Hub) are
+`dcae.models.weights`, which knows configurations but not the model class; this module binds them to `DCAE`.
 """
 
 from __future__ import annotations
@@ -21,22 +13,6 @@ import torch
 from dcae.models import weights
 from dcae.models.autoencoder import DCAE
 from dcae.models.config import DCAEConfig
-from dcae.models.weights import (  # noqa: F401 - the helpers, importable from here as before
-    _HUB_ID,
-    DIFFUSERS_WEIGHTS,
-    ORIGINAL_WEIGHTS,
-    WEIGHT_SUFFIXES,
-    _config_from_json,
-    _find_weights,
-    _zoo_match,
-    check_state_dict,
-    hub_snapshot,
-    key_scheme,
-    read_sharded,
-    read_state_dict,
-    resolve_source,
-    state_dict_problems,
-)
 
 
 def infer_config(state_dict: dict[str, torch.Tensor], source: str = "weights") -> DCAEConfig:

@@ -26,6 +26,7 @@ import torch.nn as nn
 from dcae.diffusion.conditioning import Condition
 from dcae.diffusion.nets import DiT, UViT
 from dcae.errors import UnknownModelError, UserError, WeightsError
+from dcae.models.weights import hub_snapshot, state_dict_problems
 
 HUB_ORG = "mit-han-lab"
 PREFIX = "diffusion_model."
@@ -249,8 +250,6 @@ def resolve_released(source: str | os.PathLike) -> tuple[ReleasedModel, Path | s
 
 def check_released_state_dict(model: ReleasedDiffusion, state: dict[str, torch.Tensor], source: str) -> None:
     """Strict: the exact key set and shapes of the released model, else an error naming the file and keys."""
-    from dcae.checkpoint import state_dict_problems
-
     problems = state_dict_problems(model.state_dict(), state)
     if problems:
         hint = _family_hint(state, model.release)
@@ -291,8 +290,6 @@ def load_released(
 
     release, weights, config = resolve_released(source)
     if isinstance(weights, str):  # a Hub repo id
-        from dcae.checkpoint import hub_snapshot
-
         folder = hub_snapshot(weights, revision)
         name, weights, config = _read_folder(folder)
         if get_released(name) != release:
