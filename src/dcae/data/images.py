@@ -1,8 +1,15 @@
 """Image files <-> tensors in [-1, 1].
 
 Everything that reads images (CLI, evaluation, training, latent extraction) goes through
-`load_image`, so that grayscale, palette, RGBA and 16-bit files are handled in one place and
-an unreadable file is reported by name.
+`load_image` (`_read_upright`), so that grayscale, palette, RGBA and 16-bit files are handled in one place
+and an unreadable file is reported by name.
+
+Orientation: an image is read the way viewers show it. Its EXIF Orientation tag (a phone photo stored
+sideways, all 8 values; XMP's tiff:Orientation where EXIF has none) is applied first, with the semantics of
+Pillow's `ImageOps.exif_transpose`, so every size the project reports or checks (`image_size`, the arrays
+read, the heights and widths recorded from them) is the upright size. Only the pixel limit is checked on
+the stored size (a rotation does not change the pixel count). Images written by `save_image` carry no EXIF,
+so no orientation tag that would turn them again.
 """
 
 from __future__ import annotations
@@ -11,17 +18,21 @@ import contextlib
 import io
 import os
 import re
+import struct
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, PngImagePlugin, TiffImagePlugin, UnidentifiedImageError
 
 from dcae.errors import ImageReadError  # defined there (cheap to import for everyone), raised here
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
+# What the readers make of a file's pixels, for caches of values computed from them (FID reference
+# statistics): changed when that changes, so that no cache computed by an older reader is used.
+READER_VERSION = "exif-upright-1"  # EXIF orientation applied (before: the stored pixels)
 
 
 def find_images(root: str | os.PathLike, recursive: bool = True) -> list[Path]:
@@ -118,33 +129,114 @@ def _opened(source, name: str) -> Iterator[Image.Image]:
         yield img
 
 
-def _decode(source, name: str) -> np.ndarray:
-    """Animated files (GIF, WebP, APNG) give their first frame."""
+# EXIF Orientation -> the transpose that shows the stored pixels upright (as ImageOps.exif_transpose), done
+# on the decoded HxWxC array: FLIP_LEFT_RIGHT, ROTATE_180, FLIP_TOP_BOTTOM, TRANSPOSE, ROTATE_270 (a quarter
+# turn clockwise), TRANSVERSE, ROTATE_90 (a quarter turn counter-clockwise).
+_UPRIGHT = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+    8: lambda a: np.rot90(a, 1),
+}
+_SIDEWAYS = (5, 6, 7, 8)  # the orientations that swap height and width
+_PNG_LATE_CHUNKS = (b"eXIf", b"tEXt", b"zTXt", b"iTXt")  # EXIF / XMP / raw-profile carriers
+
+
+def exif_orientation(img: Image.Image, header_only: bool = False) -> int:
+    """The EXIF Orientation (1-8) of an opened image, read like `ImageOps.exif_transpose` (EXIF, else XMP's
+    tiff:Orientation); 1 when absent, out of range or unreadable (viewers then show the stored pixels).
+
+    `header_only`: without decoding the pixels where possible (a PNG's metadata after its pixel data is read
+    with the pixels, as Pillow does, only when there is some)."""
+    try:
+        if header_only and isinstance(img, PngImagePlugin.PngImageFile):
+            if _png_metadata_after_pixels(img):
+                img.load()  # Pillow reads the chunks after IDAT only with the pixels
+            else:  # everything is in `info` already: read it without PngImageFile.getexif's load()
+                value = Image.Image.getexif(img).get(ExifTags.Base.Orientation, 1)
+                return value if isinstance(value, int) and value in _UPRIGHT else 1
+        value = img.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # a damaged EXIF block, or pixel data that will fail to decode later anyway
+        return 1
+    return value if isinstance(value, int) and value in _UPRIGHT else 1
+
+
+def _png_metadata_after_pixels(img: Image.Image) -> bool:
+    """True when a PNG has an EXIF or text chunk after its first IDAT; walks the chunk headers only."""
+    fp = img.fp
+    if fp is None:
+        return False
+    pos = fp.tell()
+    try:
+        fp.seek(8)
+        seen_idat = False
+        while len(head := fp.read(8)) == 8:
+            length, kind = struct.unpack(">I4s", head)
+            if kind == b"IEND":
+                break
+            if kind == b"IDAT":
+                seen_idat = True
+            elif seen_idat and kind in _PNG_LATE_CHUNKS:
+                return True
+            fp.seek(length + 4, os.SEEK_CUR)  # data and CRC
+        return False
+    finally:
+        fp.seek(pos)
+
+
+def _stored_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of the pixels as the file stores them. Pillow's TIFF reader (unlike the others)
+    reports a TIFF's size already turned by its orientation, and turns the pixels itself when it loads them
+    (then the orientation is gone from `getexif()`); its tags give the stored size."""
+    if isinstance(img, TiffImagePlugin.TiffImageFile):
+        w, h = img.tag_v2.get(TiffImagePlugin.IMAGEWIDTH), img.tag_v2.get(TiffImagePlugin.IMAGELENGTH)
+        if isinstance(w, int) and isinstance(h, int):
+            return w, h
+    return img.size
+
+
+def upright(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """A decoded HxWxC array turned the way EXIF `orientation` says viewers show it (a contiguous copy
+    unless it is 1)."""
+    turn = _UPRIGHT.get(orientation)
+    return arr if turn is None else np.ascontiguousarray(turn(arr))
+
+
+def _read_upright(source, name: str) -> np.ndarray:
+    """The one reader of image pixels: HxWx3 uint8 the way viewers show the image (EXIF orientation
+    applied, see the module's docstring). Animated files (GIF, WebP, APNG) give their first frame."""
     with _opened(source, name) as img:
         try:
             img.load()
-            return _to_rgb_array(img)
+            orientation = exif_orientation(img)  # after load(), like exif_transpose: a PNG's late chunks
+            arr = _to_rgb_array(img)
         except Exception as exc:  # truncated or corrupt data, unknown modes
             raise ImageReadError(f"cannot read image {name}: {exc}") from exc
+    return upright(arr, orientation)  # per pixel, conversion and transpose commute: the uint8 copy is smallest
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(height, width) from the file's header, without decoding; the same checks and errors as
-    `load_image_uint8` up to the pixel data (which may still turn out corrupt)."""
+    """The upright (height, width) (EXIF orientation applied, as `load_image_uint8` reads it) from the
+    file's header, without decoding; the same checks and errors as `load_image_uint8` up to the pixel data
+    (which may still turn out corrupt)."""
     with _opened(Path(path), str(path)) as img:
-        return img.height, img.width
+        w, h = _stored_size(img)
+        return (w, h) if exif_orientation(img, header_only=True) in _SIDEWAYS else (h, w)
 
 
 def load_image_uint8(path: str | os.PathLike, name: str | None = None) -> np.ndarray:
-    """Read a file as HxWx3 uint8 RGB; raises ImageReadError naming the file (or `name`, when given;
-    FileNotFoundError if it does not exist)."""
-    return _decode(Path(path), str(path) if name is None else name)
+    """Read a file as HxWx3 uint8 RGB, upright (EXIF orientation applied); raises ImageReadError naming
+    the file (or `name`, when given; FileNotFoundError if it does not exist)."""
+    return _read_upright(Path(path), str(path) if name is None else name)
 
 
 def decode_image_bytes(data: bytes, name: str) -> np.ndarray:
-    """Encoded image bytes (e.g. a tar member) -> HxWx3 uint8, converted like `load_image_uint8`;
-    ImageReadError names `name` when they cannot be decoded."""
-    return _decode(io.BytesIO(data), name)
+    """Encoded image bytes (e.g. a tar member) -> HxWx3 uint8, upright and converted like
+    `load_image_uint8`; ImageReadError names `name` when they cannot be decoded."""
+    return _read_upright(io.BytesIO(data), name)
 
 
 def uint8_to_tensor(arr: np.ndarray) -> torch.Tensor:
@@ -165,12 +257,13 @@ def tensor_to_uint8(t: torch.Tensor) -> np.ndarray:
 
 
 def load_image(path: str | os.PathLike) -> torch.Tensor:
-    """Read an image file as a 3xHxW float32 tensor in [-1, 1]."""
+    """Read an image file as a 3xHxW float32 tensor in [-1, 1], upright (EXIF orientation applied)."""
     return uint8_to_tensor(load_image_uint8(path))
 
 
 def save_image(t: torch.Tensor | np.ndarray, path: str | os.PathLike, overwrite: bool = True) -> Path:
-    """Write a [-1, 1] tensor (or uint8 array) atomically; the format follows the suffix."""
+    """Write a [-1, 1] tensor (or uint8 array) atomically; the format follows the suffix. The file has no
+    EXIF (no orientation tag): its pixels are stored upright, as they are shown."""
     from dcae.utils.io import atomic_path
 
     arr = t if isinstance(t, np.ndarray) else tensor_to_uint8(t)

@@ -325,7 +325,8 @@ def _member_bytes(ref: ImageRef) -> bytes:
 
 
 def read_image(ref: ImageRef) -> np.ndarray:
-    """HxWx3 uint8 (grayscale / palette / RGBA / 16-bit handled like `load_image_uint8`); ImageReadError
+    """HxWx3 uint8, upright (EXIF orientation applied; grayscale / palette / RGBA / 16-bit handled like
+    `load_image_uint8`, for files and tar members alike: both go through its reader); ImageReadError
     naming `ref.name` when it cannot be read or decoded, a file gone since it was listed included."""
     if ref.kind == "skimage":
         return skimage_photo(ref.member)

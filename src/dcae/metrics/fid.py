@@ -308,9 +308,14 @@ def default_cache_dir() -> Path:
 
 
 def stats_cache_key(dataset: str, files: Sequence[tuple[str, int, float]], protocol: dict) -> str:
-    """Hash of the data set path, every file's (name, size, mtime) and the protocol (crop, size, net)."""
+    """Hash of the data set path, every file's (name, size, mtime), the protocol (crop, size, net) and how
+    the files are read (`READER_VERSION`: statistics of sideways photos read before EXIF orientation was
+    applied are not reused)."""
+    from dcae.data.images import READER_VERSION
+
     h = hashlib.sha256()
-    h.update(json.dumps({"dataset": dataset, "protocol": protocol}, sort_keys=True).encode())
+    doc = {"dataset": dataset, "protocol": protocol, "reader": READER_VERSION}
+    h.update(json.dumps(doc, sort_keys=True).encode())
     for name, size, mtime in files:
         h.update(f"{name}\0{size}\0{mtime:.3f}\n".encode())
     return h.hexdigest()[:32]
