@@ -82,6 +82,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from dcae.utils.io import check_input, check_output_file
+
+    if args.json:  # written after each model: checked before the first
+        check_output_file(args.json, overwrite=True, what="--json file")
+        check_output_file(args.json.with_suffix(".md"), overwrite=True, what="table")
+    for name in args.models:
+        check_input(name, "model", must_exist=False)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -72,6 +72,17 @@ def _expand_inputs(inputs: list[str]) -> list[Path]:
     return paths
 
 
+def _check_input_links(images: list[str], model: str | None) -> None:
+    """Before any model is loaded: an input given as a link to a missing file is one error line naming it
+    (a missing image file is reported with the others when it is read); so is a --model path that is one."""
+    from dcae.utils.io import check_input
+
+    for item in images:
+        check_input(item, "input", must_exist=False)
+    if model is not None:
+        check_input(model, "--model", must_exist=False)  # may be a zoo name or Hub id
+
+
 def _check_outputs_free(files: list[Path], overwrite: bool) -> None:
     """Refuse before any work, not after the first images are done."""
     from dcae.utils.io import check_writable
@@ -119,9 +130,10 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
     from dcae.data.batches import Problems, load_batch, plan, run_per_image_on_failure
     from dcae.models.finite import checked_by_caller
-    from dcae.utils.io import check_writable
+    from dcae.utils.io import check_output_file
 
-    out = check_writable(args.output, args.overwrite)
+    out = check_output_file(args.output, args.overwrite, "output file (-o)")
+    _check_input_links(args.images, args.model)
     paths = _expand_inputs(args.images)
     if not paths:
         raise UserError("no input images")
@@ -214,7 +226,11 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
     from dcae.data.batches import Problems, output_stems
     from dcae.models.finite import checked_by_caller
+    from dcae.utils.io import check_input, check_output_dir
 
+    check_input(args.latents, "latents file")
+    check_output_dir(args.output, "output folder (-o)")
+    _check_input_links([], args.model)
     tensors, meta = read_latents(args.latents)
     if args.model is None:
         from dcae.models import list_models
@@ -274,11 +290,15 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
     from dcae.data.batches import Problems, load_batch, output_stems, plan, run_per_image_on_failure
     from dcae.models.finite import checked_by_caller
+    from dcae.utils.io import check_output_dir, check_output_file
 
+    out_dir = check_output_dir(args.output, "output folder (-o)")
+    if args.json:
+        check_output_file(args.json, args.overwrite, "--json file")
+    _check_input_links(args.images, args.model)
     paths = _expand_inputs(args.images)
     if not paths:
         raise UserError("no input images")
-    out_dir = Path(args.output)
     stems = output_stems(paths)
     outputs = [out_dir / f"{stem}{suffix}.png" for stem in stems.values() for suffix in ("", "_side_by_side")]
     _check_outputs_free(outputs + ([Path(args.json)] if args.json else []), args.overwrite)
@@ -397,7 +417,13 @@ def image_psnr_ssim(a, b) -> tuple[float, float]:
 # ----------------------------------------------------------------------------- convert
 def cmd_convert(args: argparse.Namespace) -> int:
     from dcae.models import DCAE
+    from dcae.models.weights import DIFFUSERS_WEIGHTS, ORIGINAL_WEIGHTS
+    from dcae.utils.io import check_input, check_output_dir, check_output_file
 
+    check_input(args.src, "source", must_exist=False)  # may be a Hub id
+    check_output_dir(args.dst, "output folder")
+    weights = ORIGINAL_WEIGHTS if args.format == "original" else DIFFUSERS_WEIGHTS
+    check_output_file(Path(args.dst) / weights, args.overwrite, "output weights")
     model = DCAE.from_pretrained(args.src, model_name=args.model_name)
     out = model.save_pretrained(args.dst, format=args.format, overwrite=args.overwrite)
     print(f"wrote {model.config.name} in the {args.format} format to {out}")
@@ -407,7 +433,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
     from dcae.demo import run_demo
+    from dcae.utils.io import check_input, check_output_dir
 
+    check_output_dir(args.out, "--out folder")
+    check_input(args.model, "--model", must_exist=False)
     run_demo(Path(args.out), model=args.model, minutes=args.minutes)
     return 0
 

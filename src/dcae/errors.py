@@ -29,6 +29,16 @@ class NonFiniteError(UserError, ValueError):
     """NaN or Inf in latents or images."""
 
 
+class PathError(UserError):
+    """A path given for input or output that cannot be used: the wrong kind (a file where a folder is
+    needed, or the other way round), a folder that cannot be created or written, a link to a missing
+    file. Raised by the checks of dcae.utils.io; the message names the path and what is wrong."""
+
+
+class MissingInputError(PathError, FileNotFoundError):
+    """An input path that does not exist (or is a link to a missing file)."""
+
+
 class NonFiniteWarning(RuntimeWarning):
     """NaN or Inf in weights, latents or decoded images; the message says which tensor or file."""
 

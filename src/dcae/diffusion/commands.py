@@ -24,7 +24,13 @@ def cmd_latents(args: argparse.Namespace) -> int:
 
     from dcae.diffusion.latents import extract_latents, finalize_latents
     from dcae.utils.devices import process_group_from_env, resolve_dtype
+    from dcae.utils.io import check_input, check_output_dir
 
+    check_output_dir(args.output, "output folder (-o)")
+    check_input(args.data, "--data folder")
+    check_input(args.model, "--model", must_exist=False)  # may be a zoo name or Hub id
+    if args.labels:
+        check_input(args.labels, "--labels file")
     # One process, or one per GPU under `accelerate launch` / torchrun: each writes every n-th shard.
     rank, world, device = process_group_from_env(args.device)
     autoencoder = _load_autoencoder(args.model)
@@ -77,16 +83,23 @@ def cmd_latents(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from dcae.diffusion.train.config import config_to_dict, load_config
     from dcae.diffusion.train.loop import train
+    from dcae.utils.io import check_input, check_output_dir
 
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not Path(config).exists():  # no config file, only overrides
         config, overrides = None, [config, *overrides]
+    if config is not None:
+        check_input(config, "config file", must_exist=False)  # a missing one is named by load_config
     cfg = load_config(config, overrides)
     if args.print_config:
         import yaml
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
+    check_output_dir(cfg.out, "out folder")
+    check_input(cfg.data, "data folder")
+    if cfg.resume not in ("auto", "none", ""):
+        check_input(cfg.resume, "resume checkpoint")
     result = train(cfg, progress=not args.quiet)
     if result["checkpoint"]:
         print(f"step {result['step']}, loss {result['loss']:.4f}, checkpoint {result['checkpoint']}")
@@ -102,7 +115,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from dcae.diffusion.train.checkpoint import conditioning_of, load_checkpoint
     from dcae.diffusion.train.samples import default_solver
     from dcae.utils.devices import process_group_from_env
+    from dcae.utils.io import check_input, check_output_dir
 
+    check_output_dir(args.output, "output folder (-o)")
+    for what, path in (("--model", args.model), ("--autoencoder", args.autoencoder), ("--fid-ref", args.fid_ref)):
+        if path:
+            check_input(path, what, must_exist=False)  # names, Hub ids, or cached statistics' names
+    if args.ckpt:
+        check_input(args.ckpt, "--ckpt")
     if args.model:  # a released DC-AE ImageNet model (name, Hub id or folder)
         if args.ckpt:
             raise UserError("pass --ckpt (a checkpoint of ours) or --model (a released model), not both")
@@ -277,7 +297,11 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from dcae.diffusion.bench import main_from_args
+    from dcae.utils.io import check_output_file
 
+    if args.json:  # and the chart next to it
+        check_output_file(args.json, overwrite=True, what="--json file")
+        check_output_file(Path(args.json).with_suffix(".png"), overwrite=True, what="chart")
     return main_from_args(args)
 
 

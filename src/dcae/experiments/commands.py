@@ -34,8 +34,12 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dcae.experiments.common import make_protocol
+    from dcae.utils.io import check_input, check_output_dir
 
     out = args.out or f"runs/experiments/{args.name}" + ("-smoke" if args.smoke else "")
+    check_output_dir(out, "--out folder")
+    if args.data:
+        check_input(args.data, "--data folder")
     module = importlib.import_module(EXPERIMENTS[args.name][0])
     seeds = args.seeds or (None if args.smoke else getattr(module, "DEFAULT_SEEDS", None))
     protocol = make_protocol(args.name, out, args.data, args.smoke, seeds)

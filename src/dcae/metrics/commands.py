@@ -138,12 +138,23 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
 
 
-def _check_outputs(paths: list[Path | None], overwrite: bool) -> None:
-    from dcae.utils.io import check_writable
+def _check_outputs(outputs: dict[str, str | Path | None], overwrite: bool) -> None:
+    """{what: path} of the output files, checked before any network is loaded (None: not asked for)."""
+    from dcae.utils.io import check_output_file
 
-    for path in paths:
+    for what, path in outputs.items():
         if path is not None:
-            check_writable(path, overwrite)
+            check_output_file(path, overwrite, what)
+
+
+def _check_inputs(inputs: list[tuple[str, str | None]], must_exist: bool = False) -> None:
+    """(what, path) of the inputs: a link to a missing file is named before any network is loaded. Not
+    `must_exist` where a name, glob or `{000..009}` pattern is allowed (its readers name what is missing)."""
+    from dcae.utils.io import check_input
+
+    for what, path in inputs:
+        if path is not None:
+            check_input(path, what, must_exist=must_exist)
 
 
 def _warn(msg: str) -> None:
@@ -167,10 +178,15 @@ def run_eval(args: argparse.Namespace) -> int:
     from dcae.metrics.fid import FewImagesWarning
     from dcae.metrics.reconstruction import EvalSettings, evaluate_reconstruction, load_autoencoder
     from dcae.utils.devices import process_group_from_env, resolve_dtype
+    from dcae.utils.io import check_output_dir
 
-    out = Path(args.out) if args.out else None
+    out = check_output_dir(args.out, "--out folder") if args.out else None
     json_path = Path(args.json) if args.json else None
-    _check_outputs([json_path, out / "results.json" if out else None], args.overwrite)
+    _check_outputs({"--json file": json_path, "results file": out / "results.json" if out else None}, args.overwrite)
+    _check_inputs([("--data", d) for d in args.data])
+    _check_inputs([("--model", m.removeprefix("diffusers:")) for m in args.model if not m.startswith("config:")])
+    _check_inputs([("--inception", args.inception), ("--lpips-backbone", args.lpips_backbone),
+                   ("--lpips-heads", args.lpips_heads)], must_exist=True)  # fmt: skip
     # Under torchrun / `accelerate launch` each process takes its share of the images, on its own GPU.
     rank, world, device = process_group_from_env(args.device)
     dtype = resolve_dtype(args.dtype)
@@ -348,9 +364,9 @@ def run_fid(args: argparse.Namespace) -> int:
 
     if args.b is None and not args.save_stats:
         raise UserError("give two sets to compare, or one set and --save-stats")
-    _check_outputs(
-        [Path(args.json) if args.json else None, Path(args.save_stats) if args.save_stats else None], args.overwrite
-    )
+    _check_outputs({"--json file": args.json, "--save-stats file": args.save_stats}, args.overwrite)
+    _check_inputs([("set A", args.a), ("set B", args.b)])
+    _check_inputs([("--inception", args.inception)], must_exist=True)
     need_net = any(s is not None and not s.endswith(".npz") for s in (args.a, args.b))
     inception = _build_inception(args, resolve_device(args.device)) if need_net else None
     cache = _cache(args)
@@ -393,7 +409,9 @@ def run_metrics(args: argparse.Namespace) -> int:
     from dcae.utils.devices import resolve_device
     from dcae.utils.io import atomic_write_json, atomic_write_text
 
-    _check_outputs([Path(p) if p else None for p in (args.json, args.csv)], args.overwrite)
+    _check_outputs({"--json file": args.json, "--csv file": args.csv}, args.overwrite)
+    _check_inputs([("reference set", args.ref), ("test set", args.test)])
+    _check_inputs([("--lpips-backbone", args.lpips_backbone), ("--lpips-heads", args.lpips_heads)], must_exist=True)
     pairing = pair_images(collect_images(args.ref), collect_images(args.test))
     if not pairing.pairs:
         raise UserError(f"no file of {args.test} has the same relative name as a file of {args.ref}")

@@ -50,13 +50,21 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from dcae.runtime.config import dump_yaml
     from dcae.train.config import load_config
+    from dcae.utils.io import check_input, check_output_dir
 
+    check_input(args.config, "config", must_exist=False)  # may be a packaged name
     cfg = load_config(args.config, list(args.overrides))
     if args.out:
         cfg.out_dir = args.out
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
+    check_output_dir(cfg.out_dir, "--out folder" if args.out else "out_dir")
+    for source in [*cfg.data.train, *(cfg.data.val or [])]:
+        check_input(source, "data", must_exist=False)  # folders, files, .tar shards or globs
+    for what, path in (("--init", args.init), ("model.init", cfg.model.init)):
+        if path:
+            check_input(path, what, must_exist=False)  # may be a Hub id
     from dcae.train.trainer import train
 
     phases = [1, 2, 3] if args.phase == "all" else [int(args.phase)]

@@ -47,7 +47,7 @@ from dcae.train.data import (
     split_items,
 )
 from dcae.train.losses import AutoencoderLoss, PatchDiscriminator, build_perceptual
-from dcae.utils.io import atomic_write_json, atomic_write_text
+from dcae.utils.io import atomic_write_json, atomic_write_text, check_output_dir
 
 
 @dataclass
@@ -82,8 +82,8 @@ def train(
     accelerator: Any = None,
 ) -> dict[str, Any]:
     """Run `phases` in order; returns {"phases": {n: metrics}, "model": path of the last export}."""
+    out = check_output_dir(cfg.out_dir, "out_dir")  # before anything is loaded: a file there is one error line
     accelerator = accelerator or make_accelerator(cfg.mixed_precision, cfg.find_unused_parameters)
-    out = Path(cfg.out_dir)
     train_items, val_items = split_items(cfg.data.train, cfg.data.val, cfg.data.holdout)
     val_images, skipped = load_val_images(val_items, cfg.val.max_images) if accelerator.is_main_process else ([], 0)
     grid_images = val_images[: cfg.val.grid_images]

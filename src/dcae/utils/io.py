@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dcae.errors import OutputExistsError  # defined there (cheap to import for everyone), raised here
+from dcae.errors import MissingInputError, OutputExistsError, PathError  # defined there (cheap to import), raised here
 
 
 def check_writable(path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -20,6 +20,95 @@ def check_writable(path: str | os.PathLike, overwrite: bool = False) -> Path:
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path} already exists (pass --overwrite / overwrite=True to replace it)")
     return path
+
+
+# ----------------------------------------------------------------------------- path checks
+# Commands call these first, before any model is loaded or any output opened: a path that cannot be used
+# is one `dcae: error:` line naming it and what is wrong (PathError, a UserError), and nothing is written.
+
+
+def check_input(path: str | os.PathLike, what: str = "input", must_exist: bool = True) -> Path:
+    """An input path that can be read: a link to a missing file (the path, or a folder above it) is named
+    with its target. `must_exist=False` for arguments that may also be a name rather than a path (a Hub id,
+    a zoo name, a glob): then only a path that is a link to nothing is refused."""
+    p = Path(path)
+    if os.path.exists(p):
+        return p
+    if _is_dangling(p):
+        raise MissingInputError(f"{what} {p} is a link to a missing file {_link_target(p)}")
+    if not must_exist:
+        return p
+    for parent in p.parents:
+        if _is_dangling(parent):
+            raise MissingInputError(
+                f"{what} {p} does not exist: {parent} is a link to a missing folder {_link_target(parent)}"
+            )
+    raise MissingInputError(f"{what} {p} does not exist")
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """An output folder that exists and can be written, or can be created: not an existing file, not a
+    link to nothing, and its nearest existing parent is a folder this process can write in."""
+    p = Path(path)
+    if p.is_dir():  # a link to a folder is fine
+        _check_can_write_in(p, what, p, "cannot be written")
+        return p
+    if _is_dangling(p):
+        raise PathError(f"{what} {p} is a link to a missing folder {_link_target(p)}")
+    if os.path.lexists(p):
+        kind = "is an existing file" if p.is_file() else "exists and is"
+        raise PathError(f"{what} {p} {kind}, not a folder")
+    _check_creatable(p, what)
+    return p
+
+
+def check_output_file(path: str | os.PathLike, overwrite: bool = False, what: str = "output file") -> Path:
+    """An output file that can be written atomically: not an existing folder, an existing file only with
+    `overwrite` (OutputExistsError otherwise), and its folder exists and can be written or can be created."""
+    p = Path(path)
+    if p.is_dir():
+        raise PathError(f"{what} {p} is an existing folder, not a file")
+    if os.path.lexists(p):
+        if not overwrite:
+            raise OutputExistsError(f"{p} already exists (pass --overwrite / overwrite=True to replace it)")
+        _check_can_write_in(p.parent, what, p, "cannot be replaced")  # the rename needs the folder
+    else:
+        _check_creatable(p, what)
+    return p
+
+
+def _is_dangling(p: Path) -> bool:
+    return p.is_symlink() and not os.path.exists(p)
+
+
+def _link_target(p: Path) -> str:
+    try:
+        return os.path.realpath(p)  # the missing end of a chain of links
+    except (OSError, RuntimeError):  # a loop of links (older Pythons)
+        return os.readlink(p)
+
+
+def _check_creatable(p: Path, what: str) -> None:
+    """`p` does not exist: its nearest existing parent must be a folder that can be written in."""
+    base = next((q for q in p.parents if os.path.lexists(q)), Path("."))
+    if _is_dangling(base):
+        raise PathError(f"{what} {p} cannot be created: {base} is a link to a missing folder {_link_target(base)}")
+    if not base.is_dir():
+        raise PathError(f"{what} {p} cannot be created: {base} is a file, not a folder")
+    _check_can_write_in(base, what, p, "cannot be created")
+
+
+def _check_can_write_in(folder: Path, what: str, p: Path, verb: str) -> None:
+    """Permission bits first, then a real try (root passes every permission check, but not a read-only
+    or virtual file system): a temp file created and removed in `folder`."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PathError(f"{what} {p} {verb}: no permission to write in {folder}")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".dcae-write-check.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise PathError(f"{what} {p} {verb}: cannot write in {folder} ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(tmp)
 
 
 @contextlib.contextmanager

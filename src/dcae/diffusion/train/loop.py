@@ -36,7 +36,7 @@ from dcae.runtime.ema import EMA
 from dcae.runtime.log import Logger, plot_curves, read_log
 from dcae.runtime.schedule import lr_at, set_lr
 from dcae.utils.devices import match_inductor_to_aten_isa
-from dcae.utils.io import atomic_write_text
+from dcae.utils.io import atomic_write_text, check_output_dir
 
 LOG_COLUMNS = ("step", "loss", "grad_norm", "lr", "img_per_s", "elapsed_s")
 
@@ -154,6 +154,7 @@ class _Run:
 def _setup(cfg: TrainConfig) -> tuple[_Run, int]:
     """Build (or resume) a run; returns it and the step it starts at."""
     validate_config(cfg)
+    check_output_dir(cfg.out, "out folder")  # before anything is loaded: a file there is one error line
     accelerator = make_accelerator(cfg.mixed_precision)
     rank, world, accum = accelerator.process_index, accelerator.num_processes, cfg.grad_accum
     if cfg.batch_size % (world * accum):
