@@ -211,14 +211,30 @@ def _parse_latents_meta(path: Path, text: str) -> dict:
 
     try:
         meta = json.loads(text)
-        records = meta["images"]
-        for rec in records:
-            str(rec["key"]), str(rec["file"]), int(rec["height"]), int(rec["width"])  # raise if missing or mistyped
+        _require(isinstance(meta, dict), "not a JSON object")
+        _require(isinstance(meta.get("images"), list), "images: not a list")
+        for i, rec in enumerate(meta["images"]):
+            _require(isinstance(rec, dict), f"images[{i}]: not an object")
+            for field in ("key", "file"):
+                _require(isinstance(rec.get(field), str) and rec[field] != "", f"images[{i}].{field}: not a name")
+            for field in ("height", "width"):
+                v = rec.get(field)
+                _require(type(v) is int and 1 <= v <= 2**20, f"images[{i}].{field}: not a size in pixels: {v!r}")
+        for field in ("model", "model_name"):
+            _require(meta.get(field) is None or isinstance(meta[field], str), f"{field}: not a name")
+        _require(isinstance(meta.get("scaled", False), bool), "scaled: not true or false")
         if meta.get("scaled"):
-            float(meta["scaling_factor"])
-    except (ValueError, TypeError, KeyError) as exc:
+            sf = meta.get("scaling_factor")
+            ok = isinstance(sf, (int, float)) and not isinstance(sf, bool) and math.isfinite(sf) and sf > 0
+            _require(ok, f"scaling_factor: not a positive number: {sf!r}")
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:
         raise UserError(f"{path}: damaged dcae metadata ({type(exc).__name__}: {exc})") from None
     return meta
+
+
+def _require(ok: bool, problem: str) -> None:
+    if not ok:
+        raise ValueError(problem)
 
 
 def cmd_decode(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ torch, numpy or PIL) and without an import cycle.
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -67,3 +68,17 @@ def non_finite_warnings_as_lines() -> Iterator[None]:
             print(f"dcae: warning: {w.message}", file=sys.stderr)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def brief(exc: BaseException, limit: int = 300) -> str:
+    """The gist of an exception's message in one line, for errors that name a file. torch.load's weights-only
+    refusal (a dozen lines of advice) becomes its 'WeightsUnpickler error' line."""
+    text = _ANSI.sub("", str(exc))
+    unpickler = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", text, re.S)
+    if unpickler:
+        text = "damaged, or not a weights-only file: " + unpickler.group(1)
+    words = " ".join(text.split())
+    return (words[:limit] + " ...") if len(words) > limit else (words or type(exc).__name__)

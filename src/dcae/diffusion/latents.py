@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -334,10 +335,46 @@ def read_index(root: str | os.PathLike) -> dict:
     path = Path(root) / INDEX_NAME
     if not path.exists():
         raise UserError(f"{root} is not a latent folder (no {INDEX_NAME}); create one with `dcae latents`")
-    index = json.loads(path.read_text())
-    if index.get("format") != FORMAT:
-        raise UserError(f"{path}: unknown format {index.get('format')!r} (expected {FORMAT})")
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"{path}: cannot read the index ({type(exc).__name__}: {exc})") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        found = index.get("format") if isinstance(index, dict) else type(index).__name__
+        raise UserError(f"{path}: unknown format {found!r} (expected {FORMAT})")
+    problem = _index_problem(index)
+    if problem:
+        raise UserError(f"{path}: damaged index: {problem}; rerun `dcae latents` with --overwrite")
     return index
+
+
+def _index_problem(index: dict) -> str | None:
+    """What makes an index unusable (fields of the wrong type or value), or None."""
+
+    def count(v) -> bool:
+        return type(v) is int and v >= 0
+
+    shards, shape = index.get("shards"), index.get("latent_shape")
+    if not isinstance(shards, list) or not shards:
+        return "shards: not a list of shards"
+    for k, sh in enumerate(shards):
+        name = sh.get("file") if isinstance(sh, dict) else None
+        if not isinstance(name, str) or not name or Path(name).name != name or not count(sh.get("count")):
+            return f"shards[{k}]: not a file name and a count"
+    if not isinstance(shape, list) or len(shape) != 3 or not all(count(v) and v > 0 for v in shape):
+        return f"latent_shape: not three positive sizes: {shape!r}"
+    if not count(index.get("num_classes", 0)):
+        return f"num_classes: not a count: {index.get('num_classes')!r}"
+    names = index.get("class_names")
+    if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
+        return "class_names: not a list of names"
+    for flag in ("flip", "complete"):
+        if not isinstance(index.get(flag, False), bool):
+            return f"{flag}: not true or false"
+    sf = index.get("scaling_factor", 1.0)
+    if isinstance(sf, bool) or not isinstance(sf, (int, float)) or not math.isfinite(sf) or sf <= 0:
+        return f"scaling_factor: not a positive number: {sf!r}"
+    return None
 
 
 # ----------------------------------------------------------------------------- reading back
@@ -374,10 +411,48 @@ class LatentDataset(torch.utils.data.Dataset):
         self._handles: dict[int, object] = {}
 
     def _load_all(self) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
-
-        parts = [load_file(str(self.root / s["file"])) for s in self.index["shards"]]
+        parts = [self._checked(self._open(k), k, load=True) for k in range(len(self.counts))]
         return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+    def _keys(self) -> list[str]:
+        return ["latents"] + (["latents_flip"] if self.use_flip else []) + (["labels"] if self.conditional else [])
+
+    def _open(self, k: int):
+        from safetensors import safe_open
+
+        path = self.root / self.index["shards"][k]["file"]
+        try:
+            return safe_open(str(path), framework="pt")
+        except Exception as exc:  # missing, truncated, a header that lies: the file is named, not the reader
+            raise UserError(f"cannot read latent shard {path}: {type(exc).__name__}: {exc}") from None
+
+    def _checked(self, handle, k: int, load: bool = False):
+        """The shard's tensors (load) or its handle, after checking that it holds what the index says."""
+        path = self.root / self.index["shards"][k]["file"]
+        n, shape = self.counts[k], list(self.index["latent_shape"])
+        try:
+            out = {}
+            for key in self._keys():
+                if key not in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    raise ValueError(f"no {key!r} tensor")
+                sl = handle.get_slice(key)
+                want = [n] if key == "labels" else [n, *shape]
+                if list(sl.get_shape()) != want:
+                    raise ValueError(f"{key} has shape {sl.get_shape()}, the index says {want}")
+                if load:
+                    out[key] = handle.get_tensor(key)
+            labels = handle.get_tensor("labels") if self.conditional else None
+        except UserError:
+            raise
+        except Exception as exc:
+            raise UserError(f"latent shard {path} does not match its index ({type(exc).__name__}: {exc})") from None
+        if (
+            labels is not None
+            and labels.numel()
+            and not (int(labels.min()) >= 0 and int(labels.max()) < self.num_classes)
+        ):
+            raise UserError(f"latent shard {path}: labels outside 0..{self.num_classes - 1}")
+        return out if load else handle
 
     def __len__(self) -> int:
         return self.offsets[-1]
@@ -404,11 +479,9 @@ class LatentDataset(torch.utils.data.Dataset):
     def _read(self, key: str, i: int) -> torch.Tensor:
         if self._memory is not None:
             return self._memory[key][i]
-        from safetensors import safe_open
-
         k = bisect_right(self.offsets, i) - 1
         if k not in self._handles:
-            self._handles[k] = safe_open(str(self.root / self.index["shards"][k]["file"]), framework="pt")
+            self._handles[k] = self._checked(self._open(k), k)
         j = i - self.offsets[k]
         return self._handles[k].get_slice(key)[j : j + 1][0]
 

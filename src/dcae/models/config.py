@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dcae.errors import UnknownModelError
+from dcae.errors import UnknownModelError, UserError, brief
 from dcae.models.layers import evit_scales
 
 STAGE_TUPLES = (
@@ -191,21 +191,23 @@ class DCAEConfig:
     def from_file(cls, path: str | Path) -> DCAEConfig:
         """Load from .yaml/.yml/.json. A file may name a zoo model and override fields: {base: name, ...};
         `residual: false` turns every residual-autoencoding shortcut off (see `without_residual`)."""
-        path = Path(path)
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
+        import yaml
 
-            d = yaml.safe_load(text)
-        else:
-            d = json.loads(text)
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: expected a mapping of DCAEConfig fields")
-        base = d.pop("base", None)
-        if base is not None:
-            d = expand_residual(d)
-            return dataclasses.replace(get_config(base), **{**d, "hub_id": None, "hub_id_diffusers": None})
-        return cls.from_dict(d)
+        path = Path(path)
+        try:
+            text = path.read_text()
+            d = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+            if not isinstance(d, dict):
+                raise ValueError("expected a mapping of DCAEConfig fields")
+            base = d.pop("base", None)
+            if base is not None:
+                d = expand_residual(d)
+                return dataclasses.replace(get_config(base), **{**d, "hub_id": None, "hub_id_diffusers": None})
+            return cls.from_dict(d)
+        except UnknownModelError as exc:
+            raise UnknownModelError(f"{path}: {exc}") from None
+        except (OSError, ValueError, TypeError, LookupError, ArithmeticError, AttributeError, yaml.YAMLError) as exc:
+            raise UserError(f"{path}: not a usable DCAEConfig ({type(exc).__name__}: {brief(exc)})") from None
 
 
 # ----------------------------------------------------------------------------- the zoo

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from dcae.errors import UnknownModelError, UserError, WeightsError
+from dcae.errors import UnknownModelError, UserError, WeightsError, brief
 from dcae.models.config import DCAEConfig, get_config, is_model_name, list_models
 from dcae.models.convert import (
     ConversionError,
@@ -56,7 +56,7 @@ def read_state_dict(path: str | os.PathLike, prefer_ema: bool = False) -> dict[s
     except FileNotFoundError:
         raise
     except Exception as exc:
-        raise WeightsError(f"cannot read weights from {path}: {exc}") from exc
+        raise WeightsError(f"cannot read weights from {path}: {brief(exc)}") from exc
     if isinstance(obj, dict) and "state_dict" in obj:
         if prefer_ema and isinstance(obj.get("ema"), dict) and obj["ema"]:
             ema = obj["ema"]
@@ -220,8 +220,9 @@ def _config_from_json(folder: Path) -> DCAEConfig | None:
             return _zoo_match(cfg) or cfg
     except UnknownModelError as exc:
         raise UnknownModelError(f"{path}: {exc}") from None
-    except (ValueError, TypeError) as exc:  # DiffusersConfigError, or an invalid dcae_config
-        raise WeightsError(f"{path}: {exc}") from None
+    except (ValueError, TypeError, LookupError, ArithmeticError, AttributeError, RecursionError) as exc:
+        # DiffusersConfigError, an invalid dcae_config, or fields of the wrong type or length
+        raise WeightsError(f"{path}: {type(exc).__name__}: {brief(exc)}") from None
     return None
 
 
@@ -283,8 +284,9 @@ def load(
 
     try:
         model = model_class(cfg)
-    except ValueError as exc:  # shapes the layers cannot build (e.g. channels that do not divide)
-        raise WeightsError(f"{folder / 'config.json'}: cannot build {cfg.name!r}: {exc}") from None
+    except (ValueError, TypeError, LookupError, ArithmeticError, AttributeError, RuntimeError) as exc:
+        # shapes or settings the layers cannot build (channels that do not divide, a width of None, ...)
+        raise WeightsError(f"{folder / 'config.json'}: cannot build {cfg.name!r}: {brief(exc)}") from None
     if scheme == "diffusers":
         try:
             sd = diffusers_to_original(sd, model.state_dict().keys())

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dcae.errors import UserError
+from dcae.errors import UserError, brief
 from dcae.utils.io import atomic_torch_save
 
 CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
@@ -100,4 +100,4 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UserError(f"cannot read training checkpoint {path}: {exc}") from exc
+        raise UserError(f"cannot read training checkpoint {path}: {brief(exc)}") from exc

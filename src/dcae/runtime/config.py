@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from dcae.errors import UserError
+from dcae.errors import UserError, brief
 
 T = TypeVar("T")
 
@@ -60,9 +60,16 @@ def _apply(cfg: T, overrides) -> T:
         try:
             parsed = yaml.safe_load(value) if value.strip() else None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: invalid YAML value: {exc}") from None
+            raise ConfigError(f"override {item!r}: {yaml_problem(exc)}") from None
         set_dotted(cfg, key.strip(), parsed)
     return cfg
+
+
+def source_name(source: str | Path | dict | None, packaged: dict[str, Path] | None = None) -> str | None:
+    """The file a config came from, for messages about its values (None for a dict or the defaults)."""
+    if source is None or isinstance(source, dict):
+        return None
+    return str(resolve_path(source, packaged or {}))
 
 
 def resolve_path(source: str | Path, packaged: dict[str, Path]) -> Path:
@@ -79,7 +86,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+        raise ConfigError(f"{path}: {yaml_problem(exc)}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
     if data is None:
@@ -87,6 +94,15 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML parse error in one line: where, what, and in which construct."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    what = getattr(exc, "problem", None) or brief(exc)
+    context = getattr(exc, "context", None)
+    return f"invalid YAML{where}: {what}" + (f" ({context})" if context else "")
 
 
 def read_with_bases(path: Path, packaged: dict[str, Path], seen: tuple[Path, ...] = ()) -> dict[str, Any]:

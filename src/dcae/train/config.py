@@ -200,8 +200,12 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] | 
     """A TrainConfig from a YAML file (or a packaged name such as 'tiny'), a dict, or defaults, then
     `key.sub=value` overrides (values parsed as YAML, converted to the field's type); see dcae.runtime.config."""
     cfg = runtime_config.load_config(TrainConfig, source, overrides, packaged_configs())
-    _expand_model_shorthands(cfg)
-    validate(cfg)
+    try:
+        _expand_model_shorthands(cfg)
+        validate(cfg)
+    except ConfigError as exc:
+        where = runtime_config.source_name(source, packaged_configs())
+        raise ConfigError(f"{where}: {exc}" if where else str(exc)) from None
     return cfg
 
 
@@ -276,7 +280,7 @@ def validate(cfg: TrainConfig) -> None:
             problems.append(f"{where}.disc: norm must be bn or none, layers >= 1")
     problems += _decoder_recipe_problems(cfg)
     if problems:
-        raise ConfigError("invalid training config:\n  " + "\n  ".join(problems))
+        raise ConfigError("invalid training config: " + "; ".join(problems))
 
 
 def _decoder_recipe_problems(cfg: TrainConfig) -> list[str]:

@@ -16,7 +16,7 @@ from dcae.diffusion.nets import create_diffusion_model
 from dcae.diffusion.processes.ddpm import GaussianDiffusion
 from dcae.diffusion.processes.flow import FlowMatching
 from dcae.diffusion.train.config import DiffusionConfig
-from dcae.errors import UserError
+from dcae.errors import UserError, brief
 from dcae.runtime import checkpoint as ckpt
 
 DIGITS = 7  # step_0000100.pt
@@ -67,10 +67,18 @@ def load_checkpoint(path: str | Path, use_ema: bool = True, device: str | torch.
     state = ckpt.load_checkpoint(path)
     if not isinstance(state, dict) or "model_args" not in state:
         raise UserError(f"{path} is not a `dcae diffusion train` checkpoint")
-    model = build_model(state["model_args"])
-    model.load_state_dict(state["ema" if use_ema else "model"])
+    try:  # what the checkpoint records builds the model, the process and the metadata, or it is damaged
+        model = build_model(state["model_args"])
+        model.load_state_dict(state["ema" if use_ema else "model"])
+        process = make_process(DiffusionConfig(**state["config"]["diffusion"]), state["model_args"]["learn_sigma"])
+        meta = {k: state[k] for k in ("step", "config", "model_args", "latents")}
+        if type(meta["step"]) is not int or not isinstance(meta["latents"], dict | None):
+            raise ValueError("step or latents of the wrong type")
+        conditioning_of(meta)
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, UserError) as exc:
+        raise UserError(
+            f"{path}: damaged `dcae diffusion train` checkpoint ({type(exc).__name__}: {brief(exc)})"
+        ) from None
     model.to(device).eval()
-    process = make_process(DiffusionConfig(**state["config"]["diffusion"]), state["model_args"]["learn_sigma"])
-    meta = {k: state[k] for k in ("step", "config", "model_args", "latents")}
     meta["path"] = str(path)
     return model, process, meta

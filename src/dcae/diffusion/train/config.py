@@ -78,7 +78,11 @@ class TrainConfig:
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
     cfg = runtime_config.load_config(TrainConfig, path, overrides or [])
-    validate_config(cfg)
+    try:
+        validate_config(cfg)
+    except UserError as exc:
+        where = runtime_config.source_name(path)
+        raise UserError(f"{where}: {exc}" if where else str(exc)) from None
     return cfg
 
 
