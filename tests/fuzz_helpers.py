@@ -4,7 +4,7 @@ Contract: a damaged file gives either a result or ONE line (a user error whose m
 a traceback (an exception of another type), a hang (each call runs under a time limit) or a half-written
 output (checked by the tests that write).
 
-Examples per test: $DCAE_FUZZ_EXAMPLES (default 25, enough for every `make test`); a nightly job sets it to
+Examples per test: $DCAE_FUZZ_EXAMPLES (default 50, enough for every `make test`); a nightly job sets it to
 thousands. Hypothesis keeps the failing examples it finds in .hypothesis/ and tries them first next time.
 """
 
@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from dcae.errors import USER_ERROR_TYPES
 
-EXAMPLES = int(os.environ.get("DCAE_FUZZ_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("DCAE_FUZZ_EXAMPLES", "50"))
 TIME_LIMIT_S = float(os.environ.get("DCAE_FUZZ_TIME_LIMIT", "20"))
 FUZZ = settings(
     max_examples=EXAMPLES,

@@ -6,6 +6,7 @@ What goes in the file is the trainer's business; the file names are `step_<digit
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 from pathlib import Path
@@ -101,3 +102,23 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UserError(f"cannot read training checkpoint {path}: {brief(exc)}") from exc
+
+
+@contextlib.contextmanager
+def restoring(path: Path):
+    """Around the code that puts a checkpoint's contents back (weights, optimizer, EMA, counters, RNG): what
+    fails there because a field is missing or of the wrong kind is a damaged checkpoint, named in one line."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
+        raise UserError(f"{path}: damaged training checkpoint ({type(exc).__name__}: {brief(exc)})") from None
+
+
+def counter(state: dict, key: str) -> int:
+    """A non-negative integer field of a checkpoint (a step, a count), or ValueError."""
+    value = state[key]
+    if type(value) is not int or value < 0:
+        raise ValueError(f"{key} is {value!r}, not a count")
+    return value

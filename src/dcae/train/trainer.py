@@ -212,7 +212,8 @@ def run_phase(s: Session, n: int, first: bool) -> tuple[Path, dict[str, Any]]:
     sampler, data_iter = _phase_data(s, ph, batches)
     # RNG after the loader: creating its iterator draws a worker seed from the global generator.
     if ck is not None:
-        ckpt.restore_rng(ck["rng"], acc.process_index)
+        with ckpt.restoring(latest):
+            ckpt.restore_rng(ck["rng"], acc.process_index)
     else:
         ckpt.seed_everything(cfg.seed + n)
 
@@ -342,18 +343,21 @@ def _resume_phase(s: Session, ph: Phase, ck: dict | None, path: Path | None) -> 
     skipped images, elapsed seconds), all zero for a fresh phase."""
     if ck is None:
         return 0, 0, 0, 0.0
-    ph.raw.load_state_dict(ck["model"])
-    ph.opt.load_state_dict(ck["optimizer"])
-    if ph.disc is not None:
-        ph.raw_disc.load_state_dict(ck["disc"])
-        ph.d_opt.load_state_dict(ck["disc_optimizer"])
-    if ph.ema is not None:
-        ph.ema.load_state_dict(ck["ema"])
-    scaler = s.accelerator.scaler
-    if scaler is not None and ck.get("scaler"):
-        scaler.load_state_dict(ck["scaler"])
-    s.print(f"resumed phase {ph.n} from {path} (step {ck['step']}, data position {ck['data']})")
-    return ck["step"], ck["data"]["batches_consumed"], ck["skipped"], ck["elapsed"]
+    with ckpt.restoring(path):
+        ph.raw.load_state_dict(ck["model"])
+        ph.opt.load_state_dict(ck["optimizer"])
+        if ph.disc is not None:
+            ph.raw_disc.load_state_dict(ck["disc"])
+            ph.d_opt.load_state_dict(ck["disc_optimizer"])
+        if ph.ema is not None:
+            ph.ema.load_state_dict(ck["ema"])
+        scaler = s.accelerator.scaler
+        if scaler is not None and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+        position = (ckpt.counter(ck, "step"), ckpt.counter(ck["data"], "batches_consumed"), ckpt.counter(ck, "skipped"),
+                    float(ck["elapsed"]))  # fmt: skip
+    s.print(f"resumed phase {ph.n} from {path} (step {position[0]}, data position {ck['data']})")
+    return position
 
 
 def _phase_data(s: Session, ph: Phase, batches: int):

@@ -207,19 +207,20 @@ def _resume(cfg: TrainConfig, model_args: dict, model, ema: EMA, opt, rank: int,
     if resume_from is None:
         return 0
     state = ckpt.load_checkpoint(resume_from)
-    if state["model_args"] != model_args:
-        raise UserError(
-            f"{resume_from} was trained with {state['model_args']}, this config builds {model_args}; "
-            "use another `out` folder or resume=none"
-        )
-    model.load_state_dict(state["model"])
-    ema.load_state_dict(state["ema"])  # the averaged weights as a model state dict
-    ema.num_updates = int(state["step"])
-    opt.load_state_dict(state["optimizer"])
-    ckpt.restore_rng(state["rng"], rank)
+    with ckpt.restoring(resume_from):
+        if state["model_args"] != model_args:
+            raise UserError(
+                f"{resume_from} was trained with {state['model_args']}, this config builds {model_args}; "
+                "use another `out` folder or resume=none"
+            )
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])  # the averaged weights as a model state dict
+        ema.num_updates = step = ckpt.counter(state, "step")
+        opt.load_state_dict(state["optimizer"])
+        ckpt.restore_rng(state["rng"], rank)
     if main:
-        print(f"resuming from {resume_from} (step {int(state['step'])})", file=sys.stderr)
-    return int(state["step"])
+        print(f"resuming from {resume_from} (step {step})", file=sys.stderr)
+    return step
 
 
 def _start_outputs(run: _Run, step: int) -> Logger | None:
