@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps, PngImagePlugin
+from test_diffusion_latents import tiny_autoencoder
 
 from dcae.cli import main
 from dcae.commands import read_latents
 from dcae.data.images import decode_image_bytes, image_size, load_image_uint8, save_image, upright
 from dcae.data.sources import list_images, read_image
-from dcae.models import DCAE, DCAEConfig
 
 ORIENTATION = 0x0112
 H, W = 40, 24  # the upright photo is portrait; stored sideways it is 24 x 40 (h x w) for 5-8
@@ -182,22 +182,8 @@ def test_training_data_sees_the_upright_photo(tmp_path) -> None:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A random f4c8 DC-AE, tiny enough for CPU tests."""
-    torch.manual_seed(0)
-    cfg = DCAEConfig(
-        name="tiny-f4c8",
-        latent_channels=8,
-        encoder_widths=(16, 32, 32),
-        encoder_depths=(0, 1, 1),
-        encoder_block_types=("ResBlock",) * 3,
-        decoder_widths=(16, 32, 32),
-        decoder_depths=(0, 1, 1),
-        decoder_block_types=("ResBlock",) * 3,
-        decoder_norms=("trms2d",) * 3,
-        decoder_acts=("silu",) * 3,
-        scaling_factor=0.5,
-    )
     path = tmp_path_factory.mktemp("ae") / "tiny"
-    DCAE.from_config(cfg).eval().save_pretrained(path)
+    tiny_autoencoder().save_pretrained(path)
     return path
 
 
