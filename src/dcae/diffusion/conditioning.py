@@ -59,7 +59,56 @@ class Labels:
         return Labels(torch.where(drop, torch.full_like(self.y, self.num_classes), self.y), self.num_classes)
 
 
-Condition = Labels  # the kinds of condition batch; text joins this union
+@dataclass
+class Text:
+    """A batch of encoded prompts: token embeddings (B, L, D) and their padding mask (B, L; 1 = a real token),
+    all padded to the same token count L. The null condition of classifier-free guidance is the encoding of
+    the empty prompt (`null_emb` (L, D), `null_mask` (L,)), what diffusers' SANA pipeline uses as its negative
+    prompt, so that a model trained here samples the same way there."""
+
+    emb: torch.Tensor
+    mask: torch.Tensor
+    null_emb: torch.Tensor
+    null_mask: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.emb.ndim != 3 or self.mask.shape != self.emb.shape[:2]:
+            raise ValueError(f"text embeddings (B, L, D) with a (B, L) mask expected, got {tuple(self.emb.shape)} "
+                             f"and {tuple(self.mask.shape)}")  # fmt: skip
+        if self.null_emb.shape != self.emb.shape[1:] or self.null_mask.shape != self.mask.shape[1:]:
+            raise ValueError("the empty prompt's encoding has another token count or width than the prompts'")
+
+    def __len__(self) -> int:
+        return len(self.emb)
+
+    def _with(self, emb: torch.Tensor, mask: torch.Tensor) -> Text:
+        return Text(emb, mask, self.null_emb, self.null_mask)
+
+    def to(self, device: torch.device | str) -> Text:
+        return Text(*(t.to(device, non_blocking=True) for t in (self.emb, self.mask, self.null_emb, self.null_mask)))
+
+    def chunk(self, k: int) -> list[Text]:
+        return [self._with(e, m) for e, m in zip(self.emb.chunk(k), self.mask.chunk(k))]
+
+    def cat(self, other: Text) -> Text:
+        return self._with(torch.cat([self.emb, other.emb]), torch.cat([self.mask, other.mask]))
+
+    def null(self) -> Text:
+        n = len(self)
+        return self._with(self.null_emb.expand(n, *self.null_emb.shape).to(self.emb.dtype),
+                          self.null_mask.expand(n, *self.null_mask.shape).to(self.mask.dtype))  # fmt: skip
+
+    def drop(self, p: float, generator: torch.Generator | None = None) -> Text:
+        """Each prompt replaced by the empty prompt with probability `p` (caption dropout)."""
+        if p <= 0:
+            return self
+        drop = torch.rand(len(self), generator=generator, device=self.emb.device) < p
+        null = self.null()
+        emb = torch.where(drop[:, None, None], null.emb, self.emb)
+        return self._with(emb, torch.where(drop[:, None], null.mask, self.mask))
+
+
+Condition = Labels | Text
 
 
 def drop(cond: Condition | None, p: float, generator: torch.Generator | None = None) -> Condition | None:
