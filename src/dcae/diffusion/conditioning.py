@@ -1,7 +1,7 @@
 """What a diffusion model is conditioned on: the one place that knows.
 
 Two objects:
-- a *conditioning* (`ClassConditioning`, `Unconditional`; text comes next) is part of a model's definition: it
+- a *conditioning* (`ClassConditioning`, `Unconditional`, `TextConditioning`) is part of a model's definition: it
   builds the network's embedding table, says what a latents index or a checkpoint records about it, and turns
   what a user or a data set gives (class names, label tensors) into conditions;
 - a *condition* (`Labels`) is one batch of it, as networks, processes and samplers pass it around: it knows
@@ -223,7 +223,21 @@ class Unconditional:
         return [None] * n
 
 
-Conditioning = ClassConditioning | Unconditional
+@dataclass(frozen=True)
+class TextConditioning:
+    """Encoded prompts (`Text`): `max_tokens` token embeddings of width `caption_channels` per prompt (SANA:
+    Gemma-2-2B's 2304 channels, 300 tokens). The network projects them itself and builds no table; what encodes
+    prompts lives with the text encoders."""
+
+    caption_channels: int
+    max_tokens: int
+    kind = "text"
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "caption_channels": self.caption_channels, "max_tokens": self.max_tokens}
+
+
+Conditioning = ClassConditioning | Unconditional | TextConditioning
 
 
 def conditioning_for(num_classes: int) -> Conditioning:

@@ -35,6 +35,22 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight over the last dimension, the mean square always in fp32 (diffusers' RMSNorm: the
+    result is cast to the weight's dtype only when that is fp16 / bf16)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return x * self.weight
+
+
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, approximate: str = "tanh") -> None:
         super().__init__()
