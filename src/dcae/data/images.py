@@ -218,11 +218,16 @@ def _read_upright(source, name: str) -> np.ndarray:
     return upright(arr, orientation)  # per pixel, conversion and transpose commute: the uint8 copy is smallest
 
 
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
+def image_size(path: str | os.PathLike | bytes, name: str | None = None) -> tuple[int, int]:
     """The upright (height, width) (EXIF orientation applied, as `load_image_uint8` reads it) from the
     file's header, without decoding; the same checks and errors as `load_image_uint8` up to the pixel data
-    (which may still turn out corrupt)."""
-    with _opened(Path(path), str(path)) as img:
+    (which may still turn out corrupt). `path` may also be an encoded image's bytes (a tar member, as
+    `decode_image_bytes` takes them); errors name `name` when given."""
+    if isinstance(path, bytes | bytearray):
+        source, shown = io.BytesIO(path), name or "<bytes>"
+    else:
+        source, shown = Path(path), str(path) if name is None else name
+    with _opened(source, shown) as img:
         w, h = _stored_size(img)
         return (w, h) if exif_orientation(img, header_only=True) in _SIDEWAYS else (h, w)
 

@@ -1,5 +1,6 @@
 """Where images come from, for training, evaluation and metrics: one reference type (`ImageRef`), one
-listing of user sources (`list_images`), one reader (`read_image`) and one policy for what cannot be read.
+listing of user sources (`list_images`), one reader (`read_image`, and `read_size` for the size from the
+header) and one policy for what cannot be read.
 
 Sources: folders (searched recursively for image files and .tar shards), image files, webdataset-style .tar
 shards (plain or compressed; every member with an image extension is one sample, other members such as
@@ -38,7 +39,7 @@ from typing import Literal
 
 import numpy as np
 
-from dcae.data.images import IMAGE_EXTENSIONS, ImageReadError, decode_image_bytes, load_image_uint8
+from dcae.data.images import IMAGE_EXTENSIONS, ImageReadError, decode_image_bytes, image_size, load_image_uint8
 from dcae.errors import UserError
 
 TAR_SUFFIXES = (".tar",)
@@ -175,9 +176,22 @@ def list_images(
     if isinstance(sources, str | os.PathLike):
         sources = [sources]
     sources = [str(s) for s in sources]
+    refs, skipped = list_refs(sources, naming)
+    if not refs and skipped:
+        raise nothing_readable(sources, skipped)
+    if not refs and not allow_empty:
+        extensions = ", ".join(IMAGE_EXTENSIONS)
+        raise UserError(f"no images found in {_shown(sources)} (looked for {extensions} and .tar shards)")
+    return ImageList(refs, skipped, sources)
+
+
+def list_refs(sources: Sequence[Source], naming: Naming = "relative") -> tuple[list[ImageRef], list[Skipped]]:
+    """`list_images` without its checks of the result: the references found and the broken shards skipped
+    (each named in a warning), for callers that put image sources together with others and judge the
+    whole (`dcae.data.captions`). Missing paths raise FileNotFoundError."""
     refs: list[ImageRef] = []
     skipped: list[Skipped] = []
-    for source in sources:
+    for source in map(str, sources):
         if source.startswith(f"{SKIMAGE}:"):
             refs += _skimage_refs(source)
             continue
@@ -192,12 +206,7 @@ def list_images(
                 refs.append(_file_ref(path, path.name if naming == "relative" else str(path)))
             else:
                 raise UserError(f"{path} is neither an image, a folder nor a .tar shard")
-    if not refs and skipped:
-        raise nothing_readable(sources, skipped)
-    if not refs and not allow_empty:
-        extensions = ", ".join(IMAGE_EXTENSIONS)
-        raise UserError(f"no images found in {_shown(sources)} (looked for {extensions} and .tar shards)")
-    return ImageList(refs, skipped, sources)
+    return refs, skipped
 
 
 def list_tar(
@@ -341,6 +350,23 @@ def read_image(ref: ImageRef) -> np.ndarray:
     except Exception as exc:  # a damaged shard
         raise ImageReadError(f"cannot read image {ref.name}: {_one_line(exc)}") from exc
     return decode_image_bytes(data, ref.name)
+
+
+def read_size(ref: ImageRef) -> tuple[int, int]:
+    """The upright (height, width) of `ref`, as `read_image` would return it, from the image's header
+    (`image_size`: files and tar members are not decoded; a member's bytes are read); ImageReadError naming
+    `ref.name` like `read_image` (the pixel data may still turn out corrupt when read)."""
+    if ref.kind == "skimage":
+        return skimage_photo(ref.member).shape[:2]
+    try:
+        data = ref.path if ref.kind == "file" else _member_bytes(ref)
+        return image_size(data, ref.name)
+    except FileNotFoundError:
+        raise ImageReadError(f"cannot read image {ref.name}: it does not exist (any more)") from None
+    except ImageReadError:
+        raise
+    except Exception as exc:  # a damaged shard
+        raise ImageReadError(f"cannot read image {ref.name}: {_one_line(exc)}") from exc
 
 
 def read_images(
