@@ -246,5 +246,9 @@ def conditioning_for(num_classes: int) -> Conditioning:
 
 
 def from_record(record: dict) -> Conditioning:
-    """The conditioning a latents index or a checkpoint's model arguments record (`num_classes`)."""
+    """The conditioning a latents index or a checkpoint's model arguments record: `conditioning` (a `spec()`)
+    for text, else `num_classes` (0 or absent: unconditional)."""
+    spec = record.get("conditioning")
+    if isinstance(spec, dict) and spec.get("kind") == "text":
+        return TextConditioning(int(spec["caption_channels"]), int(spec["max_tokens"]))
     return conditioning_for(int(record.get("num_classes") or 0))

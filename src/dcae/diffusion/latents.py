@@ -27,7 +27,7 @@ import torch
 
 from dcae.data.images import ImageReadError, center_crop_arr
 from dcae.data.sources import ImageRef, list_images, read_image
-from dcae.diffusion.conditioning import Conditioning, from_record
+from dcae.diffusion.conditioning import Condition, Conditioning, from_record
 from dcae.errors import NonFiniteError, UserError
 from dcae.utils.io import atomic_save_safetensors, atomic_write_json, atomic_write_text
 
@@ -469,6 +469,10 @@ class LatentDataset(torch.utils.data.Dataset):
     @property
     def latent_shape(self) -> tuple[int, ...]:
         return tuple(self.index["latent_shape"])
+
+    def condition(self, rest: list[torch.Tensor], device) -> Condition | None:
+        """The condition of a batch from the items' other fields (here: the labels)."""
+        return self.conditioning.batch(rest[0], device)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

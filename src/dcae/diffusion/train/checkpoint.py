@@ -22,7 +22,8 @@ from dcae.runtime import checkpoint as ckpt
 DIGITS = 7  # step_0000100.pt
 # What a checkpoint records of the latent folder: enough to decode samples and to know the data.
 LATENT_META_KEYS = ("model", "model_config", "scaling_factor", "resolution", "latent_shape", "num_classes",
-                    "class_names", "class_ids", "spatial_compression")  # fmt: skip
+                    "class_names", "class_ids", "spatial_compression", "text_encoder", "max_tokens",
+                    "caption_channels")  # fmt: skip
 
 
 def checkpoint_path(out: str | Path, step: int) -> Path:
@@ -53,6 +54,7 @@ def make_process(d: DiffusionConfig, learn_sigma: bool = False) -> FlowMatching 
 
 def build_model(model_args: dict) -> torch.nn.Module:
     a = dict(model_args)
+    a.pop("conditioning", None)  # text models: recorded for readers, built from the overrides
     return create_diffusion_model(a.pop("name"), **{**a.pop("overrides", {}), **a})
 
 

@@ -46,6 +46,7 @@ class SampleConfig:
     every: int = 5000  # steps between sample grids (0: only at the end)
     num: int = 8
     classes: list[Any] | None = None  # default: 0, 1, ..., num-1 (modulo the class count)
+    prompts: list[str] | None = None  # text models: the grid's prompts in turn (default: a few fixed ones)
     steps: int = 50
     solver: str = "auto"  # auto: heun for flow, dpm++ for ddpm
     cfg_scale: float = 1.5

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -25,9 +26,10 @@ import torch
 from dcae.diffusion.conditioning import Condition, Conditioning, chunk, from_record
 from dcae.diffusion.latents import LatentDataset
 from dcae.diffusion.nets import set_grad_checkpointing
+from dcae.diffusion.text_latents import TextLatentDataset
 from dcae.diffusion.train import checkpoint as run_ckpt
 from dcae.diffusion.train.config import TrainConfig, config_to_dict, validate_config
-from dcae.diffusion.train.samples import AutoencoderCache, sample_grid
+from dcae.diffusion.train.samples import AutoencoderCache, grid_condition, sample_grid
 from dcae.errors import NonFiniteError, UserError
 from dcae.runtime import checkpoint as ckpt
 from dcae.runtime.accelerator import make_accelerator
@@ -61,21 +63,27 @@ def accumulate_gradients(accelerator, train_model, model, process, x, cond: Cond
     return total
 
 
+def epoch_batches(ds, epoch: int, seed: int, batch_size: int) -> list[list[int]]:
+    """The global batches of an epoch: the dataset's own plan (one bucket per batch for text latents), else
+    perm[b*B:(b+1)*B] of a permutation seeded by (seed, epoch)."""
+    if hasattr(ds, "epoch_batches"):
+        return ds.epoch_batches(epoch, seed, batch_size)
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    return [perm[b * batch_size : (b + 1) * batch_size] for b in range(len(ds) // batch_size)]
+
+
 def data_batches(ds, batch_size: int, seed: int, rank: int, world: int, start_step: int, num_workers: int = 0):
-    """Yield this process's (latents, labels) for steps start_step, start_step + 1, ...: global batch b of an
-    epoch is perm[b*B:(b+1)*B] of a permutation seeded by (seed, epoch); rank r takes its r-th slice."""
+    """Yield this process's (latents, *condition fields) for steps start_step, start_step + 1, ...: rank r
+    takes the r-th slice of each global batch of the epoch (`epoch_batches`)."""
     per_proc = batch_size // world
-    steps_per_epoch = len(ds) // batch_size
+    steps_per_epoch = len(epoch_batches(ds, 0, seed, batch_size))
     if steps_per_epoch == 0:
         raise UserError(f"the dataset has {len(ds)} latents, fewer than one batch of {batch_size}: lower batch_size")
     epoch, offset = divmod(start_step, steps_per_epoch)
     while True:
         ds.set_epoch(epoch)
-        perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-        batches = [
-            perm[b * batch_size + rank * per_proc : b * batch_size + (rank + 1) * per_proc]
-            for b in range(offset, steps_per_epoch)
-        ]
+        plan = epoch_batches(ds, epoch, seed, batch_size)
+        batches = [plan[b][rank * per_proc : (rank + 1) * per_proc] for b in range(offset, len(plan))]
         yield from torch.utils.data.DataLoader(
             ds, batch_sampler=batches, num_workers=num_workers, pin_memory=torch.cuda.is_available()
         )
@@ -88,8 +96,9 @@ class _Run:
 
     cfg: TrainConfig
     accelerator: object
-    ds: LatentDataset
+    ds: LatentDataset | TextLatentDataset
     conditioning: Conditioning
+    grid_cond: Condition | None
     model_args: dict
     model: torch.nn.Module  # prepared (DDP-wrapped under several processes)
     raw_model: torch.nn.Module
@@ -139,7 +148,7 @@ class _Run:
             ae = autoencoders.get()
             scaling = float(self.ds.index.get("scaling_factor", 1.0))
             with self.accelerator.autocast():
-                imgs = sample_grid(self.ema_model(), self.process, self.conditioning, self.cfg.sample,
+                imgs = sample_grid(self.ema_model(), self.process, self.grid_cond, self.cfg.sample,
                                    self.ds.latent_shape, self.accelerator.device, ae, scaling)  # fmt: skip
             path = self.out / "samples" / f"step_{step:0{run_ckpt.DIGITS}d}"
             if ae is not None:
@@ -162,18 +171,8 @@ def _setup(cfg: TrainConfig) -> tuple[_Run, int]:
             f"batch_size {cfg.batch_size} is not divisible by the {world} processes x {accum} accumulation steps"
         )
     torch.manual_seed(cfg.seed + rank)
-    ds = LatentDataset(cfg.data, use_flip=cfg.use_flip, seed=cfg.seed)
-    C, H, W = ds.latent_shape
-    if H != W:
-        raise UserError(f"latents must be square, got {H}x{W}")
-    model_args = {
-        "name": cfg.model.name,
-        "in_channels": C,
-        "input_size": H,
-        "num_classes": ds.conditioning.num_classes,
-        "learn_sigma": cfg.model.learn_sigma,
-        "overrides": dict(cfg.model.overrides),
-    }
+    ds = open_dataset(cfg)
+    model_args = _model_args(cfg, ds)
     model = run_ckpt.build_model(model_args)
     set_grad_checkpointing(model, cfg.model.grad_checkpointing)
     ema = EMA(model, cfg.optim.ema_decay, warmup=cfg.optim.ema_warmup)
@@ -192,9 +191,41 @@ def _setup(cfg: TrainConfig) -> tuple[_Run, int]:
         )
     ema.to(accelerator.device)
     model, opt = accelerator.prepare(model, opt)
-    run = _Run(cfg, accelerator, ds, from_record(model_args), model_args, model, accelerator.unwrap_model(model),
+    conditioning = from_record(model_args)
+    main = accelerator.is_main_process
+    grid_cond = grid_condition(conditioning, ds, cfg.sample, accelerator.device) if main else None
+    run = _Run(cfg, accelerator, ds, conditioning, grid_cond, model_args, model, accelerator.unwrap_model(model),
                ema, opt, process)  # fmt: skip
     return run, step
+
+
+def open_dataset(cfg: TrainConfig):
+    """The latents of `cfg.data`: a `dcae latents` folder (class labels or none) or a `dcae t2i cache` (text)."""
+    from dcae.diffusion.text_latents import FORMAT as TEXT_FORMAT
+
+    index = Path(cfg.data) / "index.json"
+    try:
+        text = json.loads(index.read_text()).get("format") == TEXT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        text = False  # LatentDataset names what is wrong
+    if text:
+        return TextLatentDataset(cfg.data, seed=cfg.seed)
+    return LatentDataset(cfg.data, use_flip=cfg.use_flip, seed=cfg.seed)
+
+
+def _model_args(cfg: TrainConfig, ds) -> dict:
+    """What builds the network, recorded in every checkpoint (and compared on resume)."""
+    C, H, W = ds.latent_shape
+    args = {"name": cfg.model.name, "in_channels": C, "input_size": H}
+    if isinstance(ds, TextLatentDataset):  # any bucket size runs; the width and token count come from the cache
+        c = ds.conditioning
+        overrides = {**cfg.model.overrides, "caption_channels": c.caption_channels, "max_tokens": c.max_tokens}
+        return {**args, "num_classes": 0, "learn_sigma": cfg.model.learn_sigma, "overrides": overrides,
+                "conditioning": c.spec()}  # fmt: skip
+    if H != W:
+        raise UserError(f"latents must be square, got {H}x{W}")
+    return {**args, "num_classes": ds.conditioning.num_classes, "learn_sigma": cfg.model.learn_sigma,
+            "overrides": dict(cfg.model.overrides)}  # fmt: skip
 
 
 def _resume(cfg: TrainConfig, model_args: dict, model, ema: EMA, opt, rank: int, main: bool) -> int:
@@ -253,9 +284,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     gen = torch.Generator(device)
     train_model.train()
     while step < cfg.max_steps:
-        x, labels = next(batches)
+        x, *rest = next(batches)
         x = x.to(device, non_blocking=True)
-        cond = run.conditioning.batch(labels, device)
+        cond = run.ds.condition(rest, device)
         lr = lr_at(step, cfg.max_steps, cfg.optim)
         set_lr(opt, lr)
         seeds = [_step_seed(cfg.seed, step, rank * accum + k) for k in range(accum)]

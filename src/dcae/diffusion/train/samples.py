@@ -7,10 +7,18 @@ import sys
 
 import torch
 
-from dcae.diffusion.conditioning import Conditioning
+from dcae.diffusion.conditioning import Condition, Conditioning, Text, TextConditioning
 from dcae.diffusion.latents import decode_scaled
 from dcae.diffusion.processes.sampling import sample
 from dcae.diffusion.train.config import SampleConfig
+
+# Fixed prompts of the grids of a text model when the config gives none.
+DEFAULT_PROMPTS = (
+    "a photo of a cat",
+    "a red car on a street",
+    "a bowl of fruit on a table",
+    "a mountain lake at sunset",
+)
 
 
 class AutoencoderCache:
@@ -39,28 +47,46 @@ def default_solver(process, solver: str) -> str:
     return solver if solver != "auto" else ("heun" if process.prediction == "velocity" else "dpm++")
 
 
+def grid_condition(conditioning: Conditioning, ds, scfg: SampleConfig, device) -> Condition | None:
+    """The conditions of the sample grid: `sample.classes` in turn (default 0, 1, 2, ...), or for a text model
+    `sample.prompts` in turn, encoded once by the text encoder the cache records (None and a warning when it
+    cannot be loaded: the grid is then unconditional)."""
+    if isinstance(conditioning, TextConditioning):
+        prompts = scfg.prompts or DEFAULT_PROMPTS
+        try:
+            from dcae.diffusion.text_encoders import TextEncoder
+
+            encoder = TextEncoder.from_pretrained(ds.index["text_encoder"], max_tokens=conditioning.max_tokens)
+            text = encoder.encode([prompts[i % len(prompts)] for i in range(scfg.num)])
+        except Exception as exc:  # sample grids are a convenience; training goes on
+            print(f"dcae: cannot encode the sample prompts ({exc}); grids use the empty prompt", file=sys.stderr)
+            return None
+        return Text(text.emb.float(), text.mask, text.null_emb.float(), text.null_mask).to(device)
+    classes = scfg.classes or list(range(scfg.num))
+    values = [int(classes[i % len(classes)]) % max(conditioning.num_classes, 1) for i in range(scfg.num)]
+    return conditioning.batch(values, device)
+
+
 @torch.no_grad()
 def sample_grid(
     model,
     process,
-    conditioning: Conditioning,
+    cond: Condition | None,
     scfg: SampleConfig,
     latent_shape,
     device,
     autoencoder=None,
     scaling_factor: float = 1.0,
 ) -> torch.Tensor:
-    """scfg.num samples with fixed seeds: decoded images in [-1, 1], or latents when no autoencoder. The
-    conditions are scfg.classes in turn (default 0, 1, 2, ...)."""
+    """scfg.num samples with fixed seeds for the conditions `cond`: decoded images in [-1, 1], or latents when
+    no autoencoder."""
     g = torch.Generator().manual_seed(scfg.seed)
     noise = torch.randn(scfg.num, *latent_shape, generator=g).to(device)
-    classes = scfg.classes or list(range(scfg.num))
-    values = [int(classes[i % len(classes)]) % max(conditioning.num_classes, 1) for i in range(scfg.num)]
     z = sample(
         model,
         process,
         noise,
-        conditioning.batch(values, device),
+        cond,
         steps=scfg.steps,
         solver=default_solver(process, scfg.solver),
         cfg_scale=scfg.cfg_scale,

@@ -1,0 +1,275 @@
+"""Precomputed DC-AE latents and text embeddings for text-to-image training (`dcae t2i cache`), and a Dataset.
+
+Training never runs the text encoder or the autoencoder: both run once here. Images are sorted into
+resolution buckets (several aspect ratios at about `resolution`^2 pixels, dcae.data.buckets), each shard
+holds one bucket. Layout of an output folder:
+
+    index.json                  autoencoder, scaling factor, text encoder, token count, buckets, shards, complete
+    captions.jsonl              {"image": name, "caption": ..., "bucket": [h, w]} per item, in shard order
+    null_text.safetensors       the empty prompt's encoding (null_emb (L, D), null_mask (L,)): the null condition
+    shard-00000.safetensors     latents (N, C, h, w) float32 (times the scaling factor), text_emb (N, L, D),
+                                text_mask (N, L) uint8
+
+Like `dcae latents`, extraction is resumable (shards written atomically, a restarted run skips those on disk
+that belong to the same plan) and a folder of another plan is refused unless overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from bisect import bisect_right
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dcae.data.buckets import assign_buckets, image_sizes
+from dcae.data.captions import Captioned, list_captioned, read_captioned
+from dcae.diffusion.conditioning import Text, TextConditioning
+from dcae.diffusion.latents import INDEX_NAME
+from dcae.errors import NonFiniteError, UserError, brief
+from dcae.utils.io import atomic_save_safetensors, atomic_write_json, atomic_write_text
+
+FORMAT = "dcae-text-latents/1"
+NULL_NAME, CAPTIONS_NAME = "null_text.safetensors", "captions.jsonl"
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:05d}.safetensors"
+
+
+# ----------------------------------------------------------------------------- the plan
+def _plan(items: list[Captioned], buckets: list, shard_size: int) -> list[dict]:
+    """Shards of one bucket each, buckets in table order, items in listing order within a bucket."""
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for i, b in enumerate(buckets):
+        if b is not None:
+            by_bucket.setdefault(tuple(b), []).append(i)
+    shards = []
+    for bucket in sorted(by_bucket, key=lambda s: s[0] / s[1]):
+        idx = by_bucket[bucket]
+        for lo in range(0, len(idx), shard_size):
+            shards.append({"file": shard_name(len(shards)), "bucket": list(bucket), "items": idx[lo : lo + shard_size]})
+    return shards
+
+
+def _fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def extract_text_latents(
+    autoencoder,
+    encoder,
+    data,
+    out: str | os.PathLike,
+    model_name: str | None = None,
+    resolution: int = 512,
+    patch_size: int = 1,
+    batch_size: int = 16,
+    shard_size: int = 1024,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    text_dtype: torch.dtype = torch.float16,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Encode every captioned image of `data` (folders with sidecar captions, JSONL / CSV manifests, webdataset
+    shards: dcae.data.captions) with the DC-AE `autoencoder` and its caption with the text `encoder`
+    (dcae.diffusion.text_encoders.TextEncoder) into shards in `out`; returns the index."""
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    f = autoencoder.spatial_compression
+    items = list_captioned(data)
+    buckets = assign_buckets(image_sizes(items), resolution, f * patch_size)
+    shards = _plan(items, buckets, shard_size)
+    if not shards:
+        raise UserError(f"no readable captioned image in {data}")
+    model_name = model_name or autoencoder.config.name
+    fingerprint = _fingerprint(model_name, encoder.name, encoder.max_tokens, resolution, patch_size, shard_size,
+                               [(items[i].name, items[i].caption) for s in shards for i in s["items"]])  # fmt: skip
+    index = {
+        "format": FORMAT,
+        "model": model_name,
+        "model_config": autoencoder.config.to_dict(),
+        "scaling_factor": float(autoencoder.scaling_factor),
+        "spatial_compression": f,
+        "latent_channels": autoencoder.latent_channels,
+        "resolution": resolution,
+        "patch_size": patch_size,
+        "text_encoder": encoder.name,
+        "caption_channels": encoder.width,
+        "max_tokens": encoder.max_tokens,
+        "num_images": sum(len(s["items"]) for s in shards),
+        "skipped": [f"{s.name}: {s.reason}" for s in getattr(items, "skipped", [])][:100],
+        "shards": [{"file": s["file"], "count": len(s["items"]), "bucket": s["bucket"]} for s in shards],
+        "fingerprint": fingerprint,
+        "complete": False,
+    }
+    _prepare(out, index, items, shards, encoder, overwrite)
+    autoencoder = autoencoder.to(device=device, dtype=dtype).eval()
+    total = index["num_images"]
+    todo = [s for s in shards if not _shard_done(out / s["file"], len(s["items"]), fingerprint)]
+    bar = tqdm(total=total, initial=total - sum(len(s["items"]) for s in todo), unit="img",
+               desc=f"t2i cache {out.name}", disable=not progress)  # fmt: skip
+    for s in todo:
+        tensors = _encode_shard(autoencoder, encoder, [items[i] for i in s["items"]], tuple(s["bucket"]),
+                                batch_size, device, dtype, text_dtype, bar)  # fmt: skip
+        meta = {"fingerprint": fingerprint, "bucket": json.dumps(s["bucket"])}
+        atomic_save_safetensors(tensors, out / s["file"], metadata=meta)
+    bar.close()
+    index["complete"] = all(_shard_done(out / s["file"], len(s["items"]), fingerprint) for s in shards)
+    atomic_write_json(out / INDEX_NAME, index)
+    return index
+
+
+def _prepare(out: Path, index: dict, items, shards, encoder, overwrite: bool) -> None:
+    """Refuse a folder of another plan (or clear it with overwrite); write the captions, the null, the index."""
+    path = out / INDEX_NAME
+    if path.exists():
+        try:
+            old = json.loads(path.read_text()).get("fingerprint")
+        except (OSError, ValueError, AttributeError):
+            old = None
+        if old != index["fingerprint"]:
+            if not overwrite:
+                raise UserError(f"{out} holds a cache of another plan (data, captions, models or settings differ); "
+                                "choose another output folder or pass --overwrite")  # fmt: skip
+            for p in out.glob("shard-*.safetensors"):
+                p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"image": items[i].name, "caption": items[i].caption, "bucket": s["bucket"]})
+             for s in shards for i in s["items"]]  # fmt: skip
+    atomic_write_text(out / CAPTIONS_NAME, "\n".join(lines) + "\n")
+    null_emb, null_mask = encoder.null()
+    atomic_save_safetensors({"null_emb": null_emb.float(), "null_mask": null_mask.to(torch.uint8)},
+                            out / NULL_NAME, metadata={"fingerprint": index["fingerprint"]})  # fmt: skip
+    atomic_write_json(path, index)
+
+
+def _shard_done(path: Path, count: int, fingerprint: str) -> bool:
+    if not path.exists():
+        return False
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            ok = (f.metadata() or {}).get("fingerprint") == fingerprint and "text_emb" in f.keys()  # noqa: SIM118
+            return ok and f.get_slice("latents").get_shape()[0] == count
+    except Exception:
+        return False  # unreadable: recompute it
+
+
+def _encode_shard(autoencoder, encoder, items: list[Captioned], bucket, batch_size, device, dtype, text_dtype, bar):
+    zs, embs, masks = [], [], []
+    for lo in range(0, len(items), batch_size):
+        batch = items[lo : lo + batch_size]
+        arrays, captions = zip(*(read_captioned(it, bucket) for it in batch))
+        x = torch.from_numpy(np.stack(arrays)).to(device).permute(0, 3, 1, 2).to(dtype) / 127.5 - 1.0
+        z = autoencoder.scale_latents(autoencoder.encode(x)).float()
+        if not torch.isfinite(z).all():
+            raise NonFiniteError(f"the autoencoder produced NaN/Inf latents for one of {[it.name for it in batch]}")
+        text = encoder.encode(list(captions))
+        zs.append(z.cpu())
+        embs.append(text.emb.to(text_dtype).cpu())
+        masks.append(text.mask.to(torch.uint8).cpu())
+        bar.update(len(batch))
+    return {"latents": torch.cat(zs), "text_emb": torch.cat(embs), "text_mask": torch.cat(masks)}
+
+
+# ----------------------------------------------------------------------------- reading back
+class TextLatentDataset(torch.utils.data.Dataset):
+    """Items (latent C x h x w float32, text embeddings L x D, mask L) of a `dcae t2i cache` folder, in memory.
+    Batches come from one bucket each (`epoch_batches`); `condition` turns a batch's text into a `Text`."""
+
+    def __init__(self, root: str | os.PathLike, seed: int = 0) -> None:
+        from safetensors.torch import load_file
+
+        self.root, self.seed, self.epoch = Path(root), seed, 0
+        self.index = read_text_index(self.root)
+        null = _load(self.root / NULL_NAME, load_file)
+        self.null_emb, self.null_mask = null["null_emb"], null["null_mask"].long()
+        self.parts = [_load(self.root / s["file"], load_file) for s in self.index["shards"]]
+        self.counts = [len(p["latents"]) for p in self.parts]
+        self.offsets = np.cumsum([0, *self.counts]).tolist()
+        for s, p, n in zip(self.index["shards"], self.parts, self.counts):
+            if n != s["count"] or p["text_emb"].shape[1:] != self.null_emb.shape:
+                raise UserError(f"{self.root / s['file']} does not match its index (count or text shape)")
+
+    @property
+    def conditioning(self) -> TextConditioning:
+        return TextConditioning(int(self.index["caption_channels"]), int(self.index["max_tokens"]))
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """The channels and the size of the most common bucket (for sample grids)."""
+        k = int(np.argmax(self.counts))
+        return tuple(self.parts[k]["latents"].shape[1:])
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, i: int):
+        k = bisect_right(self.offsets, i) - 1
+        p, j = self.parts[k], i - self.offsets[k]
+        return p["latents"][j].float(), p["text_emb"][j], p["text_mask"][j].long()
+
+    def condition(self, rest: list[torch.Tensor], device) -> Text:
+        emb, mask = rest  # stored in half precision: the network takes fp32 (autocast casts where it runs)
+        return Text(
+            emb.to(device).float(), mask.to(device), self.null_emb.to(device).float(), self.null_mask.to(device)
+        )
+
+    def epoch_batches(self, epoch: int, seed: int, batch_size: int) -> list[list[int]]:
+        """The global batches of an epoch: each bucket's items shuffled and cut into full batches, the
+        batches of all buckets in a shuffled order, all seeded by (seed, epoch)."""
+        rng = random.Random(seed * 100_003 + epoch)
+        batches = []
+        by_bucket: dict[tuple, list[int]] = {}  # a bucket may span several shards
+        for k, s in enumerate(self.index["shards"]):
+            by_bucket.setdefault(tuple(s["bucket"]), []).extend(range(self.offsets[k], self.offsets[k + 1]))
+        for bucket in sorted(by_bucket):
+            idx = by_bucket[bucket]
+            rng.shuffle(idx)
+            batches += [idx[b : b + batch_size] for b in range(0, len(idx) - batch_size + 1, batch_size)]
+        rng.shuffle(batches)
+        return batches
+
+
+def _load(path: Path, load_file) -> dict:
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        raise UserError(f"cannot read {path}: {type(exc).__name__}: {brief(exc)}") from None
+
+
+def read_text_index(root: Path) -> dict:
+    path = Path(root) / INDEX_NAME
+    if not path.exists():
+        raise UserError(f"{root} is not a text-to-image cache (no {INDEX_NAME}); create one with `dcae t2i cache`")
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot read the index ({type(exc).__name__}: {exc})") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise UserError(f"{path}: not a text-to-image cache (format {FORMAT} expected)")
+    if not index.get("complete"):
+        raise UserError(f"{root}: the cache is not complete; rerun `dcae t2i cache` to finish it")
+    shards = index.get("shards")
+    ok = isinstance(shards, list) and shards and all(
+        isinstance(s, dict) and isinstance(s.get("file"), str) and Path(s["file"]).name == s["file"]
+        and type(s.get("count")) is int and isinstance(s.get("bucket"), list) for s in shards
+    )  # fmt: skip
+    for key in ("caption_channels", "max_tokens"):
+        ok = ok and type(index.get(key)) is int and index[key] > 0
+    if not ok:
+        raise UserError(f"{path}: damaged index (shards, caption_channels or max_tokens); rerun `dcae t2i cache`")
+    return index
