@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "dcae.metrics.commands",  # eval, fid, metrics
     "dcae.train.commands",  # train
     "dcae.diffusion.commands",  # latents, diffusion, sample
+    "dcae.diffusion.t2i_commands",  # t2i cache | train | sample
     "dcae.experiments.commands",  # experiment
 ]
 # Modules that add `dcae bench <what>` subcommands.

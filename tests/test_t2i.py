@@ -1,0 +1,153 @@
+"""Text-to-image end to end on the CPU: `dcae t2i cache` (captioned images -> bucketed latents and text
+embeddings), `dcae t2i train` (resumes exactly, also after SIGKILL), `dcae t2i sample` (prompts -> images,
+seeded per image), and bad input refused by name."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_diffusion_latents import tiny_autoencoder
+from test_text_encoders import _roberta
+
+from dcae.cli import main
+from dcae.diffusion.text_encoders import all_minilm_l6_v2
+from dcae.diffusion.train.checkpoint import list_checkpoints
+from dcae.diffusion.train.config import load_config
+from dcae.diffusion.train.loop import train
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (230, 220, 40)}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _cli(*argv) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = main([str(a) for a in argv])
+    return rc, err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """8 coloured squares, square and wide, with sidecar captions, a tiny f4 autoencoder and MiniLM."""
+    root = tmp_path_factory.mktemp("t2i")
+    (root / "data").mkdir()
+    for i, (name, c) in enumerate(list(COLORS.items()) * 2):
+        h, w = (32, 32) if i % 2 == 0 else (32, 64)
+        Image.fromarray(np.full((h, w, 3), c, np.uint8)).save(root / "data" / f"{i}.png")
+        (root / "data" / f"{i}.txt").write_text(f"a {name} square")
+    tiny_autoencoder().save_pretrained(root / "ae")
+    rc, err = _cli("t2i", "cache", "--data", root / "data", "--model", root / "ae", "--text-encoder",
+                   all_minilm_l6_v2(), "-o", root / "cache", "--resolution", 32, "--max-tokens", 16)  # fmt: skip
+    assert rc == 0, err
+    return root / "cache"
+
+
+def _overrides(cache: Path, out: Path, **kw) -> list[str]:
+    base = {"data": cache, "out": out, "model.name": "SANA-tiny", "batch_size": 2, "max_steps": 4, "log_every": 1,
+            "ckpt_every": 2, "mixed_precision": "no", "num_workers": 0, "sample.every": 0, "sample.steps": 2,
+            "sample.num": 2, "optim.lr": "1e-3", "tensorboard": "false",
+            "sample.prompts": "[a red square]"}  # fmt: skip
+    return [f"{k}={v}" for k, v in {**base, **kw}.items()]
+
+
+def test_cache_has_buckets_text_and_resumes(cache):
+    index = json.loads((cache / "index.json").read_text())
+    assert index["complete"] and index["caption_channels"] == 384 and index["max_tokens"] == 16
+    assert sorted(tuple(s["bucket"]) for s in index["shards"]) == [(24, 40), (32, 32)]  # wide and square buckets
+    captions = [json.loads(line) for line in (cache / "captions.jsonl").read_text().splitlines()]
+    assert len(captions) == 8 and {c["caption"] for c in captions} == {f"a {n} square" for n in COLORS}
+    shard = cache / index["shards"][0]["file"]
+    before = shard.stat().st_mtime_ns
+    rc, err = _cli("t2i", "cache", "--data", cache.parent / "data", "--model", cache.parent / "ae",
+                   "--text-encoder", all_minilm_l6_v2(), "-o", cache, "--resolution", 32,
+                   "--max-tokens", 16)  # fmt: skip
+    assert rc == 0, err
+    assert shard.stat().st_mtime_ns == before  # the same plan: shards on disk are kept, not recomputed
+
+
+def _state(out: Path) -> dict:
+    ck = torch.load(list_checkpoints(out)[-1], weights_only=True)
+    return {"model": ck["model"], "ema": ck["ema"], "step": ck["step"]}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a["step"] == b["step"] and all(torch.equal(a[p][k], b[p][k]) for p in ("model", "ema") for k in a[p])
+
+
+def test_train_resume_equals_uninterrupted_run(cache, tmp_path):
+    full = train(load_config(None, _overrides(cache, tmp_path / "full")), progress=False)
+    assert full["step"] == 4 and np.isfinite(full["loss"])
+    train(load_config(None, _overrides(cache, tmp_path / "split", max_steps=2)), progress=False)
+    train(load_config(None, _overrides(cache, tmp_path / "split")), progress=False)
+    assert _same(_state(tmp_path / "full"), _state(tmp_path / "split"))
+    other = tmp_path / "other"
+    train(load_config(None, _overrides(cache, other, seed=1)), progress=False)
+    assert not _same(_state(tmp_path / "full"), _state(other))  # the comparison above can fail
+    assert (tmp_path / "full" / "samples" / "step_0000004.png").is_file()  # decoded grid of the fixed prompt
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_identical(cache, tmp_path):
+    def cmd(out, steps):
+        return [sys.executable, "-m", "dcae.cli", "t2i", "train", "--quiet",
+                *_overrides(cache, out, max_steps=steps, ckpt_every=1, log_every=5)]  # fmt: skip
+
+    subprocess.run(cmd(tmp_path / "straight", 12), env=ENV, check=True, capture_output=True)
+    proc = subprocess.Popen(cmd(tmp_path / "killed", 12), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list_checkpoints(tmp_path / "killed")) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list_checkpoints(tmp_path / "killed"), "no checkpoint before the kill"
+    subprocess.run(cmd(tmp_path / "killed", 12), env=ENV, check=True, capture_output=True)
+    assert _same(_state(tmp_path / "straight"), _state(tmp_path / "killed"))
+
+
+@pytest.fixture(scope="module")
+def trained(cache, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "run"
+    train(load_config(None, _overrides(cache, out, max_steps=2)), progress=False)
+    return out
+
+
+def test_sample_from_prompts_is_seeded_per_image(trained, tmp_path):
+    common = ["t2i", "sample", "--ckpt", trained, "--prompt", "a red square", "--prompt", "a blue square",
+              "--steps", 2, "--size", "32x32"]  # fmt: skip
+    assert _cli(*common, "-o", tmp_path / "a", "--batch-size", 2)[0] == 0
+    assert _cli(*common, "-o", tmp_path / "b", "--batch-size", 1)[0] == 0
+    for name in ("000000.png", "000001.png"):
+        a, b = (np.asarray(Image.open(tmp_path / d / "images" / name)) for d in ("a", "b"))
+        assert a.shape == (32, 32, 3) and np.array_equal(a, b)  # image i does not depend on the batch size
+    meta = json.loads((tmp_path / "a" / "samples.json").read_text())
+    assert meta["prompts"] == ["a red square", "a blue square"] and (tmp_path / "a" / "grid.png").is_file()
+    assert _cli(*common[:-2], "--size", "32x64", "-o", tmp_path / "wide")[0] == 0  # another aspect ratio
+    assert np.asarray(Image.open(tmp_path / "wide" / "images" / "000000.png")).shape == (32, 64, 3)
+
+
+def test_bad_input_is_refused_by_name(trained, tmp_path):
+    rc, err = _cli("t2i", "sample", "--ckpt", trained, "--prompt", "  ", "-o", tmp_path / "o")
+    assert rc == 2 and "empty" in err
+    (tmp_path / "p.txt").write_text("# only a comment\n\n")
+    rc, err = _cli("t2i", "sample", "--ckpt", trained, "--prompts", tmp_path / "p.txt", "-o", tmp_path / "o")
+    assert rc == 2 and "p.txt holds no prompts" in err
+    _roberta(tmp_path / "narrow")  # a 32-wide text encoder for a model trained on 384-wide MiniLM tokens
+    rc, err = _cli("t2i", "sample", "--ckpt", trained, "--prompt", "a red square", "--text-encoder",
+                   tmp_path / "narrow", "-o", tmp_path / "o")  # fmt: skip
+    assert rc == 2 and "32-wide" in err and "384" in err
+    rc, err = _cli("t2i", "sample", "--ckpt", trained, "--prompt", "x", "--size", "30x32", "-o", tmp_path / "o")
+    assert rc == 2 and "multiples of 4" in err
+    assert not (tmp_path / "o" / "images").exists()  # nothing written by any of them
