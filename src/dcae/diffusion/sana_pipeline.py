@@ -1,0 +1,274 @@
+"""dcae <-> diffusers SANA pipelines: `export_pipeline` writes one of our text-to-image checkpoints as a
+`diffusers.SanaPipeline` folder; `load_pipeline` reads such a folder (ours or a released
+`Efficient-Large-Model/Sana_*_diffusers`) into our models for `dcae t2i sample --model`.
+
+An exported folder: transformer/ (the EMA weights, `nets.sana.save_diffusers`), vae/ (the checkpoint's autoencoder
+in AutoencoderDC's format, its `scaling_factor` set to the one the latents were scaled with: SanaPipeline decodes
+`latents / vae.config.scaling_factor`, as `latents.decode_scaled`), text_encoder/ + tokenizer/ (the cache's
+encoder, its files copied), scheduler/ and model_index.json (written last, so a folder without it is an
+interrupted export), each file written atomically.
+
+What diffusers accepts: `SanaPipeline.from_pretrained(folder)` loads any transformers encoder that model_index.json
+names (BERT, T5, ...): it only logs "Expected types for text_encoder: (Gemma2PreTrainedModel,), got ...". Call it
+with `complex_human_instruction=None` and `max_sequence_length=` the cache's token count (model_index.json's
+`_dcae.max_tokens`): then its prompt path gives our encoder's embeddings (tested for BERT; it lower-cases prompts,
+as an uncased tokenizer does anyway); or pass `prompt_embeds` etc. from our `TextEncoder`. A transformer whose
+`sample_size` is not 16, 32, 64 or 128 (latent pixels) needs `use_resolution_binning=False`; height and width must
+be multiples of 32. Time grids: our `sample(..., steps=N, shift=s)` uses sigmas linspace(1, 0, N + 1) shifted;
+diffusers' FlowMatchEulerDiscreteScheduler by default stops at sigma 1/1000 before 0, so pass
+`sigmas=numpy.linspace(1, 0, N + 1)[:-1]` (the scheduler shifts them) to get our grid exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dcae.errors import MissingInputError, UserError, brief
+from dcae.utils.io import atomic_path, atomic_write_json
+
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+SANA_STEPS, SANA_GUIDANCE = 20, 4.5  # SanaPipeline.__call__'s defaults
+SANA_MAX_TOKENS = 300  # SanaPipeline's max_sequence_length for Gemma
+# diffusers scheduler -> (our solver, the config field holding the flow shift)
+SCHEDULERS = {
+    "FlowMatchEulerDiscreteScheduler": ("euler", "shift"),
+    "FlowMatchHeunDiscreteScheduler": ("heun", "shift"),
+    "DPMSolverMultistepScheduler": ("dpm++", "flow_shift"),  # SANA's release: DPM-Solver++(2M) on flow sigmas
+}
+_MODEL_FILES = ("config.json", "generation_config.json", "model*.safetensors*")
+_TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
+                    "spiece.model", "sentencepiece.bpe.model", "chat_template.*")  # fmt: skip
+
+
+@dataclass
+class SanaPipelineModels:
+    """What `load_pipeline` gives: the models and the sampling settings the pipeline records."""
+
+    transformer: torch.nn.Module  # dcae.diffusion.nets.sana.SanaTransformer, eval mode
+    text_encoder: object  # dcae.diffusion.text_encoders.TextEncoder
+    autoencoder: torch.nn.Module  # dcae.models.DCAE, eval mode
+    scaling_factor: float  # vae.config.scaling_factor: generated latents are divided by it before decoding
+    shift: float  # the scheduler's flow shift
+    solver: str  # our solver nearest to the scheduler: euler, heun or dpm++
+    steps: int  # default steps: what our export recorded, else SanaPipeline's default
+    guidance_scale: float
+    resolution: int | None  # the training resolution (ours), else transformer sample_size x the vae's compression
+    source: str
+
+
+# ----------------------------------------------------------------------------- export
+def _matching(folder: Path, patterns) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in patterns))
+
+
+def _copy(src: Path, dst: Path) -> None:
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def _encoder_classes(model_dir: Path, tok_dir: Path) -> tuple[str, str]:
+    """The transformers class names diffusers loads text_encoder/ and tokenizer/ with."""
+    from dcae.diffusion.text_encoders import FAMILIES, _model_type, _transformers
+
+    transformers = _transformers()
+    family = FAMILIES.get(_model_type(model_dir))
+    if family is None:
+        raise UserError(f"{model_dir}: not a text encoder dcae knows")
+    model_class = family.model_class
+    if model_class == "AutoModel":
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+        model_class = MODEL_MAPPING[type(transformers.AutoConfig.from_pretrained(model_dir))].__name__
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    except Exception as exc:
+        raise UserError(f"{tok_dir}: no usable tokenizer ({brief(exc, 200)})") from exc
+    return model_class, type(tokenizer).__name__
+
+
+def _scheduler_config(solver: str, shift: float) -> dict:
+    from dcae.models.weights import _diffusers_version
+
+    name = next((k for k, (s, _) in SCHEDULERS.items() if s == solver), None)
+    if name is None:
+        raise UserError(f"solver {solver!r} has no diffusers scheduler here; choose euler, heun or dpm++")
+    config = {"_class_name": name, "_diffusers_version": _diffusers_version(), "num_train_timesteps": 1000}
+    if solver == "dpm++":  # as SANA's released pipelines
+        return config | {"flow_shift": shift, "use_flow_sigmas": True, "prediction_type": "flow_prediction",
+                         "algorithm_type": "dpmsolver++", "solver_order": 2, "final_sigmas_type": "zero"}  # fmt: skip
+    return config | {"shift": shift}
+
+
+def export_pipeline(checkpoint_or_run: str | Path, folder: str | Path, overwrite: bool = False, *,
+                    solver: str = "euler", shift: float = 1.0, use_ema: bool = True) -> Path:  # fmt: skip
+    """Write a diffusers SanaPipeline folder from one of our text-to-image checkpoints (a .pt or a run folder:
+    its newest). The scheduler is `solver`'s (euler: FlowMatchEulerDiscreteScheduler, as `dcae t2i sample`'s
+    default; heun; dpm++: SANA's flow DPMSolverMultistepScheduler) with flow `shift`. An existing non-empty folder
+    is refused unless `overwrite`; then the components' stale files go."""
+    from dcae.diffusion.nets.sana import SanaTransformer, save_diffusers
+    from dcae.diffusion.processes.flow import FlowMatching
+    from dcae.diffusion.text_encoders import _folders
+    from dcae.diffusion.train.checkpoint import load_checkpoint
+    from dcae.models import DCAE
+    from dcae.models.weights import _diffusers_version
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file; a pipeline is written as a folder")
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise UserError(f"{folder} already exists (pass overwrite=True / --overwrite to replace it)")
+    scheduler = _scheduler_config(solver, float(shift))
+    model, process, meta = load_checkpoint(checkpoint_or_run, use_ema=use_ema)
+    if not isinstance(model, SanaTransformer) or not isinstance(process, FlowMatching):
+        what = meta["model_args"].get("name")
+        raise UserError(f"{meta['path']}: a SanaPipeline needs a SANA flow-matching text-to-image model, not {what}")
+    lat = meta["latents"] or {}
+    missing = [k for k in ("model", "scaling_factor", "text_encoder", "max_tokens") if lat.get(k) is None]
+    if missing:
+        raise UserError(f"{meta['path']}: the checkpoint does not record the latents' {', '.join(missing)}")
+    model_dir, tok_dir = _folders(lat["text_encoder"])
+    classes = _encoder_classes(model_dir, tok_dir)
+
+    written: set[Path] = set()
+    folder.mkdir(parents=True, exist_ok=True)
+    save_diffusers(model, folder / "transformer", overwrite=True)
+    written |= {folder / "transformer" / n for n in ("config.json", "diffusion_pytorch_model.safetensors")}
+    ae = DCAE.from_pretrained(lat["model"])
+    ae.config = dataclasses.replace(ae.config, scaling_factor=float(lat["scaling_factor"]))  # a copy: the zoo's
+    ae.save_pretrained(folder / "vae", format="diffusers", overwrite=True)
+    written |= {folder / "vae" / n for n in ("config.json", "diffusion_pytorch_model.safetensors")}
+    weights = _matching(model_dir, _MODEL_FILES)
+    if not any(p.name.endswith(".safetensors") for p in weights):
+        weights += _matching(model_dir, ("pytorch_model*.bin*",))
+    for sub, files in (("text_encoder", weights), ("tokenizer", _matching(tok_dir, _TOKENIZER_FILES))):
+        for src in files:
+            _copy(src, folder / sub / src.name)
+            written.add(folder / sub / src.name)
+    atomic_write_json(folder / "scheduler" / "scheduler_config.json", scheduler)
+    written.add(folder / "scheduler" / "scheduler_config.json")
+    for sub in COMPONENTS:  # leftovers of an overwritten pipeline (e.g. old shards) would shadow the new files
+        for p in (folder / sub).iterdir():
+            if p.is_file() and p not in written:
+                p.unlink()
+    sample = meta["config"].get("sample", {})
+    record = {"checkpoint": meta["path"], "step": meta["step"], "ema": use_ema, "autoencoder": str(lat["model"]),
+              "text_encoder": str(lat["text_encoder"]), "max_tokens": int(lat["max_tokens"]), "instruction": None,
+              "resolution": lat.get("resolution"), "solver": solver, "shift": float(shift),
+              "steps": sample.get("steps"), "guidance_scale": sample.get("cfg_scale")}  # fmt: skip
+    atomic_write_json(folder / "model_index.json", {
+        "_class_name": "SanaPipeline", "_diffusers_version": _diffusers_version(), "_dcae": record,
+        "scheduler": ["diffusers", scheduler["_class_name"]], "text_encoder": ["transformers", classes[0]],
+        "tokenizer": ["transformers", classes[1]], "transformer": ["diffusers", "SanaTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderDC"],
+    })  # fmt: skip
+    return folder
+
+
+# ----------------------------------------------------------------------------- loading
+def _hub_patterns(variant: str | None) -> list[str]:
+    weights = f"*.{variant}*" if variant else "*.safetensors"
+    return ["model_index.json", "scheduler/*", "tokenizer/*", "*/config.json", "*/*.safetensors.index*.json",
+            f"transformer/{weights}", "vae/*.safetensors", "text_encoder/*.safetensors"]  # fmt: skip
+
+
+def _pipeline_folder(source: str | Path, variant: str | None) -> Path:
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{path} is a file; a SANA pipeline is a folder (model_index.json and its components)")
+        return path
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) and not str(source).startswith("."):
+        from dcae.models.weights import hub_snapshot
+
+        return hub_snapshot(str(source), allow_patterns=_hub_patterns(variant))
+    raise MissingInputError(f"{source}: no such SANA pipeline folder (nor a Hugging Face Hub id: owner/name)")
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path.parent}: not a diffusers pipeline ({what} missing)") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: unreadable {what} ({brief(exc, 120)})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: {what} is not a JSON object")
+    return data
+
+
+def _scheduler_settings(folder: Path) -> tuple[str, float]:
+    path = folder / "scheduler" / "scheduler_config.json"
+    config = _read_json(path, "scheduler_config.json")
+    name = config.get("_class_name")
+    if name not in SCHEDULERS:
+        raise UserError(f"{path}: scheduler {name!r} is not one dcae samples with ({', '.join(SCHEDULERS)})")
+    solver, key = SCHEDULERS[name]
+    if name == "DPMSolverMultistepScheduler" and not (config.get("use_flow_sigmas") and
+                                                      config.get("prediction_type") == "flow_prediction"):  # fmt: skip
+        raise UserError(f"{path}: a DPMSolverMultistepScheduler without flow sigmas is not a flow-matching sampler")
+    if config.get("use_dynamic_shifting"):
+        raise UserError(f"{path}: dynamic (resolution-dependent) shifting is not supported; SanaPipeline has no mu")
+    shift = config.get(key, 1.0)
+    if isinstance(shift, bool) or not isinstance(shift, int | float) or shift <= 0:
+        raise UserError(f"{path}: {key} = {shift!r}, expected a positive number")
+    return solver, float(shift)
+
+
+def load_pipeline(source: str | Path, *, device: str | torch.device = "cpu", dtype: str = "fp32",
+                  variant: str | None = None, instruction: bool | None = None) -> SanaPipelineModels:  # fmt: skip
+    """Our models from a diffusers SANA pipeline: a local folder or a Hub id (downloaded once: model_index.json,
+    the scheduler, tokenizer, configs and safetensors weights; offline and not cached: one line). `dtype` of the
+    transformer and the text encoder (fp32, bf16, fp16); `variant`: the transformer's weight files, e.g. 'bf16'
+    (the text encoder's and the vae's are read without variant).
+    `instruction`: prepend SanaPipeline's complex human instruction to Gemma prompts, as its __call__ does by
+    default (None: yes for a Gemma pipeline not exported by dcae). Every failure is one UserError line."""
+    from dcae.diffusion.nets.sana import from_diffusers
+    from dcae.diffusion.text_encoders import FAMILIES, SANA_INSTRUCTION, TextEncoder, _model_type
+    from dcae.models import DCAE
+    from dcae.utils.devices import resolve_dtype
+
+    folder = _pipeline_folder(source, variant)
+    index = _read_json(folder / "model_index.json", "model_index.json")
+    name = index.get("_class_name")
+    if not str(name).startswith("Sana"):
+        raise UserError(f"{folder}: model_index.json describes a {name}, not a SANA pipeline")
+    missing = [f"{c}/" for c in COMPONENTS if not (folder / c).is_dir() or not any((folder / c).iterdir())]
+    if missing:
+        raise UserError(f"{folder}: incomplete SANA pipeline, missing {' and '.join(missing)}")
+    record = index.get("_dcae") if isinstance(index.get("_dcae"), dict) else {}
+    solver, shift = _scheduler_settings(folder)
+    family = FAMILIES.get(_model_type(folder / "text_encoder"))
+    gemma = family is not None and family.name == "gemma"
+    max_tokens = record.get("max_tokens") or (SANA_MAX_TOKENS if gemma else None)
+    if instruction is None:
+        instruction = gemma and not record
+    transformer = from_diffusers(folder / "transformer", max_tokens=max_tokens or SANA_MAX_TOKENS,
+                                 dtype=resolve_dtype(dtype), variant=variant)  # fmt: skip
+    encoder = TextEncoder.from_pretrained(folder, dtype=dtype, device=device, max_tokens=max_tokens,
+                                          instruction=SANA_INSTRUCTION if instruction else None)  # fmt: skip
+    autoencoder = DCAE.from_pretrained(folder / "vae")
+    caption_channels = transformer.config["caption_channels"]
+    if encoder.width != caption_channels:
+        raise UserError(f"{folder}: text_encoder/ gives {encoder.width}-wide tokens, the transformer takes "
+                        f"{caption_channels}")  # fmt: skip
+    if autoencoder.latent_channels != transformer.in_channels:
+        raise UserError(f"{folder}: vae/ has {autoencoder.latent_channels} latent channels, the transformer takes "
+                        f"{transformer.in_channels}")  # fmt: skip
+    if transformer.conditioning.max_tokens != encoder.max_tokens:  # the encoder's positions end earlier
+        transformer.conditioning = dataclasses.replace(transformer.conditioning, max_tokens=encoder.max_tokens)
+    resolution = record.get("resolution") or transformer.sample_size * autoencoder.spatial_compression
+    return SanaPipelineModels(
+        transformer=transformer.to(device).eval(), text_encoder=encoder, autoencoder=autoencoder.to(device).eval(),
+        scaling_factor=float(autoencoder.scaling_factor), shift=shift, solver=solver,
+        steps=int(record.get("steps") or SANA_STEPS),
+        guidance_scale=float(record.get("guidance_scale") or SANA_GUIDANCE),
+        resolution=int(resolution), source=str(source),
+    )  # fmt: skip
