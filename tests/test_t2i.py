@@ -151,3 +151,17 @@ def test_bad_input_is_refused_by_name(trained, tmp_path):
     rc, err = _cli("t2i", "sample", "--ckpt", trained, "--prompt", "x", "--size", "30x32", "-o", tmp_path / "o")
     assert rc == 2 and "multiples of 4" in err
     assert not (tmp_path / "o" / "images").exists()  # nothing written by any of them
+
+
+def test_export_to_diffusers_and_sample_the_pipeline_like_the_checkpoint(trained, tmp_path):
+    """`dcae t2i export` writes a SanaPipeline folder; `dcae t2i sample --model FOLDER` gives the images that
+    `--ckpt` gives with the same settings (the exported transformer is the EMA, the VAE the recorded one)."""
+    assert _cli("t2i", "export", "--ckpt", trained, "-o", tmp_path / "pipe")[0] == 0
+    assert (tmp_path / "pipe" / "model_index.json").is_file()
+    same = ["--prompt", "a green square", "--steps", 3, "--cfg", 2.0, "--solver", "euler", "--size", "32x32"]
+    assert _cli("t2i", "sample", "--ckpt", trained, *same, "-o", tmp_path / "ckpt")[0] == 0
+    assert _cli("t2i", "sample", "--model", tmp_path / "pipe", *same, "-o", tmp_path / "pipe_out")[0] == 0
+    a, b = (np.asarray(Image.open(tmp_path / d / "images" / "000000.png")).astype(int) for d in ("ckpt", "pipe_out"))
+    assert np.abs(a - b).max() <= 1  # the same 8-bit image (rounding aside)
+    rc, err = _cli("t2i", "export", "--ckpt", trained, "-o", tmp_path / "pipe")
+    assert rc == 2 and "pipe" in err  # an existing pipeline is not overwritten silently

@@ -1,8 +1,10 @@
-"""Text-to-image commands: `dcae t2i cache`, `dcae t2i train`, `dcae t2i sample`.
+"""Text-to-image commands: `dcae t2i cache`, `dcae t2i train`, `dcae t2i sample`, `dcae t2i export`.
 
     dcae t2i cache --data photos/ --model dc-ae-f32c32-sana-1.1 --text-encoder google/gemma-2-2b-it -o cache/
     dcae t2i train configs/t2i_tiny.yaml data=cache/ out=runs/t2i
     dcae t2i sample --ckpt runs/t2i --prompt "a red square" -o samples/
+    dcae t2i export --ckpt runs/t2i -o pipeline/      # diffusers' SanaPipeline.from_pretrained("pipeline/")
+    dcae t2i sample --model Efficient-Large-Model/Sana_600M_512px_diffusers --prompt "a cat" -o cats/
 
 Handlers import torch and the models lazily so that `dcae --help` stays fast.
 """
@@ -108,14 +110,15 @@ def _load_for_sampling(args, device) -> dict:
     from dcae.models import DCAE
 
     if args.model:
+        from dcae.diffusion.processes.flow import FlowMatching
         from dcae.diffusion.sana_pipeline import load_pipeline
 
-        p = load_pipeline(args.model)
-        from dcae.diffusion.processes.flow import FlowMatching
+        p = load_pipeline(args.model, device=device)
 
         model, encoder, ae, scaling = p.transformer.to(device).eval(), p.text_encoder, p.autoencoder, p.scaling_factor
         settings = {"model": str(args.model)}
         process, shift, resolution = FlowMatching(), p.shift, p.resolution
+        defaults = {"solver": p.solver, "steps": p.steps, "cfg": p.guidance_scale}
     else:
         model, process, meta = load_checkpoint(args.ckpt, use_ema=not args.no_ema, device=device)
         conditioning, lat = conditioning_of(meta), meta["latents"] or {}
@@ -129,9 +132,12 @@ def _load_for_sampling(args, device) -> dict:
         ae = DCAE.from_pretrained(args.autoencoder or lat.get("model"))
         scaling, shift, resolution = float(lat.get("scaling_factor") or ae.scaling_factor), 1.0, lat.get("resolution")
         settings = {"checkpoint": meta["path"], "step": meta["step"], "ema": not args.no_ema}
+        defaults = {"solver": "euler", "steps": 20, "cfg": 4.5}
     if ae.latent_channels != model.in_channels:
         raise UserError(f"the autoencoder has {ae.latent_channels} latent channels, the model {model.in_channels}")
-    solver = args.solver if args.solver != "auto" else "euler"
+    solver = args.solver if args.solver != "auto" else defaults["solver"]
+    args.steps = args.steps or defaults["steps"]
+    args.cfg = defaults["cfg"] if args.cfg is None else args.cfg
     settings |= {"text_encoder": encoder.name, "solver": solver, "steps": args.steps, "cfg": args.cfg,
                  "seed": args.seed, "scaling_factor": scaling}  # fmt: skip
     return {"model": model, "process": process, "encoder": encoder, "autoencoder": ae.to(device).eval(),
@@ -164,6 +170,19 @@ def _report(args, out: Path, paths: list[Path], prompts: list[str], settings: di
         save_image(make_grid([load_image(p) for p in paths[:k]], nrow=min(8, k)), out / "grid.png")
     atomic_write_json(out / "samples.json", {**settings, "prompts": prompts, "images": [p.name for p in paths]})
     print(f"{len(paths)} samples in {out / 'images'}" + (f", grid {out / 'grid.png'}" if k else ""))
+
+
+# ----------------------------------------------------------------------------- dcae t2i export
+def cmd_export(args: argparse.Namespace) -> int:
+    from dcae.diffusion.sana_pipeline import export_pipeline
+    from dcae.utils.io import check_input, check_output_dir
+
+    check_input(args.ckpt, "--ckpt")
+    check_output_dir(args.output, "output folder (-o)")
+    folder = export_pipeline(args.ckpt, args.output, overwrite=args.overwrite, solver=args.solver, shift=args.shift,
+                             use_ema=not args.no_ema)  # fmt: skip
+    print(f"diffusers SANA pipeline: {folder} (diffusers.SanaPipeline.from_pretrained, or dcae t2i sample --model)")
+    return 0
 
 
 # ----------------------------------------------------------------------------- the parser
@@ -199,6 +218,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)
 
+    e = tsub.add_parser("export", help="a diffusers SANA pipeline folder from a text-to-image run of ours")
+    e.add_argument("--ckpt", required=True, help="run folder or checkpoint")
+    e.add_argument("-o", "--output", required=True, help="the pipeline folder")
+    e.add_argument("--solver", default="euler", choices=["euler", "heun", "dpm++"], help="its scheduler")
+    e.add_argument("--shift", type=float, default=1.0, help="the scheduler's flow shift")
+    e.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(func=cmd_export)
+
     s = tsub.add_parser("sample", help="images from prompts with a text-to-image model")
     s.add_argument("--ckpt", help="our text-to-image run folder or checkpoint")
     s.add_argument("--model", help="a diffusers SANA pipeline: folder or Hub id")
@@ -206,8 +234,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--prompts", help="a file with one prompt per line")
     s.add_argument("-o", "--output", required=True, help="output folder: images/, grid.png, samples.json")
     s.add_argument("--per-prompt", type=int, default=1, help="images per prompt (default 1)")
-    s.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (SANA: 4.5; 1 = off)")
-    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the pipeline's, else 4.5)")
+    s.add_argument("--steps", type=int, help="solver steps (default: the pipeline's, else 20)")
     s.add_argument("--solver", default="auto", choices=["auto", "euler", "heun", "dpm++", "ddim"])
     s.add_argument("--shift", type=float, help="flow shift of the time grid (default: the model's)")
     s.add_argument("--size", help="HEIGHTxWIDTH in pixels (default: the training resolution, square)")
