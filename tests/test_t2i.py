@@ -148,6 +148,12 @@ def test_bad_input_is_refused_by_name(trained, tmp_path):
     rc, err = _cli("t2i", "sample", "--ckpt", trained, "--prompt", "a red square", "--text-encoder",
                    tmp_path / "narrow", "-o", tmp_path / "o")  # fmt: skip
     assert rc == 2 and "32-wide" in err and "384" in err
+    other = tiny_autoencoder()
+    other.config.scaling_factor = 0.25
+    other.save_pretrained(tmp_path / "other_ae")
+    rc, err = _cli("t2i", "sample", "--ckpt", trained, "--prompt", "x", "--autoencoder", tmp_path / "other_ae",
+                   "-o", tmp_path / "o")  # fmt: skip
+    assert rc == 2 and "scaling factor 0.25" in err and "0.5" in err
     rc, err = _cli("t2i", "sample", "--ckpt", trained, "--prompt", "x", "--size", "30x32", "-o", tmp_path / "o")
     assert rc == 2 and "multiples of 4" in err
     assert not (tmp_path / "o" / "images").exists()  # nothing written by any of them
@@ -165,3 +171,19 @@ def test_export_to_diffusers_and_sample_the_pipeline_like_the_checkpoint(trained
     assert np.abs(a - b).max() <= 1  # the same 8-bit image (rounding aside)
     rc, err = _cli("t2i", "export", "--ckpt", trained, "-o", tmp_path / "pipe")
     assert rc == 2 and "pipe" in err  # an existing pipeline is not overwritten silently
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_prompts_and_make_the_same_images(trained, tmp_path):
+    """Under torchrun each process makes every second image; the images equal what one process makes."""
+    from test_train_helpers import torchrun_dcae
+
+    common = ["t2i", "sample", "--ckpt", str(trained), "--prompt", "a red square", "--prompt", "a blue square",
+              "--prompt", "a green square", "--steps", "2", "--size", "32x32", "--batch-size", "1"]  # fmt: skip
+    assert _cli(*common, "-o", tmp_path / "one")[0] == 0
+    proc = subprocess.run([*torchrun_dcae(), *common, "-o", str(tmp_path / "two")], env=ENV, capture_output=True,
+                          text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for name in [f"images/{i:06d}.png" for i in range(3)] + ["grid.png"]:
+        a, b = (np.asarray(Image.open(tmp_path / d / name)) for d in ("one", "two"))
+        assert np.array_equal(a, b), name

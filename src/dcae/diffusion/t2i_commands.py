@@ -131,6 +131,9 @@ def _load_for_sampling(args, device) -> dict:
                             f"{conditioning.caption_channels} ({lat.get('text_encoder')})")  # fmt: skip
         ae = DCAE.from_pretrained(args.autoencoder or lat.get("model"))
         scaling, shift, resolution = float(lat.get("scaling_factor") or ae.scaling_factor), 1.0, lat.get("resolution")
+        if args.autoencoder and abs(ae.scaling_factor - scaling) > 1e-6 * scaling:
+            raise UserError(f"--autoencoder {args.autoencoder} has scaling factor {ae.scaling_factor:g}; the model "
+                            f"was trained on latents scaled by {scaling:g} ({lat.get('model')})")  # fmt: skip
         settings = {"checkpoint": meta["path"], "step": meta["step"], "ema": not args.no_ema}
         defaults = {"solver": "euler", "steps": 20, "cfg": 4.5}
     if ae.latent_channels != model.in_channels:
