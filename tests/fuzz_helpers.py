@@ -155,3 +155,17 @@ def split_safetensors(data: bytes) -> tuple[dict, bytes]:
 def join_safetensors(header: dict, body: bytes) -> bytes:
     text = json.dumps(header).encode()
     return struct.pack("<Q", len(text)) + text + body
+
+
+def tar_bytes(members: dict[str, bytes]) -> bytes:
+    """An uncompressed tar shard holding `members` (name -> bytes), in that order."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, blob in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return buf.getvalue()

@@ -9,11 +9,10 @@ import csv
 import io
 import json
 import re
-import tarfile
 
 import numpy as np
 import pytest
-from fuzz_helpers import FUZZ, mutated_bytes, mutated_json, result_or_one_line
+from fuzz_helpers import FUZZ, mutated_bytes, mutated_json, result_or_one_line, tar_bytes
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
@@ -27,16 +26,6 @@ pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.filterwar
 def _png(seed: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(seed).integers(0, 256, (6, 9, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def _tar(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, blob in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
     return buf.getvalue()
 
 
@@ -141,9 +130,9 @@ def test_damaged_caption_shards(tmp_path, data):
     if data.draw(st.booleans(), label="damage a member"):
         key = data.draw(st.sampled_from(sorted(members)))
         members[key] = data.draw(mutated_bytes(members[key]))
-        blob = _tar(members)
+        blob = tar_bytes(members)
     else:
-        blob = data.draw(mutated_bytes(_tar(members)), label="shard bytes")
+        blob = data.draw(mutated_bytes(tar_bytes(members)), label="shard bytes")
     shard = tmp_path / "shard-000.tar"
     shard.write_bytes(blob)
     (tmp_path / "good.png").write_bytes(_png(9))

@@ -4,11 +4,10 @@ shards. Each read gives an RGB uint8 array or one line naming the file (see fuzz
 from __future__ import annotations
 
 import io
-import tarfile
 
 import numpy as np
 import pytest
-from fuzz_helpers import FUZZ, mutated_bytes, result_or_one_line
+from fuzz_helpers import FUZZ, mutated_bytes, result_or_one_line, tar_bytes
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
@@ -67,16 +66,6 @@ def test_damaged_image_files(tmp_path, data):
         _check_image(result_or_one_line(lambda ref=ref: read_image(ref), path))
 
 
-def _tar(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, blob in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-    return buf.getvalue()
-
-
 @FUZZ
 @given(data=st.data())
 def test_damaged_tar_shards_and_members(tmp_path, data):
@@ -86,9 +75,9 @@ def test_damaged_tar_shards_and_members(tmp_path, data):
     if data.draw(st.booleans(), label="damage a member"):
         key = data.draw(st.sampled_from(sorted(members)))
         members[key] = data.draw(mutated_bytes(members[key]))
-        blob = _tar(members)
+        blob = tar_bytes(members)
     else:
-        blob = data.draw(mutated_bytes(_tar(members)), label="shard bytes")
+        blob = data.draw(mutated_bytes(tar_bytes(members)), label="shard bytes")
     shard = tmp_path / "shard-000.tar"
     shard.write_bytes(blob)
     (tmp_path / "good.png").write_bytes(SEEDS["png"])  # a good file beside it: listing the folder must go on

@@ -24,6 +24,7 @@ problem. Paths that do not exist raise FileNotFoundError.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import lzma
@@ -339,17 +340,24 @@ def read_image(ref: ImageRef) -> np.ndarray:
     naming `ref.name` when it cannot be read or decoded, a file gone since it was listed included."""
     if ref.kind == "skimage":
         return skimage_photo(ref.member)
-    try:
+    with _named(ref):
         if ref.kind == "file":
             return load_image_uint8(ref.path, ref.name)
         data = _member_bytes(ref)
+    return decode_image_bytes(data, ref.name)
+
+
+@contextlib.contextmanager
+def _named(ref: ImageRef):
+    """What goes wrong reading `ref` as one ImageReadError naming it."""
+    try:
+        yield
     except FileNotFoundError:
         raise ImageReadError(f"cannot read image {ref.name}: it does not exist (any more)") from None
     except ImageReadError:
         raise
     except Exception as exc:  # a damaged shard
         raise ImageReadError(f"cannot read image {ref.name}: {_one_line(exc)}") from exc
-    return decode_image_bytes(data, ref.name)
 
 
 def read_size(ref: ImageRef) -> tuple[int, int]:
@@ -358,15 +366,9 @@ def read_size(ref: ImageRef) -> tuple[int, int]:
     `ref.name` like `read_image` (the pixel data may still turn out corrupt when read)."""
     if ref.kind == "skimage":
         return skimage_photo(ref.member).shape[:2]
-    try:
+    with _named(ref):
         data = ref.path if ref.kind == "file" else _member_bytes(ref)
         return image_size(data, ref.name)
-    except FileNotFoundError:
-        raise ImageReadError(f"cannot read image {ref.name}: it does not exist (any more)") from None
-    except ImageReadError:
-        raise
-    except Exception as exc:  # a damaged shard
-        raise ImageReadError(f"cannot read image {ref.name}: {_one_line(exc)}") from exc
 
 
 def read_images(
