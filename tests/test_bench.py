@@ -110,6 +110,8 @@ def test_gpu_check_dry_run(tmp_path: Path, tiny_config: Path) -> None:
     assert {"default", "cudnn_benchmark", "no_triton", "channels_last_weights"} <= set(variants)
     assert all(v["enc_img_s"] > 0 and v["dec_img_s"] > 0 for v in variants.values())
     assert [r["setting"] for r in sections["diffusion_throughput"]] == ["sd-vae-f8-p2", "dc-ae-f32-p1", "dc-ae-f64-p1"]
+    t2i = sections["diffusion_t2i_throughput"]
+    assert [r["tokens"] for r in t2i] == [1024, 256, 64] and all(r["condition"]["kind"] == "text" for r in t2i)
     records = json.loads(next(tmp_path.glob("ae_gpu_cpu-dry-run_*.json")).read_text())
     assert {r["impl"] for r in records} == {"dcae", "diffusers"} and all(set(r) >= KEYS for r in records)
     # every goal was computed from the rehearsal's own records (met or missed means nothing on a CPU)

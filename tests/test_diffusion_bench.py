@@ -85,3 +85,42 @@ def test_whole_image_generation_adds_the_decode():
         assert r["generate_img_s"] == pytest.approx(1 / per_image, rel=1e-2)
         assert 0 < r["decode_share"] < 1 and r["generate_steps"] == 3
     assert records[0]["generate_ratio_vs_f8"] == 1.0
+
+
+def test_sana_text_to_image_settings_and_condition(tmp_path):
+    """SANA on the same three latents, conditioned on random encoded prompts (Text) rather than class labels:
+    f8-p2 at 512 px is 32 x 32 = 1024 tokens, f32-p1 4x fewer, f64-p1 16x fewer; 1024 px quadruples each.
+    Sampling is timed as guided steps on the doubled batch, with its ratio against f8-p2 of the same run."""
+    import torch
+
+    from dcae.cli import main as cli
+    from dcae.diffusion.bench import bench_condition
+    from dcae.diffusion.conditioning import Text, TextConditioning
+
+    cond = bench_condition(TextConditioning(2304, 300), 2, torch.device("cpu"))
+    assert isinstance(cond, Text) and cond.emb.shape == (2, 300, 2304) and cond.mask.shape == (2, 300)
+    assert cond.null_emb.shape == (300, 2304) and cond.null_mask.shape == (300,) and cond.null_mask.sum() == 1
+
+    out = tmp_path / "t2i.json"
+    args = ["bench", "diffusion", "--model", "SANA-tiny", "--depth", "1", "--text-tokens", "8", "--caption-channels",
+            "16", "--resolution", "512", "1024", "--batch", "1", "--warmup", "0", "--steps", "1", "--sample-steps",
+            "2", "--device", "cpu", "--json", str(out)]  # fmt: skip
+    assert cli(args) == 0
+    records = json.loads(out.read_text())
+    assert [(r["resolution"], r["setting"], r["tokens"]) for r in records] == [
+        (512, "sd-vae-f8-p2", 1024),
+        (512, "dc-ae-f32-p1", 256),
+        (512, "dc-ae-f64-p1", 64),
+        (1024, "sd-vae-f8-p2", 4096),
+        (1024, "dc-ae-f32-p1", 1024),
+        (1024, "dc-ae-f64-p1", 256),
+    ]
+    assert [r["latent_shape"] for r in records[:3]] == [[4, 64, 64], [32, 16, 16], [128, 8, 8]]
+    for r in records:
+        assert r["model"].startswith("SANA-tiny") and r["patch_size"] == (2 if "f8" in r["setting"] else 1)
+        assert r["condition"] == {"kind": "text", "emb": [1, 8, 16], "mask": [1, 8], "null_emb": [8, 16]}
+        assert r["train_img_s"] > 0 and r["sample_img_s"] > 0 and r["sample_steps"] == 2
+    for base in (records[0], records[3]):  # the ratios are against f8-p2 of the same resolution
+        assert base["train_ratio_vs_f8"] == 1.0 and base["sample_ratio_vs_f8"] == 1.0
+    assert records[2]["fwd_gflops_per_img"] < records[0]["fwd_gflops_per_img"] / 8
+    assert records[4]["sample_ratio_vs_f8"] == round(records[4]["sample_img_s"] / records[3]["sample_img_s"], 2)

@@ -274,8 +274,16 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         nargs="+",
-        help="model families, e.g. DiT-S UViT-S (default: DiT-S on CPU, "
-        "DiT-XL and UViT-H on GPU); the patch size follows the setting",
+        help="model families, e.g. DiT-S UViT-S, or text-to-image SANA-tiny SANA-600M SANA-1600M (default: DiT-S "
+        "on CPU, DiT-XL and UViT-H on GPU); the patch size follows the setting",
+    )
+    p.add_argument(
+        "--resolution",
+        nargs="+",
+        type=int,
+        default=[512],
+        choices=[512, 1024],
+        help="image sizes in px (default 512); the latent sides scale with it, ratios are per resolution",
     )
     p.add_argument("--batch", type=int, help="images per step (default: 2 on CPU, 32 on GPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
@@ -283,7 +291,18 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
     p.add_argument("--warmup", type=int, help="untimed steps (default 1 CPU, 3 GPU)")
     p.add_argument("--steps", type=int, help="timed steps, median reported (default 3 CPU, 10 GPU)")
-    p.add_argument("--depth", type=int, help="override the depth of the named model (smaller CPU runs)")
+    p.add_argument("--depth", type=int, help="override the depth (SANA: layers) of the named model (smaller CPU runs)")
+    p.add_argument("--text-tokens", type=int, help="text-to-image models: prompt tokens (default SANA's 300)")
+    p.add_argument(
+        "--caption-channels", type=int, help="text-to-image models: prompt embedding width (default Gemma-2's 2304)"
+    )
+    p.add_argument(
+        "--sample-steps",
+        type=int,
+        metavar="N",
+        help="also time sampling: N flow steps with classifier-free guidance (doubled batch) "
+        "(default: 0; with a text-to-image model 20 on GPU, 2 on CPU)",
+    )
     p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     p.add_argument(
         "--generate-steps",
@@ -308,7 +327,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def register_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "diffusion",
-        help="DiT/U-ViT training and inference throughput on f8-p2, f32-p1 and f64-p1 latents (512 px)",
+        help="DiT/U-ViT/SANA training, inference and sampling throughput on f8-p2, f32-p1 and f64-p1 latents "
+        "(512 or 1024 px)",
     )
     add_bench_args(p)
     p.set_defaults(func=cmd_bench)
