@@ -1,4 +1,4 @@
-"""Text-to-image commands: `dcae t2i cache`, `dcae t2i train`, `dcae t2i sample`, `dcae t2i export`.
+"""Text-to-image commands: `dcae t2i cache`, `train`, `sample`, `export` and `eval` (dcae.diffusion.t2i_eval).
 
     dcae t2i cache --data photos/ --model dc-ae-f32c32-sana-1.1 --text-encoder google/gemma-2-2b-it -o cache/
     dcae t2i train configs/t2i_tiny.yaml data=cache/ out=runs/t2i
@@ -68,18 +68,38 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from dcae.utils.io import check_output_dir
+
+    check_output_dir(args.output, "output folder (-o)")
+    check_model_source(args)
+    prompts = read_prompts(args)
+    n = len(prompts) * args.per_prompt
+    values = [prompts[i // args.per_prompt] for i in range(n)]
+    out = Path(args.output)
+    paths, settings, rank = generate_images(args, values, out)
+    if rank == 0:
+        _report(args, out, paths, values, settings)
+    return 0
+
+
+def check_model_source(args: argparse.Namespace) -> None:
+    """Exactly one of --ckpt / --model, and it is not a link to nothing."""
+    from dcae.utils.io import check_input
+
+    if bool(args.ckpt) == bool(args.model):
+        raise UserError("pass --ckpt (a text-to-image run or checkpoint of ours) or --model (a SANA pipeline)")
+    check_input(args.ckpt or args.model, "--ckpt" if args.ckpt else "--model", must_exist=bool(args.ckpt))
+
+
+def generate_images(args: argparse.Namespace, values: list[str], out: Path) -> tuple[list[Path], dict, int]:
+    """Image i of prompt values[i] -> out/images/%06d.png, the missing ones only (unless --overwrite), split
+    across processes. Returns every path, the settings and this process's rank."""
     import torch
 
     from dcae.diffusion.generation import ImageSampler, write_samples
     from dcae.diffusion.processes.sampling import sample
     from dcae.utils.devices import process_group_from_env
-    from dcae.utils.io import check_input, check_output_dir
 
-    check_output_dir(args.output, "output folder (-o)")
-    if bool(args.ckpt) == bool(args.model):
-        raise UserError("pass --ckpt (a text-to-image run or checkpoint of ours) or --model (a SANA pipeline)")
-    check_input(args.ckpt or args.model, "--ckpt" if args.ckpt else "--model", must_exist=bool(args.ckpt))
-    prompts = read_prompts(args)
     rank, world, device = process_group_from_env(args.device)
     m = _load_for_sampling(args, device)
     size = _latent_size(args.size, m["resolution"], m["compression"], m["patch"])
@@ -92,14 +112,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
                       cfg_scale=args.cfg, shift=args.shift if args.shift is not None else m["shift"],
                       generator=torch.Generator(device).manual_seed(seeds[0]))  # fmt: skip
 
-    n = len(prompts) * args.per_prompt
-    values = [prompts[i // args.per_prompt] for i in range(n)]
     run = ImageSampler(latents, m["autoencoder"], m["scaling"], shape, args.seed, device, args.dtype)
-    out = Path(args.output)
-    paths = write_samples(run.images, values, out, n, args.batch_size, args.overwrite, rank, world)
-    if rank == 0:
-        _report(args, out, paths, values, {**m["settings"], "latent_shape": list(shape)})
-    return 0
+    paths = write_samples(run.images, values, out, len(values), args.batch_size, args.overwrite, rank, world)
+    return paths, {**m["settings"], "latent_shape": list(shape)}, rank
 
 
 def _load_for_sampling(args, device) -> dict:
@@ -231,12 +246,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.set_defaults(func=cmd_export)
 
     s = tsub.add_parser("sample", help="images from prompts with a text-to-image model")
-    s.add_argument("--ckpt", help="our text-to-image run folder or checkpoint")
-    s.add_argument("--model", help="a diffusers SANA pipeline: folder or Hub id")
     s.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     s.add_argument("--prompts", help="a file with one prompt per line")
     s.add_argument("-o", "--output", required=True, help="output folder: images/, grid.png, samples.json")
     s.add_argument("--per-prompt", type=int, default=1, help="images per prompt (default 1)")
+    s.add_argument("--grid", type=int, default=16, help="images in grid.png (0: none)")
+    add_sampling_options(s)
+    s.set_defaults(func=cmd_sample)
+
+    from dcae.diffusion.t2i_eval import add_eval_parser
+
+    add_eval_parser(tsub)
+    p.set_defaults(func=lambda args: p.print_help() or 2)
+
+
+def add_sampling_options(s: argparse.ArgumentParser) -> None:
+    """The model and sampling options of `dcae t2i sample` (also those of `dcae t2i eval`)."""
+    s.add_argument("--ckpt", help="our text-to-image run folder or checkpoint")
+    s.add_argument("--model", help="a diffusers SANA pipeline: folder or Hub id")
     s.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the pipeline's, else 4.5)")
     s.add_argument("--steps", type=int, help="solver steps (default: the pipeline's, else 20)")
     s.add_argument("--solver", default="auto", choices=["auto", "euler", "heun", "dpm++", "ddim"])
@@ -244,12 +271,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--size", help="HEIGHTxWIDTH in pixels (default: the training resolution, square)")
     s.add_argument("--seed", type=int, default=0, help="image i's noise is seeded by (seed, i)")
     s.add_argument("--batch-size", type=int, default=4)
-    s.add_argument("--grid", type=int, default=16, help="images in grid.png (0: none)")
     s.add_argument("--text-encoder", help="override the text encoder the checkpoint records")
     s.add_argument("--autoencoder", help="override the autoencoder the checkpoint records")
     s.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
     s.add_argument("--device", default="auto")
     s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     s.add_argument("--overwrite", action="store_true", help="replace existing images")
-    s.set_defaults(func=cmd_sample)
-    p.set_defaults(func=lambda args: p.print_help() or 2)
