@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dcae.diffusion.t2i_sampling import add_sampling_options, check_model_source, generate_images
 from dcae.errors import UserError
 from dcae.utils.cliargs import IntermixedParser
 
@@ -80,103 +81,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if rank == 0:
         _report(args, out, paths, values, settings)
     return 0
-
-
-def check_model_source(args: argparse.Namespace) -> None:
-    """Exactly one of --ckpt / --model, and it is not a link to nothing."""
-    from dcae.utils.io import check_input
-
-    if bool(args.ckpt) == bool(args.model):
-        raise UserError("pass --ckpt (a text-to-image run or checkpoint of ours) or --model (a SANA pipeline)")
-    check_input(args.ckpt or args.model, "--ckpt" if args.ckpt else "--model", must_exist=bool(args.ckpt))
-
-
-def generate_images(args: argparse.Namespace, values: list[str], out: Path) -> tuple[list[Path], dict, int]:
-    """Image i of prompt values[i] -> out/images/%06d.png, the missing ones only (unless --overwrite), split
-    across processes. Returns every path, the settings and this process's rank."""
-    import torch
-
-    from dcae.diffusion.generation import ImageSampler, write_samples
-    from dcae.diffusion.processes.sampling import sample
-    from dcae.utils.devices import process_group_from_env
-
-    rank, world, device = process_group_from_env(args.device)
-    m = _load_for_sampling(args, device)
-    size = _latent_size(args.size, m["resolution"], m["compression"], m["patch"])
-    shape = (m["model"].in_channels, *size)
-
-    def latents(noise, batch_prompts: list[str], seeds: list[int], generators):
-        cond = m["encoder"].encode(batch_prompts)
-        cond = type(cond)(cond.emb.float(), cond.mask, cond.null_emb.float(), cond.null_mask).to(device)
-        return sample(m["model"], m["process"], noise, cond, steps=args.steps, solver=m["solver"],
-                      cfg_scale=args.cfg, shift=args.shift if args.shift is not None else m["shift"],
-                      generator=torch.Generator(device).manual_seed(seeds[0]))  # fmt: skip
-
-    run = ImageSampler(latents, m["autoencoder"], m["scaling"], shape, args.seed, device, args.dtype)
-    paths = write_samples(run.images, values, out, len(values), args.batch_size, args.overwrite, rank, world)
-    return paths, {**m["settings"], "latent_shape": list(shape)}, rank
-
-
-def _load_for_sampling(args, device) -> dict:
-    """Network, process, text encoder, autoencoder and settings from one of our checkpoints or a pipeline."""
-    from dcae.diffusion.conditioning import TextConditioning
-    from dcae.diffusion.text_encoders import TextEncoder
-    from dcae.diffusion.train.checkpoint import conditioning_of, load_checkpoint
-    from dcae.models import DCAE
-
-    if args.model:
-        from dcae.diffusion.processes.flow import FlowMatching
-        from dcae.diffusion.sana_pipeline import load_pipeline
-
-        p = load_pipeline(args.model, device=device)
-
-        model, encoder, ae, scaling = p.transformer.to(device).eval(), p.text_encoder, p.autoencoder, p.scaling_factor
-        settings = {"model": str(args.model)}
-        process, shift, resolution = FlowMatching(), p.shift, p.resolution
-        defaults = {"solver": p.solver, "steps": p.steps, "cfg": p.guidance_scale}
-    else:
-        model, process, meta = load_checkpoint(args.ckpt, use_ema=not args.no_ema, device=device)
-        conditioning, lat = conditioning_of(meta), meta["latents"] or {}
-        if not isinstance(conditioning, TextConditioning):
-            raise UserError(f"{meta['path']} is not a text-to-image model; sample it with `dcae sample`")
-        source = args.text_encoder or lat.get("text_encoder")
-        encoder = TextEncoder.from_pretrained(source, device=device, max_tokens=conditioning.max_tokens)
-        if encoder.width != conditioning.caption_channels:
-            raise UserError(f"text encoder {source} gives {encoder.width}-wide tokens; the model takes "
-                            f"{conditioning.caption_channels} ({lat.get('text_encoder')})")  # fmt: skip
-        ae = DCAE.from_pretrained(args.autoencoder or lat.get("model"))
-        scaling, shift, resolution = float(lat.get("scaling_factor") or ae.scaling_factor), 1.0, lat.get("resolution")
-        if args.autoencoder and abs(ae.scaling_factor - scaling) > 1e-6 * scaling:
-            raise UserError(f"--autoencoder {args.autoencoder} has scaling factor {ae.scaling_factor:g}; the model "
-                            f"was trained on latents scaled by {scaling:g} ({lat.get('model')})")  # fmt: skip
-        settings = {"checkpoint": meta["path"], "step": meta["step"], "ema": not args.no_ema}
-        defaults = {"solver": "euler", "steps": 20, "cfg": 4.5}
-    if ae.latent_channels != model.in_channels:
-        raise UserError(f"the autoencoder has {ae.latent_channels} latent channels, the model {model.in_channels}")
-    solver = args.solver if args.solver != "auto" else defaults["solver"]
-    args.steps = args.steps or defaults["steps"]
-    args.cfg = defaults["cfg"] if args.cfg is None else args.cfg
-    settings |= {"text_encoder": encoder.name, "solver": solver, "steps": args.steps, "cfg": args.cfg,
-                 "seed": args.seed, "scaling_factor": scaling}  # fmt: skip
-    return {"model": model, "process": process, "encoder": encoder, "autoencoder": ae.to(device).eval(),
-            "scaling": scaling, "shift": shift, "solver": solver, "settings": settings, "resolution": resolution,
-            "compression": ae.spatial_compression, "patch": int(model.config.get("patch_size", 1))}  # fmt: skip
-
-
-def _latent_size(text: str | None, resolution: int | None, compression: int, patch: int) -> tuple[int, int]:
-    """--size HxW (pixels) -> the latent size; default the model's training resolution, square."""
-    if text:
-        try:
-            h, w = (int(v) for v in text.lower().split("x"))
-        except ValueError:
-            raise UserError(f"--size {text!r}: give HEIGHTxWIDTH in pixels, e.g. 512x768") from None
-    else:
-        h = w = int(resolution or 512)
-    step = compression * patch
-    if h <= 0 or w <= 0 or h % step or w % step:
-        raise UserError(f"--size {h}x{w}: height and width must be positive multiples of {step} "
-                        f"(the autoencoder's f{compression} times the patch size {patch})")  # fmt: skip
-    return h // compression, w // compression
 
 
 def _report(args, out: Path, paths: list[Path], prompts: list[str], settings: dict) -> None:
@@ -258,22 +162,3 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     add_eval_parser(tsub)
     p.set_defaults(func=lambda args: p.print_help() or 2)
-
-
-def add_sampling_options(s: argparse.ArgumentParser) -> None:
-    """The model and sampling options of `dcae t2i sample` (also those of `dcae t2i eval`)."""
-    s.add_argument("--ckpt", help="our text-to-image run folder or checkpoint")
-    s.add_argument("--model", help="a diffusers SANA pipeline: folder or Hub id")
-    s.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the pipeline's, else 4.5)")
-    s.add_argument("--steps", type=int, help="solver steps (default: the pipeline's, else 20)")
-    s.add_argument("--solver", default="auto", choices=["auto", "euler", "heun", "dpm++", "ddim"])
-    s.add_argument("--shift", type=float, help="flow shift of the time grid (default: the model's)")
-    s.add_argument("--size", help="HEIGHTxWIDTH in pixels (default: the training resolution, square)")
-    s.add_argument("--seed", type=int, default=0, help="image i's noise is seeded by (seed, i)")
-    s.add_argument("--batch-size", type=int, default=4)
-    s.add_argument("--text-encoder", help="override the text encoder the checkpoint records")
-    s.add_argument("--autoencoder", help="override the autoencoder the checkpoint records")
-    s.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
-    s.add_argument("--device", default="auto")
-    s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    s.add_argument("--overwrite", action="store_true", help="replace existing images")
