@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,20 +37,21 @@ def load_config(
     source: str | Path | dict | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     packaged: dict[str, Path] | None = None,
+    finish: Callable[[T], None] | None = None,
 ) -> T:
-    """A `cls` dataclass from a YAML file (or a name in `packaged`), a dict, or defaults, then overrides."""
-    if source is None:
-        data: dict[str, Any] = {}
-    elif isinstance(source, dict):
-        data = source
-    else:
-        path = resolve_path(source, packaged or {})
-        data = read_with_bases(path, packaged or {})
-        try:
-            return _apply(_build(cls, data, ""), overrides)
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
-    return _apply(_build(cls, data, ""), overrides)
+    """A `cls` dataclass from a YAML file (or a name in `packaged`), a dict, or defaults, then overrides, then
+    `finish(cfg)` (the trainer's expansion and validation). Any error of these steps names the file."""
+    path = None if source is None or isinstance(source, dict) else resolve_path(source, packaged or {})
+    data = read_with_bases(path, packaged or {}) if path is not None else dict(source or {})
+    try:
+        cfg = _apply(_build(cls, data, ""), overrides)
+        if finish is not None:
+            finish(cfg)
+    except UserError as exc:
+        if path is None:
+            raise
+        raise type(exc)(f"{path}: {exc}") from None
+    return cfg
 
 
 def _apply(cfg: T, overrides) -> T:
@@ -63,13 +65,6 @@ def _apply(cfg: T, overrides) -> T:
             raise ConfigError(f"override {item!r}: {yaml_problem(exc)}") from None
         set_dotted(cfg, key.strip(), parsed)
     return cfg
-
-
-def source_name(source: str | Path | dict | None, packaged: dict[str, Path] | None = None) -> str | None:
-    """The file a config came from, for messages about its values (None for a dict or the defaults)."""
-    if source is None or isinstance(source, dict):
-        return None
-    return str(resolve_path(source, packaged or {}))
 
 
 def resolve_path(source: str | Path, packaged: dict[str, Path]) -> Path:

@@ -199,14 +199,12 @@ class TrainConfig:
 def load_config(source: str | Path | dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """A TrainConfig from a YAML file (or a packaged name such as 'tiny'), a dict, or defaults, then
     `key.sub=value` overrides (values parsed as YAML, converted to the field's type); see dcae.runtime.config."""
-    cfg = runtime_config.load_config(TrainConfig, source, overrides, packaged_configs())
-    try:
-        _expand_model_shorthands(cfg)
-        validate(cfg)
-    except ConfigError as exc:
-        where = runtime_config.source_name(source, packaged_configs())
-        raise ConfigError(f"{where}: {exc}" if where else str(exc)) from None
-    return cfg
+    return runtime_config.load_config(TrainConfig, source, overrides, packaged_configs(), finish=_finish)
+
+
+def _finish(cfg: TrainConfig) -> None:
+    _expand_model_shorthands(cfg)
+    validate(cfg)
 
 
 def _expand_model_shorthands(cfg: TrainConfig) -> None:

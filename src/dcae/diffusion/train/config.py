@@ -78,13 +78,7 @@ class TrainConfig:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
-    cfg = runtime_config.load_config(TrainConfig, path, overrides or [])
-    try:
-        validate_config(cfg)
-    except UserError as exc:
-        where = runtime_config.source_name(path)
-        raise UserError(f"{where}: {exc}" if where else str(exc)) from None
-    return cfg
+    return runtime_config.load_config(TrainConfig, path, overrides or [], finish=validate_config)
 
 
 def validate_config(cfg: TrainConfig) -> None:
