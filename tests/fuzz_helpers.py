@@ -169,3 +169,12 @@ def tar_bytes(members: dict[str, bytes]) -> bytes:
             info.size = len(blob)
             tar.addfile(info, io.BytesIO(blob))
     return buf.getvalue()
+
+
+@st.composite
+def damaged_shard(draw, members: dict[str, bytes]) -> bytes:
+    """A tar shard of `members` with one member's bytes damaged, or the shard's own bytes damaged."""
+    if draw(st.booleans(), label="damage a member"):
+        key = draw(st.sampled_from(sorted(members)))
+        return tar_bytes({**members, key: draw(mutated_bytes(members[key]))})
+    return draw(mutated_bytes(tar_bytes(members)), label="shard bytes")

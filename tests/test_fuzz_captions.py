@@ -12,7 +12,7 @@ import re
 
 import numpy as np
 import pytest
-from fuzz_helpers import FUZZ, mutated_bytes, mutated_json, result_or_one_line, tar_bytes
+from fuzz_helpers import FUZZ, damaged_shard, mutated_bytes, mutated_json, result_or_one_line
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
@@ -127,14 +127,8 @@ def test_damaged_caption_shards(tmp_path, data):
         "000000002.png": _png(2),
         "000000002.txt": "two \u00e9".encode(),
     }
-    if data.draw(st.booleans(), label="damage a member"):
-        key = data.draw(st.sampled_from(sorted(members)))
-        members[key] = data.draw(mutated_bytes(members[key]))
-        blob = tar_bytes(members)
-    else:
-        blob = data.draw(mutated_bytes(tar_bytes(members)), label="shard bytes")
     shard = tmp_path / "shard-000.tar"
-    shard.write_bytes(blob)
+    shard.write_bytes(data.draw(damaged_shard(members)))
     (tmp_path / "good.png").write_bytes(_png(9))
     (tmp_path / "good.txt").write_bytes(b"good")
     items = result_or_one_line(lambda: list_captioned(tmp_path), shard)

@@ -50,6 +50,7 @@ from dcae.data.sources import (
     expand_paths,
     list_refs,
     nothing_readable,
+    one_line,
     read_image,
     record_skip,
 )
@@ -144,10 +145,6 @@ def _decode(data: bytes) -> str:
     return data.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "surrogateescape")
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def _shown(value, most: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= most else text[: most - 3] + "..."
@@ -161,7 +158,7 @@ def _caption_of(data: bytes, suffix: str, where: str) -> str | None:
     try:
         obj = json.loads(text)
     except (ValueError, RecursionError) as exc:
-        raise _Problem(f"cannot read caption file {where}: not JSON ({_one_line(exc)})") from None
+        raise _Problem(f"cannot read caption file {where}: not JSON ({one_line(exc)})") from None
     if not isinstance(obj, dict):
         raise _Problem(f"cannot read caption file {where}: not a JSON object")
     lowered = {k.strip().lower(): v for k, v in obj.items()}
@@ -270,7 +267,7 @@ def _add_sidecar(out: _Listing, ref: ImageRef, folders: dict[str, dict[str, str]
         except _Problem as problem:
             return out.add(ref, None, str(sidecar), problem)
         except OSError as exc:
-            return out.add(ref, None, str(sidecar), _Problem(f"cannot read caption file {sidecar}: {_one_line(exc)}"))
+            return out.add(ref, None, str(sidecar), _Problem(f"cannot read caption file {sidecar}: {one_line(exc)}"))
     tried = ", ".join(f"{path.stem}.{s}" for s in CAPTION_SUFFIXES)
     out.add(ref, None, folder, _Problem(f"no caption for {ref.path} (none of {tried})", damaged=False))
 
@@ -300,10 +297,10 @@ def _shard_captions(out: _Listing, path: str) -> dict[str, dict[str, bytes | _Pr
                     try:
                         value = tar.extractfile(member).read()
                     except TAR_ERRORS as exc:
-                        value = _Problem(f"cannot read caption file {where}: {_one_line(exc)}")
+                        value = _Problem(f"cannot read caption file {where}: {one_line(exc)}")
                 found.setdefault(key, {}).setdefault(field, value)
     except TAR_ERRORS as exc:
-        out.skip(Skipped(path, f"cannot read tar shard {path}: {_one_line(exc)}", "tar shard"))
+        out.skip(Skipped(path, f"cannot read tar shard {path}: {one_line(exc)}", "tar shard"))
         return None
     return found
 
@@ -333,7 +330,7 @@ def _add_manifest(out: _Listing, path: Path, naming: Naming, image_column: str |
         with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="" if kind != "jsonl" else None) as f:
             columns, rows = _jsonl_rows(f) if kind == "jsonl" else _csv_rows(f, kind)
     except OSError as exc:  # (no UnicodeError: surrogateescape)
-        out.skip(Skipped(str(path), f"cannot read manifest {path}: {_one_line(exc)}", "manifest"))
+        out.skip(Skipped(str(path), f"cannot read manifest {path}: {one_line(exc)}", "manifest"))
         return
     if any(isinstance(row, dict) for _, row in rows):
         image_key = _column(path, columns, image_column, IMAGE_COLUMNS, "image")
@@ -368,7 +365,7 @@ def _jsonl_rows(lines: Iterable[str]) -> tuple[Counter, list[tuple[int, dict | s
         try:
             obj = json.loads(line)
         except (ValueError, RecursionError) as exc:
-            rows.append((number, f"not JSON ({_one_line(exc)})"))
+            rows.append((number, f"not JSON ({one_line(exc)})"))
             continue
         if not isinstance(obj, dict):
             rows.append((number, f"not a JSON object ({type(obj).__name__})"))
@@ -393,7 +390,7 @@ def _csv_rows(lines: Iterable[str], delimiter: str) -> tuple[Counter, list[tuple
         except StopIteration:
             break
         except csv.Error as exc:
-            rows.append((start, f"not a CSV record ({_one_line(exc)})"))
+            rows.append((start, f"not a CSV record ({one_line(exc)})"))
             if reader.line_num == before:
                 break
             start = reader.line_num + 1
@@ -437,7 +434,7 @@ def _manifest_ref(manifest: Path, value, naming: Naming, where: str) -> ImageRef
     try:
         st = os.stat(path)
     except (OSError, ValueError) as exc:  # missing, a NUL in the name, too long, not encodable
-        reason = "does not exist" if isinstance(exc, FileNotFoundError) else _one_line(exc)
+        reason = "does not exist" if isinstance(exc, FileNotFoundError) else one_line(exc)
         raise _Problem(f"{where}: image {_shown(value)}: {reason}", damaged=False) from None
     if not stat.S_ISREG(st.st_mode):
         raise _Problem(f"{where}: image {_shown(value)} is not a file", damaged=False)

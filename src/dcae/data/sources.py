@@ -222,7 +222,7 @@ def list_tar(
         with tarfile.open(path) as tar:  # plain or compressed
             members = [m for m in tar.getmembers() if m.isfile() and is_image_path(Path(m.name))]
     except TAR_ERRORS as exc:
-        record_skip(skipped, Skipped(str(path), f"cannot read tar shard {path}: {_one_line(exc)}", "tar shard"))
+        record_skip(skipped, Skipped(str(path), f"cannot read tar shard {path}: {one_line(exc)}", "tar shard"))
         return []
     name = (lambda m: f"{prefix}/{m}") if naming == "relative" else (lambda m: f"{path}:{m}")
     return [ImageRef(name(m.name), str(path), m.name, m.offset_data, m.size, float(m.mtime)) for m in members]
@@ -252,7 +252,8 @@ def _shown(sources: Sequence[Source], most: int = 3) -> str:
     return shown + (f" and {len(sources) - most} more" if len(sources) > most else "")
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (whitespace collapsed), or its type when it has none."""
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
@@ -357,7 +358,7 @@ def _named(ref: ImageRef):
     except ImageReadError:
         raise
     except Exception as exc:  # a damaged shard
-        raise ImageReadError(f"cannot read image {ref.name}: {_one_line(exc)}") from exc
+        raise ImageReadError(f"cannot read image {ref.name}: {one_line(exc)}") from exc
 
 
 def read_size(ref: ImageRef) -> tuple[int, int]:

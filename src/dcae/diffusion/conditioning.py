@@ -87,6 +87,10 @@ class Text:
     def to(self, device: torch.device | str) -> Text:
         return Text(*(t.to(device, non_blocking=True) for t in (self.emb, self.mask, self.null_emb, self.null_mask)))
 
+    def float(self) -> Text:
+        """Embeddings in fp32, as the network takes them (an encoder may give bf16 / fp16)."""
+        return Text(self.emb.float(), self.mask, self.null_emb.float(), self.null_mask)
+
     def chunk(self, k: int) -> list[Text]:
         return [self._with(e, m) for e, m in zip(self.emb.chunk(k), self.mask.chunk(k))]
 

@@ -134,9 +134,10 @@ def _plan_fingerprint(model: str, resolution: int, flip: bool, shard_size: int, 
     return h.hexdigest()[:16]
 
 
-def shard_is_complete(path: Path, count: int, flip: bool, fingerprint: str) -> bool:
+def shard_is_complete(path: Path, count: int, fingerprint: str, also: tuple[str, ...] = ()) -> bool:
     """A shard counts as done when it opens, was written for this plan (`fingerprint`: model, resolution,
-    flip, shard size, image list) and holds `count` latents (and flipped ones when asked)."""
+    flip, shard size, image list, ...) and holds `count` latents and the tensors `also` (flipped latents, text
+    embeddings). Used by `dcae latents` and `dcae t2i cache`."""
     if not path.exists():
         return False
     try:
@@ -147,7 +148,7 @@ def shard_is_complete(path: Path, count: int, flip: bool, fingerprint: str) -> b
                 return False  # from another run: recompute it
             keys = set(f.keys())
             ok = "latents" in keys and f.get_slice("latents").get_shape()[0] == count
-            return ok and (not flip or "latents_flip" in keys)
+            return ok and all(k in keys for k in also)
     except Exception:
         return False  # unreadable: recompute it
 
@@ -191,7 +192,8 @@ def extract_latents(
 
     counts = [s["count"] for s in index["shards"]]
     mine = [k for k in range(len(counts)) if k % world_size == rank]
-    todo = [k for k in mine if not shard_is_complete(out / shard_name(k), counts[k], flip, index["fingerprint"])]
+    also = ("latents_flip",) if flip else ()
+    todo = [k for k in mine if not shard_is_complete(out / shard_name(k), counts[k], index["fingerprint"], also)]
     bar = tqdm(total=sum(counts[k] for k in mine), initial=sum(counts[k] for k in mine if k not in todo),
                unit="img", desc=f"latents {out.name}", disable=not progress or rank != 0)  # fmt: skip
     autoencoder = autoencoder.to(device=device, dtype=dtype).eval()
@@ -309,7 +311,8 @@ def finalize_latents(out: str | os.PathLike) -> dict:
     out = Path(out)
     index = json.loads((out / INDEX_NAME).read_text())
     flip, fingerprint = index["flip"], index["fingerprint"]
-    if all(shard_is_complete(out / s["file"], s["count"], flip, fingerprint) for s in index["shards"]):
+    also = ("latents_flip",) if flip else ()
+    if all(shard_is_complete(out / s["file"], s["count"], fingerprint, also) for s in index["shards"]):
         index["complete"] = True
         index["latent_rms"] = latent_rms(out, index)
         atomic_write_json(out / INDEX_NAME, index)

@@ -34,8 +34,7 @@ def generate_images(args: argparse.Namespace, values: list[str], out: Path) -> t
     shape = (m["model"].in_channels, *size)
 
     def latents(noise, batch_prompts: list[str], seeds: list[int], generators):
-        cond = m["encoder"].encode(batch_prompts)
-        cond = type(cond)(cond.emb.float(), cond.mask, cond.null_emb.float(), cond.null_mask).to(device)
+        cond = m["encoder"].encode(batch_prompts).float().to(device)
         return sample(m["model"], m["process"], noise, cond, steps=args.steps, solver=m["solver"],
                       cfg_scale=args.cfg, shift=args.shift if args.shift is not None else m["shift"],
                       generator=torch.Generator(device).manual_seed(seeds[0]))  # fmt: skip

@@ -29,7 +29,7 @@ import torch
 from dcae.data.buckets import assign_buckets, image_sizes
 from dcae.data.captions import Captioned, list_captioned, read_captioned
 from dcae.diffusion.conditioning import Text, TextConditioning
-from dcae.diffusion.latents import INDEX_NAME
+from dcae.diffusion.latents import INDEX_NAME, shard_is_complete
 from dcae.errors import NonFiniteError, UserError, brief
 from dcae.utils.io import atomic_save_safetensors, atomic_write_json, atomic_write_text
 
@@ -153,16 +153,7 @@ def _prepare(out: Path, index: dict, items, shards, encoder, overwrite: bool) ->
 
 
 def _shard_done(path: Path, count: int, fingerprint: str) -> bool:
-    if not path.exists():
-        return False
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            ok = (f.metadata() or {}).get("fingerprint") == fingerprint and "text_emb" in f.keys()  # noqa: SIM118
-            return ok and f.get_slice("latents").get_shape()[0] == count
-    except Exception:
-        return False  # unreadable: recompute it
+    return shard_is_complete(path, count, fingerprint, also=("text_emb",))
 
 
 def _encode_shard(autoencoder, encoder, items: list[Captioned], bucket, batch_size, device, dtype, text_dtype, bar):

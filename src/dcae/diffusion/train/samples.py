@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from dcae.diffusion.conditioning import Condition, Conditioning, Text, TextConditioning
+from dcae.diffusion.conditioning import Condition, Conditioning, TextConditioning
 from dcae.diffusion.latents import decode_scaled
 from dcae.diffusion.processes.sampling import sample
 from dcae.diffusion.train.config import SampleConfig
@@ -61,7 +61,7 @@ def grid_condition(conditioning: Conditioning, ds, scfg: SampleConfig, device) -
         except Exception as exc:  # sample grids are a convenience; training goes on
             print(f"dcae: cannot encode the sample prompts ({exc}); grids use the empty prompt", file=sys.stderr)
             return None
-        return Text(text.emb.float(), text.mask, text.null_emb.float(), text.null_mask).to(device)
+        return text.float().to(device)
     classes = scfg.classes or list(range(scfg.num))
     values = [int(classes[i % len(classes)]) % max(conditioning.num_classes, 1) for i in range(scfg.num)]
     return conditioning.batch(values, device)
