@@ -78,6 +78,29 @@ def test_decoder_smoke(tmp_path):
     assert r["decode"]["teacher"]["speedup"] == 1.0 and r["decode"]["tiny preview"]["dec_img_s"] > 0
 
 
+def test_t2i_smoke(tmp_path):
+    r = _smoke("t2i", tmp_path)
+    arms = _arms("t2i")
+    assert r["checker_on_truth"] == {"colour": 1.0, "shape": 1.0, "position": 1.0, "all": 1.0}
+    assert set(r["adherence"]) == set(arms) and set(r["autoencoder_ceiling"]) == set(arms)
+    for arm in arms:
+        assert set(r["adherence"][arm]) == {"1", "4"}  # guidance off and on
+        assert all(0 <= row["all"]["mean"] <= 1 for row in r["adherence"][arm].values())
+    f32, f8 = (r["throughput"][a] for a in arms)
+    # 128 px: f32 latents 4 x 4 with patch 1, f8 latents 16 x 16 with patch 2
+    assert (f32["tokens"], f8["tokens"]) == (16, 64) and f32["latent_shape"] == [32, 4, 4]
+    assert f32["params_m"] == pytest.approx(f8["params_m"], abs=0.01)  # the same network
+    # the runs went through the real commands: a t2i cache and a resumable t2i run per arm
+    runs = tmp_path / "t2i" / "runs"
+    assert (runs / "DC_AE_f32c32__patch_1" / "cache" / "index.json").is_file()
+    assert len(list((runs / "f8c4__patch_2" / "samples-seed0-cfg4" / "images").glob("*.png"))) == 6
+
+
+def test_t2i_makes_its_own_data(tmp_path, capsys):
+    assert main(["experiment", "t2i", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "makes its own data" in capsys.readouterr().err
+
+
 def _arms(name: str) -> list[str]:
     import importlib
 

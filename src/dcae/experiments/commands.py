@@ -12,6 +12,7 @@ examples:
   dcae experiment residual                       # full protocol on ../shared/data/imagenet-samples
   dcae experiment gan --smoke --out /tmp/gan     # pipeline check on bundled photos, in seconds
   dcae experiment adaptation --data ~/photos     # another folder: sorted, the last 100 held out
+  dcae experiment t2i --smoke                    # text-to-image on rendered scenes (makes its own data)
 A killed experiment continues where it stopped when run again with the same --out.
 """
 
@@ -19,7 +20,7 @@ A killed experiment continues where it stopped when run again with the same --ou
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "experiment",
-        help="reproduce one of the paper's findings at small scale (residual, adaptation, gan, decoder)",
+        help="reproduce one of the paper's findings at small scale (residual, adaptation, gan, decoder, t2i)",
         description="\n".join(f"{k}: {v[1]}" for k, v in EXPERIMENTS.items()),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         check_input(args.data, "--data folder")
     module = importlib.import_module(EXPERIMENTS[args.name][0])
     seeds = args.seeds or (None if args.smoke else getattr(module, "DEFAULT_SEEDS", None))
-    protocol = make_protocol(args.name, out, args.data, args.smoke, seeds)
+    protocol = make_protocol(args.name, out, args.data, args.smoke, seeds, getattr(module, "OWN_DATA", None))
     module.run(protocol)
     print(f"report: {protocol.out / 'report.md'}")
     return 0

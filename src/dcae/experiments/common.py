@@ -52,15 +52,22 @@ class Protocol:
         return smoke if self.smoke else full
 
 
-def make_protocol(name: str, out: str | Path, data: str | None, smoke: bool, seeds: int | None) -> Protocol:
-    if data is None:
+def make_protocol(
+    name: str, out: str | Path, data: str | None, smoke: bool, seeds: int | None, own_data: str | None = None
+) -> Protocol:
+    """own_data: what an experiment that makes its own data calls it (then --data is refused)."""
+    if own_data is not None:
+        if data is not None:
+            raise UserError(f"dcae experiment {name} makes its own data ({own_data}): drop --data")
+        data = own_data
+    elif data is None:
         data = SMOKE_DATA if smoke else DEFAULT_DATA
-    if not data.startswith("skimage:") and not Path(data).is_dir():
+    if own_data is None and not data.startswith("skimage:") and not Path(data).is_dir():
         raise UserError(
             f"the experiment's data {data} does not exist (run from the project root beside ../shared, "
             "or pass --data FOLDER: its sorted files, the first 900 train and the last 100 are held out)"
         )
-    holdout = 2 if data.startswith("skimage:") else 100
+    holdout = 0 if own_data is not None else 2 if data.startswith("skimage:") else 100
     n_seeds = seeds or (1 if smoke else 3)
     cmd = (
         " ".join(["dcae", "experiment", *sys.argv[2:]])
@@ -72,11 +79,12 @@ def make_protocol(name: str, out: str | Path, data: str | None, smoke: bool, see
 
 # ----------------------------------------------------------------------------- models and configs
 def tiny_model(factor: int = 32, latent_channels: int = 32, residual: bool = True) -> dict[str, Any]:
-    """The ~1M-parameter DC-AE of the `tiny` config (f32: 6 stages; f64: one more stage, 128 wide).
+    """The ~1M-parameter DC-AE of the `tiny` config (f32: 6 stages; f64: one more stage, 128 wide; f8: the
+    first 4 stages, an SD-VAE-like f8 latent grid).
 
     residual=False switches every space-to-channel shortcut off (stage and bottleneck): the same layers and
     parameter count, a plain autoencoder."""
-    stages = {32: 6, 64: 7, 128: 8}[factor]
+    stages = {8: 4, 16: 5, 32: 6, 64: 7, 128: 8}[factor]
     # The bottleneck shortcut averages groups of the last width down to the latent channels: that width
     # must be a multiple of them (f64c128: the innermost stage is 128 wide).
     widths = [16, 32, 32] + [64] * (stages - 4) + [max(64, latent_channels)]
@@ -282,7 +290,9 @@ def write_report(p: Protocol, title: str, markdown: str, results: dict[str, Any]
     head = (
         f"# {title}\n\n`{p.command}`"
         + (" (smoke run: a pipeline check, the numbers mean nothing)" if p.smoke else "")
-        + f"\n\nData: {p.data[0]}, sorted, last {p.holdout} held out; seeds {p.seeds}; "
+        + f"\n\nData: {p.data[0]}"
+        + (f", sorted, last {p.holdout} held out" if p.holdout else "")
+        + f"; seeds {p.seeds}; "
         f"{minutes:.1f} min on {environment()['cpu']} ({torch.get_num_threads()} threads).\n\n"
     )
     atomic_write_text(p.out / "report.md", head + markdown.strip() + "\n")

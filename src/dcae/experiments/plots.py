@@ -40,8 +40,15 @@ def plot_curves(series: dict[str, list[list[dict]]], keys: list[tuple[str, str]]
     return save(fig, path)
 
 
-def plot_bars(groups: dict[str, dict[str, dict]], keys: list[tuple[str, str]], path: Path, title: str) -> Path:
-    """groups: x-group -> arm -> metric -> spread. Bars = mean, error bars = std, dots = single seeds."""
+def plot_bars(
+    groups: dict[str, dict[str, dict]],
+    keys: list[tuple[str, str]],
+    path: Path,
+    title: str,
+    refs: dict[str, dict[str, float]] | None = None,
+) -> Path:
+    """groups: x-group -> arm -> metric -> spread. Bars = mean, error bars = std, dots = single seeds.
+    refs: label -> metric -> value, drawn as dashed horizontal lines (chance, a ceiling)."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 3.8), squeeze=False)
     arms = list(dict.fromkeys(a for g in groups.values() for a in g))
@@ -58,11 +65,16 @@ def plot_bars(groups: dict[str, dict[str, dict]], keys: list[tuple[str, str]], p
                     stds.append(0 if math.isnan(s["std"]) else s["std"])
                     ax.plot([x] * len(s["values"]), s["values"], "k.", ms=3)
             ax.bar(xs, means, width * 0.9, yerr=stds, capsize=3, label=arm, alpha=0.8)
+        ref_values = []
+        for k, (ref, values) in enumerate((refs or {}).items()):
+            if key in values:
+                ax.axhline(values[key], ls="--", lw=1, color=f"C{len(arms) + k}", label=ref)
+                ref_values.append(values[key])
         ax.set_xticks(range(len(groups)), list(groups), fontsize=8)
         ax.set_title(label)
         ax.grid(alpha=0.3, axis="y")
-        lo = min(min(s["values"]) for g in groups.values() for a in g.values() if key in a for s in [a[key]])
-        hi = max(max(s["values"]) for g in groups.values() for a in g.values() if key in a for s in [a[key]])
+        shown = [v for g in groups.values() for a in g.values() if key in a for v in a[key]["values"]] + ref_values
+        lo, hi = min(shown), max(shown)
         pad = (hi - lo) * 0.5 or abs(hi) * 0.05 or 1.0
         ax.set_ylim(lo - pad, hi + pad)  # the differences, not the distance from zero
     axes[0][0].legend(fontsize=7)
@@ -74,7 +86,6 @@ def recon_grid(rows: list[tuple[str, Any]], images: list[np.ndarray], resolution
     """Held-out originals (first row) and each model's reconstruction (one labelled row per model)."""
     from dcae.data.images import center_crop_arr
 
-    plt = pyplot()
     crops = [center_crop_arr(a, resolution) for a in images]
     lines = [("original", crops)]
     for label, model in rows:
@@ -82,15 +93,28 @@ def recon_grid(rows: list[tuple[str, Any]], images: list[np.ndarray], resolution
         for _, rec in monitor.reconstruct_batches(model, images, resolution, 16, "cpu"):
             recs += [r.permute(1, 2, 0).numpy() for r in rec]
         lines.append((label, recs))
-    fig, axes = plt.subplots(len(lines), len(crops), figsize=(1.3 * len(crops) + 1.6, 1.35 * len(lines)), squeeze=False)
+    return image_rows(lines, path, title)
+
+
+def image_rows(
+    lines: list[tuple[str, list[np.ndarray]]], path: Path, title: str, column_titles: list[str] | None = None
+) -> Path:
+    """A grid of pictures, one labelled row per entry (HxWx3 uint8 or float in [0, 1]), optional column titles."""
+    plt = pyplot()
+    cols = max(len(ims) for _, ims in lines)
+    size = (1.3 * cols + 1.6, 1.35 * len(lines) + 0.3 * bool(column_titles))
+    fig, axes = plt.subplots(len(lines), cols, figsize=size, squeeze=False)
     for i, (label, ims) in enumerate(lines):
-        for j, im in enumerate(ims):
+        for j in range(cols):
             ax = axes[i][j]
-            ax.imshow(im, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
+            if j < len(ims):
+                ax.imshow(ims[j], interpolation="nearest")
             if j == 0:
                 ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+            if i == 0 and column_titles and j < len(column_titles):
+                ax.set_title(column_titles[j], fontsize=6, wrap=True)
     fig.suptitle(title, fontsize=9)
     return save(fig, path)
 
