@@ -95,3 +95,35 @@ def test_missing_clip_offline_is_one_line(trained, meta, tmp_path, monkeypatch):
     rc, err = _eval(trained, meta, "nobody/no-such-clip", tmp_path / "o")
     assert rc == 2 and "nobody/no-such-clip" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o" / "images").exists()  # refused before any image is made
+
+
+def test_eval_fid_against_a_reference_folder(trained, meta, clip_dir, tmp_path):  # noqa: F811
+    """FID next to the CLIP score, from a local reference folder, equal to the Frechet distance computed here
+    from the same Inception features with numpy (trace of sqrt(S1 S2) from the eigenvalues of the product)."""
+    from dcae.metrics.fid import InceptionFeatures
+
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):  # already at the evaluated size: the ADM center crop keeps them as they are
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(ref / f"{i}.png")
+    out = tmp_path / "eval"
+    rc, err = _eval(trained, meta, clip_dir, out, "--fid-ref", ref, "--fid-resolution", 32)
+    assert rc == 0, err
+    results = json.loads((out / "results.json").read_text())
+    assert results["clip"]["clip_score"] is not None and results["fid_ref"] == str(ref)
+
+    net = InceptionFeatures().eval()
+
+    def features(folder):
+        images = [torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in
+                  sorted(folder.glob("*.png"))]  # fmt: skip
+        return net(torch.stack(images)).double().numpy()
+
+    a, b = features(out / "images"), features(ref)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    eig = np.linalg.eigvals(s1 @ s2)
+    trace_sqrt = np.sqrt(np.clip(eig.real, 0, None)).sum()
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt
+    assert results["fid"] == pytest.approx(expected, rel=1e-3)
+    assert f"FID: {results['fid']:.2f}" in (out / "results.md").read_text()

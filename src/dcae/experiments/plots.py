@@ -46,9 +46,11 @@ def plot_bars(
     path: Path,
     title: str,
     refs: dict[str, dict[str, float]] | None = None,
+    ylim: tuple[float, float] | None = None,
 ) -> Path:
     """groups: x-group -> arm -> metric -> spread. Bars = mean, error bars = std, dots = single seeds.
-    refs: label -> metric -> value, drawn as dashed horizontal lines (chance, a ceiling)."""
+    refs: label -> metric -> value, drawn as dashed horizontal lines (chance, a ceiling). The y range shows
+    the differences (not the distance from zero) unless `ylim` is given."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 3.8), squeeze=False)
     arms = list(dict.fromkeys(a for g in groups.values() for a in g))
@@ -76,7 +78,7 @@ def plot_bars(
         shown = [v for g in groups.values() for a in g.values() if key in a for v in a[key]["values"]] + ref_values
         lo, hi = min(shown), max(shown)
         pad = (hi - lo) * 0.5 or abs(hi) * 0.05 or 1.0
-        ax.set_ylim(lo - pad, hi + pad)  # the differences, not the distance from zero
+        ax.set_ylim(ylim or (lo - pad, hi + pad))
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title)
     return save(fig, path)

@@ -256,7 +256,7 @@ def _pictures(p, table, chance, ceilings, losses, samples, test_images, prompts)
     groups = {f"guidance {g:g}": {label: table[label][g] for label in table} for g in GUIDANCE}
     refs = {"chance": chance, **{f"ceiling {label.split(',')[0]}": c for label, c in ceilings.items()}}
     title = "prompt adherence of generated pictures (bars: mean over seeds, dots: seeds)"
-    plots.plot_bars(groups, ASPECT_LABELS, p.out / "adherence.png", title, refs=refs)
+    plots.plot_bars(groups, ASPECT_LABELS, p.out / "adherence.png", title, refs=refs, ylim=(0, 1.02))
     plots.plot_curves(losses, [("loss", "flow-matching loss")], p.out / "loss.png",
                       "training loss (mean ± std over seeds)")  # fmt: skip
     k = min(10, len(prompts))
