@@ -13,7 +13,7 @@ from scipy.ndimage import gaussian_filter
 
 from dcae.experiments import shapes as S
 
-OPPOSITE = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
+OPPOSITE = S.OPPOSITE
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +27,15 @@ def scenes():
 
 
 def test_captions_parse_back():
+    kinds = {S.Scene(S.Thing(c1, s1), r, S.Thing(c2, s2)).canonical() for c1 in S.COLOURS for c2 in S.COLOURS
+             if c1 != c2 for s1 in S.SHAPES for s2 in S.SHAPES for r in S.RELATIONS}  # fmt: skip
+    assert len(kinds) == S.SCENE_KINDS
     rng = random.Random(0)
     for _ in range(200):
         scene = S.random_scene(rng)
         assert S.parse(scene.caption()) == scene
+        other_wording = S.Scene(scene.second, S.OPPOSITE[scene.relation], scene.first)
+        assert other_wording.canonical() == scene.canonical() and scene.canonical().relation in ("above", "left of")
     for bad in ["", "a red circle", "a red circle near a blue square", "a pink circle above a blue square",
                 "a red cube above a blue square", "the red circle above a blue square"]:  # fmt: skip
         with pytest.raises(ValueError):

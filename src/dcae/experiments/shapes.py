@@ -15,6 +15,7 @@ of the other (`position`). `all` needs the three.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -24,7 +25,10 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), 
 BACKGROUND = (240, 240, 236)
 SHAPES = ("circle", "square", "triangle")
 RELATIONS = ("above", "below", "left of", "right of")
+OPPOSITE = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
 ASPECTS = ("colour", "shape", "position", "all")
+# kinds of scene: a pair of colours, a shape for each, and where the first is of the second (216)
+SCENE_KINDS = math.comb(len(COLOURS), 2) * len(SHAPES) ** 2 * len(RELATIONS)
 
 # Fill of the bounding box between the shapes' ideal values (triangle 0.5, circle 0.785, square 1).
 FILL_TRIANGLE_CIRCLE, FILL_CIRCLE_SQUARE = 0.64, 0.89
@@ -51,6 +55,12 @@ class Scene:
 
     def caption(self) -> str:
         return f"a {self.first.words()} {self.relation} a {self.second.words()}"
+
+    def canonical(self) -> Scene:
+        """The same picture described with "above" or "left of" (either caption of a scene gives the same)."""
+        if self.relation in ("above", "left of"):
+            return self
+        return Scene(self.second, OPPOSITE[self.relation], self.first)
 
 
 def parse(caption: str) -> Scene:
