@@ -93,7 +93,13 @@ def test_t2i_smoke(tmp_path):
     # the runs went through the real commands: a t2i cache and a resumable t2i run per arm
     runs = tmp_path / "t2i" / "runs"
     assert (runs / "DC_AE_f32c32__patch_1" / "cache" / "index.json").is_file()
-    assert len(list((runs / "f8c4__patch_2" / "samples-seed0-cfg4" / "images").glob("*.png"))) == 6
+    images = sorted((runs / "f8c4__patch_2" / "samples-seed0-cfg4" / "images").glob("*.png"))
+    assert len(images) == 6
+    # run again: finished work is read back, not redone, and the report counts both runs' time
+    mtimes = [p.stat().st_mtime_ns for p in images]
+    again = _smoke("t2i", tmp_path)
+    assert [p.stat().st_mtime_ns for p in images] == mtimes
+    assert len(again["run_minutes"]) == 2 and again["adherence"] == r["adherence"]
 
 
 def test_t2i_makes_its_own_data(tmp_path, capsys):

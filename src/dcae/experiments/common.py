@@ -285,15 +285,19 @@ def environment() -> dict[str, Any]:
 
 
 def write_report(p: Protocol, title: str, markdown: str, results: dict[str, Any]) -> Path:
-    """report.md (the table and the pictures) and results.json (every number, the command, the machine)."""
-    minutes = (time.time() - p.started) / 60
+    """report.md (the table and the pictures) and results.json (every number, the command, the machine).
+    The time is the sum over the runs that wrote this folder: a continued (killed and rerun) experiment counts
+    both parts."""
+    runs = _earlier_minutes(p.out / "results.json") + [round((time.time() - p.started) / 60, 1)]
+    minutes = sum(runs)
+    over = f" over {len(runs)} runs ({' + '.join(f'{m:.1f}' for m in runs)})" if len(runs) > 1 else ""
     head = (
         f"# {title}\n\n`{p.command}`"
         + (" (smoke run: a pipeline check, the numbers mean nothing)" if p.smoke else "")
         + f"\n\nData: {p.data[0]}"
         + (f", sorted, last {p.holdout} held out" if p.holdout else "")
         + f"; seeds {p.seeds}; "
-        f"{minutes:.1f} min on {environment()['cpu']} ({torch.get_num_threads()} threads).\n\n"
+        f"{minutes:.1f} min{over} on {environment()['cpu']} ({torch.get_num_threads()} threads).\n\n"
     )
     atomic_write_text(p.out / "report.md", head + markdown.strip() + "\n")
     full = {
@@ -304,11 +308,21 @@ def write_report(p: Protocol, title: str, markdown: str, results: dict[str, Any]
         "holdout": p.holdout,
         "seeds": p.seeds,
         "minutes": round(minutes, 1),
+        "run_minutes": runs,
         "environment": environment(),
         **results,
     }
     atomic_write_json(p.out / "results.json", _no_nan(json.loads(json.dumps(full, default=_jsonable))))
     return p.out / "report.md"
+
+
+def _earlier_minutes(path: Path) -> list[float]:
+    """The run times an earlier results.json of this folder recorded (none if there is none or it is unreadable)."""
+    try:
+        earlier = json.loads(path.read_text())
+        return [float(m) for m in earlier.get("run_minutes") or [earlier["minutes"]]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
 
 
 def _no_nan(v: Any) -> Any:
