@@ -5,7 +5,7 @@ patch 2 on SD-VAE f8 latents (FID 5.81 vs 6.64, CLIP score 26.7 vs 26.5) with 4x
 several-fold higher throughput. Here, on rendered scenes whose prompts a program can check
 (dcae.experiments.shapes: "a red circle above a blue square", 128 px):
 
-1. Two autoencoders trained on the scenes with the same recipe (phase 1, L1): the ~1M-parameter DC-AE
+1. Two autoencoders trained on the scenes with the same recipe (L1; 64 px crops, then whole scenes): the DC-AE
    at f32 (32 channels, 4x4 latents) and its first four stages as an f8 model (4 channels, 16x16 latents: the
    SD-VAE grid). Each one's scaling factor is 1 / RMS of its held-out latents.
 2. `dcae t2i cache` with all-MiniLM-L6-v2 (a real pretrained sentence encoder, offline), `dcae t2i train`:
