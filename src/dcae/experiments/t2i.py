@@ -21,8 +21,8 @@ several-fold higher throughput. Here, on rendered scenes whose prompts a program
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -206,7 +206,7 @@ def sample(run_dir: Path, prompts: Path, b: Budget, guidance: float, seed: int) 
 def throughput(b: Budget) -> dict[str, dict]:
     """The network on each latent (training and guided sampling img/s, `dcae bench diffusion`'s measurement)
     and each autoencoder's decode img/s, settings interleaved over 3 rounds, the median kept."""
-    from dcae.diffusion.bench import Setting, bench_one
+    from dcae.diffusion.bench import Setting, bench_one, decode_img_s
 
     rounds: dict[str, list[dict]] = {}
     overrides = {**NETWORK, "max_tokens": MAX_TOKENS, "caption_channels": 384}
@@ -215,7 +215,8 @@ def throughput(b: Budget) -> dict[str, dict]:
             setting = Setting(common.slug(label), channels, SIZE // factor, patch, SIZE)
             r = bench_one("SANA-tiny", setting, b.t2i_batch, torch.device("cpu"), torch.float32, steps=b.bench_steps,
                           overrides=overrides, sample_steps=b.sample_steps)  # fmt: skip
-            r["decode_img_s"] = _decode_img_s(factor, channels, b)
+            r["decode_img_s"] = decode_img_s(partial(_autoencoder, factor, channels), setting, b.t2i_batch,
+                                             torch.device("cpu"), torch.float32, 1, b.bench_steps)  # fmt: skip
             rounds.setdefault(label, []).append(r)
     out = {}
     for label, rs in rounds.items():
@@ -224,20 +225,11 @@ def throughput(b: Budget) -> dict[str, dict]:
     return out
 
 
-@torch.no_grad()
-def _decode_img_s(factor: int, channels: int, b: Budget) -> float:
-    """The autoencoder's architecture (its speed does not depend on the weights) decoding a batch."""
+def _autoencoder(factor: int, channels: int):
+    """The arm's autoencoder architecture, random weights: its decode speed does not depend on them."""
     from dcae.models import DCAE, DCAEConfig
 
-    model = DCAE(DCAEConfig.from_dict(common.tiny_model(factor, channels))).eval()
-    z = torch.randn(b.t2i_batch, channels, SIZE // factor, SIZE // factor)
-    model.decode(z)
-    times = []
-    for _ in range(b.bench_steps):
-        t0 = time.perf_counter()
-        model.decode(z)
-        times.append(time.perf_counter() - t0)
-    return b.t2i_batch / float(np.median(times))
+    return DCAE(DCAEConfig.from_dict(common.tiny_model(factor, channels)))
 
 
 def _coverage(train_dir: Path, prompts: list[str]) -> float:
