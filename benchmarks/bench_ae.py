@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from dcae.bench import main
+from dcae.models.bench import main
 
 if __name__ == "__main__":
     argv = sys.argv[1:]

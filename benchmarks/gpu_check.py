@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from dcae import DCAE  # noqa: E402
-from dcae import bench as B  # noqa: E402
+from dcae.models import bench as B  # noqa: E402
 from dcae.models import fast, fast_triton  # noqa: E402
 from dcae.models.autoencoder import FastPathFallbackWarning  # noqa: E402
 from dcae.models.layers import RMSNorm2d  # noqa: E402

@@ -29,7 +29,7 @@ for i in range(64):
     Path(f"data/{i:03d}.txt").write_text(f"a {name} {shape}")
 tiny_autoencoder().save_pretrained("ae")
 PY
-ENC=$("$PY" -c "from dcae.diffusion.text_encoders import all_minilm_l6_v2; print(all_minilm_l6_v2())")
+ENC=$("$PY" -c "from dcae.diffusion.t2i.encoders import all_minilm_l6_v2; print(all_minilm_l6_v2())")
 t() {  # run a dcae command quietly, print its wall time
   local s=$EPOCHREALTIME
   "$@" > /dev/null 2>&1

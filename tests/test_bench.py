@@ -48,8 +48,8 @@ def test_bench_ae_saved_models(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     their weights and named as given; a model diffusers cannot express runs without the diffusers impls."""
     import torch
 
-    from dcae.bench import load_model, weights_kind
     from dcae.models import DCAE
+    from dcae.models.bench import load_model, weights_kind
 
     torch.manual_seed(1)
     saved = DCAE(TINY)

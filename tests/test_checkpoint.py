@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 from test_models_parity import narrow, randomize_norms
 
 from dcae import DCAE, get_config, list_models
-from dcae.checkpoint import infer_config, load_dcae
 from dcae.errors import UnknownModelError, UserError, WeightsError
+from dcae.models import weights
 from dcae.models.convert import diffusers_to_original, original_to_diffusers, to_diffusers_config
 
 
@@ -110,10 +110,13 @@ def test_reference_training_checkpoint(sana, tmp_path) -> None:
     """`torch.load(path)["state_dict"]` with an `ema` entry, as the reference code writes them."""
     (tmp_path / "config.json").write_text(json.dumps({"dcae_config": sana.config.to_dict()}))
     torch.save({"state_dict": sana.state_dict(), "ema": {}}, tmp_path / "ckpt.pt")
-    same_outputs(load_dcae(tmp_path / "ckpt.pt"), sana, torch.rand(1, 3, 32, 32))
+    same_outputs(DCAE.from_pretrained(tmp_path / "ckpt.pt"), sana, torch.rand(1, 3, 32, 32))
 
 
 def test_single_file_config_inference_from_shapes() -> None:
+    def infer_config(state_dict):
+        return weights.infer_config(state_dict, model_class=DCAE)
+
     with torch.device("meta"):
         sana = DCAE.from_config("dc-ae-f32c32-sana-1.1").state_dict()
         f64 = DCAE.from_config("dc-ae-f64c128-in-1.0").state_dict()

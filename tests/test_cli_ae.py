@@ -12,8 +12,8 @@ from test_models_parity import narrow
 
 from dcae import DCAE
 from dcae.cli import main
-from dcae.commands import read_latents
 from dcae.data.images import load_image_uint8
+from dcae.models.commands import read_latents
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_reconstruct_is_lossless_for_an_identity_like_check(tmp_path) -> None:
     """PSNR/SSIM printed by reconstruct are the protocol's: a flat image reconstructs to a flat image."""
     img = np.full((64, 64, 3), 128, np.uint8)
     Image.fromarray(img).save(tmp_path / "flat.png")
-    from dcae.commands import image_psnr_ssim
+    from dcae.models.commands import image_psnr_ssim
 
     psnr, ssim = image_psnr_ssim(img, img.copy())
     assert psnr == float("inf") and ssim == pytest.approx(1.0)

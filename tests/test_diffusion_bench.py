@@ -52,9 +52,9 @@ def test_whole_image_generation_adds_the_decode():
     import torch
     from diffusers import AutoencoderKL
 
-    from dcae.bench import _diffusers_twin
     from dcae.diffusion.bench import SETTINGS, run_bench
     from dcae.models import DCAE, DCAEConfig
+    from dcae.models.bench import _diffusers_twin
 
     def narrow_dcae(stages: int, latent: int):
         # the last widths grow 4x per stage, as the residual (pixel-unshuffle) shortcuts need

@@ -17,7 +17,7 @@ from PIL import Image
 
 from dcae.cli import main as cli
 from dcae.data.images import ImageReadError, center_crop_arr, load_image_uint8, uint8_to_tensor
-from dcae.diffusion.latents import LatentDataset, extract_latents, read_index
+from dcae.diffusion.c2i.latents import LatentDataset, extract_latents, read_index
 from dcae.errors import NonFiniteError, UserError
 from dcae.models import DCAE, DCAEConfig
 

@@ -20,7 +20,7 @@ from test_diffusion_latents import tiny_autoencoder
 from test_train_helpers import has_fid_weights
 
 from dcae.cli import main as cli
-from dcae.diffusion.latents import extract_latents
+from dcae.diffusion.c2i.latents import extract_latents
 from dcae.diffusion.train.checkpoint import list_checkpoints, load_checkpoint
 from dcae.diffusion.train.config import TrainConfig, load_config
 from dcae.diffusion.train.loop import train

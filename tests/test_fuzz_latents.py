@@ -26,7 +26,7 @@ from PIL import Image
 from test_diffusion_latents import tiny_autoencoder
 
 from dcae.cli import main
-from dcae.diffusion.latents import LatentDataset, extract_latents
+from dcae.diffusion.c2i.latents import LatentDataset, extract_latents
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

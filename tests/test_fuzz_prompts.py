@@ -8,7 +8,7 @@ from fuzz_helpers import FUZZ, mutated_bytes, result_or_one_line
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dcae.diffusion.t2i_commands import read_prompts
+from dcae.diffusion.t2i.commands import read_prompts
 
 GOOD = b"a red square\n# a comment\n\na blue circle above a green triangle\n"
 

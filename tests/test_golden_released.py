@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from dcae.diffusion.released.models import (
+from dcae.diffusion.c2i.released.models import (
     PREFIX,
     RELEASED,
     ReleasedDiffusion,
@@ -28,7 +28,7 @@ from dcae.diffusion.released.models import (
     forward_with_cfg,
     network_from_config,
 )
-from dcae.diffusion.released.sampling import generate
+from dcae.diffusion.c2i.released.sampling import generate
 
 GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "golden"
 FAMILIES = ["dit", "sit", "uvit", "usit", "usit_dcae15"]
@@ -179,7 +179,7 @@ def test_golden_weights_load_from_a_release_folder(family, tmp_path):
     plus the small config) load strictly through `load_released` and reproduce the golden forward."""
     from safetensors.torch import save_file
 
-    from dcae.diffusion.released.models import load_released
+    from dcae.diffusion.c2i.released.models import load_released
 
     g = golden(family)
     weights = {k: v for k, v in g.t.items() if k.startswith(PREFIX)}

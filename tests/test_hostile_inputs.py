@@ -25,9 +25,9 @@ import torch
 from PIL import Image
 
 from dcae.cli import main
-from dcae.commands import read_latents
 from dcae.data.images import ImageReadError, image_size, load_image_uint8
 from dcae.models import DCAE, DCAEConfig
+from dcae.models.commands import read_latents
 
 READABLE = {  # file -> (height, width) as read
     "ok.png": (48, 64),
@@ -273,16 +273,16 @@ def test_reconstruct_refuses_existing_outputs_before_any_work(corpus, tiny_model
 def test_a_failing_metric_costs_only_that_number(corpus, tiny_model, tmp_path, capsys, monkeypatch) -> None:
     """Metrics come after the outputs: one that fails (injected: a MemoryError on the largest image)
     leaves that image's files written and its numbers null with the reason; the exit status stays 0."""
-    import dcae.commands
+    import dcae.models.commands
 
-    real = dcae.commands.image_psnr_ssim
+    real = dcae.models.commands.image_psnr_ssim
 
     def failing(a, b):
         if a.shape[:2] == (48, 64):
             raise MemoryError("cannot allocate the SSIM window")
         return real(a, b)
 
-    monkeypatch.setattr(dcae.commands, "image_psnr_ssim", failing)
+    monkeypatch.setattr(dcae.models.commands, "image_psnr_ssim", failing)
     out, js = tmp_path / "rec", tmp_path / "r.json"
     files = [corpus / n for n in ("ok.png", "gray16.png")]
     rc, _, err = _run(capsys, "reconstruct", *files, "--model", tiny_model, "-o", out, "--json", js)

@@ -130,7 +130,7 @@ def test_reconstruction_summary_reports_na_counts_and_json_nulls():
 
 
 def test_image_psnr_ssim_of_tiny_and_single_pixel_images():
-    from dcae.commands import image_psnr_ssim
+    from dcae.models.commands import image_psnr_ssim
 
     one = np.array([[[10, 20, 30]]], dtype=np.uint8)
     psnr, ssim = image_psnr_ssim(one, one + 1)

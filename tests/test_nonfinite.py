@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 from test_hostile_inputs import make_corpus, tiny_config
 
 from dcae.cli import main
-from dcae.commands import read_latents
 from dcae.errors import NonFiniteError, NonFiniteWarning
 from dcae.models import DCAE
+from dcae.models.commands import read_latents
 
 DECODER_HEAD = "decoder.project_out.op_list.2.conv.conv.weight"  # the last conv of the tiny model
 ENCODER_STEM = "encoder.project_in.conv.conv.weight"

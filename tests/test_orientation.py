@@ -20,9 +20,9 @@ from PIL import Image, ImageOps, PngImagePlugin
 from test_diffusion_latents import tiny_autoencoder
 
 from dcae.cli import main
-from dcae.commands import read_latents
 from dcae.data.images import decode_image_bytes, image_size, load_image_uint8, save_image, upright
 from dcae.data.sources import list_images, read_image
+from dcae.models.commands import read_latents
 
 ORIENTATION = 0x0112
 H, W = 40, 24  # the upright photo is portrait; stored sideways it is 24 x 40 (h x w) for 5-8
@@ -253,7 +253,7 @@ def test_eval_sees_the_upright_photo(model_dir, pair, tmp_path, capsys) -> None:
 
 
 def test_latents_encode_the_upright_photo(model_dir, pair, tmp_path, capsys) -> None:
-    from dcae.diffusion.latents import LatentDataset, read_index
+    from dcae.diffusion.c2i.latents import LatentDataset, read_index
 
     tagged, twin = pair
     for folder in (tagged.parent, twin.parent):

@@ -48,15 +48,15 @@ def paths(tmp_path) -> dict[str, Path]:
 @pytest.fixture()
 def no_loading(monkeypatch):
     """Every model, network, trainer and benchmark entry point fails the test when called."""
-    import dcae.bench
-    import dcae.demo
     import dcae.diffusion.bench
-    import dcae.diffusion.released.models
+    import dcae.diffusion.c2i.released.models
     import dcae.diffusion.train.checkpoint
     import dcae.diffusion.train.loop
     import dcae.experiments.common
     import dcae.metrics.commands
     import dcae.metrics.reconstruction
+    import dcae.models.bench
+    import dcae.models.demo
     import dcae.train.trainer
     from dcae.models import DCAE
 
@@ -67,15 +67,15 @@ def no_loading(monkeypatch):
     monkeypatch.setattr(DCAE, "from_config", loaded)
     for module, name in [
         (dcae.diffusion.train.checkpoint, "load_checkpoint"),
-        (dcae.diffusion.released.models, "load_released"),
+        (dcae.diffusion.c2i.released.models, "load_released"),
         (dcae.metrics.reconstruction, "load_autoencoder"),
         (dcae.metrics.commands, "_build_inception"),
         (dcae.metrics.commands, "_build_lpips"),
         (dcae.train.trainer, "train"),
         (dcae.diffusion.train.loop, "train"),
-        (dcae.demo, "run_demo"),
+        (dcae.models.demo, "run_demo"),
         (dcae.experiments.common, "make_protocol"),
-        (dcae.bench, "bench_model"),
+        (dcae.models.bench, "bench_model"),
         (dcae.diffusion.bench, "main_from_args"),
     ]:
         monkeypatch.setattr(module, name, loaded)

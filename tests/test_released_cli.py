@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from test_train_helpers import has_fid_weights
 
 from dcae.cli import main as cli
-from dcae.diffusion.released.models import PREFIX, get_released, load_released, network_from_config
+from dcae.diffusion.c2i.released.models import PREFIX, get_released, load_released, network_from_config
 from dcae.errors import UnknownModelError, UserError, WeightsError
 from dcae.models import DCAE, DCAEConfig
 
@@ -245,7 +245,7 @@ def test_models_lists_released_diffusion_models(capsys):
 def test_every_release_pairs_with_a_zoo_autoencoder():
     """`dcae sample` loads the paired autoencoder by the release's name: the zoo knows each, with the same
     latent channels and the scaling factor the diffusion model was trained with."""
-    from dcae.diffusion.released.models import RELEASED
+    from dcae.diffusion.c2i.released.models import RELEASED
     from dcae.models import get_config
 
     for release in RELEASED.values():
@@ -256,7 +256,7 @@ def test_every_release_pairs_with_a_zoo_autoencoder():
 
 
 def test_generate_checks_its_inputs(tiny):
-    from dcae.diffusion.released.sampling import generate
+    from dcae.diffusion.c2i.released.sampling import generate
 
     model = load_released(tiny["usit15"])
     noise = torch.randn(2, 128, 2, 2)

@@ -1,4 +1,4 @@
-"""dcae <-> diffusers SANA pipelines (dcae.diffusion.sana_pipeline): a tiny text-to-image run (tiny DC-AE, the
+"""dcae <-> diffusers SANA pipelines (dcae.diffusion.t2i.pipeline): a tiny text-to-image run (tiny DC-AE, the
 bundled all-MiniLM-L6-v2 encoder, SANA-tiny, 2 steps) exported as a SanaPipeline folder; diffusers' SanaPipeline
 samples the same images as our sampler; load_pipeline gives back the same models; one-line errors. CPU, fp32,
 no downloads."""
@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 from test_diffusion_latents import tiny_autoencoder
 
-from dcae.diffusion.latents import decode_scaled
+from dcae.diffusion.c2i.latents import decode_scaled
 from dcae.diffusion.processes.sampling import sample
-from dcae.diffusion.sana_pipeline import export_pipeline, load_pipeline
-from dcae.diffusion.text_encoders import TextEncoder, all_minilm_l6_v2
+from dcae.diffusion.t2i.encoders import TextEncoder, all_minilm_l6_v2
+from dcae.diffusion.t2i.pipeline import export_pipeline, load_pipeline
 from dcae.diffusion.train.checkpoint import load_checkpoint
 from dcae.errors import UserError
 from dcae.models import DCAE
@@ -34,7 +34,7 @@ def run(tmp_path_factory) -> dict:
     """A 2-step text-to-image run on 8 captioned 32 x 32 images (latents 8 x 8 x 8), exported with the Euler
     scheduler and shift 3. The autoencoder folder is re-saved with another scaling factor after caching: the
     export must write the one the latents were scaled with (0.5)."""
-    from dcae.diffusion.text_latents import extract_text_latents
+    from dcae.diffusion.t2i.cache import extract_text_latents
     from dcae.diffusion.train.config import load_config
     from dcae.diffusion.train.loop import train
 
@@ -202,7 +202,7 @@ def test_load_a_diffusers_written_gemma_pipeline(tmp_path):
     import transformers
     from test_text_encoders import _gemma
 
-    from dcae.diffusion.text_encoders import SANA_INSTRUCTION
+    from dcae.diffusion.t2i.encoders import SANA_INSTRUCTION
 
     text_dir = _gemma(tmp_path / "gemma", layout="pipeline")
     tiny_autoencoder().save_pretrained(tmp_path / "ae", format="diffusers")

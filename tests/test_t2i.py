@@ -22,7 +22,7 @@ from test_diffusion_latents import tiny_autoencoder
 from test_text_encoders import _roberta
 
 from dcae.cli import main
-from dcae.diffusion.text_encoders import all_minilm_l6_v2
+from dcae.diffusion.t2i.encoders import all_minilm_l6_v2
 from dcae.diffusion.train.checkpoint import list_checkpoints
 from dcae.diffusion.train.config import load_config
 from dcae.diffusion.train.loop import train

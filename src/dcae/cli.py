@@ -15,15 +15,16 @@ from dcae.errors import USER_ERROR_TYPES
 
 # (module, function) pairs that add subcommands to the top-level parser.
 COMMAND_MODULES = [
-    "dcae.commands",  # models, encode, decode, reconstruct, convert, demo
+    "dcae.models.commands",  # models, encode, decode, reconstruct, convert, demo
     "dcae.metrics.commands",  # eval, fid, metrics
     "dcae.train.commands",  # train
-    "dcae.diffusion.commands",  # latents, diffusion, sample
-    "dcae.diffusion.t2i_commands",  # t2i cache | train | sample
+    "dcae.diffusion.c2i.commands",  # latents, sample
+    "dcae.diffusion.commands",  # diffusion train
+    "dcae.diffusion.t2i.commands",  # t2i cache | train | sample | export | eval
     "dcae.experiments.commands",  # experiment
 ]
 # Modules that add `dcae bench <what>` subcommands.
-BENCH_MODULES = ["dcae.bench", "dcae.diffusion.commands"]
+BENCH_MODULES = ["dcae.models.bench", "dcae.diffusion.commands"]
 
 
 class CLIError(Exception):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from dcae.data.images import make_grid, save_image
-from dcae.diffusion.latents import read_index
+from dcae.diffusion.c2i.latents import read_index
 from dcae.diffusion.processes.sampling import sample
 from dcae.diffusion.train.checkpoint import conditioning_of, load_checkpoint
 from dcae.models import DCAE

@@ -113,8 +113,8 @@ def sd_vae():
 
 def dc_ae(name: str):
     """diffusers AutoencoderDC of a zoo configuration (random weights: for timing)."""
-    from dcae.bench import _diffusers_twin
     from dcae.models import DCAE
+    from dcae.models.bench import _diffusers_twin
 
     return _diffusers_twin(DCAE.from_config(name))
 

@@ -1,4 +1,6 @@
-"""Diffusion commands: `dcae latents`, `dcae diffusion train`, `dcae sample`, `dcae bench diffusion`.
+"""Commands both kinds of diffusion model share: `dcae diffusion train` (also `dcae t2i train`) and
+`dcae bench diffusion`. The class-conditional commands are dcae.diffusion.c2i.commands, the text-to-image ones
+dcae.diffusion.t2i.commands.
 
 Handlers import torch and the diffusion modules lazily so that `dcae --help` stays fast.
 """
@@ -8,75 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dcae.errors import UserError
 from dcae.utils.cliargs import IntermixedParser
-
-
-def _load_autoencoder(source: str):
-    from dcae.models import DCAE
-
-    return DCAE.from_pretrained(source)
-
-
-# ----------------------------------------------------------------------------- dcae latents
-def cmd_latents(args: argparse.Namespace) -> int:
-    import torch
-
-    from dcae.diffusion.latents import extract_latents, finalize_latents
-    from dcae.utils.devices import process_group_from_env, resolve_dtype
-    from dcae.utils.io import check_input, check_output_dir
-
-    check_output_dir(args.output, "output folder (-o)")
-    check_input(args.data, "--data folder")
-    check_input(args.model, "--model", must_exist=False)  # may be a zoo name or Hub id
-    if args.labels:
-        check_input(args.labels, "--labels file")
-    # One process, or one per GPU under `accelerate launch` / torchrun: each writes every n-th shard.
-    rank, world, device = process_group_from_env(args.device)
-    autoencoder = _load_autoencoder(args.model)
-    if args.compile:
-        from dcae.models.fast import compile_dcae
-
-        compile_dcae(autoencoder)
-    index = extract_latents(
-        autoencoder,
-        args.data,
-        args.output,
-        model_name=args.model,
-        resolution=args.resolution,
-        flip=args.flip,
-        batch_size=args.batch_size,
-        shard_size=args.shard_size,
-        labels_file=args.labels,
-        unconditional=args.unconditional,
-        num_workers=args.workers,
-        device=device,
-        dtype=resolve_dtype(args.dtype),
-        overwrite=args.overwrite,
-        rank=rank,
-        world_size=world,
-    )
-    if world > 1:
-        torch.distributed.barrier()  # every shard is on disk before the first process checks them
-        if rank != 0:
-            return 0
-        index = finalize_latents(args.output)
-    classes = f"{index['num_classes']} classes ({index['label_source']})" if index["num_classes"] else "no labels"
-    status = "complete" if index["complete"] else "INCOMPLETE (rerun to finish)"
-    print(
-        f"{index['num_images']} images -> {len(index['shards'])} shards of latents {index['latent_shape']} "
-        f"x scaling {index['scaling_factor']:.4g}, {classes}, {status}: {args.output}"
-    )
-    rms = index.get("latent_rms")
-    if rms is not None and not 0.5 < rms < 2.0:
-        import sys
-
-        print(
-            f"dcae: warning: the scaled latents have RMS {rms:.3g}, far from 1: this autoencoder's scaling "
-            f"factor does not suit its latents (about {index['scaling_factor'] / rms:.4g} would)",
-            file=sys.stderr,
-        )
-    return 0
 
 
 # ----------------------------------------------------------------------------- dcae diffusion train
@@ -106,115 +40,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- dcae sample
-def cmd_sample(args: argparse.Namespace) -> int:
-    import torch
-
-    from dcae.diffusion.generation import ImageSampler, condition_values, write_samples
-    from dcae.diffusion.processes.sampling import sample
-    from dcae.diffusion.train.checkpoint import conditioning_of, load_checkpoint
-    from dcae.diffusion.train.samples import default_solver
-    from dcae.utils.devices import process_group_from_env
-    from dcae.utils.io import check_input, check_output_dir
-
-    check_output_dir(args.output, "output folder (-o)")
-    for what, path in (("--model", args.model), ("--autoencoder", args.autoencoder), ("--fid-ref", args.fid_ref)):
-        if path:
-            check_input(path, what, must_exist=False)  # names, Hub ids, or cached statistics' names
-    if args.ckpt:
-        check_input(args.ckpt, "--ckpt")
-    if args.model:  # a released DC-AE ImageNet model (name, Hub id or folder)
-        if args.ckpt:
-            raise UserError("pass --ckpt (a checkpoint of ours) or --model (a released model), not both")
-        from dcae.diffusion.released.commands import cmd_sample_released
-
-        return cmd_sample_released(args)
-    if not args.ckpt:
-        raise UserError("pass --ckpt (a checkpoint or training run folder) or --model (a released model)")
-    if args.channels:
-        raise UserError("--channels applies to the released DC-AE 1.5 models (--model)")
-    args.steps = args.steps or 50
-    args.cfg = 1.5 if args.cfg is None else args.cfg
-    # Under torchrun / `accelerate launch` process r samples the missing images i with i % n == r, on its own GPU.
-    rank, world, device = process_group_from_env(args.device)
-    model, process, meta = load_checkpoint(args.ckpt, use_ema=not args.no_ema, device=device)
-    lat, conditioning = meta["latents"] or {}, conditioning_of(meta)
-    values = condition_values(conditioning, args.classes, args.n, lat)
-    solver = default_solver(process, args.solver)
-    source = args.autoencoder or lat.get("model")
-    if not source:
-        raise UserError("the checkpoint records no autoencoder: pass --autoencoder")
-    ae = _load_autoencoder(source).to(device).eval()
-    interval = tuple(float(v) for v in args.guidance_interval.split(","))
-
-    def latents(noise, batch_values: list, seeds: list[int], generators):
-        return sample(model, process, noise, conditioning.batch(batch_values, device), steps=args.steps,
-                      solver=solver, cfg_scale=args.cfg, guidance_interval=interval, eta=args.eta,
-                      generator=torch.Generator(device).manual_seed(seeds[0]))  # fmt: skip
-
-    shape = tuple(lat.get("latent_shape") or (model.in_channels, model.input_size, model.input_size))
-    scaling = float(lat.get("scaling_factor") or ae.scaling_factor)
-    run = ImageSampler(latents, ae, scaling, shape, args.seed, device, args.dtype)
-    out = Path(args.output)
-    paths = write_samples(run.images, values, out, args.n, args.batch_size, args.overwrite, rank, world)
-    if rank == 0:
-        _sample_report(args, out, paths, values, meta, {"autoencoder": source, "solver": solver,
-                                                         "guidance_interval": list(interval)}, device)  # fmt: skip
-    return 0
-
-
-def _sample_report(args, out: Path, paths: list[Path], labels: list, meta: dict, settings: dict, device) -> None:
-    """grid.png, samples.json (settings, labels, class names) and, with --fid-ref, gFID."""
-    from dcae.data.images import load_image, make_grid, save_image
-    from dcae.diffusion.generation import compute_gfid
-    from dcae.utils.io import atomic_write_json
-
-    lat = meta["latents"] or {}
-    k = min(args.n, args.grid)
-    if k:
-        save_image(make_grid([load_image(p) for p in paths[:k]], nrow=min(8, k)), out / "grid.png")
-    names = lat.get("class_names") or []
-    atomic_write_json(
-        out / "samples.json",
-        {
-            "checkpoint": meta["path"],
-            "step": meta["step"],
-            "autoencoder": settings["autoencoder"],
-            "ema": not args.no_ema,
-            "solver": settings["solver"],
-            "steps": args.steps,
-            "cfg": args.cfg,
-            "guidance_interval": settings["guidance_interval"],
-            "seed": args.seed,
-            "labels": labels,
-            "class_names": [names[y] if y is not None and y < len(names) else None for y in labels],
-        },
-    )
-    print(f"{args.n} samples in {out / 'images'}" + (f", grid {out / 'grid.png'}" if k else ""))
-    if args.fid_ref:
-        score = compute_gfid([str(p) for p in paths], args.fid_ref, device, resolution=lat.get("resolution"))
-        print(f"gFID {score:.3f} ({args.n} samples vs {args.fid_ref})")
-        atomic_write_json(out / "fid.json", {"fid": score, "num_samples": args.n, "reference": args.fid_ref})
-
-
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("latents", help="precompute scaled DC-AE latents of an image folder for diffusion training")
-    p.add_argument("--model", required=True, help="autoencoder: zoo name, Hub id, local folder or weight file")
-    p.add_argument("--data", required=True, help="image folder (class subfolders, nXXXXXXXX_<name> files, or flat)")
-    p.add_argument("-o", "--output", required=True, help="output folder (shards + index.json); reruns resume")
-    p.add_argument("--resolution", type=int, default=512, help="ADM center-crop size (default 512)")
-    p.add_argument("--flip", action="store_true", help="also store latents of the horizontally flipped crops")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--shard-size", type=int, default=1024, help="latents per shard file (default 1024)")
-    p.add_argument("--labels", help="labels file: JSON {file: label} or lines '<file> <label>'")
-    p.add_argument("--unconditional", action="store_true", help="store no labels")
-    p.add_argument("--workers", type=int, default=2, help="image decoding workers (default 2)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="encoder compute dtype")
-    p.add_argument("--compile", action="store_true", help="torch.compile the encoder (GPU; pays off for big folders)")
-    p.add_argument("--overwrite", action="store_true", help="replace latents of a different earlier run")
-    p.set_defaults(func=cmd_latents)
-
     p = sub.add_parser("diffusion", help="latent diffusion models on DC-AE latents")
     dsub = p.add_subparsers(dest="diffusion_command", metavar="WHAT")
     t = dsub.add_parser(
@@ -229,45 +55,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
     p.set_defaults(func=lambda args: p.print_help() or 2)
-
-    p = sub.add_parser(
-        "sample",
-        help="sample images from a diffusion checkpoint (grid + single images, gFID)",
-        description="Samples images/000000.png ... (reruns fill in missing ones). Several GPUs: torchrun "
-        "--nproc_per_node N -m dcae.cli sample ... (each process takes every N-th image; the first writes "
-        "the grid, samples.json and gFID).",
-    )
-    p.add_argument("--ckpt", help="checkpoint .pt or a training run folder (uses the latest)")
-    p.add_argument(
-        "--model",
-        help="a released DC-AE ImageNet 512 model instead of --ckpt: name (see `dcae models`), Hub id or folder",
-    )
-    p.add_argument("-o", "--output", required=True, help="output folder: images/, grid.png, samples.json")
-    p.add_argument("-n", type=int, default=8, help="number of samples (default 8)")
-    p.add_argument("--classes", help="comma-separated class indices or names, used in turn (default: all evenly)")
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off; default 1.5, released: its own)")
-    p.add_argument("--guidance-interval", default="0,1", help="guide only for t in [lo,hi] (0 data, 1 noise)")
-    p.add_argument("--steps", type=int, help="solver steps (default 50; released: its own, e.g. 250 DDPM steps)")
-    p.add_argument(
-        "--solver",
-        default="auto",
-        choices=["auto", "heun", "euler", "dpm++", "ddim", "ddpm", "dpm-solver", "dopri5", "heun2", "midpoint", "rk4"],
-        help="auto: heun / dpm++ for our models, the released sampler for --model (ddpm, dpm-solver or dopri5); "
-        "released models also take dpm++ and ddim (flow ones heun, euler, and heun2, midpoint, rk4 on --steps "
-        "grid points)",
-    )
-    p.add_argument("--channels", type=int, help="DC-AE 1.5 models: generate the first N latent channels only")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--grid", type=int, default=64, help="images in grid.png (0: none)")
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--autoencoder", help="override the autoencoder recorded in the checkpoint")
-    p.add_argument("--fid-ref", help="reference statistics .npz (mu, sigma) or image folder: also report gFID")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="diffusion model compute dtype")
-    p.add_argument("--overwrite", action="store_true", help="regenerate images that exist")
-    p.set_defaults(func=cmd_sample)
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:

@@ -70,7 +70,7 @@ def run(p: Protocol) -> dict[str, Any]:
     truth = shapes.adherence(test_images, prompts)
     coverage = _coverage(train_dir, prompts)
 
-    from dcae.diffusion.text_encoders import all_minilm_l6_v2
+    from dcae.diffusion.t2i.encoders import all_minilm_l6_v2
 
     text_encoder = str(all_minilm_l6_v2())
     autoencoders, ceilings, adherence, losses, samples = {}, {}, {}, {}, {}

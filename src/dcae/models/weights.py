@@ -2,7 +2,7 @@
 
 This module knows configurations, not the model class: `load` and `infer_config` take the class to
 build (`model_class(config)`), so that `DCAE.from_pretrained` / `save_pretrained` (dcae.models.autoencoder)
-can use it without an import cycle; `dcae.checkpoint` binds them to DCAE as `load_dcae` / `save_dcae`.
+can use it without an import cycle.
 
 Formats, detected automatically:
 - original (`mit-han-lab/dc-ae-*`): `config.json` = {"model_name": ...} (ours adds "dcae_config" for
@@ -266,7 +266,7 @@ def load(
     prefer_ema: bool = False,
 ) -> nn.Module:
     """Build the right `model_class(config)` for `source` and load its weights with strict key and shape
-    checks; in eval mode. What `DCAE.from_pretrained` and `dcae.checkpoint.load_dcae` do."""
+    checks; in eval mode. What `DCAE.from_pretrained` does."""
     path = resolve_source(source, revision)
     if path.is_dir():
         weights = _find_weights(path)

@@ -61,7 +61,7 @@ def make_diffusion(tmp: Path) -> None:
     from dcae.diffusion.trainer import load_config, train
     from test_diffusion_latents import tiny_autoencoder
 
-    from dcae.diffusion.latents import extract_latents
+    from dcae.diffusion.c2i.latents import extract_latents
 
     ae_dir = tmp / "aemodel"
     tiny_autoencoder().save_pretrained(ae_dir)

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dcae.diffusion.c2i.latents import LatentDataset
 from dcae.diffusion.conditioning import Condition, Conditioning, chunk, from_record
-from dcae.diffusion.latents import LatentDataset
 from dcae.diffusion.nets import set_grad_checkpointing
-from dcae.diffusion.text_latents import TextLatentDataset
+from dcae.diffusion.t2i.cache import TextLatentDataset
 from dcae.diffusion.train import checkpoint as run_ckpt
 from dcae.diffusion.train.config import TrainConfig, config_to_dict, validate_config
 from dcae.diffusion.train.samples import AutoencoderCache, grid_condition, sample_grid
@@ -201,7 +201,7 @@ def _setup(cfg: TrainConfig) -> tuple[_Run, int]:
 
 def open_dataset(cfg: TrainConfig):
     """The latents of `cfg.data`: a `dcae latents` folder (class labels or none) or a `dcae t2i cache` (text)."""
-    from dcae.diffusion.text_latents import FORMAT as TEXT_FORMAT
+    from dcae.diffusion.t2i.cache import FORMAT as TEXT_FORMAT
 
     index = Path(cfg.data) / "index.json"
     try:

@@ -7,8 +7,8 @@ import sys
 
 import torch
 
+from dcae.diffusion.c2i.latents import decode_scaled
 from dcae.diffusion.conditioning import Condition, Conditioning, TextConditioning
-from dcae.diffusion.latents import decode_scaled
 from dcae.diffusion.processes.sampling import sample
 from dcae.diffusion.train.config import SampleConfig
 
@@ -54,7 +54,7 @@ def grid_condition(conditioning: Conditioning, ds, scfg: SampleConfig, device) -
     if isinstance(conditioning, TextConditioning):
         prompts = scfg.prompts or DEFAULT_PROMPTS
         try:
-            from dcae.diffusion.text_encoders import TextEncoder
+            from dcae.diffusion.t2i.encoders import TextEncoder
 
             encoder = TextEncoder.from_pretrained(ds.index["text_encoder"], max_tokens=conditioning.max_tokens)
             text = encoder.encode([prompts[i % len(prompts)] for i in range(scfg.num)])

@@ -53,7 +53,7 @@ class SanaPipelineModels:
     """What `load_pipeline` gives: the models and the sampling settings the pipeline records."""
 
     transformer: torch.nn.Module  # dcae.diffusion.nets.sana.SanaTransformer, eval mode
-    text_encoder: object  # dcae.diffusion.text_encoders.TextEncoder
+    text_encoder: object  # dcae.diffusion.t2i.encoders.TextEncoder
     autoencoder: torch.nn.Module  # dcae.models.DCAE, eval mode
     scaling_factor: float  # vae.config.scaling_factor: generated latents are divided by it before decoding
     shift: float  # the scheduler's flow shift
@@ -76,7 +76,7 @@ def _copy(src: Path, dst: Path) -> None:
 
 def _encoder_classes(model_dir: Path, tok_dir: Path) -> tuple[str, str]:
     """The transformers class names diffusers loads text_encoder/ and tokenizer/ with."""
-    from dcae.diffusion.text_encoders import FAMILIES, _model_type, _transformers
+    from dcae.diffusion.t2i.encoders import FAMILIES, _model_type, _transformers
 
     transformers = _transformers()
     family = FAMILIES.get(_model_type(model_dir))
@@ -115,7 +115,7 @@ def export_pipeline(checkpoint_or_run: str | Path, folder: str | Path, overwrite
     is refused unless `overwrite`; then the components' stale files go."""
     from dcae.diffusion.nets.sana import SanaTransformer, save_diffusers
     from dcae.diffusion.processes.flow import FlowMatching
-    from dcae.diffusion.text_encoders import _folders
+    from dcae.diffusion.t2i.encoders import _folders
     from dcae.diffusion.train.checkpoint import load_checkpoint
     from dcae.models import DCAE
     from dcae.models.weights import _diffusers_version
@@ -231,7 +231,7 @@ def load_pipeline(source: str | Path, *, device: str | torch.device = "cpu", dty
     `instruction`: prepend SanaPipeline's complex human instruction to Gemma prompts, as its __call__ does by
     default (None: yes for a Gemma pipeline not exported by dcae). Every failure is one UserError line."""
     from dcae.diffusion.nets.sana import from_diffusers
-    from dcae.diffusion.text_encoders import FAMILIES, SANA_INSTRUCTION, TextEncoder, _model_type
+    from dcae.diffusion.t2i.encoders import FAMILIES, SANA_INSTRUCTION, TextEncoder, _model_type
     from dcae.models import DCAE
     from dcae.utils.devices import resolve_dtype
 

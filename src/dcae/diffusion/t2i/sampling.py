@@ -47,13 +47,13 @@ def generate_images(args: argparse.Namespace, values: list[str], out: Path) -> t
 def _load_for_sampling(args, device) -> dict:
     """Network, process, text encoder, autoencoder and settings from one of our checkpoints or a pipeline."""
     from dcae.diffusion.conditioning import TextConditioning
-    from dcae.diffusion.text_encoders import TextEncoder
+    from dcae.diffusion.t2i.encoders import TextEncoder
     from dcae.diffusion.train.checkpoint import conditioning_of, load_checkpoint
     from dcae.models import DCAE
 
     if args.model:
         from dcae.diffusion.processes.flow import FlowMatching
-        from dcae.diffusion.sana_pipeline import load_pipeline
+        from dcae.diffusion.t2i.pipeline import load_pipeline
 
         p = load_pipeline(args.model, device=device)
 

@@ -28,8 +28,8 @@ import torch
 
 from dcae.data.buckets import assign_buckets, image_sizes
 from dcae.data.captions import Captioned, list_captioned, read_captioned
+from dcae.diffusion.c2i.latents import INDEX_NAME, shard_is_complete
 from dcae.diffusion.conditioning import Text, TextConditioning
-from dcae.diffusion.latents import INDEX_NAME, shard_is_complete
 from dcae.errors import NonFiniteError, UserError, brief
 from dcae.utils.io import atomic_save_safetensors, atomic_write_json, atomic_write_text
 
@@ -79,7 +79,7 @@ def extract_text_latents(
 ) -> dict:
     """Encode every captioned image of `data` (folders with sidecar captions, JSONL / CSV manifests, webdataset
     shards: dcae.data.captions) with the DC-AE `autoencoder` and its caption with the text `encoder`
-    (dcae.diffusion.text_encoders.TextEncoder) into shards in `out`; returns the index."""
+    (dcae.diffusion.t2i.encoders.TextEncoder) into shards in `out`; returns the index."""
     from tqdm.auto import tqdm
 
     out = Path(out)

@@ -463,7 +463,7 @@ def plot_results(records: list[dict[str, Any]], path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m dcae.bench ...` / benchmarks/bench_ae.py: the same options as `dcae bench ae`."""
+    """`python -m dcae.models.bench ...` / benchmarks/bench_ae.py: the same options as `dcae bench ae`."""
     parser = argparse.ArgumentParser(prog="dcae bench ae", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

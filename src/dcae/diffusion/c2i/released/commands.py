@@ -17,9 +17,9 @@ from dcae.errors import UserError
 def cmd_sample_released(args: argparse.Namespace) -> int:
     import torch
 
+    from dcae.diffusion.c2i.released.models import load_released
+    from dcae.diffusion.c2i.released.sampling import check_inputs, default_steps, generate, samplers_for
     from dcae.diffusion.generation import ImageSampler, condition_values, write_samples
-    from dcae.diffusion.released.models import load_released
-    from dcae.diffusion.released.sampling import check_inputs, default_steps, generate, samplers_for
     from dcae.models import DCAE
     from dcae.utils.devices import process_group_from_env
 

@@ -1,4 +1,4 @@
-"""Text-to-image commands: `dcae t2i cache`, `train`, `sample`, `export` and `eval` (dcae.diffusion.t2i_eval).
+"""Text-to-image commands: `dcae t2i cache`, `train`, `sample`, `export` and `eval` (dcae.diffusion.t2i.eval).
 
     dcae t2i cache --data photos/ --model dc-ae-f32c32-sana-1.1 --text-encoder google/gemma-2-2b-it -o cache/
     dcae t2i train configs/t2i_tiny.yaml data=cache/ out=runs/t2i
@@ -14,15 +14,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dcae.diffusion.t2i_sampling import add_sampling_options, check_model_source, generate_images
+from dcae.diffusion.t2i.sampling import add_sampling_options, check_model_source, generate_images
 from dcae.errors import UserError
 from dcae.utils.cliargs import IntermixedParser
 
 
 # ----------------------------------------------------------------------------- dcae t2i cache
 def cmd_cache(args: argparse.Namespace) -> int:
-    from dcae.diffusion.text_encoders import TextEncoder
-    from dcae.diffusion.text_latents import extract_text_latents
+    from dcae.diffusion.t2i.cache import extract_text_latents
+    from dcae.diffusion.t2i.encoders import TextEncoder
     from dcae.models import DCAE
     from dcae.utils.devices import resolve_device, resolve_dtype
     from dcae.utils.io import check_input, check_output_dir
@@ -96,7 +96,7 @@ def _report(args, out: Path, paths: list[Path], prompts: list[str], settings: di
 
 # ----------------------------------------------------------------------------- dcae t2i export
 def cmd_export(args: argparse.Namespace) -> int:
-    from dcae.diffusion.sana_pipeline import export_pipeline
+    from dcae.diffusion.t2i.pipeline import export_pipeline
     from dcae.utils.io import check_input, check_output_dir
 
     check_input(args.ckpt, "--ckpt")
@@ -158,7 +158,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_sampling_options(s)
     s.set_defaults(func=cmd_sample)
 
-    from dcae.diffusion.t2i_eval import add_eval_parser
+    from dcae.diffusion.t2i.eval import add_eval_parser
 
     add_eval_parser(tsub)
     p.set_defaults(func=lambda args: p.print_help() or 2)

@@ -100,7 +100,7 @@ def _summary_exit(done: int, problems, total: int, what: str) -> int:
 
 # ----------------------------------------------------------------------------- models
 def cmd_models(args: argparse.Namespace) -> int:
-    from dcae.diffusion.released.models import print_released_table, released_rows
+    from dcae.diffusion.c2i.released.models import print_released_table, released_rows
     from dcae.models import get_config, list_models
     from dcae.models.config import model_aliases
 
@@ -448,7 +448,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
-    from dcae.demo import run_demo
+    from dcae.models.demo import run_demo
     from dcae.utils.io import check_input, check_output_dir
 
     check_output_dir(args.out, "--out folder")

@@ -23,13 +23,13 @@ from collections.abc import Callable
 
 import torch
 
+from dcae.diffusion.c2i.released.dpm_solver import DPMSolver
+from dcae.diffusion.c2i.released.models import NULL_CLASS, ReleasedDiffusion, combine_cfg
 from dcae.diffusion.conditioning import Labels, with_null
 from dcae.diffusion.processes.common import MODEL_TIME_SCALE
 from dcae.diffusion.processes.ddpm import GaussianDiffusion
 from dcae.diffusion.processes.flow import FlowMatching
 from dcae.diffusion.processes.sampling import sample
-from dcae.diffusion.released.dpm_solver import DPMSolver
-from dcae.diffusion.released.models import NULL_CLASS, ReleasedDiffusion, combine_cfg
 from dcae.errors import UserError
 
 FLOW_SOLVERS = ("dopri5", "heun2", "midpoint", "rk4")  # torchdiffeq; steps = grid points

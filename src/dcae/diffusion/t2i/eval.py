@@ -104,7 +104,7 @@ def clip_scores(source: str, paths: list[Path], items: list[dict], device, batch
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from dcae.diffusion.t2i_sampling import check_model_source, generate_images
+    from dcae.diffusion.t2i.sampling import check_model_source, generate_images
     from dcae.metrics.clip_score import _folder
     from dcae.utils.devices import resolve_device
     from dcae.utils.io import atomic_write_json, check_input, check_output_dir
@@ -183,7 +183,7 @@ def _markdown(results: dict, categories: list[str]) -> str:
 
 
 def add_eval_parser(tsub: argparse._SubParsersAction) -> None:
-    from dcae.diffusion.t2i_sampling import add_sampling_options
+    from dcae.diffusion.t2i.sampling import add_sampling_options
 
     v = tsub.add_parser("eval", help="generate images for a prompt set (MJHQ), then CLIP score per category and FID")
     v.add_argument("--prompts", required=True, help="MJHQ meta_data.json or a text file (one prompt per line)")
