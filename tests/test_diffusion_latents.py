@@ -17,7 +17,8 @@ from PIL import Image
 
 from dcae.cli import main as cli
 from dcae.data.images import ImageReadError, center_crop_arr, load_image_uint8, uint8_to_tensor
-from dcae.diffusion.c2i.latents import LatentDataset, extract_latents, read_index
+from dcae.diffusion.c2i.latents import LatentDataset, extract_latents
+from dcae.diffusion.cache import read_index
 from dcae.errors import NonFiniteError, UserError
 from dcae.models import DCAE, DCAEConfig
 
@@ -82,12 +83,12 @@ def test_extract_folders_flip_and_read_back(tmp_path):
         num_workers=0,
         progress=False,
     )
-    assert index["complete"] and index["latent_shape"] == [8, 8, 8] and index["scaling_factor"] == 0.5
-    assert index["class_names"] == ["apple", "zebra"] and index["label_source"] == "folders"
-    assert [s["count"] for s in index["shards"]] == [4, 2]
-    assert read_index(tmp_path / "lat")["complete"]
+    assert index.complete and index.latent_shape == (8, 8, 8) and index.scaling_factor == 0.5
+    assert index.class_names == ["apple", "zebra"] and index.label_source == "folders"
+    assert [s.count for s in index.shards] == [4, 2]
+    assert read_index(tmp_path / "lat").complete
     all_latents = torch.cat([LatentDataset(tmp_path / "lat", use_flip=False)[i][0] for i in range(6)])
-    assert abs(index["latent_rms"] - all_latents.square().mean().sqrt().item()) < 1e-4
+    assert abs(index.latent_rms - all_latents.square().mean().sqrt().item()) < 1e-4
 
     ds = LatentDataset(tmp_path / "lat", use_flip=False)
     assert len(ds) == 6 and ds.num_classes == 2 and ds.latent_shape == (8, 8, 8)
@@ -120,15 +121,15 @@ def test_imagenet_style_names_and_labels_files(tmp_path):
     ae = tiny_autoencoder()
     kw = dict(resolution=16, num_workers=0, progress=False)
     index = extract_latents(ae, tmp_path / "data", tmp_path / "a", **kw)
-    assert index["label_source"] == "filenames"
-    assert index["class_ids"] == ["n01000000", "n02000000"] and index["class_names"] == ["apple", "zebra fish"]
+    assert index.label_source == "filenames"
+    assert index.class_ids == ["n01000000", "n02000000"] and index.class_names == ["apple", "zebra fish"]
     assert [int(LatentDataset(tmp_path / "a")[i][1]) for i in range(3)] == [0, 0, 1]
 
     (tmp_path / "labels.txt").write_text(
         "# file label\nn01000000_apple.png\tcat\nn01000000_apple_2.png dog\nn02000000_zebra_fish.png,cat\n"
     )
     index = extract_latents(ae, tmp_path / "data", tmp_path / "b", labels_file=tmp_path / "labels.txt", **kw)
-    assert index["class_names"] == ["cat", "dog"] and index["label_source"] == "file"
+    assert index.class_names == ["cat", "dog"] and index.label_source == "file"
     assert [int(LatentDataset(tmp_path / "b")[i][1]) for i in range(3)] == [0, 1, 0]
 
     (tmp_path / "labels.json").write_text(json.dumps({"n01000000_apple.png": 7, "n01000000_apple_2.png": 7}))
@@ -136,7 +137,7 @@ def test_imagenet_style_names_and_labels_files(tmp_path):
         extract_latents(ae, tmp_path / "data", tmp_path / "c", labels_file=tmp_path / "labels.json", **kw)
 
     index = extract_latents(ae, tmp_path / "data", tmp_path / "d", unconditional=True, **kw)
-    assert index["num_classes"] == 0 and int(LatentDataset(tmp_path / "d")[0][1]) == -1
+    assert index.num_classes == 0 and int(LatentDataset(tmp_path / "d")[0][1]) == -1
 
 
 def test_resume_recomputes_only_missing_or_broken_shards(tmp_path):
@@ -162,7 +163,7 @@ def test_resume_recomputes_only_missing_or_broken_shards(tmp_path):
     os.utime(shards[3], (1, 1))
 
     index = extract_latents(ae, tmp_path / "data", tmp_path / "lat", **kw)
-    assert index["complete"]
+    assert index.complete
     assert shards[0].stat().st_mtime == 1 and shards[3].stat().st_mtime == 1  # kept
     assert shards[1].stat().st_mtime > 1 and shards[2].stat().st_mtime > 1  # recomputed
     again = LatentDataset(tmp_path / "lat")
@@ -232,10 +233,10 @@ def test_cli_latents(tmp_path, ae_dir, capsys):
     assert cli(args) == 0
     captured = capsys.readouterr()
     assert "3 images -> 1 shards" in captured.out
-    rms = read_index(tmp_path / "lat")["latent_rms"]
+    rms = read_index(tmp_path / "lat").latent_rms
     assert ("far from 1" in captured.err) == (not 0.5 < rms < 2.0)
     index = read_index(tmp_path / "lat")
-    assert index["model"] == str(ae_dir) and index["flip"] and index["num_classes"] == 2
+    assert index.autoencoder == str(ae_dir.resolve()) and index.flip and index.num_classes == 2
     assert (tmp_path / "lat" / "files.txt").read_text().split() == ["x/a.png", "y/b.png", "y/c.png"]
     assert cli(args) == 0  # a rerun resumes: nothing left to do
     assert cli([*args[:-1], "--resolution", "32"]) == 2  # a different plan is refused with exit status 2
@@ -272,7 +273,7 @@ def test_cli_latents_survives_sigkill(tmp_path, ae_dir):
     proc.wait()
     done = len(list((tmp_path / "lat").glob("shard-*.safetensors")))
     assert 1 <= done < 12, f"the kill should interrupt the run ({done} of 12 shards written)"
-    assert not read_index(tmp_path / "lat")["complete"]
+    assert not read_index(tmp_path / "lat", complete=False).complete
     subprocess.run([*cmd, "-o", str(tmp_path / "lat")], check=True, stderr=subprocess.DEVNULL, env=ENV)
     subprocess.run([*cmd, "-o", str(tmp_path / "ref")], check=True, stderr=subprocess.DEVNULL, env=ENV)
     a, b = LatentDataset(tmp_path / "lat"), LatentDataset(tmp_path / "ref")
@@ -289,8 +290,8 @@ def test_real_imagenet_photos(tmp_path):
     index = extract_latents(
         tiny_autoencoder(), tmp_path / "data", tmp_path / "lat", resolution=64, num_workers=0, progress=False
     )
-    assert index["label_source"] == "filenames" and index["class_ids"][0] == "n01440764"
-    assert index["class_names"][0] == "tench"
+    assert index.label_source == "filenames" and index.class_ids[0] == "n01440764"
+    assert index.class_names[0] == "tench"
     z, y = LatentDataset(tmp_path / "lat")[0]
     assert z.shape == (8, 16, 16) and torch.isfinite(z).all() and int(y) == 0
 
@@ -313,7 +314,7 @@ def test_cli_latents_on_two_processes_equals_one(tmp_path, ae_dir):
     assert len(one) == len(two) == 10
     for i in range(10):
         assert torch.equal(one[i][0], two[i][0]) and one[i][1] == two[i][1]
-    assert read_index(tmp_path / "two")["latent_rms"] == pytest.approx(read_index(tmp_path / "one")["latent_rms"])
+    assert read_index(tmp_path / "two").latent_rms == pytest.approx(read_index(tmp_path / "one").latent_rms)
 
 
 @pytest.mark.slow

@@ -48,8 +48,8 @@ def test_autoencoder_checkpoint_resumes(tmp_path):
 
 
 def _diffusion_overrides(data: Path, out: Path) -> list[str]:
-    return [f"data={data}", f"out={out}", "batch_size=4", "max_steps=2", "log_every=1", "ckpt_every=1",
-            "keep_last=2", "mixed_precision=no", "num_workers=0", "sample.every=0", "sample.decode=false",
+    return [f"data={data}", f"out_dir={out}", "batch_size=4", "max_steps=2", "log.every=1", "checkpoint.every=1",
+            "checkpoint.keep_last=2", "mixed_precision=no", "num_workers=0", "sample.every=0", "sample.decode=false",
             "sample.steps=2", "sample.num=2", "optim.lr=1e-3",
             "model.overrides={depth: 1, hidden_size: 16, num_heads: 2}"]  # fmt: skip
 
@@ -60,7 +60,7 @@ def test_diffusion_checkpoint_loads_and_samples():
     from dcae.diffusion.train.checkpoint import load_checkpoint
 
     model, process, meta = load_checkpoint(LEGACY / "diffusion" / "checkpoints" / "step_0000001.pt")
-    assert meta["step"] == 1 and meta["latents"]["class_names"] == ["cat", "dog"]
+    assert meta["step"] == 1 and meta["latents"].class_names == ["cat", "dog"]
     noise = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(0))
     out = sample(model, process, noise, Labels(torch.tensor([0, 1]), 2), steps=2, solver="euler", cfg_scale=2.0)
     assert out.shape == noise.shape and torch.isfinite(out).all()

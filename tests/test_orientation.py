@@ -253,7 +253,8 @@ def test_eval_sees_the_upright_photo(model_dir, pair, tmp_path, capsys) -> None:
 
 
 def test_latents_encode_the_upright_photo(model_dir, pair, tmp_path, capsys) -> None:
-    from dcae.diffusion.c2i.latents import LatentDataset, read_index
+    from dcae.diffusion.c2i.latents import LatentDataset
+    from dcae.diffusion.cache import read_index
 
     tagged, twin = pair
     for folder in (tagged.parent, twin.parent):
@@ -261,7 +262,7 @@ def test_latents_encode_the_upright_photo(model_dir, pair, tmp_path, capsys) -> 
         assert main([*argv, "--resolution", "16", "--workers", "0", "--device", "cpu"]) == 0, capsys.readouterr()
     a, b = (LatentDataset(tmp_path / f"lat_{n}", use_flip=False)[0][0] for n in ("tagged", "twin"))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert read_index(tmp_path / "lat_tagged")["latent_shape"] == [8, 4, 4]
+    assert read_index(tmp_path / "lat_tagged").latent_shape == (8, 4, 4)
 
 
 def test_fid_statistics_cached_by_the_sideways_reader_are_not_reused(monkeypatch) -> None:

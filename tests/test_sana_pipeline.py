@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from test_diffusion_latents import tiny_autoencoder
 
-from dcae.diffusion.c2i.latents import decode_scaled
+from dcae.diffusion.cache import decode_scaled
 from dcae.diffusion.processes.sampling import sample
 from dcae.diffusion.t2i.encoders import TextEncoder, all_minilm_l6_v2
 from dcae.diffusion.t2i.pipeline import export_pipeline, load_pipeline
@@ -52,10 +52,10 @@ def run(tmp_path_factory) -> dict:
     ae.config.scaling_factor = 1.0  # (ae's own config object; the cache recorded 0.5)
     ae.save_pretrained(root / "ae", overwrite=True)
     ae.config.scaling_factor = 0.5
-    overrides = [f"data={root / 'cache'}", f"out={root / 'run'}", "model.name=SANA-tiny", "batch_size=2",
-                 "max_steps=2", "log_every=1", "ckpt_every=2", "mixed_precision=no", "num_workers=0",
+    overrides = [f"data={root / 'cache'}", f"out_dir={root / 'run'}", "model.name=SANA-tiny", "batch_size=2",
+                 "max_steps=2", "log.every=1", "checkpoint.every=2", "mixed_precision=no", "num_workers=0",
                  "sample.every=0", f"sample.steps={STEPS}", f"sample.cfg_scale={CFG}", "sample.num=2",
-                 "optim.lr=1e-3", "tensorboard=false"]  # fmt: skip
+                 "optim.lr=1e-3", "log.tensorboard=false"]  # fmt: skip
     train(load_config(None, overrides), progress=False)
     folder = export_pipeline(root / "run", root / "pipe", shift=SHIFT)
     model, process, meta = load_checkpoint(root / "run")

@@ -22,6 +22,7 @@ from test_diffusion_latents import tiny_autoencoder
 from test_text_encoders import _roberta
 
 from dcae.cli import main
+from dcae.diffusion.cache import read_index
 from dcae.diffusion.t2i.encoders import all_minilm_l6_v2
 from dcae.diffusion.train.checkpoint import list_checkpoints
 from dcae.diffusion.train.config import load_config
@@ -56,20 +57,21 @@ def cache(tmp_path_factory) -> Path:
 
 
 def _overrides(cache: Path, out: Path, **kw) -> list[str]:
-    base = {"data": cache, "out": out, "model.name": "SANA-tiny", "batch_size": 2, "max_steps": 4, "log_every": 1,
-            "ckpt_every": 2, "mixed_precision": "no", "num_workers": 0, "sample.every": 0, "sample.steps": 2,
-            "sample.num": 2, "optim.lr": "1e-3", "tensorboard": "false",
+    base = {"data": cache, "out_dir": out, "model.name": "SANA-tiny", "batch_size": 2, "max_steps": 4,
+            "log.every": 1, "checkpoint.every": 2, "mixed_precision": "no", "num_workers": 0, "sample.every": 0,
+            "sample.steps": 2, "sample.num": 2, "optim.lr": "1e-3", "log.tensorboard": "false",
             "sample.prompts": "[a red square]"}  # fmt: skip
     return [f"{k}={v}" for k, v in {**base, **kw}.items()]
 
 
 def test_cache_has_buckets_text_and_resumes(cache):
-    index = json.loads((cache / "index.json").read_text())
-    assert index["complete"] and index["caption_channels"] == 384 and index["max_tokens"] == 16
-    assert sorted(tuple(s["bucket"]) for s in index["shards"]) == [(24, 40), (32, 32)]  # wide and square buckets
+    index = read_index(cache)
+    c = index.conditioning
+    assert index.complete and c.caption_channels == 384 and c.max_tokens == 16 and index.text_encoder
+    assert index.buckets == [(24, 40), (32, 32)]  # wide and square buckets
     captions = [json.loads(line) for line in (cache / "captions.jsonl").read_text().splitlines()]
     assert len(captions) == 8 and {c["caption"] for c in captions} == {f"a {n} square" for n in COLORS}
-    shard = cache / index["shards"][0]["file"]
+    shard = cache / index.shards[0].file
     before = shard.stat().st_mtime_ns
     rc, err = _cli("t2i", "cache", "--data", cache.parent / "data", "--model", cache.parent / "ae",
                    "--text-encoder", all_minilm_l6_v2(), "-o", cache, "--resolution", 32,
@@ -103,7 +105,7 @@ def test_train_resume_equals_uninterrupted_run(cache, tmp_path):
 def test_sigkill_then_resume_is_bit_identical(cache, tmp_path):
     def cmd(out, steps):
         return [sys.executable, "-m", "dcae.cli", "t2i", "train", "--quiet",
-                *_overrides(cache, out, max_steps=steps, ckpt_every=1, log_every=5)]  # fmt: skip
+                *_overrides(cache, out, max_steps=steps, **{"checkpoint.every": 1, "log.every": 5})]  # fmt: skip
 
     subprocess.run(cmd(tmp_path / "straight", 12), env=ENV, check=True, capture_output=True)
     proc = subprocess.Popen(cmd(tmp_path / "killed", 12), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

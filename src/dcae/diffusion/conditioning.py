@@ -13,13 +13,22 @@ null class for every sample.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from dcae.errors import UserError
+
+# Prompts of sample grids of a text model when none are given.
+DEFAULT_PROMPTS = (
+    "a photo of a cat",
+    "a red car on a street",
+    "a bowl of fruit on a table",
+    "a mountain lake at sunset",
+)
 
 
 # ----------------------------------------------------------------------------- conditions (batches)
@@ -137,6 +146,12 @@ def class_labels(c: Condition | torch.Tensor | None, n: int, num_classes: int, d
 
 
 # ----------------------------------------------------------------------------- conditionings (kinds)
+def _table(meta, key: str) -> list[str]:
+    """Class names or ids from a latent cache's record (dcae.diffusion.cache.CacheIndex) or a plain mapping."""
+    value = meta.get(key) if isinstance(meta, dict) else getattr(meta, key, None)
+    return value or []
+
+
 class LabelEmbedder(nn.Module):
     """The class table under the name the released DC-Gen checkpoints use (`<owner>.embedding_table.weight`)."""
 
@@ -171,11 +186,15 @@ class ClassConditioning:
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "num_classes": self.num_classes}
 
+    def network_args(self) -> dict[str, Any]:
+        """The arguments a network takes for this conditioning."""
+        return {"num_classes": self.num_classes}
+
     def parse(self, text: str | None, meta: dict) -> list[int] | None:
         """'1,2,3' or class names / WordNet ids from the latent index ('tench,goldfish'); None if no text."""
         if not text:
             return None
-        names, ids = meta.get("class_names") or [], meta.get("class_ids") or []
+        names, ids = _table(meta, "class_names"), _table(meta, "class_ids")
         out = []
         for item in (s.strip() for s in text.split(",") if s.strip()):
             if item.lstrip("-").isdigit():
@@ -200,6 +219,11 @@ class ClassConditioning:
         classes = self.parse(text, meta)
         return [classes[i % len(classes)] if classes else i % self.num_classes for i in range(n)]
 
+    def grid_values(self, scfg, n: int) -> list[int]:
+        """The classes of a training run's sample grid: `sample.classes` in turn (default 0, 1, 2, ...)."""
+        classes = scfg.classes or list(range(n))
+        return [int(classes[i % len(classes)]) % self.num_classes for i in range(n)]
+
 
 @dataclass(frozen=True)
 class Unconditional:
@@ -217,6 +241,9 @@ class Unconditional:
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind}
 
+    def network_args(self) -> dict[str, Any]:
+        return {"num_classes": 0}
+
     def parse(self, text: str | None, meta: dict) -> None:
         if text:
             raise UserError("this model is unconditional: drop --classes")
@@ -226,19 +253,51 @@ class Unconditional:
         self.parse(text, meta)
         return [None] * n
 
+    def grid_values(self, scfg, n: int) -> list[None]:
+        return [None] * n
+
 
 @dataclass(frozen=True)
 class TextConditioning:
     """Encoded prompts (`Text`): `max_tokens` token embeddings of width `caption_channels` per prompt (SANA:
-    Gemma-2-2B's 2304 channels, 300 tokens). The network projects them itself and builds no table; what encodes
-    prompts lives with the text encoders."""
+    Gemma-2-2B's 2304 channels, 300 tokens). The network projects them itself and builds no table.
+    `text_encoder` names the encoder a cache was made with; `encode` (prompts -> Text), attached by the
+    text-to-image side that can load that encoder, lets callers turn prompts into a batch like any condition."""
 
     caption_channels: int
     max_tokens: int
+    text_encoder: str | None = field(default=None, compare=False)
+    encode: Callable[[list[str]], Text] | None = field(default=None, compare=False, repr=False)
     kind = "text"
+    num_classes = 0
+
+    def embedder(self, dim: int, released_layout: bool = False) -> None:
+        return None
+
+    def batch(self, prompts: list[str], device=None) -> Text:
+        """The prompts encoded, in fp32 on `device`."""
+        if self.encode is None:
+            raise UserError("no text encoder is attached to this text conditioning (the cache or checkpoint "
+                            "records none): pass one")  # fmt: skip
+        return self.encode(list(prompts)).float().to(device)
 
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "caption_channels": self.caption_channels, "max_tokens": self.max_tokens}
+
+    def network_args(self) -> dict[str, Any]:
+        return {"caption_channels": self.caption_channels, "max_tokens": self.max_tokens}
+
+    def parse(self, text: str | None, meta: dict) -> list[str] | None:
+        return [text] if text else None
+
+    def values(self, prompts: list[str] | None, n: int, meta: dict | None = None) -> list[str]:
+        """The prompt of each of n images: the given prompts in turn (default: a few fixed ones)."""
+        prompts = list(prompts or DEFAULT_PROMPTS)
+        return [prompts[i % len(prompts)] for i in range(n)]
+
+    def grid_values(self, scfg, n: int) -> list[str]:
+        """The prompts of a training run's sample grid: `sample.prompts` in turn."""
+        return self.values(scfg.prompts, n)
 
 
 Conditioning = ClassConditioning | Unconditional | TextConditioning
@@ -249,10 +308,28 @@ def conditioning_for(num_classes: int) -> Conditioning:
     return ClassConditioning(int(num_classes)) if num_classes > 0 else Unconditional()
 
 
+def from_spec(spec: dict[str, Any] | None, text_encoder: str | None = None) -> Conditioning:
+    """The conditioning a `spec()` describes (None: unconditional), for a text one with the encoder that makes
+    its prompts (a cache records it); a malformed spec is a ValueError."""
+    if spec is None:
+        return Unconditional()
+    if not isinstance(spec, dict) or spec.get("kind") not in ("class", "none", "text"):
+        raise ValueError(f"conditioning: not a conditioning spec: {spec!r}")
+    if spec["kind"] == "text":
+        c, t = spec.get("caption_channels"), spec.get("max_tokens")
+        if type(c) is not int or type(t) is not int or c < 1 or t < 1:
+            raise ValueError(f"conditioning: caption_channels and max_tokens must be positive integers: {spec!r}")
+        return TextConditioning(c, t, text_encoder)
+    n = spec.get("num_classes", 0)
+    if type(n) is not int or n < 0:
+        raise ValueError(f"conditioning: num_classes must be a count: {spec!r}")
+    return conditioning_for(n)
+
+
 def from_record(record: dict) -> Conditioning:
-    """The conditioning a latents index or a checkpoint's model arguments record: `conditioning` (a `spec()`)
-    for text, else `num_classes` (0 or absent: unconditional)."""
+    """The conditioning a checkpoint's model arguments record: `conditioning` (a `spec()`) where present, else
+    `num_classes` (0 or absent: unconditional; checkpoints of class-conditional models before the spec)."""
     spec = record.get("conditioning")
-    if isinstance(spec, dict) and spec.get("kind") == "text":
-        return TextConditioning(int(spec["caption_channels"]), int(spec["max_tokens"]))
+    if isinstance(spec, dict):
+        return from_spec(spec)
     return conditioning_for(int(record.get("num_classes") or 0))

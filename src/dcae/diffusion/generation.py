@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dcae.data.images import save_image
-from dcae.diffusion.c2i.latents import decode_scaled
+from dcae.diffusion.cache import decode_scaled
 from dcae.diffusion.conditioning import Conditioning
 from dcae.errors import NonFiniteError, UserError
 

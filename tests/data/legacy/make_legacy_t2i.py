@@ -1,3 +1,4 @@
+# ruff: noqa: E501
 """Writes the legacy text-to-image cache and run in t2i/, with the code as it was at commit dfb2e3f (before the
 typed latent-cache record: format dcae-text-latents/1, the autoencoder recorded as the path typed, the caption
 width recorded three times in a checkpoint). Kept so that anyone can see how they were made; running it again
@@ -27,13 +28,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ for the s
 
 
 def overrides(steps: int) -> list[str]:
-    return [f"{k}={v}" for k, v in {
-        "data": "cache", "out": "run", "model.name": "SANA-tiny", "batch_size": 2, "max_steps": steps, "log_every": 1,
-        "model.overrides": "{num_layers: 1, num_attention_heads: 1, attention_head_dim: 16, num_cross_attention_heads: 1, "
-                           "cross_attention_head_dim: 16}",
-        "ckpt_every": 1, "keep_last": 5, "mixed_precision": "no", "num_workers": 0, "sample.every": 0,
-        "sample.decode": "false", "sample.num": 1, "sample.steps": 1, "optim.lr": "1e-3", "tensorboard": "false",
-    }.items()]
+    return [
+        f"{k}={v}"
+        for k, v in {
+            "data": "cache",
+            "out": "run",
+            "model.name": "SANA-tiny",
+            "batch_size": 2,
+            "max_steps": steps,
+            "log_every": 1,
+            "model.overrides": "{num_layers: 1, num_attention_heads: 1, attention_head_dim: 16, num_cross_attention_heads: 1, "
+            "cross_attention_head_dim: 16}",
+            "ckpt_every": 1,
+            "keep_last": 5,
+            "mixed_precision": "no",
+            "num_workers": 0,
+            "sample.every": 0,
+            "sample.decode": "false",
+            "sample.num": 1,
+            "sample.steps": 1,
+            "optim.lr": "1e-3",
+            "tensorboard": "false",
+        }.items()
+    ]
 
 
 def main() -> None:
@@ -50,8 +67,27 @@ def main() -> None:
         Image.fromarray(np.full((32, 32, 3), c, np.uint8)).save(HERE / "data" / f"{i}.png")
         (HERE / "data" / f"{i}.txt").write_text(f"a {name} square")
     tiny_autoencoder().save_pretrained(HERE / "ae")
-    assert dcae(["t2i", "cache", "--data", "data", "--model", "ae", "--text-encoder", str(all_minilm_l6_v2()),
-                 "-o", "cache", "--resolution", "32", "--max-tokens", "16"]) == 0
+    assert (
+        dcae(
+            [
+                "t2i",
+                "cache",
+                "--data",
+                "data",
+                "--model",
+                "ae",
+                "--text-encoder",
+                str(all_minilm_l6_v2()),
+                "-o",
+                "cache",
+                "--resolution",
+                "32",
+                "--max-tokens",
+                "16",
+            ]
+        )
+        == 0
+    )
     train(load_config(None, overrides(2)), progress=False)
     final = torch.load(HERE / "run" / "checkpoints" / "step_0000002.pt", weights_only=False)
     torch.save({"model": final["model"], "ema": final["ema"]}, HERE / "final.pt")

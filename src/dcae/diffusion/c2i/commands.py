@@ -9,6 +9,16 @@ import argparse
 from pathlib import Path
 
 from dcae.errors import UserError
+from dcae.utils.cliargs import (
+    add_batch_size,
+    add_device,
+    add_dtype,
+    add_output,
+    add_overwrite,
+    add_seed,
+    add_solver,
+    positive_int,
+)
 
 
 def _load_autoencoder(source: str):
@@ -60,19 +70,19 @@ def cmd_latents(args: argparse.Namespace) -> int:
         if rank != 0:
             return 0
         index = finalize_latents(args.output)
-    classes = f"{index['num_classes']} classes ({index['label_source']})" if index["num_classes"] else "no labels"
-    status = "complete" if index["complete"] else "INCOMPLETE (rerun to finish)"
+    classes = f"{index.num_classes} classes ({index.label_source})" if index.num_classes else "no labels"
+    status = "complete" if index.complete else "INCOMPLETE (rerun to finish)"
     print(
-        f"{index['num_images']} images -> {len(index['shards'])} shards of latents {index['latent_shape']} "
-        f"x scaling {index['scaling_factor']:.4g}, {classes}, {status}: {args.output}"
+        f"{index.num_images} images -> {len(index.shards)} shards of latents {list(index.latent_shape)} "
+        f"x scaling {index.scaling_factor:.4g}, {classes}, {status}: {args.output}"
     )
-    rms = index.get("latent_rms")
+    rms = index.latent_rms
     if rms is not None and not 0.5 < rms < 2.0:
         import sys
 
         print(
             f"dcae: warning: the scaled latents have RMS {rms:.3g}, far from 1: this autoencoder's scaling "
-            f"factor does not suit its latents (about {index['scaling_factor'] / rms:.4g} would)",
+            f"factor does not suit its latents (about {index.scaling_factor / rms:.4g} would)",
             file=sys.stderr,
         )
     return 0
@@ -110,12 +120,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     # Under torchrun / `accelerate launch` process r samples the missing images i with i % n == r, on its own GPU.
     rank, world, device = process_group_from_env(args.device)
     model, process, meta = load_checkpoint(args.ckpt, use_ema=not args.no_ema, device=device)
-    lat, conditioning = meta["latents"] or {}, conditioning_of(meta)
+    lat, conditioning = meta["latents"], conditioning_of(meta)
     values = condition_values(conditioning, args.classes, args.n, lat)
     solver = default_solver(process, args.solver)
-    source = args.autoencoder or lat.get("model")
-    if not source:
-        raise UserError("the checkpoint records no autoencoder: pass --autoencoder")
+    source = args.autoencoder or lat.autoencoder
     ae = _load_autoencoder(source).to(device).eval()
     interval = tuple(float(v) for v in args.guidance_interval.split(","))
 
@@ -124,8 +132,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
                       solver=solver, cfg_scale=args.cfg, guidance_interval=interval, eta=args.eta,
                       generator=torch.Generator(device).manual_seed(seeds[0]))  # fmt: skip
 
-    shape = tuple(lat.get("latent_shape") or (model.in_channels, model.input_size, model.input_size))
-    scaling = float(lat.get("scaling_factor") or ae.scaling_factor)
+    shape = lat.latent_shape or (model.in_channels, model.input_size, model.input_size)
+    scaling = lat.scaling_factor  # what the latents it learned were multiplied by, whatever --autoencoder says
     run = ImageSampler(latents, ae, scaling, shape, args.seed, device, args.dtype)
     out = Path(args.output)
     paths = write_samples(run.images, values, out, args.n, args.batch_size, args.overwrite, rank, world)
@@ -141,11 +149,11 @@ def _sample_report(args, out: Path, paths: list[Path], labels: list, meta: dict,
     from dcae.diffusion.generation import compute_gfid
     from dcae.utils.io import atomic_write_json
 
-    lat = meta["latents"] or {}
+    lat = meta["latents"]
     k = min(args.n, args.grid)
     if k:
         save_image(make_grid([load_image(p) for p in paths[:k]], nrow=min(8, k)), out / "grid.png")
-    names = lat.get("class_names") or []
+    names = lat.class_names or []
     atomic_write_json(
         out / "samples.json",
         {
@@ -164,27 +172,29 @@ def _sample_report(args, out: Path, paths: list[Path], labels: list, meta: dict,
     )
     print(f"{args.n} samples in {out / 'images'}" + (f", grid {out / 'grid.png'}" if k else ""))
     if args.fid_ref:
-        score = compute_gfid([str(p) for p in paths], args.fid_ref, device, resolution=lat.get("resolution"))
+        score = compute_gfid([str(p) for p in paths], args.fid_ref, device, resolution=lat.resolution)
         print(f"gFID {score:.3f} ({args.n} samples vs {args.fid_ref})")
         atomic_write_json(out / "fid.json", {"fid": score, "num_samples": args.n, "reference": args.fid_ref})
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from dcae.diffusion.c2i.released.sampling import SAMPLE_SOLVERS
+
     p = sub.add_parser("latents", help="precompute scaled DC-AE latents of an image folder for diffusion training")
     p.add_argument("--model", required=True, help="autoencoder: zoo name, Hub id, local folder or weight file")
     p.add_argument("--data", required=True, help="image folder (class subfolders, nXXXXXXXX_<name> files, or flat)")
-    p.add_argument("-o", "--output", required=True, help="output folder (shards + index.json); reruns resume")
+    add_output(p, "output folder (shards + index.json); reruns resume")
     p.add_argument("--resolution", type=int, default=512, help="ADM center-crop size (default 512)")
     p.add_argument("--flip", action="store_true", help="also store latents of the horizontally flipped crops")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--shard-size", type=int, default=1024, help="latents per shard file (default 1024)")
+    add_batch_size(p, 32, "images per encoder forward pass")
+    p.add_argument("--shard-size", type=positive_int, default=1024, help="latents per shard file (default 1024)")
     p.add_argument("--labels", help="labels file: JSON {file: label} or lines '<file> <label>'")
     p.add_argument("--unconditional", action="store_true", help="store no labels")
     p.add_argument("--workers", type=int, default=2, help="image decoding workers (default 2)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="encoder compute dtype")
+    add_device(p)
+    add_dtype(p, "encoder compute")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder (GPU; pays off for big folders)")
-    p.add_argument("--overwrite", action="store_true", help="replace latents of a different earlier run")
+    add_overwrite(p, "replace latents of a different earlier run")
     p.set_defaults(func=cmd_latents)
 
     p = sub.add_parser(
@@ -199,29 +209,30 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--model",
         help="a released DC-AE ImageNet 512 model instead of --ckpt: name (see `dcae models`), Hub id or folder",
     )
-    p.add_argument("-o", "--output", required=True, help="output folder: images/, grid.png, samples.json")
-    p.add_argument("-n", type=int, default=8, help="number of samples (default 8)")
+    add_output(p, "output folder: images/, grid.png, samples.json")
+    p.add_argument("-n", type=positive_int, default=8, help="number of samples (default 8)")
     p.add_argument("--classes", help="comma-separated class indices or names, used in turn (default: all evenly)")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off; default 1.5, released: its own)")
     p.add_argument("--guidance-interval", default="0,1", help="guide only for t in [lo,hi] (0 data, 1 noise)")
-    p.add_argument("--steps", type=int, help="solver steps (default 50; released: its own, e.g. 250 DDPM steps)")
     p.add_argument(
-        "--solver",
-        default="auto",
-        choices=["auto", "heun", "euler", "dpm++", "ddim", "ddpm", "dpm-solver", "dopri5", "heun2", "midpoint", "rk4"],
-        help="auto: heun / dpm++ for our models, the released sampler for --model (ddpm, dpm-solver or dopri5); "
+        "--steps", type=positive_int, help="solver steps (default 50; released: its own, e.g. 250 DDPM steps)"
+    )
+    add_solver(
+        p,
+        SAMPLE_SOLVERS,
+        what="auto: heun / dpm++ for our models, the released sampler for --model (ddpm, dpm-solver or dopri5); "
         "released models also take dpm++ and ddim (flow ones heun, euler, and heun2, midpoint, rk4 on --steps "
         "grid points)",
     )
-    p.add_argument("--channels", type=int, help="DC-AE 1.5 models: generate the first N latent channels only")
+    p.add_argument("--channels", type=positive_int, help="DC-AE 1.5 models: generate the first N latent channels only")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
+    add_seed(p, "image i's noise is seeded by (seed, i)")
+    add_batch_size(p, 16, "images per sampling batch")
     p.add_argument("--grid", type=int, default=64, help="images in grid.png (0: none)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--autoencoder", help="override the autoencoder recorded in the checkpoint")
     p.add_argument("--fid-ref", help="reference statistics .npz (mu, sigma) or image folder: also report gFID")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="diffusion model compute dtype")
-    p.add_argument("--overwrite", action="store_true", help="regenerate images that exist")
+    add_device(p)
+    add_dtype(p, "diffusion model compute", fp16=False)
+    add_overwrite(p, "regenerate images that exist")
     p.set_defaults(func=cmd_sample)

@@ -1,7 +1,7 @@
 """Precomputed DC-AE latents for diffusion training: extraction to safetensors shards, and a Dataset.
 
-Layout of an output folder:
-    index.json                  model, scaling factor, resolution, latent shape, labels, shard list, complete
+Layout of an output folder (a latent cache, dcae.diffusion.cache):
+    index.json                  the cache record: autoencoder, scaling factor, latent shape, labels, shards
     files.txt                   the source image of every latent, in order (one relative path per line)
     shard-00000.safetensors     latents (N, C, h, w) float32 already multiplied by the scaling factor,
                                 latents_flip (with --flip: the horizontally flipped image), labels (N,) int64
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 import re
@@ -27,22 +26,19 @@ import torch
 
 from dcae.data.images import ImageReadError, center_crop_arr
 from dcae.data.sources import ImageRef, list_images, read_image
-from dcae.diffusion.conditioning import Condition, Conditioning, from_record
+from dcae.diffusion import cache
+from dcae.diffusion.cache import CacheDataset, CacheIndex, Shard, shard_name
+from dcae.diffusion.conditioning import ClassConditioning, Condition, Unconditional
 from dcae.errors import NonFiniteError, UserError
-from dcae.utils.io import atomic_save_safetensors, atomic_write_json, atomic_write_text
+from dcae.utils.io import atomic_write_text
 
-INDEX_NAME, FILES_NAME = "index.json", "files.txt"
-FORMAT = "dcae-latents/1"
+FILES_NAME = "files.txt"
 _WNID = re.compile(r"^(n\d{8})_(.+)$")  # ImageNet-style file names: n01440764_tench.JPEG
-
-
-def shard_name(k: int) -> str:
-    return f"shard-{k:05d}.safetensors"
 
 
 # ----------------------------------------------------------------------------- labels
 @dataclass
-class Labels:
+class LabelTable:
     labels: list[int] | None  # one per image, or None: unconditional
     class_names: list[str] | None
     source: str | None  # "file", "folders", "filenames" or None
@@ -55,7 +51,7 @@ def _class_indices(keys: list[str]) -> tuple[list[int], list[str]]:
     return [lookup[k] for k in keys], names
 
 
-def read_labels_file(path: Path, rel_paths: list[str]) -> Labels:
+def read_labels_file(path: Path, rel_paths: list[str]) -> LabelTable:
     """Labels from a JSON object {file: label} or lines '<file> <label>' (space, tab or comma separated). A
     file may be given by its path relative to the data folder or by its name; a label by index or class name."""
     text = Path(path).read_text()
@@ -84,12 +80,12 @@ def read_labels_file(path: Path, rel_paths: list[str]) -> Labels:
         raise UserError(f"{path} has no label for {len(missing)} image(s), e.g. {missing[:3]}")
     if all(re.fullmatch(r"\d+", v) for v in raw):
         labels = [int(v) for v in raw]
-        return Labels(labels, [str(i) for i in range(max(labels) + 1)], "file")
+        return LabelTable(labels, [str(i) for i in range(max(labels) + 1)], "file")
     labels, names = _class_indices(raw)
-    return Labels(labels, names, "file")
+    return LabelTable(labels, names, "file")
 
 
-def infer_labels(rel_paths: list[str], labels_file: str | os.PathLike | None = None) -> Labels:
+def infer_labels(rel_paths: list[str], labels_file: str | os.PathLike | None = None) -> LabelTable:
     """Class labels, in order of preference: a labels file; the first folder level (ImageFolder layout);
     ImageNet-style `nXXXXXXXX_<name>` file names; otherwise none (unconditional)."""
     if labels_file is not None:
@@ -97,15 +93,15 @@ def infer_labels(rel_paths: list[str], labels_file: str | os.PathLike | None = N
     parts = [Path(p).parts for p in rel_paths]
     if all(len(p) >= 2 for p in parts) and len({p[0] for p in parts}) > 1:
         labels, names = _class_indices([p[0] for p in parts])
-        return Labels(labels, names, "folders")
+        return LabelTable(labels, names, "folders")
     matches = [_WNID.match(Path(p).stem) for p in rel_paths]
     if all(matches):
         labels, wnids = _class_indices([m.group(1) for m in matches])
         readable: dict[str, str] = {}
         for m in matches:  # the first file of a class names it
             readable.setdefault(m.group(1), m.group(2).replace("_", " "))
-        return Labels(labels, [readable[w] for w in wnids], "filenames", class_ids=wnids)
-    return Labels(None, None, None)
+        return LabelTable(labels, [readable[w] for w in wnids], "filenames", class_ids=wnids)
+    return LabelTable(None, None, None)
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -134,25 +130,6 @@ def _plan_fingerprint(model: str, resolution: int, flip: bool, shard_size: int, 
     return h.hexdigest()[:16]
 
 
-def shard_is_complete(path: Path, count: int, fingerprint: str, also: tuple[str, ...] = ()) -> bool:
-    """A shard counts as done when it opens, was written for this plan (`fingerprint`: model, resolution,
-    flip, shard size, image list, ...) and holds `count` latents and the tensors `also` (flipped latents, text
-    embeddings). Used by `dcae latents` and `dcae t2i cache`."""
-    if not path.exists():
-        return False
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            if (f.metadata() or {}).get("fingerprint") != fingerprint:
-                return False  # from another run: recompute it
-            keys = set(f.keys())
-            ok = "latents" in keys and f.get_slice("latents").get_shape()[0] == count
-            return ok and all(k in keys for k in also)
-    except Exception:
-        return False  # unreadable: recompute it
-
-
 def _to_model_input(batch_uint8: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     x = batch_uint8.to(device, non_blocking=True).permute(0, 3, 1, 2).to(dtype)
     return x / 127.5 - 1.0
@@ -177,23 +154,27 @@ def extract_latents(
     progress: bool = True,
     rank: int = 0,
     world_size: int = 1,
-) -> dict:
-    """Encode every image under `data` into latent shards in `out`; returns the index. `autoencoder` is a
-    DCAE; `model_name` is what `DCAE.from_pretrained` can load it from later (recorded for decoding)."""
+) -> CacheIndex:
+    """Encode every image under `data` into latent shards in `out`; returns the cache's record. `autoencoder` is
+    a DCAE; `model_name` is what `DCAE.from_pretrained` can load it from later (recorded for decoding)."""
     from tqdm.auto import tqdm
 
     data, out = Path(data), Path(out)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     files, rel_paths, labels, index = _plan(
-        autoencoder, data, model_name or autoencoder.config.name, resolution, flip, shard_size, labels_file,
-        unconditional,
+        autoencoder, data, cache.recorded_autoencoder(model_name or autoencoder.config.name), resolution, flip,
+        shard_size, labels_file, unconditional,
     )  # fmt: skip
-    _prepare_folder(out, index, rel_paths, overwrite, rank, world_size)
+    cache.start_plan(out, index, overwrite, rank)
+    if rank == 0:
+        atomic_write_text(out / FILES_NAME, "\n".join(rel_paths) + "\n")
+    if world_size > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # the first process clears a replaced plan's shards before any is written
 
-    counts = [s["count"] for s in index["shards"]]
+    counts = [s.count for s in index.shards]
     mine = [k for k in range(len(counts)) if k % world_size == rank]
-    also = ("latents_flip",) if flip else ()
-    todo = [k for k in mine if not shard_is_complete(out / shard_name(k), counts[k], index["fingerprint"], also)]
+    also = _also(index)
+    todo = cache.pending_shards(out, index, also, mine)
     bar = tqdm(total=sum(counts[k] for k in mine), initial=sum(counts[k] for k in mine if k not in todo),
                unit="img", desc=f"latents {out.name}", disable=not progress or rank != 0)  # fmt: skip
     autoencoder = autoencoder.to(device=device, dtype=dtype).eval()
@@ -202,19 +183,21 @@ def extract_latents(
         tensors = _encode_images(autoencoder, files[lo:hi], resolution, flip, batch_size, num_workers, dtype, bar)
         if labels.labels is not None:
             tensors["labels"] = torch.tensor(labels.labels[lo:hi], dtype=torch.int64)
-        z = tensors["latents"].double()
-        stats = {"sumsq": repr(float(z.square().sum())), "numel": str(z.numel())}
-        meta = {"model": index["model"], "fingerprint": index["fingerprint"], "first": str(lo), **stats}
-        atomic_save_safetensors(tensors, out / shard_name(k), metadata=meta)
+        cache.write_shard(out, index, k, tensors, first=str(lo))
     bar.close()
 
     # With several processes, the caller finalizes after all of them are done (see `finalize_latents`).
     return finalize_latents(out) if world_size == 1 else index
 
 
+def _also(index: CacheIndex) -> tuple[str, ...]:
+    """The tensors a shard holds besides `latents` (its completeness check)."""
+    return ("latents_flip",) if index.flip else ()
+
+
 def _plan(autoencoder, data: Path, model_name: str, resolution: int, flip: bool, shard_size: int, labels_file,
-          unconditional: bool) -> tuple[list[ImageRef], list[str], Labels, dict]:  # fmt: skip
-    """The images, their labels and the index of the folder to write (its fingerprint names the plan)."""
+          unconditional: bool) -> tuple[list[ImageRef], list[str], LabelTable, CacheIndex]:  # fmt: skip
+    """The images, their labels and the record of the cache to write (its fingerprint names the plan)."""
     f = autoencoder.spatial_compression
     if resolution % f:
         raise UserError(f"resolution {resolution} is not a multiple of the autoencoder's compression f{f}")
@@ -223,54 +206,27 @@ def _plan(autoencoder, data: Path, model_name: str, resolution: int, flip: bool,
     # The one image source: a broken tar shard is named and left out of the plan; nothing readable is an error.
     files = list_images(data, naming="relative")
     rel_paths = [r.name for r in files]
-    labels = Labels(None, None, None) if unconditional else infer_labels(rel_paths, labels_file)
+    labels = LabelTable(None, None, None) if unconditional else infer_labels(rel_paths, labels_file)
     n_shards = (len(files) + shard_size - 1) // shard_size
-    index = {
-        "format": FORMAT,
-        "model": model_name,
-        "model_config": autoencoder.config.to_dict(),
-        "scaling_factor": float(autoencoder.scaling_factor),
-        "resolution": resolution,
-        "latent_shape": [autoencoder.latent_channels, resolution // f, resolution // f],
-        "spatial_compression": f,
-        "flip": flip,
-        "dtype": "float32",
-        "num_images": len(files),
-        "shard_size": shard_size,
-        "shards": [
-            {"file": shard_name(k), "count": min(shard_size, len(files) - k * shard_size)} for k in range(n_shards)
-        ],
-        "num_classes": len(labels.class_names) if labels.labels is not None else 0,
-        "class_names": labels.class_names,
-        "class_ids": labels.class_ids,
-        "label_source": labels.source,
-        "data": str(data.resolve()),
-        "fingerprint": _plan_fingerprint(model_name, resolution, flip, shard_size, rel_paths),
-        "complete": False,
-    }
+    conditioning = ClassConditioning(len(labels.class_names)) if labels.labels is not None else Unconditional()
+    index = CacheIndex(
+        autoencoder=model_name,
+        autoencoder_config=autoencoder.config.to_dict(),
+        scaling_factor=float(autoencoder.scaling_factor),
+        spatial_compression=f,
+        latent_channels=autoencoder.latent_channels,
+        resolution=resolution,
+        conditioning=conditioning,
+        shards=[Shard(shard_name(k), min(shard_size, len(files) - k * shard_size)) for k in range(n_shards)],
+        fingerprint=_plan_fingerprint(model_name, resolution, flip, shard_size, rel_paths),
+        latent_shape=(autoencoder.latent_channels, resolution // f, resolution // f),
+        flip=flip,
+        class_names=labels.class_names,
+        class_ids=labels.class_ids,
+        label_source=labels.source,
+        data=str(data.resolve()),
+    )
     return files, rel_paths, labels, index
-
-
-def _prepare_folder(out: Path, index: dict, rel_paths: list[str], overwrite: bool, rank: int, world_size: int) -> None:
-    """Refuse a folder of another plan (or, with overwrite, clear its shards); write files.txt and the index.
-    The first process writes; the others wait for it, so none writes a shard that is then cleared."""
-    index_path = out / INDEX_NAME
-    if index_path.exists():
-        old = json.loads(index_path.read_text())
-        if old.get("fingerprint") != index["fingerprint"] and not overwrite:
-            raise UserError(
-                f"{out} holds latents of a different run (model, resolution, flip, shard size or image list "
-                "differ); choose another output folder or pass --overwrite"
-            )
-        if old.get("fingerprint") != index["fingerprint"] and rank == 0:  # overwrite: drop the old shards
-            for p in out.glob("shard-*.safetensors"):
-                p.unlink()
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / FILES_NAME, "\n".join(rel_paths) + "\n")
-        atomic_write_json(index_path, index)
-    if world_size > 1 and torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def _encode_images(autoencoder, files: list[ImageRef], resolution: int, flip: bool, batch_size: int,
@@ -306,88 +262,14 @@ def _encode_images(autoencoder, files: list[ImageRef], resolution: int, flip: bo
     return tensors
 
 
-def finalize_latents(out: str | os.PathLike) -> dict:
+def finalize_latents(out: str | os.PathLike) -> CacheIndex:
     """Mark the folder complete (and record the latent RMS) when every shard of the plan is on disk."""
-    out = Path(out)
-    index = json.loads((out / INDEX_NAME).read_text())
-    flip, fingerprint = index["flip"], index["fingerprint"]
-    also = ("latents_flip",) if flip else ()
-    if all(shard_is_complete(out / s["file"], s["count"], fingerprint, also) for s in index["shards"]):
-        index["complete"] = True
-        index["latent_rms"] = latent_rms(out, index)
-        atomic_write_json(out / INDEX_NAME, index)
-    return index
-
-
-def latent_rms(out: Path, index: dict) -> float | None:
-    """RMS of the scaled latents over all shards (from their metadata). A diffusion model expects about 1:
-    far from it, the autoencoder's scaling factor does not fit (set it to scaling_factor / rms)."""
-    from safetensors import safe_open
-
-    sumsq, numel = 0.0, 0
-    for s in index["shards"]:
-        with safe_open(str(out / s["file"]), framework="pt") as f:
-            meta = f.metadata() or {}
-        if "sumsq" not in meta:
-            return None
-        sumsq, numel = sumsq + float(meta["sumsq"]), numel + int(meta["numel"])
-    return (sumsq / max(numel, 1)) ** 0.5
-
-
-def read_index(root: str | os.PathLike) -> dict:
-    path = Path(root) / INDEX_NAME
-    if not path.exists():
-        raise UserError(f"{root} is not a latent folder (no {INDEX_NAME}); create one with `dcae latents`")
-    try:
-        index = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise UserError(f"{path}: cannot read the index ({type(exc).__name__}: {exc})") from None
-    if not isinstance(index, dict) or index.get("format") != FORMAT:
-        found = index.get("format") if isinstance(index, dict) else type(index).__name__
-        raise UserError(f"{path}: unknown format {found!r} (expected {FORMAT})")
-    problem = _index_problem(index)
-    if problem:
-        raise UserError(f"{path}: damaged index: {problem}; rerun `dcae latents` with --overwrite")
-    return index
-
-
-def _index_problem(index: dict) -> str | None:
-    """What makes an index unusable (fields of the wrong type or value), or None."""
-
-    def count(v) -> bool:
-        return type(v) is int and v >= 0
-
-    shards, shape = index.get("shards"), index.get("latent_shape")
-    if not isinstance(shards, list) or not shards:
-        return "shards: not a list of shards"
-    for k, sh in enumerate(shards):
-        name = sh.get("file") if isinstance(sh, dict) else None
-        if not isinstance(name, str) or not name or Path(name).name != name or not count(sh.get("count")):
-            return f"shards[{k}]: not a file name and a count"
-    if not isinstance(shape, list) or len(shape) != 3 or not all(count(v) and v > 0 for v in shape):
-        return f"latent_shape: not three positive sizes: {shape!r}"
-    if not count(index.get("num_classes", 0)):
-        return f"num_classes: not a count: {index.get('num_classes')!r}"
-    names = index.get("class_names")
-    if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
-        return "class_names: not a list of names"
-    for flag in ("flip", "complete"):
-        if not isinstance(index.get(flag, False), bool):
-            return f"{flag}: not true or false"
-    sf = index.get("scaling_factor", 1.0)
-    if isinstance(sf, bool) or not isinstance(sf, (int, float)) or not math.isfinite(sf) or sf <= 0:
-        return f"scaling_factor: not a positive number: {sf!r}"
-    return None
+    index = cache.read_index(out, complete=False)
+    return cache.finish_plan(Path(out), index, _also(index))
 
 
 # ----------------------------------------------------------------------------- reading back
-def decode_scaled(autoencoder, z: torch.Tensor, scaling_factor: float) -> torch.Tensor:
-    """Images in [-1, 1] (float32) from latents stored scaled, z * scaling_factor, as `dcae latents` writes them
-    and diffusion models generate them."""
-    return autoencoder.decode(z.float() / scaling_factor).float()
-
-
-class LatentDataset(torch.utils.data.Dataset):
+class LatentDataset(CacheDataset):
     """Latents from `dcae latents`: items are (latent C x h x w float32, label int64; -1 when unconditional).
 
     With flipped copies on disk, each item is the flipped latent with probability 1/2, decided by
@@ -396,19 +278,20 @@ class LatentDataset(torch.utils.data.Dataset):
     """
 
     def __init__(
-        self, root: str | os.PathLike, use_flip: bool = True, in_memory: bool | None = None, seed: int = 0
-    ) -> None:
+        self, root: str | os.PathLike, use_flip: bool = True, in_memory: bool | None = None, seed: int = 0,
+        index: CacheIndex | None = None,
+    ) -> None:  # fmt: skip
         self.root = Path(root)
-        self.index = read_index(root)
-        if not self.index.get("complete"):
-            raise UserError(f"{root}: latent extraction has not finished; rerun `dcae latents` to complete it")
-        self.counts = [s["count"] for s in self.index["shards"]]
+        self.index = index or cache.read_index(root)
+        if self.index.latent_shape is None:
+            raise UserError(f"{root}: a cache of resolution buckets; this dataset reads one latent size")
+        self.counts = [s.count for s in self.index.shards]
         self.offsets = np.cumsum([0, *self.counts]).tolist()
-        self.use_flip = use_flip and self.index.get("flip", False)
-        self.conditional = self.index.get("num_classes", 0) > 0
+        self.use_flip = use_flip and self.index.flip
+        self.conditional = self.index.num_classes > 0
         self.seed, self.epoch = seed, 0
         if in_memory is None:
-            nbytes = self.offsets[-1] * int(np.prod(self.index["latent_shape"])) * 4 * (2 if self.use_flip else 1)
+            nbytes = self.offsets[-1] * int(np.prod(self.index.latent_shape)) * 4 * (2 if self.use_flip else 1)
             in_memory = nbytes <= 2 * 1024**3
         self._memory: dict[str, torch.Tensor] | None = self._load_all() if in_memory else None
         self._handles: dict[int, object] = {}
@@ -423,7 +306,7 @@ class LatentDataset(torch.utils.data.Dataset):
     def _open(self, k: int):
         from safetensors import safe_open
 
-        path = self.root / self.index["shards"][k]["file"]
+        path = self.root / self.index.shards[k].file
         try:
             return safe_open(str(path), framework="pt")
         except Exception as exc:  # missing, truncated, a header that lies: the file is named, not the reader
@@ -431,8 +314,8 @@ class LatentDataset(torch.utils.data.Dataset):
 
     def _checked(self, handle, k: int, load: bool = False):
         """The shard's tensors (load) or its handle, after checking that it holds what the index says."""
-        path = self.root / self.index["shards"][k]["file"]
-        n, shape = self.counts[k], list(self.index["latent_shape"])
+        path = self.root / self.index.shards[k].file
+        n, shape = self.counts[k], list(self.index.latent_shape)
         try:
             out = {}
             for key in self._keys():
@@ -462,23 +345,11 @@ class LatentDataset(torch.utils.data.Dataset):
 
     @property
     def num_classes(self) -> int:
-        return int(self.index.get("num_classes", 0))
+        return self.index.num_classes
 
-    @property
-    def conditioning(self) -> Conditioning:
-        """What the index says the latents are conditioned on (class labels, or nothing)."""
-        return from_record(self.index)
-
-    @property
-    def latent_shape(self) -> tuple[int, ...]:
-        return tuple(self.index["latent_shape"])
-
-    def condition(self, rest: list[torch.Tensor], device) -> Condition | None:
+    def condition(self, fields: list[torch.Tensor], device) -> Condition | None:
         """The condition of a batch from the items' other fields (here: the labels)."""
-        return self.conditioning.batch(rest[0], device)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        return self.conditioning.batch(fields[0], device)
 
     def _flip(self, i: int) -> bool:
         return self.use_flip and random.Random((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i).random() < 0.5

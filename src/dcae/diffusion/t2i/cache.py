@@ -4,7 +4,8 @@ Training never runs the text encoder or the autoencoder: both run once here. Ima
 resolution buckets (several aspect ratios at about `resolution`^2 pixels, dcae.data.buckets), each shard
 holds one bucket. Layout of an output folder:
 
-    index.json                  autoencoder, scaling factor, text encoder, token count, buckets, shards, complete
+    index.json                  the cache record (dcae.diffusion.cache): autoencoder, scaling factor, text
+                                encoder, token count, buckets, shards
     captions.jsonl              {"image": name, "caption": ..., "bucket": [h, w]} per item, in shard order
     null_text.safetensors       the empty prompt's encoding (null_emb (L, D), null_mask (L,)): the null condition
     shard-00000.safetensors     latents (N, C, h, w) float32 (times the scaling factor), text_emb (N, L, D),
@@ -16,6 +17,7 @@ that belong to the same plan) and a folder of another plan is refused unless ove
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -28,17 +30,14 @@ import torch
 
 from dcae.data.buckets import assign_buckets, image_sizes
 from dcae.data.captions import Captioned, list_captioned, read_captioned
-from dcae.diffusion.c2i.latents import INDEX_NAME, shard_is_complete
+from dcae.diffusion import cache
+from dcae.diffusion.cache import CacheDataset, CacheIndex, Shard, shard_name
 from dcae.diffusion.conditioning import Text, TextConditioning
 from dcae.errors import NonFiniteError, UserError, brief
-from dcae.utils.io import atomic_save_safetensors, atomic_write_json, atomic_write_text
+from dcae.utils.io import atomic_save_safetensors, atomic_write_text
 
-FORMAT = "dcae-text-latents/1"
 NULL_NAME, CAPTIONS_NAME = "null_text.safetensors", "captions.jsonl"
-
-
-def shard_name(k: int) -> str:
-    return f"shard-{k:05d}.safetensors"
+ALSO = ("text_emb",)  # what a finished shard holds besides the latents
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -76,7 +75,7 @@ def extract_text_latents(
     text_dtype: torch.dtype = torch.float16,
     overwrite: bool = False,
     progress: bool = True,
-) -> dict:
+) -> CacheIndex:
     """Encode every captioned image of `data` (folders with sidecar captions, JSONL / CSV manifests, webdataset
     shards: dcae.data.captions) with the DC-AE `autoencoder` and its caption with the text `encoder`
     (dcae.diffusion.t2i.encoders.TextEncoder) into shards in `out`; returns the index."""
@@ -90,70 +89,47 @@ def extract_text_latents(
     shards = _plan(items, buckets, shard_size)
     if not shards:
         raise UserError(f"no readable captioned image in {data}")
-    model_name = model_name or autoencoder.config.name
+    model_name = cache.recorded_autoencoder(model_name or autoencoder.config.name)
     fingerprint = _fingerprint(model_name, encoder.name, encoder.max_tokens, resolution, patch_size, shard_size,
                                [(items[i].name, items[i].caption) for s in shards for i in s["items"]])  # fmt: skip
-    index = {
-        "format": FORMAT,
-        "model": model_name,
-        "model_config": autoencoder.config.to_dict(),
-        "scaling_factor": float(autoencoder.scaling_factor),
-        "spatial_compression": f,
-        "latent_channels": autoencoder.latent_channels,
-        "resolution": resolution,
-        "patch_size": patch_size,
-        "text_encoder": encoder.name,
-        "caption_channels": encoder.width,
-        "max_tokens": encoder.max_tokens,
-        "num_images": sum(len(s["items"]) for s in shards),
-        "skipped": [f"{s.name}: {s.reason}" for s in getattr(items, "skipped", [])][:100],
-        "shards": [{"file": s["file"], "count": len(s["items"]), "bucket": s["bucket"]} for s in shards],
-        "fingerprint": fingerprint,
-        "complete": False,
-    }
-    _prepare(out, index, items, shards, encoder, overwrite)
+    index = CacheIndex(
+        autoencoder=model_name,
+        autoencoder_config=autoencoder.config.to_dict(),
+        scaling_factor=float(autoencoder.scaling_factor),
+        spatial_compression=f,
+        latent_channels=autoencoder.latent_channels,
+        resolution=resolution,
+        conditioning=TextConditioning(encoder.width, encoder.max_tokens, encoder.name),
+        shards=[Shard(s["file"], len(s["items"]), tuple(s["bucket"])) for s in shards],
+        fingerprint=fingerprint,
+        patch_size=patch_size,
+        data=" ".join(str(d) for d in data) if isinstance(data, (list, tuple)) else str(data),
+        skipped=[s.error for s in getattr(items, "skipped", [])][:100],
+    )
+    cache.start_plan(out, index, overwrite)
+    _write_captions_and_null(out, items, shards, encoder, fingerprint)
     autoencoder = autoencoder.to(device=device, dtype=dtype).eval()
-    total = index["num_images"]
-    todo = [s for s in shards if not _shard_done(out / s["file"], len(s["items"]), fingerprint)]
-    bar = tqdm(total=total, initial=total - sum(len(s["items"]) for s in todo), unit="img",
+    total = index.num_images
+    todo = cache.pending_shards(out, index, ALSO)
+    bar = tqdm(total=total, initial=total - sum(index.shards[k].count for k in todo), unit="img",
                desc=f"t2i cache {out.name}", disable=not progress)  # fmt: skip
-    for s in todo:
+    for k in todo:
+        s = shards[k]
         tensors = _encode_shard(autoencoder, encoder, [items[i] for i in s["items"]], tuple(s["bucket"]),
                                 batch_size, device, dtype, text_dtype, bar)  # fmt: skip
-        meta = {"fingerprint": fingerprint, "bucket": json.dumps(s["bucket"])}
-        atomic_save_safetensors(tensors, out / s["file"], metadata=meta)
+        cache.write_shard(out, index, k, tensors, bucket=json.dumps(s["bucket"]))
     bar.close()
-    index["complete"] = all(_shard_done(out / s["file"], len(s["items"]), fingerprint) for s in shards)
-    atomic_write_json(out / INDEX_NAME, index)
-    return index
+    return cache.finish_plan(out, index, ALSO)
 
 
-def _prepare(out: Path, index: dict, items, shards, encoder, overwrite: bool) -> None:
-    """Refuse a folder of another plan (or clear it with overwrite); write the captions, the null, the index."""
-    path = out / INDEX_NAME
-    if path.exists():
-        try:
-            old = json.loads(path.read_text()).get("fingerprint")
-        except (OSError, ValueError, AttributeError):
-            old = None
-        if old != index["fingerprint"]:
-            if not overwrite:
-                raise UserError(f"{out} holds a cache of another plan (data, captions, models or settings differ); "
-                                "choose another output folder or pass --overwrite")  # fmt: skip
-            for p in out.glob("shard-*.safetensors"):
-                p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+def _write_captions_and_null(out: Path, items, shards, encoder, fingerprint: str) -> None:
+    """captions.jsonl (what each latent shows) and the empty prompt's encoding (the null condition)."""
     lines = [json.dumps({"image": items[i].name, "caption": items[i].caption, "bucket": s["bucket"]})
              for s in shards for i in s["items"]]  # fmt: skip
     atomic_write_text(out / CAPTIONS_NAME, "\n".join(lines) + "\n")
     null_emb, null_mask = encoder.null()
     atomic_save_safetensors({"null_emb": null_emb.float(), "null_mask": null_mask.to(torch.uint8)},
-                            out / NULL_NAME, metadata={"fingerprint": index["fingerprint"]})  # fmt: skip
-    atomic_write_json(path, index)
-
-
-def _shard_done(path: Path, count: int, fingerprint: str) -> bool:
-    return shard_is_complete(path, count, fingerprint, also=("text_emb",))
+                            out / NULL_NAME, metadata={"fingerprint": fingerprint})  # fmt: skip
 
 
 def _encode_shard(autoencoder, encoder, items: list[Captioned], bucket, batch_size, device, dtype, text_dtype, bar):
@@ -174,27 +150,36 @@ def _encode_shard(autoencoder, encoder, items: list[Captioned], bucket, batch_si
 
 
 # ----------------------------------------------------------------------------- reading back
-class TextLatentDataset(torch.utils.data.Dataset):
+class TextLatentDataset(CacheDataset):
     """Items (latent C x h x w float32, text embeddings L x D, mask L) of a `dcae t2i cache` folder, in memory.
     Batches come from one bucket each (`epoch_batches`); `condition` turns a batch's text into a `Text`."""
 
-    def __init__(self, root: str | os.PathLike, seed: int = 0) -> None:
+    def __init__(
+        self, root: str | os.PathLike, use_flip: bool = False, seed: int = 0, index: CacheIndex | None = None
+    ) -> None:  # use_flip: text caches hold no mirrored latents (a caption may say left or right)
         from safetensors.torch import load_file
 
         self.root, self.seed, self.epoch = Path(root), seed, 0
-        self.index = read_text_index(self.root)
+        self.index = index or cache.read_index(self.root)
+        if not isinstance(self.index.conditioning, TextConditioning):
+            raise UserError(f"{root} is a cache of class labels or no condition, not of captions")
         null = _load(self.root / NULL_NAME, load_file)
         self.null_emb, self.null_mask = null["null_emb"], null["null_mask"].long()
-        self.parts = [_load(self.root / s["file"], load_file) for s in self.index["shards"]]
+        self.parts = [_load(self.root / s.file, load_file) for s in self.index.shards]
         self.counts = [len(p["latents"]) for p in self.parts]
         self.offsets = np.cumsum([0, *self.counts]).tolist()
-        for s, p, n in zip(self.index["shards"], self.parts, self.counts):
-            if n != s["count"] or p["text_emb"].shape[1:] != self.null_emb.shape:
-                raise UserError(f"{self.root / s['file']} does not match its index (count or text shape)")
+        for s, p, n in zip(self.index.shards, self.parts, self.counts):
+            if n != s.count or p["text_emb"].shape[1:] != self.null_emb.shape:
+                raise UserError(f"{self.root / s.file} does not match its index (count or text shape)")
 
     @property
     def conditioning(self) -> TextConditioning:
-        return TextConditioning(int(self.index["caption_channels"]), int(self.index["max_tokens"]))
+        """The cache's text conditioning, able to encode prompts with the encoder it was made with (loaded on
+        first use; sample grids encode their prompts through it)."""
+        from dcae.diffusion.t2i.encoders import encoder_for
+
+        c = self.index.conditioning
+        return dataclasses.replace(c, encode=encoder_for(c))
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -205,16 +190,13 @@ class TextLatentDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.offsets[-1]
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def __getitem__(self, i: int):
         k = bisect_right(self.offsets, i) - 1
         p, j = self.parts[k], i - self.offsets[k]
         return p["latents"][j].float(), p["text_emb"][j], p["text_mask"][j].long()
 
-    def condition(self, rest: list[torch.Tensor], device) -> Text:
-        emb, mask = rest  # stored in half precision: the network takes fp32 (autocast casts where it runs)
+    def condition(self, fields: list[torch.Tensor], device) -> Text:
+        emb, mask = fields  # stored in half precision: the network takes fp32 (autocast casts where it runs)
         return Text(
             emb.to(device).float(), mask.to(device), self.null_emb.to(device).float(), self.null_mask.to(device)
         )
@@ -225,8 +207,8 @@ class TextLatentDataset(torch.utils.data.Dataset):
         rng = random.Random(seed * 100_003 + epoch)
         batches = []
         by_bucket: dict[tuple, list[int]] = {}  # a bucket may span several shards
-        for k, s in enumerate(self.index["shards"]):
-            by_bucket.setdefault(tuple(s["bucket"]), []).extend(range(self.offsets[k], self.offsets[k + 1]))
+        for k, s in enumerate(self.index.shards):
+            by_bucket.setdefault(s.bucket, []).extend(range(self.offsets[k], self.offsets[k + 1]))
         for bucket in sorted(by_bucket):
             idx = by_bucket[bucket]
             rng.shuffle(idx)
@@ -240,27 +222,3 @@ def _load(path: Path, load_file) -> dict:
         return load_file(str(path))
     except Exception as exc:
         raise UserError(f"cannot read {path}: {type(exc).__name__}: {brief(exc)}") from None
-
-
-def read_text_index(root: Path) -> dict:
-    path = Path(root) / INDEX_NAME
-    if not path.exists():
-        raise UserError(f"{root} is not a text-to-image cache (no {INDEX_NAME}); create one with `dcae t2i cache`")
-    try:
-        index = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: cannot read the index ({type(exc).__name__}: {exc})") from None
-    if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise UserError(f"{path}: not a text-to-image cache (format {FORMAT} expected)")
-    if not index.get("complete"):
-        raise UserError(f"{root}: the cache is not complete; rerun `dcae t2i cache` to finish it")
-    shards = index.get("shards")
-    ok = isinstance(shards, list) and shards and all(
-        isinstance(s, dict) and isinstance(s.get("file"), str) and Path(s["file"]).name == s["file"]
-        and type(s.get("count")) is int and isinstance(s.get("bucket"), list) for s in shards
-    )  # fmt: skip
-    for key in ("caption_channels", "max_tokens"):
-        ok = ok and type(index.get(key)) is int and index[key] > 0
-    if not ok:
-        raise UserError(f"{path}: damaged index (shards, caption_channels or max_tokens); rerun `dcae t2i cache`")
-    return index

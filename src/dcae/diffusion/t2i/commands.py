@@ -16,7 +16,16 @@ from pathlib import Path
 
 from dcae.diffusion.t2i.sampling import add_sampling_options, check_model_source, generate_images
 from dcae.errors import UserError
-from dcae.utils.cliargs import IntermixedParser
+from dcae.utils.cliargs import (
+    IntermixedParser,
+    add_batch_size,
+    add_device,
+    add_dtype,
+    add_output,
+    add_overwrite,
+    add_solver,
+    positive_int,
+)
 
 
 # ----------------------------------------------------------------------------- dcae t2i cache
@@ -41,9 +50,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
         patch_size=args.patch_size, batch_size=args.batch_size, shard_size=args.shard_size, device=device,
         dtype=resolve_dtype(args.dtype), overwrite=args.overwrite,
     )  # fmt: skip
-    buckets = sorted({tuple(s["bucket"]) for s in index["shards"]})
-    print(f"{index['num_images']} captioned images in {len(buckets)} bucket(s) {buckets} latents, "
-          f"{index['max_tokens']} x {index['caption_channels']} text embeddings: {args.output}")  # fmt: skip
+    c = index.conditioning
+    print(f"{index.num_images} captioned images in {len(index.buckets)} bucket(s) {index.buckets} latents, "
+          f"{c.max_tokens} x {c.caption_channels} text embeddings: {args.output}")  # fmt: skip
     return 0
 
 
@@ -110,6 +119,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- the parser
 def register(sub: argparse._SubParsersAction) -> None:
     from dcae.diffusion.commands import cmd_train
+    from dcae.diffusion.t2i.pipeline import EXPORT_SOLVERS
 
     p = sub.add_parser("t2i", help="text-to-image on DC-AE latents: cache, train, sample (SANA-style)")
     tsub = p.add_subparsers(dest="t2i_command", metavar="WHAT")
@@ -118,16 +128,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="folders with sidecar captions, JSONL/CSV manifests, webdataset .tar")  # fmt: skip
     c.add_argument("--model", required=True, help="autoencoder: zoo name, Hub id, local folder or weight file")
     c.add_argument("--text-encoder", required=True, help="Hub id or folder (Gemma-2, T5, Qwen2, CLIP, BERT-like)")
-    c.add_argument("-o", "--output", required=True, help="output folder; reruns resume")
+    add_output(c, "output folder; reruns resume")
     c.add_argument("--resolution", type=int, default=512, help="bucket base resolution (about R^2 pixels)")
     c.add_argument("--patch-size", type=int, default=1, help="the network's patch size (bucket sizes divide by f*p)")
-    c.add_argument("--max-tokens", type=int, help="tokens per prompt (default 300, as SANA; CLIP: 77)")
-    c.add_argument("--batch-size", type=int, default=16)
-    c.add_argument("--shard-size", type=int, default=1024)
-    c.add_argument("--device", default="auto")
-    c.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autoencoder dtype")
-    c.add_argument("--text-dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="text encoder dtype")
-    c.add_argument("--overwrite", action="store_true", help="replace a cache of another plan")
+    c.add_argument("--max-tokens", type=positive_int, help="tokens per prompt (default 300, as SANA; CLIP: 77)")
+    add_batch_size(c, 16, "images (and their captions) per encoding batch")
+    c.add_argument("--shard-size", type=positive_int, default=1024, help="latents per shard file (default 1024)")
+    add_device(c)
+    add_dtype(c, "autoencoder")
+    add_dtype(c, "text encoder", flag="--text-dtype")
+    add_overwrite(c, "replace a cache of another plan")
     c.set_defaults(func=cmd_cache)
 
     t = tsub.add_parser("train", help="train a SANA-style model on a `dcae t2i cache` folder (resumes)",
@@ -142,18 +152,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     e = tsub.add_parser("export", help="a diffusers SANA pipeline folder from a text-to-image run of ours")
     e.add_argument("--ckpt", required=True, help="run folder or checkpoint")
-    e.add_argument("-o", "--output", required=True, help="the pipeline folder")
-    e.add_argument("--solver", default="euler", choices=["euler", "heun", "dpm++"], help="its scheduler")
+    add_output(e, "the pipeline folder")
+    add_solver(e, EXPORT_SOLVERS, default="euler", what="its scheduler")
     e.add_argument("--shift", type=float, default=1.0, help="the scheduler's flow shift")
     e.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
-    e.add_argument("--overwrite", action="store_true")
+    add_overwrite(e, "replace an existing pipeline folder")
     e.set_defaults(func=cmd_export)
 
     s = tsub.add_parser("sample", help="images from prompts with a text-to-image model")
     s.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     s.add_argument("--prompts", help="a file with one prompt per line")
-    s.add_argument("-o", "--output", required=True, help="output folder: images/, grid.png, samples.json")
-    s.add_argument("--per-prompt", type=int, default=1, help="images per prompt (default 1)")
+    add_output(s, "output folder: images/, grid.png, samples.json")
+    s.add_argument("--per-prompt", type=positive_int, default=1, help="images per prompt (default 1)")
     s.add_argument("--grid", type=int, default=16, help="images in grid.png (0: none)")
     add_sampling_options(s)
     s.set_defaults(func=cmd_sample)

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from dcae.diffusion.conditioning import Text
+from dcae.diffusion.conditioning import Text, TextConditioning
 from dcae.errors import MissingInputError, UserError, brief
 from dcae.utils.devices import resolve_device, resolve_dtype
 
@@ -321,3 +321,19 @@ class TextEncoder:
             warnings.warn(f"{self.name}: prompts are cut to {length} tokens: {len(over)} of {len(prompts)} prompts "
                           f"lost {sum(over)} tokens (at most {max(over)} from one); this is warned once per encoder",
                           PromptTruncatedWarning, stacklevel=4)  # fmt: skip
+
+
+def encoder_for(conditioning: TextConditioning, device: str | torch.device = "cpu"):
+    """`prompts -> Text` with the text encoder a text conditioning names (a cache's), loaded on the first call
+    and kept: what `TextConditioning.encode` takes."""
+    loaded: list[TextEncoder] = []
+
+    def encode(prompts: list[str]) -> Text:
+        if not conditioning.text_encoder:
+            raise UserError("the cache records no text encoder")
+        if not loaded:
+            loaded.append(TextEncoder.from_pretrained(conditioning.text_encoder, device=device,
+                                                      max_tokens=conditioning.max_tokens))  # fmt: skip
+        return loaded[0].encode(prompts)
+
+    return encode

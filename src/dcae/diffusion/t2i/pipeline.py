@@ -4,7 +4,7 @@
 
 An exported folder: transformer/ (the EMA weights, `nets.sana.save_diffusers`), vae/ (the checkpoint's autoencoder
 in AutoencoderDC's format, its `scaling_factor` set to the one the latents were scaled with: SanaPipeline decodes
-`latents / vae.config.scaling_factor`, as `latents.decode_scaled`), text_encoder/ + tokenizer/ (the cache's
+`latents / vae.config.scaling_factor`, as `cache.decode_scaled`), text_encoder/ + tokenizer/ (the cache's
 encoder, its files copied), scheduler/ and model_index.json (written last, so a folder without it is an
 interrupted export), each file written atomically.
 
@@ -43,6 +43,7 @@ SCHEDULERS = {
     "FlowMatchHeunDiscreteScheduler": ("heun", "shift"),
     "DPMSolverMultistepScheduler": ("dpm++", "flow_shift"),  # SANA's release: DPM-Solver++(2M) on flow sigmas
 }
+EXPORT_SOLVERS = tuple(solver for solver, _ in SCHEDULERS.values())  # `dcae t2i export --solver`
 _MODEL_FILES = ("config.json", "generation_config.json", "model*.safetensors*")
 _TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
                     "spiece.model", "sentencepiece.bpe.model", "chat_template.*")  # fmt: skip
@@ -99,7 +100,7 @@ def _scheduler_config(solver: str, shift: float) -> dict:
 
     name = next((k for k, (s, _) in SCHEDULERS.items() if s == solver), None)
     if name is None:
-        raise UserError(f"solver {solver!r} has no diffusers scheduler here; choose euler, heun or dpm++")
+        raise UserError(f"solver {solver!r} has no diffusers scheduler here; choose {', '.join(EXPORT_SOLVERS)}")
     config = {"_class_name": name, "_diffusers_version": _diffusers_version(), "num_train_timesteps": 1000}
     if solver == "dpm++":  # as SANA's released pipelines
         return config | {"flow_shift": shift, "use_flow_sigmas": True, "prediction_type": "flow_prediction",
@@ -130,19 +131,18 @@ def export_pipeline(checkpoint_or_run: str | Path, folder: str | Path, overwrite
     if not isinstance(model, SanaTransformer) or not isinstance(process, FlowMatching):
         what = meta["model_args"].get("name")
         raise UserError(f"{meta['path']}: a SanaPipeline needs a SANA flow-matching text-to-image model, not {what}")
-    lat = meta["latents"] or {}
-    missing = [k for k in ("model", "scaling_factor", "text_encoder", "max_tokens") if lat.get(k) is None]
-    if missing:
-        raise UserError(f"{meta['path']}: the checkpoint does not record the latents' {', '.join(missing)}")
-    model_dir, tok_dir = _folders(lat["text_encoder"])
+    lat = meta["latents"]
+    if lat.kind != "text" or not lat.text_encoder:
+        raise UserError(f"{meta['path']}: the checkpoint records no text encoder of its latents")
+    model_dir, tok_dir = _folders(lat.text_encoder)
     classes = _encoder_classes(model_dir, tok_dir)
 
     written: set[Path] = set()
     folder.mkdir(parents=True, exist_ok=True)
     save_diffusers(model, folder / "transformer", overwrite=True)
     written |= {folder / "transformer" / n for n in ("config.json", "diffusion_pytorch_model.safetensors")}
-    ae = DCAE.from_pretrained(lat["model"])
-    ae.config = dataclasses.replace(ae.config, scaling_factor=float(lat["scaling_factor"]))  # a copy: the zoo's
+    ae = DCAE.from_pretrained(lat.autoencoder)
+    ae.config = dataclasses.replace(ae.config, scaling_factor=lat.scaling_factor)  # a copy: the zoo's
     ae.save_pretrained(folder / "vae", format="diffusers", overwrite=True)
     written |= {folder / "vae" / n for n in ("config.json", "diffusion_pytorch_model.safetensors")}
     weights = _matching(model_dir, _MODEL_FILES)
@@ -159,9 +159,9 @@ def export_pipeline(checkpoint_or_run: str | Path, folder: str | Path, overwrite
             if p.is_file() and p not in written:
                 p.unlink()
     sample = meta["config"].get("sample", {})
-    record = {"checkpoint": meta["path"], "step": meta["step"], "ema": use_ema, "autoencoder": str(lat["model"]),
-              "text_encoder": str(lat["text_encoder"]), "max_tokens": int(lat["max_tokens"]), "instruction": None,
-              "resolution": lat.get("resolution"), "solver": solver, "shift": float(shift),
+    record = {"checkpoint": meta["path"], "step": meta["step"], "ema": use_ema, "autoencoder": lat.autoencoder,
+              "text_encoder": lat.text_encoder, "max_tokens": lat.conditioning.max_tokens, "instruction": None,
+              "resolution": lat.resolution, "solver": solver, "shift": float(shift),
               "steps": sample.get("steps"), "guidance_scale": sample.get("cfg_scale")}  # fmt: skip
     atomic_write_json(folder / "model_index.json", {
         "_class_name": "SanaPipeline", "_diffusers_version": _diffusers_version(), "_dcae": record,

@@ -8,6 +8,7 @@ import argparse
 from pathlib import Path
 
 from dcae.errors import UserError
+from dcae.utils.cliargs import add_batch_size, add_device, add_dtype, add_overwrite, add_seed, add_solver, positive_int
 
 
 def check_model_source(args: argparse.Namespace) -> None:
@@ -46,7 +47,6 @@ def generate_images(args: argparse.Namespace, values: list[str], out: Path) -> t
 
 def _load_for_sampling(args, device) -> dict:
     """Network, process, text encoder, autoencoder and settings from one of our checkpoints or a pipeline."""
-    from dcae.diffusion.conditioning import TextConditioning
     from dcae.diffusion.t2i.encoders import TextEncoder
     from dcae.diffusion.train.checkpoint import conditioning_of, load_checkpoint
     from dcae.models import DCAE
@@ -63,19 +63,19 @@ def _load_for_sampling(args, device) -> dict:
         defaults = {"solver": p.solver, "steps": p.steps, "cfg": p.guidance_scale}
     else:
         model, process, meta = load_checkpoint(args.ckpt, use_ema=not args.no_ema, device=device)
-        conditioning, lat = conditioning_of(meta), meta["latents"] or {}
-        if not isinstance(conditioning, TextConditioning):
+        conditioning, lat = conditioning_of(meta), meta["latents"]
+        if conditioning.kind != "text":
             raise UserError(f"{meta['path']} is not a text-to-image model; sample it with `dcae sample`")
-        source = args.text_encoder or lat.get("text_encoder")
+        source = args.text_encoder or lat.text_encoder
         encoder = TextEncoder.from_pretrained(source, device=device, max_tokens=conditioning.max_tokens)
         if encoder.width != conditioning.caption_channels:
             raise UserError(f"text encoder {source} gives {encoder.width}-wide tokens; the model takes "
-                            f"{conditioning.caption_channels} ({lat.get('text_encoder')})")  # fmt: skip
-        ae = DCAE.from_pretrained(args.autoencoder or lat.get("model"))
-        scaling, shift, resolution = float(lat.get("scaling_factor") or ae.scaling_factor), 1.0, lat.get("resolution")
+                            f"{conditioning.caption_channels} ({lat.text_encoder})")  # fmt: skip
+        ae = DCAE.from_pretrained(args.autoencoder or lat.autoencoder)
+        scaling, shift, resolution = lat.scaling_factor, 1.0, lat.resolution
         if args.autoencoder and abs(ae.scaling_factor - scaling) > 1e-6 * scaling:
             raise UserError(f"--autoencoder {args.autoencoder} has scaling factor {ae.scaling_factor:g}; the model "
-                            f"was trained on latents scaled by {scaling:g} ({lat.get('model')})")  # fmt: skip
+                            f"was trained on latents scaled by {scaling:g} ({lat.autoencoder})")  # fmt: skip
         settings = {"checkpoint": meta["path"], "step": meta["step"], "ema": not args.no_ema}
         defaults = {"solver": "euler", "steps": 20, "cfg": 4.5}
     if ae.latent_channels != model.in_channels:
@@ -108,18 +108,20 @@ def _latent_size(text: str | None, resolution: int | None, compression: int, pat
 
 def add_sampling_options(s: argparse.ArgumentParser) -> None:
     """The model and sampling options of `dcae t2i sample` (also those of `dcae t2i eval`)."""
+    from dcae.diffusion.processes.sampling import FLOW_MODEL_SOLVERS
+
     s.add_argument("--ckpt", help="our text-to-image run folder or checkpoint")
     s.add_argument("--model", help="a diffusers SANA pipeline: folder or Hub id")
     s.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the pipeline's, else 4.5)")
-    s.add_argument("--steps", type=int, help="solver steps (default: the pipeline's, else 20)")
-    s.add_argument("--solver", default="auto", choices=["auto", "euler", "heun", "dpm++", "ddim"])
+    s.add_argument("--steps", type=positive_int, help="solver steps (default: the pipeline's, else 20)")
+    add_solver(s, FLOW_MODEL_SOLVERS, what="auto: the pipeline's, else euler")
     s.add_argument("--shift", type=float, help="flow shift of the time grid (default: the model's)")
     s.add_argument("--size", help="HEIGHTxWIDTH in pixels (default: the training resolution, square)")
-    s.add_argument("--seed", type=int, default=0, help="image i's noise is seeded by (seed, i)")
-    s.add_argument("--batch-size", type=int, default=4)
+    add_seed(s, "image i's noise is seeded by (seed, i)")
+    add_batch_size(s, 4, "images per batch")
     s.add_argument("--text-encoder", help="override the text encoder the checkpoint records")
     s.add_argument("--autoencoder", help="override the autoencoder the checkpoint records")
     s.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
-    s.add_argument("--device", default="auto")
-    s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    s.add_argument("--overwrite", action="store_true", help="replace existing images")
+    add_device(s)
+    add_dtype(s, "diffusion model compute", fp16=False)
+    add_overwrite(s, "replace existing images")

@@ -1,8 +1,9 @@
 """A diffusion run's checkpoints (`out/checkpoints/step_XXXXXXX.pt`) and the model and process they describe.
 
 A checkpoint holds: model and EMA weights (each a full state dict), optimizer, step, every process's RNG
-state, the config, the model's arguments (`model_args`, with `num_classes` saying its conditioning) and what
-the latents index says about the data (`latents`: the autoencoder that decodes samples, class names, ...).
+state, the config, the model's arguments (`model_args`: name, sizes, overrides and the conditioning as a spec) and
+the summary of the latent cache it trained on (`latents`: dcae.diffusion.cache.CacheIndex without the shards: the
+autoencoder that decodes samples and its scaling factor, class names or the text encoder, ...).
 """
 
 from __future__ import annotations
@@ -11,19 +12,16 @@ from pathlib import Path
 
 import torch
 
-from dcae.diffusion.conditioning import Conditioning, from_record
+from dcae.diffusion.cache import CacheIndex
+from dcae.diffusion.conditioning import Conditioning, from_record, from_spec
 from dcae.diffusion.nets import create_diffusion_model
 from dcae.diffusion.processes.ddpm import GaussianDiffusion
 from dcae.diffusion.processes.flow import FlowMatching
-from dcae.diffusion.train.config import DiffusionConfig
+from dcae.diffusion.train.config import DiffusionConfig, recorded_config
 from dcae.errors import UserError, brief
 from dcae.runtime import checkpoint as ckpt
 
 DIGITS = 7  # step_0000100.pt
-# What a checkpoint records of the latent folder: enough to decode samples and to know the data.
-LATENT_META_KEYS = ("model", "model_config", "scaling_factor", "resolution", "latent_shape", "num_classes",
-                    "class_names", "class_ids", "spatial_compression", "text_encoder", "max_tokens",
-                    "caption_channels")  # fmt: skip
 
 
 def checkpoint_path(out: str | Path, step: int) -> Path:
@@ -48,19 +46,33 @@ def latest_checkpoint(path: str | Path) -> Path:
 
 def make_process(d: DiffusionConfig, learn_sigma: bool = False) -> FlowMatching | GaussianDiffusion:
     if d.objective == "flow":
-        return FlowMatching(t_sampling=d.t_sampling, cond_dropout=d.label_dropout)
-    return GaussianDiffusion(beta_schedule=d.beta_schedule, learn_sigma=learn_sigma, cond_dropout=d.label_dropout)
+        return FlowMatching(t_sampling=d.t_sampling, cond_dropout=d.cond_dropout)
+    return GaussianDiffusion(beta_schedule=d.beta_schedule, learn_sigma=learn_sigma, cond_dropout=d.cond_dropout)
+
+
+def normalized_model_args(model_args: dict) -> dict:
+    """Model arguments as this version records them: the conditioning once, as a spec. Checkpoints of earlier
+    versions recorded `num_classes` instead, and a text model's caption width and token count also among the
+    overrides; read that way, they resume and compare equal to what the same config builds now."""
+    a = dict(model_args)
+    spec = from_record(a).spec()
+    a.pop("num_classes", None)
+    a["overrides"] = {
+        k: v for k, v in (a.get("overrides") or {}).items() if k not in ("caption_channels", "max_tokens")
+    }
+    a["conditioning"] = spec
+    return a
 
 
 def build_model(model_args: dict) -> torch.nn.Module:
-    a = dict(model_args)
-    a.pop("conditioning", None)  # text models: recorded for readers, built from the overrides
-    return create_diffusion_model(a.pop("name"), **{**a.pop("overrides", {}), **a})
+    a = normalized_model_args(model_args)
+    conditioning = from_spec(a.pop("conditioning"))
+    return create_diffusion_model(a.pop("name"), **{**a.pop("overrides"), **a, **conditioning.network_args()})
 
 
 def conditioning_of(meta: dict) -> Conditioning:
     """The conditioning of a checkpoint's model (from `load_checkpoint`'s metadata)."""
-    return from_record(meta["model_args"])
+    return from_spec(normalized_model_args(meta["model_args"])["conditioning"])
 
 
 def load_checkpoint(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"):
@@ -72,15 +84,20 @@ def load_checkpoint(path: str | Path, use_ema: bool = True, device: str | torch.
     try:  # what the checkpoint records builds the model, the process and the metadata, or it is damaged
         model = build_model(state["model_args"])
         model.load_state_dict(state["ema" if use_ema else "model"])
-        process = make_process(DiffusionConfig(**state["config"]["diffusion"]), state["model_args"]["learn_sigma"])
-        meta = {k: state[k] for k in ("step", "config", "model_args", "latents")}
-        if type(meta["step"]) is not int or not isinstance(meta["latents"], dict | None):
-            raise ValueError("step or latents of the wrong type")
+        config = recorded_config(state["config"])  # older checkpoints: the old key names
+        process = make_process(DiffusionConfig(**config["diffusion"]), state["model_args"]["learn_sigma"])
+        meta = {k: state[k] for k in ("step", "config", "model_args")}
+        meta["config"] = config
+        if type(meta["step"]) is not int:
+            raise ValueError("step of the wrong type")
         conditioning_of(meta)
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, UserError) as exc:
         raise UserError(
             f"{path}: damaged `dcae diffusion train` checkpoint ({type(exc).__name__}: {brief(exc)})"
         ) from None
+    # What the model was trained on: the autoencoder and its scaling factor (no default: a record without one is
+    # an error naming the checkpoint), the latent size, the classes or the text encoder.
+    meta["latents"] = CacheIndex.from_json(state.get("latents"), f"{path}: latents", shards=False)
     model.to(device).eval()
     meta["path"] = str(path)
     return model, process, meta

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -23,14 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dcae.diffusion.c2i.latents import LatentDataset
-from dcae.diffusion.conditioning import Condition, Conditioning, chunk, from_record
+from dcae.diffusion.cache import CacheDataset
+from dcae.diffusion.conditioning import Condition, Conditioning, chunk
 from dcae.diffusion.nets import set_grad_checkpointing
-from dcae.diffusion.t2i.cache import TextLatentDataset
 from dcae.diffusion.train import checkpoint as run_ckpt
 from dcae.diffusion.train.config import TrainConfig, config_to_dict, validate_config
+from dcae.diffusion.train.data import data_batches, open_cache
 from dcae.diffusion.train.samples import AutoencoderCache, grid_condition, sample_grid
 from dcae.errors import NonFiniteError, UserError
+from dcae.runtime import batch as global_batch
 from dcae.runtime import checkpoint as ckpt
 from dcae.runtime.accelerator import make_accelerator
 from dcae.runtime.config import dump_yaml
@@ -63,40 +63,13 @@ def accumulate_gradients(accelerator, train_model, model, process, x, cond: Cond
     return total
 
 
-def epoch_batches(ds, epoch: int, seed: int, batch_size: int) -> list[list[int]]:
-    """The global batches of an epoch: the dataset's own plan (one bucket per batch for text latents), else
-    perm[b*B:(b+1)*B] of a permutation seeded by (seed, epoch)."""
-    if hasattr(ds, "epoch_batches"):
-        return ds.epoch_batches(epoch, seed, batch_size)
-    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-    return [perm[b * batch_size : (b + 1) * batch_size] for b in range(len(ds) // batch_size)]
-
-
-def data_batches(ds, batch_size: int, seed: int, rank: int, world: int, start_step: int, num_workers: int = 0):
-    """Yield this process's (latents, *condition fields) for steps start_step, start_step + 1, ...: rank r
-    takes the r-th slice of each global batch of the epoch (`epoch_batches`)."""
-    per_proc = batch_size // world
-    steps_per_epoch = len(epoch_batches(ds, 0, seed, batch_size))
-    if steps_per_epoch == 0:
-        raise UserError(f"the dataset has {len(ds)} latents, fewer than one batch of {batch_size}: lower batch_size")
-    epoch, offset = divmod(start_step, steps_per_epoch)
-    while True:
-        ds.set_epoch(epoch)
-        plan = epoch_batches(ds, epoch, seed, batch_size)
-        batches = [plan[b][rank * per_proc : (rank + 1) * per_proc] for b in range(offset, len(plan))]
-        yield from torch.utils.data.DataLoader(
-            ds, batch_sampler=batches, num_workers=num_workers, pin_memory=torch.cuda.is_available()
-        )
-        epoch, offset = epoch + 1, 0
-
-
 @dataclass
 class _Run:
     """Everything one training run holds: config, accelerator, data, model, EMA, optimizer, output paths."""
 
     cfg: TrainConfig
     accelerator: object
-    ds: LatentDataset | TextLatentDataset
+    ds: CacheDataset
     conditioning: Conditioning
     grid_cond: Condition | None
     model_args: dict
@@ -108,7 +81,7 @@ class _Run:
 
     @property
     def out(self) -> Path:
-        return Path(self.cfg.out)
+        return Path(self.cfg.out_dir)
 
     @property
     def main(self) -> bool:
@@ -127,9 +100,9 @@ class _Run:
                 "rng": rng,
                 "config": config_to_dict(self.cfg),
                 "model_args": self.model_args,
-                "latents": {k: self.ds.index.get(k) for k in run_ckpt.LATENT_META_KEYS},
+                "latents": self.ds.index.summary(),
             }
-            ckpt.save_checkpoint(state, path, self.cfg.keep_last)
+            ckpt.save_checkpoint(state, path, self.cfg.checkpoint.keep_last)
             plot_curves({"train": read_log(self.out / "log.csv")}, self.out / "loss.png", "diffusion training")
         self.accelerator.wait_for_everyone()
         return path
@@ -146,7 +119,7 @@ class _Run:
 
         if self.main:
             ae = autoencoders.get()
-            scaling = float(self.ds.index.get("scaling_factor", 1.0))
+            scaling = self.ds.index.scaling_factor
             with self.accelerator.autocast():
                 imgs = sample_grid(self.ema_model(), self.process, self.grid_cond, self.cfg.sample,
                                    self.ds.latent_shape, self.accelerator.device, ae, scaling)  # fmt: skip
@@ -163,19 +136,16 @@ class _Run:
 def _setup(cfg: TrainConfig) -> tuple[_Run, int]:
     """Build (or resume) a run; returns it and the step it starts at."""
     validate_config(cfg)
-    check_output_dir(cfg.out, "out folder")  # before anything is loaded: a file there is one error line
+    check_output_dir(cfg.out_dir, "out_dir")  # before anything is loaded: a file there is one error line
     accelerator = make_accelerator(cfg.mixed_precision)
     rank, world, accum = accelerator.process_index, accelerator.num_processes, cfg.grad_accum
-    if cfg.batch_size % (world * accum):
-        raise UserError(
-            f"batch_size {cfg.batch_size} is not divisible by the {world} processes x {accum} accumulation steps"
-        )
+    global_batch.micro_batch(cfg.batch_size, world, accum)  # or a one-line error naming batch_size
     torch.manual_seed(cfg.seed + rank)
-    ds = open_dataset(cfg)
+    ds = open_cache(cfg.data, seed=cfg.seed, use_flip=cfg.use_flip)
     model_args = _model_args(cfg, ds)
     model = run_ckpt.build_model(model_args)
-    set_grad_checkpointing(model, cfg.model.grad_checkpointing)
-    ema = EMA(model, cfg.optim.ema_decay, warmup=cfg.optim.ema_warmup)
+    set_grad_checkpointing(model, cfg.model.gradient_checkpointing)
+    ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup)
     process = run_ckpt.make_process(cfg.diffusion, cfg.model.learn_sigma)
     opt = torch.optim.AdamW(
         model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
@@ -185,61 +155,39 @@ def _setup(cfg: TrainConfig) -> tuple[_Run, int]:
     if accelerator.is_main_process:
         print(
             f"{world} process(es) ({accelerator.distributed_type}, {accelerator.device}, mixed precision "
-            f"{accelerator.mixed_precision}); {len(ds)} latents, batch {cfg.batch_size} = {world} x {accum} x "
-            f"{cfg.batch_size // (world * accum)}",
+            f"{accelerator.mixed_precision}); {len(ds)} latents, {global_batch.describe(cfg.batch_size, world, accum)}",
             file=sys.stderr,
         )
     ema.to(accelerator.device)
     model, opt = accelerator.prepare(model, opt)
-    conditioning = from_record(model_args)
+    conditioning = ds.conditioning
     main = accelerator.is_main_process
-    grid_cond = grid_condition(conditioning, ds, cfg.sample, accelerator.device) if main else None
+    grid_cond = grid_condition(conditioning, cfg.sample, accelerator.device) if main else None
     run = _Run(cfg, accelerator, ds, conditioning, grid_cond, model_args, model, accelerator.unwrap_model(model),
                ema, opt, process)  # fmt: skip
     return run, step
 
 
-def open_dataset(cfg: TrainConfig):
-    """The latents of `cfg.data`: a `dcae latents` folder (class labels or none) or a `dcae t2i cache` (text)."""
-    from dcae.diffusion.t2i.cache import FORMAT as TEXT_FORMAT
-
-    index = Path(cfg.data) / "index.json"
-    try:
-        text = json.loads(index.read_text()).get("format") == TEXT_FORMAT
-    except (OSError, ValueError, AttributeError):
-        text = False  # LatentDataset names what is wrong
-    if text:
-        return TextLatentDataset(cfg.data, seed=cfg.seed)
-    return LatentDataset(cfg.data, use_flip=cfg.use_flip, seed=cfg.seed)
-
-
-def _model_args(cfg: TrainConfig, ds) -> dict:
-    """What builds the network, recorded in every checkpoint (and compared on resume)."""
+def _model_args(cfg: TrainConfig, ds: CacheDataset) -> dict:
+    """What builds the network, recorded in every checkpoint (and compared on resume): the name, sizes and
+    overrides of the config, the latent channels and size and the conditioning of the cache."""
     C, H, W = ds.latent_shape
-    args = {"name": cfg.model.name, "in_channels": C, "input_size": H}
-    if isinstance(ds, TextLatentDataset):  # any bucket size runs; the width and token count come from the cache
-        c = ds.conditioning
-        overrides = {**cfg.model.overrides, "caption_channels": c.caption_channels, "max_tokens": c.max_tokens}
-        return {**args, "num_classes": 0, "learn_sigma": cfg.model.learn_sigma, "overrides": overrides,
-                "conditioning": c.spec()}  # fmt: skip
-    if H != W:
-        raise UserError(f"latents must be square, got {H}x{W}")
-    return {**args, "num_classes": ds.conditioning.num_classes, "learn_sigma": cfg.model.learn_sigma,
-            "overrides": dict(cfg.model.overrides)}  # fmt: skip
+    return {"name": cfg.model.name, "in_channels": C, "input_size": H, "learn_sigma": cfg.model.learn_sigma,
+            "overrides": dict(cfg.model.overrides), "conditioning": ds.conditioning.spec()}  # fmt: skip
 
 
 def _resume(cfg: TrainConfig, model_args: dict, model, ema: EMA, opt, rank: int, main: bool) -> int:
     """Load the checkpoint `cfg.resume` asks for (newest in `out` for "auto"); the step to continue from."""
     resume_from = None
     if cfg.resume == "auto":
-        resume_from = next(reversed(run_ckpt.list_checkpoints(cfg.out)), None)
+        resume_from = next(reversed(run_ckpt.list_checkpoints(cfg.out_dir)), None)
     elif cfg.resume not in ("none", ""):
         resume_from = run_ckpt.latest_checkpoint(cfg.resume)
     if resume_from is None:
         return 0
     state = ckpt.load_checkpoint(resume_from)
     with ckpt.restoring(resume_from):
-        if state["model_args"] != model_args:
+        if run_ckpt.normalized_model_args(state["model_args"]) != model_args:
             raise UserError(
                 f"{resume_from} was trained with {state['model_args']}, this config builds {model_args}; "
                 "use another `out` folder or resume=none"
@@ -260,7 +208,7 @@ def _start_outputs(run: _Run, step: int) -> Logger | None:
         return None
     run.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run.out / "config.yaml", dump_yaml(run.cfg))
-    return Logger(run.out, LOG_COLUMNS, step if step > 0 else None, run.cfg.tensorboard)
+    return Logger(run.out, LOG_COLUMNS, step if step > 0 else None, run.cfg.log.tensorboard)
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
@@ -274,7 +222,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         match_inductor_to_aten_isa()
     train_model = torch.compile(model) if cfg.compile else model
     logger = _start_outputs(run, step)
-    autoencoders = AutoencoderCache(run.ds.index.get("model") if cfg.sample.decode else None, device)
+    autoencoders = AutoencoderCache(run.ds.index.autoencoder if cfg.sample.decode else None, device)
 
     batches = data_batches(run.ds, cfg.batch_size, cfg.seed, rank, acc.num_processes, step, cfg.num_workers)
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
@@ -300,7 +248,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         window_n += 1
         bar.update(1)
 
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
+        if step % cfg.log.every == 0 or step == cfg.max_steps:
             mean_loss = acc.reduce(window_loss / window_n, reduction="mean").item()
             if not np.isfinite(mean_loss):  # checked here, not every step: no GPU sync per step
                 raise NonFiniteError(
@@ -314,7 +262,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                 logger.log({"step": step, "loss": mean_loss, "grad_norm": float(grad_norm), "lr": lr,
                             "img_per_s": img_s, "elapsed_s": time.perf_counter() - t_start})  # fmt: skip
             window_loss, window_n = 0.0, 0
-        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+        if step % cfg.checkpoint.every == 0 or step == cfg.max_steps:
             last_ckpt = run.save_checkpoint(step)
         if (cfg.sample.every and step % cfg.sample.every == 0) or step == cfg.max_steps:
             run.save_samples(step, autoencoders)
@@ -324,5 +272,5 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     if logger is not None:
         logger.close()
     if last_ckpt is None and run.main:
-        last_ckpt = next(reversed(run_ckpt.list_checkpoints(cfg.out)), None)
+        last_ckpt = next(reversed(run_ckpt.list_checkpoints(cfg.out_dir)), None)
     return {"step": step, "loss": last_loss, "checkpoint": str(last_ckpt) if last_ckpt else None}

@@ -7,18 +7,10 @@ import sys
 
 import torch
 
-from dcae.diffusion.c2i.latents import decode_scaled
-from dcae.diffusion.conditioning import Condition, Conditioning, TextConditioning
+from dcae.diffusion.cache import decode_scaled
+from dcae.diffusion.conditioning import Condition, Conditioning
 from dcae.diffusion.processes.sampling import sample
 from dcae.diffusion.train.config import SampleConfig
-
-# Fixed prompts of the grids of a text model when the config gives none.
-DEFAULT_PROMPTS = (
-    "a photo of a cat",
-    "a red car on a street",
-    "a bowl of fruit on a table",
-    "a mountain lake at sunset",
-)
 
 
 class AutoencoderCache:
@@ -47,24 +39,15 @@ def default_solver(process, solver: str) -> str:
     return solver if solver != "auto" else ("heun" if process.prediction == "velocity" else "dpm++")
 
 
-def grid_condition(conditioning: Conditioning, ds, scfg: SampleConfig, device) -> Condition | None:
-    """The conditions of the sample grid: `sample.classes` in turn (default 0, 1, 2, ...), or for a text model
-    `sample.prompts` in turn, encoded once by the text encoder the cache records (None and a warning when it
-    cannot be loaded: the grid is then unconditional)."""
-    if isinstance(conditioning, TextConditioning):
-        prompts = scfg.prompts or DEFAULT_PROMPTS
-        try:
-            from dcae.diffusion.t2i.encoders import TextEncoder
-
-            encoder = TextEncoder.from_pretrained(ds.index["text_encoder"], max_tokens=conditioning.max_tokens)
-            text = encoder.encode([prompts[i % len(prompts)] for i in range(scfg.num)])
-        except Exception as exc:  # sample grids are a convenience; training goes on
-            print(f"dcae: cannot encode the sample prompts ({exc}); grids use the empty prompt", file=sys.stderr)
-            return None
-        return text.float().to(device)
-    classes = scfg.classes or list(range(scfg.num))
-    values = [int(classes[i % len(classes)]) % max(conditioning.num_classes, 1) for i in range(scfg.num)]
-    return conditioning.batch(values, device)
+def grid_condition(conditioning: Conditioning, scfg: SampleConfig, device) -> Condition | None:
+    """The conditions of the sample grid, as the conditioning reads them from the sample config (`sample.classes`
+    or `sample.prompts` in turn). None and a warning when they cannot be made (a text encoder that does not
+    load): the grid is then unconditional, and training goes on."""
+    try:
+        return conditioning.batch(conditioning.grid_values(scfg, scfg.num), device)
+    except Exception as exc:  # sample grids are a convenience; training goes on
+        print(f"dcae: cannot make the sample grid's conditions ({exc}); grids are unconditional", file=sys.stderr)
+        return None
 
 
 @torch.no_grad()
