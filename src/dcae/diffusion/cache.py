@@ -92,10 +92,17 @@ class CacheIndex:
 
     # ------------------------------------------------------------------------- JSON
     def summary(self) -> dict[str, Any]:
-        """Everything but the shards: what a checkpoint records of the latents it was trained on."""
+        """What a checkpoint records of the latents it was trained on: everything but the shards and the
+        conditioning, which the checkpoint records once, with the model it builds (`from_summary`)."""
         out = self.to_json()
-        out.pop("shards")
+        del out["shards"], out["conditioning"]
         return out
+
+    @classmethod
+    def from_summary(cls, d: Any, conditioning: dict[str, Any], where: str) -> CacheIndex:
+        """The record of a checkpoint's latents (`summary()`), with the conditioning spec of its model."""
+        d = _from_legacy(d) if isinstance(d, dict) and "model" in d and "autoencoder" not in d else d
+        return cls.from_json({**d, "conditioning": conditioning} if isinstance(d, dict) else d, where, shards=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -133,7 +140,7 @@ class CacheIndex:
         if not isinstance(d, dict):
             raise UserError(f"{where}: not a latent cache record (a JSON object expected, got {type(d).__name__})")
         fmt = d.get("format", FORMAT if not shards else None)
-        if fmt in LEGACY_FORMATS or (not shards and "model" in d and "autoencoder" not in d):
+        if fmt in LEGACY_FORMATS:
             d = _from_legacy(d)
         elif fmt != FORMAT:
             raise UserError(
@@ -170,7 +177,8 @@ class CacheIndex:
         listed = [_shard(k, s) for k, s in enumerate(d.get("shards") or [])] if shards else []
         if shards and not listed:
             raise ValueError("shards: not a list of shards")
-        channels = d.get("latent_channels") or (shape[0] if shape else None)
+        config = d.get("autoencoder_config") or {}
+        channels = d.get("latent_channels") or (shape[0] if shape else None) or config.get("latent_channels")
         if channels is None:
             raise ValueError("latent_channels: missing")
         rms = d.get("latent_rms")

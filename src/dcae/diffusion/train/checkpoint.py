@@ -97,7 +97,8 @@ def load_checkpoint(path: str | Path, use_ema: bool = True, device: str | torch.
         ) from None
     # What the model was trained on: the autoencoder and its scaling factor (no default: a record without one is
     # an error naming the checkpoint), the latent size, the classes or the text encoder.
-    meta["latents"] = CacheIndex.from_json(state.get("latents"), f"{path}: latents", shards=False)
+    spec = normalized_model_args(meta["model_args"])["conditioning"]
+    meta["latents"] = CacheIndex.from_summary(state.get("latents"), spec, f"{path}: latents")
     model.to(device).eval()
     meta["path"] = str(path)
     return model, process, meta
