@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dcae.utils.cliargs import IntermixedParser
+from dcae.utils.cliargs import IntermixedParser, add_device, add_dtype, positive_int
 
 
 # ----------------------------------------------------------------------------- dcae diffusion train
@@ -72,16 +72,20 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
         choices=[512, 1024],
         help="image sizes in px (default 512); the latent sides scale with it, ratios are per resolution",
     )
-    p.add_argument("--batch", type=int, help="images per step (default: 2 on CPU, 32 on GPU)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--batch", type=positive_int, help="images per step (default: 2 on CPU, 32 on GPU)")
+    add_device(p)
+    add_dtype(p, "compute", default="auto", fp16=False, auto="bf16 on GPU, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
     p.add_argument("--warmup", type=int, help="untimed steps (default 1 CPU, 3 GPU)")
-    p.add_argument("--steps", type=int, help="timed steps, median reported (default 3 CPU, 10 GPU)")
-    p.add_argument("--depth", type=int, help="override the depth (SANA: layers) of the named model (smaller CPU runs)")
-    p.add_argument("--text-tokens", type=int, help="text-to-image models: prompt tokens (default SANA's 300)")
+    p.add_argument("--steps", type=positive_int, help="timed steps, median reported (default 3 CPU, 10 GPU)")
     p.add_argument(
-        "--caption-channels", type=int, help="text-to-image models: prompt embedding width (default Gemma-2's 2304)"
+        "--depth", type=positive_int, help="override the depth (SANA: layers) of the named model (smaller CPU runs)"
+    )
+    p.add_argument("--text-tokens", type=positive_int, help="text-to-image models: prompt tokens (default SANA's 300)")
+    p.add_argument(
+        "--caption-channels",
+        type=positive_int,
+        help="text-to-image models: prompt embedding width (default Gemma-2's 2304)",
     )
     p.add_argument(
         "--sample-steps",
@@ -90,7 +94,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
         help="also time sampling: N flow steps with classifier-free guidance (doubled batch) "
         "(default: 0; with a text-to-image model 20 on GPU, 2 on CPU)",
     )
-    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads (torch.set_num_threads)")
     p.add_argument(
         "--generate-steps",
         type=int,

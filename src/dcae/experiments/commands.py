@@ -6,6 +6,7 @@ import argparse
 import importlib
 
 from dcae.experiments import EXPERIMENTS
+from dcae.utils.cliargs import positive_int
 
 EPILOG = """\
 examples:
@@ -29,7 +30,7 @@ def register(subparsers) -> None:
     p.add_argument("--smoke", action="store_true", help="a few steps on bundled photos: checks the pipeline")
     p.add_argument("--out", help="output folder (default runs/experiments/NAME, or NAME-smoke with --smoke)")
     p.add_argument("--data", help="image folder (default ../shared/data/imagenet-samples)")
-    p.add_argument("--seeds", type=int, help="number of seeds (default 3, decoder 1, smoke 1)")
+    p.add_argument("--seeds", type=positive_int, help="number of seeds (default 3, decoder 1, smoke 1)")
     p.set_defaults(func=run)
 
 

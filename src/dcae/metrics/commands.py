@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from dcae.errors import USER_ERROR_TYPES, UserError, non_finite_warnings_as_lines
+from dcae.utils.cliargs import add_batch_size, add_device, add_dtype, add_overwrite, positive_int
 
 LPIPS_CHOICES = ("stlpips-alex", "stlpips-vgg", "lpips-alex", "lpips-vgg", "none")
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
@@ -19,10 +20,10 @@ DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
 # ----------------------------------------------------------------------------------------- options
 def _add_runtime(p: argparse.ArgumentParser, batch_size: int) -> None:
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
-    p.add_argument("--batch-size", type=int, default=batch_size, help=f"images per batch (default {batch_size})")
+    add_device(p)
+    add_batch_size(p, batch_size, "images per batch")
     p.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="image decoding processes (0 = inline)")
-    p.add_argument("--limit", type=int, help="use only the first N images (sorted by path)")
+    p.add_argument("--limit", type=positive_int, help="use only the first N images (sorted by path)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -73,7 +74,7 @@ def register(sub) -> None:
     )
     p.add_argument("--data", nargs="+", required=True, help="image folders, files or .tar shards (globs, {000..009})")
     p.add_argument("--resolution", type=int, default=256, help="center-crop size (default 256)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autoencoder dtype")
+    add_dtype(p, "autoencoder")
     p.add_argument("--compile", action="store_true", help="torch.compile DC-AE models (GPU; for large sets)")
     _add_runtime(p, batch_size=8)
     _add_lpips(p, default="stlpips-alex")
@@ -82,7 +83,7 @@ def register(sub) -> None:
     p.add_argument("--extremes", type=int, default=4, help="best/worst reconstructions in the PNG (default 4)")
     p.add_argument("--out", help="folder for results.json, results.md, per-image CSVs and best/worst PNGs")
     p.add_argument("--json", help="write the JSON results to this file")
-    p.add_argument("--overwrite", action="store_true", help="replace existing result files")
+    add_overwrite(p, "replace existing result files")
     p.set_defaults(func=run_eval)
 
     p = sub.add_parser("fid", help="FID between two image sets (folders, .tar shards or pytorch-fid .npz stats)")
@@ -93,19 +94,19 @@ def register(sub) -> None:
     _add_fid(p)
     p.add_argument("--save-stats", help="write the statistics of A to this .npz (pytorch-fid keys mu, sigma)")
     p.add_argument("--json", help="write the result to this JSON file")
-    p.add_argument("--overwrite", action="store_true")
+    add_overwrite(p, "replace existing --save-stats / --json files")
     p.set_defaults(func=run_fid)
 
     p = sub.add_parser("metrics", help="paired PSNR / SSIM / LPIPS between files with the same relative names")
     p.add_argument("ref", help="reference images (folder, file or .tar)")
     p.add_argument("test", help="test images, e.g. reconstructions (same relative names, any image extension)")
     p.add_argument("--resolution", type=int, help="ADM center crop both sides first (needed if sizes differ)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: auto)")
+    add_device(p)
     p.add_argument("--no-progress", action="store_true")
     _add_lpips(p, default="stlpips-alex")
     p.add_argument("--json", help="write the summary to this JSON file")
     p.add_argument("--csv", help="write per-image values to this CSV file")
-    p.add_argument("--overwrite", action="store_true")
+    add_overwrite(p, "replace existing --json / --csv files")
     p.set_defaults(func=run_metrics)
 
 

@@ -38,6 +38,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dcae.utils.cliargs import add_device, add_dtype, add_seed, positive_int
+
 GIB = 1024**3
 IMPLS = ("dcae", "diffusers", "dcae-compiled", "diffusers-compiled")
 # Section 7 of the facts: the batch size that goes with each resolution.
@@ -66,17 +68,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="zoo names or config files (random weights), saved folders, weight files or Hub ids",
     )
     p.add_argument("--res", nargs="+", type=int, default=None, help="square resolutions (GPU: 512 1024 2048 4096)")
-    p.add_argument("--batch", nargs="+", type=int, default=None, help="batch per resolution (default 16/4/1/1)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="GPU: bf16, CPU: fp32")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument(
+        "--batch", nargs="+", type=positive_int, default=None, help="batch per resolution (default 16/4/1/1)"
+    )
+    add_dtype(p, "compute", default=None, auto="bf16 on GPU, fp32 on CPU")
+    add_device(p, default=None)
     p.add_argument("--compile", action="store_true", help="add the torch.compile'd (channels-last) variants")
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=None, help="which implementations to run")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (GPU 10, CPU 3)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--repeats", type=positive_int, default=None, help="timed runs per measurement (GPU 10, CPU 3)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     p.add_argument("--json", type=Path, default=None, help="write the records here (and a .md table next to it)")
-    p.add_argument("--seed", type=int, default=0)
+    add_seed(p, "seed of the random weights and inputs")
 
 
 def run(args: argparse.Namespace) -> int:

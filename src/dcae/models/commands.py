@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from dcae.errors import UserError, non_finite_warnings_as_lines
+from dcae.utils.cliargs import add_batch_size, add_device, add_dtype, add_output, add_overwrite
 
 
 # ----------------------------------------------------------------------------- shared options
@@ -23,17 +24,10 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="compute dtype (default fp32)")
-    p.add_argument("--batch-size", type=_positive_int, default=4, help="images per forward pass (default 4)")
+    add_device(p)
+    add_dtype(p, "compute")
+    add_batch_size(p, 4, "images per forward pass")
     p.add_argument("--tile", action="store_true", help="tiled encode/decode for very large images")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def load_model_from_args(args: argparse.Namespace):
@@ -464,24 +458,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("encode", help="encode images to a latents .safetensors file")
     p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("-o", "--output", required=True, help="output .safetensors file")
+    add_output(p, "output .safetensors file")
     p.add_argument("--scaled", action="store_true", help="store latents multiplied by the scaling factor")
-    p.add_argument("--overwrite", action="store_true")
+    add_overwrite(p, "replace an existing output file")
     add_model_args(p)
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("decode", help="decode a latents file written by `dcae encode` to PNG images")
     p.add_argument("latents")
-    p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--overwrite", action="store_true")
+    add_output(p, "output folder")
+    add_overwrite(p, "replace existing images")
     add_model_args(p, required=False)
     p.set_defaults(func=cmd_decode)
 
     p = sub.add_parser("reconstruct", help="encode+decode images; write reconstructions, side-by-sides, PSNR/SSIM")
     p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("-o", "--output", required=True, help="output folder")
+    add_output(p, "output folder")
     p.add_argument("--json", help="also write the numbers to this JSON file")
-    p.add_argument("--overwrite", action="store_true")
+    add_overwrite(p, "replace existing output files")
     add_model_args(p)
     p.set_defaults(func=cmd_reconstruct)
 
@@ -490,7 +484,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dst", help="output folder")
     p.add_argument("--format", required=True, choices=["original", "diffusers"])
     p.add_argument("--model-name", help="zoo configuration for a bare weight file")
-    p.add_argument("--overwrite", action="store_true")
+    add_overwrite(p, "replace existing weights in the output folder")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser(

@@ -7,10 +7,13 @@ import os
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = tuple(DTYPES)  # the command line's --dtype choices (dcae.utils.cliargs.add_dtype)
+AUTO_DEVICE = "cuda when available, else cpu"  # what resolve_device("auto") picks
+DEVICE_EXAMPLES = "cpu, cuda, cuda:1, mps"  # other device names, as torch spells them
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; anything else as torch spells it (cpu, cuda:1, mps)."""
+    """'auto' -> cuda when available, else cpu (AUTO_DEVICE); anything else as torch spells it (DEVICE_EXAMPLES)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

@@ -22,7 +22,11 @@ from dcae.diffusion.conditioning import Condition, with_null
 from dcae.diffusion.processes.common import randn
 from dcae.errors import UserError
 
-SOLVERS = ("euler", "heun", "ddim", "dpm++", "ddpm")
+SOLVERS = ("euler", "heun", "ddim", "dpm++", "ddpm")  # every solver `sample` runs
+FLOW_ONLY_SOLVERS = ("euler", "heun")  # integrate the flow ODE: flow matching models only
+DDPM_ONLY_SOLVERS = ("ddpm",)  # the learned DDPM variance: DDPM models only
+FLOW_MODEL_SOLVERS = tuple(s for s in SOLVERS if s not in DDPM_ONLY_SOLVERS)  # what a flow model takes
+DDPM_MODEL_SOLVERS = tuple(s for s in SOLVERS if s not in FLOW_ONLY_SOLVERS)  # what a DDPM model takes
 
 
 def guided_output(model: Callable, x: torch.Tensor, t: torch.Tensor, cond: Condition, scale: float) -> torch.Tensor:
@@ -81,10 +85,12 @@ def sample(
     if solver not in SOLVERS:
         raise UserError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     is_flow = process.prediction == "velocity"
-    if solver in ("euler", "heun") and not is_flow:
-        raise UserError(f"solver {solver!r} integrates the flow ODE; for a DDPM model use ddim, dpm++ or ddpm")
-    if solver == "ddpm" and is_flow:
-        raise UserError("solver 'ddpm' needs a DDPM model; for flow matching use heun, euler, dpm++ or ddim")
+    if solver in FLOW_ONLY_SOLVERS and not is_flow:
+        raise UserError(
+            f"solver {solver!r} integrates the flow ODE; for a DDPM model use {', '.join(DDPM_MODEL_SOLVERS)}"
+        )
+    if solver in DDPM_ONLY_SOLVERS and is_flow:
+        raise UserError(f"solver {solver!r} needs a DDPM model; for flow matching use {', '.join(FLOW_MODEL_SOLVERS)}")
     denoise = Denoiser(model, process, cond, cfg_scale, guidance_interval)
     times = process.sampling_times(steps, shift=shift) if is_flow else process.sampling_times(steps)
     x = noise.float()

@@ -184,12 +184,12 @@ def _markdown(results: dict, categories: list[str]) -> str:
 
 def add_eval_parser(tsub: argparse._SubParsersAction) -> None:
     from dcae.diffusion.t2i.sampling import add_sampling_options
+    from dcae.utils.cliargs import add_output, positive_int
 
     v = tsub.add_parser("eval", help="generate images for a prompt set (MJHQ), then CLIP score per category and FID")
     v.add_argument("--prompts", required=True, help="MJHQ meta_data.json or a text file (one prompt per line)")
-    v.add_argument("-o", "--output", required=True,
-                   help="output folder: images/, results.json, results.md, grids/; reruns resume")  # fmt: skip
-    v.add_argument("--limit", type=int, help="a random subset of this many prompts (default: all)")
+    add_output(v, "output folder: images/, results.json, results.md, grids/; reruns resume")
+    v.add_argument("--limit", type=positive_int, help="a random subset of this many prompts (default: all)")
     v.add_argument("--subset-seed", type=int, default=0, help="seed of the --limit subset (same seed, same subset)")
     v.add_argument("--clip", default="openai/clip-vit-large-patch14", help="CLIP model: Hub id or folder")
     v.add_argument("--fid-ref", help="FID reference: .npz statistics (mu, sigma) or an image folder")
