@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dcae.diffusion.conditioning import ClassConditioning, Text, TextConditioning
+from dcae.diffusion.conditioning import Text
 from dcae.diffusion.nets import create_diffusion_model
 from dcae.diffusion.nets.registry import parse_model_name
 from dcae.diffusion.processes.flow import FlowMatching
@@ -75,19 +75,8 @@ def model_overrides(
 
 
 def bench_condition(conditioning, batch: int, device: torch.device, generator: torch.Generator | None = None):
-    """A random condition of the model's kind for `batch` images: class labels, or encoded prompts (`Text`:
-    emb (B, L, D), every token real, and as the null the empty prompt: one real token), or None."""
-    if isinstance(conditioning, TextConditioning):
-        L, D = conditioning.max_tokens, conditioning.caption_channels
-        emb = torch.randn(batch, L, D, generator=generator).to(device)
-        null_emb = torch.randn(L, D, generator=generator).to(device)
-        null_mask = torch.zeros(L, dtype=torch.long, device=device)
-        null_mask[0] = 1
-        return Text(emb, torch.ones(batch, L, dtype=torch.long, device=device), null_emb, null_mask)
-    if isinstance(conditioning, ClassConditioning):
-        labels = torch.randint(0, conditioning.num_classes, (batch,), generator=generator)
-        return conditioning.batch(labels, device)
-    return conditioning.batch(None, device)
+    """A random condition of the model's kind for `batch` images: class labels, or encoded prompts, or None."""
+    return conditioning.random(batch, device, generator)
 
 
 def condition_record(cond) -> dict:

@@ -190,6 +190,10 @@ class ClassConditioning:
         """The arguments a network takes for this conditioning."""
         return {"num_classes": self.num_classes}
 
+    def random(self, n: int, device=None, generator: torch.Generator | None = None) -> Labels:
+        """A random condition of this kind for n samples (benchmarks, tests)."""
+        return self.batch(torch.randint(0, self.num_classes, (n,), generator=generator), device)
+
     def parse(self, text: str | None, meta: dict) -> list[int] | None:
         """'1,2,3' or class names / WordNet ids from the latent index ('tench,goldfish'); None if no text."""
         if not text:
@@ -244,6 +248,9 @@ class Unconditional:
     def network_args(self) -> dict[str, Any]:
         return {"num_classes": 0}
 
+    def random(self, n: int, device=None, generator: torch.Generator | None = None) -> None:
+        return None
+
     def parse(self, text: str | None, meta: dict) -> None:
         if text:
             raise UserError("this model is unconditional: drop --classes")
@@ -286,6 +293,15 @@ class TextConditioning:
 
     def network_args(self) -> dict[str, Any]:
         return {"caption_channels": self.caption_channels, "max_tokens": self.max_tokens}
+
+    def random(self, n: int, device=None, generator: torch.Generator | None = None) -> Text:
+        """Random prompt embeddings (B, L, D), every token real; as the null, the empty prompt's one real token."""
+        L, D = self.max_tokens, self.caption_channels
+        emb = torch.randn(n, L, D, generator=generator).to(device)
+        null_emb = torch.randn(L, D, generator=generator).to(device)
+        null_mask = torch.zeros(L, dtype=torch.long, device=device)
+        null_mask[0] = 1
+        return Text(emb, torch.ones(n, L, dtype=torch.long, device=device), null_emb, null_mask)
 
     def parse(self, text: str | None, meta: dict) -> list[str] | None:
         return [text] if text else None
