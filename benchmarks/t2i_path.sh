@@ -36,8 +36,8 @@ t() {  # run a dcae command quietly, print its wall time
   awk -v a="$s" -v b="$EPOCHREALTIME" -v what="$2 $3" 'BEGIN { printf "%s: %.1f s\n", what, b - a }'
 }
 t "$DCAE" t2i cache --data data --model ae --text-encoder "$ENC" -o cache --resolution 64 --max-tokens 16
-t "$DCAE" t2i train "$REPO/configs/t2i_tiny.yaml" data=cache out=run max_steps=200 batch_size=8 log_every=50 \
-  ckpt_every=100 sample.every=0 --quiet
+t "$DCAE" t2i train "$REPO/configs/t2i_tiny.yaml" data=cache out_dir=run max_steps=200 batch_size=8 log.every=50 \
+  checkpoint.every=100 sample.every=0 --quiet
 t "$DCAE" t2i sample --ckpt run --prompt "a red square" --prompt "a blue circle" --prompt "a green square" \
   --prompt "a yellow circle" --steps 20 -o samples --size 64x64
 t "$DCAE" t2i export --ckpt run -o pipe

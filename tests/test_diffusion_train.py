@@ -59,11 +59,11 @@ def latents(tmp_path_factory) -> Path:
 def config(latents: Path, out: Path, **kw) -> TrainConfig:
     overrides = [
         f"data={latents}",
-        f"out={out}",
+        f"out_dir={out}",
         "batch_size=4",
         "max_steps=6",
-        "log_every=2",
-        "ckpt_every=3",
+        "log.every=2",
+        "checkpoint.every=3",
         "mixed_precision=no",
         "num_workers=0",
         "sample.every=0",
@@ -137,8 +137,8 @@ def test_checkpoint_rotation_ddpm_uvit_and_decoded_samples(latents, tmp_path):
             "model.name": "UViT-S/1",
             "diffusion.objective": "ddpm",
             "model.learn_sigma": "true",
-            "ckpt_every": 1,
-            "keep_last": 2,
+            "checkpoint.every": 1,
+            "checkpoint.keep_last": 2,
             "max_steps": 5,
             "sample.every": 4,
             "optim.warmup_steps": 3,
@@ -169,7 +169,7 @@ def test_too_small_dataset_and_unfinished_latents(latents, tmp_path):
 
 
 def test_sample_cli(latents, tmp_path, capsys):
-    train(config(latents, tmp_path / "run", max_steps=2, ckpt_every=2), progress=False)
+    train(config(latents, tmp_path / "run", max_steps=2, **{"checkpoint.every": 2}), progress=False)
     out = tmp_path / "samples"
     args = [
         "sample",
@@ -222,7 +222,7 @@ def test_train_cli_print_config(latents, tmp_path, capsys):
     assert "max_steps: 4" in text and "grad_accum: 2" in text
     assert cli(["diffusion", "train", f"data={latents}", "batch_size=oops"]) == 2
     assert "batch_size: expected int" in capsys.readouterr().err
-    bad = [f"data={latents}", f"out={tmp_path}", "mixed_precision=no", "model.overrides={depth:2}"]
+    bad = [f"data={latents}", f"out_dir={tmp_path}", "mixed_precision=no", "model.overrides={depth:2}"]
     assert cli(["diffusion", "train", *bad]) == 2
     assert "unknown DiT setting(s) 'depth:2'" in capsys.readouterr().err
 
@@ -240,8 +240,8 @@ def test_sigkill_and_resume_gives_identical_weights(latents, tmp_path):
         f"data={latents}",
         "batch_size=4",
         "max_steps=40",
-        "log_every=5",
-        "ckpt_every=5",
+        "log.every=5",
+        "checkpoint.every=5",
         "mixed_precision=no",
         "num_workers=0",
         "sample.every=0",
@@ -249,7 +249,7 @@ def test_sigkill_and_resume_gives_identical_weights(latents, tmp_path):
         "sample.steps=2",
         "model.overrides={depth: 4, hidden_size: 64, num_heads: 2}",
     ]
-    proc = subprocess.Popen([*args, f"out={tmp_path / 'killed'}"], stderr=subprocess.DEVNULL, env=ENV)
+    proc = subprocess.Popen([*args, f"out_dir={tmp_path / 'killed'}"], stderr=subprocess.DEVNULL, env=ENV)
     deadline = time.time() + 120
     while not list_checkpoints(tmp_path / "killed") and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
@@ -257,8 +257,8 @@ def test_sigkill_and_resume_gives_identical_weights(latents, tmp_path):
     proc.wait()
     steps = [int(p.stem.split("_")[1]) for p in list_checkpoints(tmp_path / "killed")]
     assert steps and max(steps) < 40, f"the kill should interrupt training (checkpoints at {steps})"
-    subprocess.run([*args, f"out={tmp_path / 'killed'}"], check=True, stderr=subprocess.DEVNULL, env=ENV)
-    subprocess.run([*args, f"out={tmp_path / 'ref'}"], check=True, stderr=subprocess.DEVNULL, env=ENV)
+    subprocess.run([*args, f"out_dir={tmp_path / 'killed'}"], check=True, stderr=subprocess.DEVNULL, env=ENV)
+    subprocess.run([*args, f"out_dir={tmp_path / 'ref'}"], check=True, stderr=subprocess.DEVNULL, env=ENV)
     assert_same_state(states(tmp_path / "ref"), states(tmp_path / "killed"))
 
 
@@ -270,7 +270,7 @@ def test_sample_cli_gfid(latents, tmp_path, capsys):
     from dcae.metrics.data import collect_images
     from dcae.metrics.fid import InceptionFeatures
 
-    train(config(latents, tmp_path / "run", max_steps=2, ckpt_every=2), progress=False)
+    train(config(latents, tmp_path / "run", max_steps=2, **{"checkpoint.every": 2}), progress=False)
     out = tmp_path / "s"
     base = ["sample", "--ckpt", str(tmp_path / "run"), "-o", str(out), "-n", "6", "--steps", "2", "--grid", "0"]
     assert cli(base) == 0
@@ -293,14 +293,17 @@ def test_two_processes_equal_one_process_with_grad_accum(latents, tmp_path):
     noise, so they take the same optimizer steps (up to the summation order of the gradients)."""
     from test_train_helpers import torchrun_dcae
 
-    common = ["diffusion", "train", f"data={latents}", "batch_size=4", "max_steps=3", "log_every=1",
-              "ckpt_every=3", "mixed_precision=no", "num_workers=0", "sample.every=0", "sample.decode=false",
+    common = ["diffusion", "train", f"data={latents}", "batch_size=4", "max_steps=3", "log.every=1",
+              "checkpoint.every=3", "mixed_precision=no", "num_workers=0", "sample.every=0", "sample.decode=false",
               "sample.steps=2", "model.overrides={depth: 2, hidden_size: 32, num_heads: 2}", "--quiet"]  # fmt: skip
     torchrun = torchrun_dcae()
-    proc = subprocess.run([*torchrun, *common, f"out={tmp_path / 'ddp'}"], env=ENV, capture_output=True, text=True)
+    proc = subprocess.run([*torchrun, *common, f"out_dir={tmp_path / 'ddp'}"], env=ENV, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "2 process(es) (DistributedType.MULTI_CPU" in proc.stderr and "batch 4 = 2 x 1 x 2" in proc.stderr
-    assert cli([*common, "grad_accum=2", f"out={tmp_path / 'accum'}"]) == 0
+    assert (
+        "2 process(es) (DistributedType.MULTI_CPU" in proc.stderr
+        and "batch 4 = 2 processes x 1 accumulation x 2" in proc.stderr
+    )
+    assert cli([*common, "grad_accum=2", f"out_dir={tmp_path / 'accum'}"]) == 0
     ddp, accum = states(tmp_path / "ddp"), states(tmp_path / "accum")
     assert ddp["step"] == accum["step"] == 3
     for name, ref in ddp["model"].items():
@@ -320,7 +323,7 @@ def test_sample_on_two_processes_equals_one(latents, tmp_path):
     single process makes (noise is seeded per image index), and one grid and samples.json are written."""
     from test_train_helpers import torchrun_dcae
 
-    train(config(latents, tmp_path / "run", max_steps=2, ckpt_every=2), progress=False)
+    train(config(latents, tmp_path / "run", max_steps=2, **{"checkpoint.every": 2}), progress=False)
     common = ["sample", "--ckpt", str(tmp_path / "run"), "-n", "5", "--steps", "3", "--batch-size", "2"]
     assert cli([*common, "-o", str(tmp_path / "one")]) == 0
     torchrun = torchrun_dcae()

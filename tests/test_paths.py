@@ -102,7 +102,7 @@ DIR_COMMANDS = {
     "sample": lambda out, p: ["sample", "--ckpt", p["file"], "-o", out],
     "sample-released": lambda out, p: ["sample", "--model", "m", "-o", out],
     "train": lambda out, p: ["train", "tiny", "--out", out],
-    "diffusion-train": lambda out, p: ["diffusion", "train", f"data={p['data']}", f"out={out}"],
+    "diffusion-train": lambda out, p: ["diffusion", "train", f"data={p['data']}", f"out_dir={out}"],
     "experiment": lambda out, p: ["experiment", "residual", "--smoke", "--out", out, "--data", p["data"]],
 }
 
@@ -139,7 +139,7 @@ LINK_COMMANDS = {
     "train config": lambda link, p: ["train", link, "--out", p["tmp"] / "t"],
     "train data": lambda link, p: ["train", "tiny", f"data.train=[{link}]", "--out", p["tmp"] / "t"],
     "train --init": lambda link, p: ["train", "tiny", "--init", link, "--out", p["tmp"] / "t"],
-    "diffusion train data": lambda link, p: ["diffusion", "train", f"data={link}", f"out={p['tmp'] / 't'}"],
+    "diffusion train data": lambda link, p: ["diffusion", "train", f"data={link}", f"out_dir={p['tmp'] / 't'}"],
     "experiment --data": lambda link, p: ["experiment", "gan", "--smoke", "--data", link, "--out", p["tmp"] / "e"],
 }
 
@@ -227,7 +227,7 @@ def test_trainers_refuse_an_out_that_is_a_file(paths):
     cfg = load_config("tiny", [f"out_dir={paths['file']}"])
     with pytest.raises(PathError, match="is an existing file, not a folder"):
         train(cfg)
-    cfg = diffusion_config(None, [f"data={paths['data']}", f"out={paths['file'] / 'run'}"])
+    cfg = diffusion_config(None, [f"data={paths['data']}", f"out_dir={paths['file'] / 'run'}"])
     with pytest.raises(PathError, match="cannot be created: .* is a file, not a folder"):
         train_diffusion(cfg)
     assert paths["file"].read_text() == "keep me"

@@ -235,6 +235,8 @@ def three_phase_run(tmp_path_factory):
     (photos / "aa_corrupt.jpg").write_bytes(b"\xff\xd8 broken jpeg")  # sorted first: a training image
     (photos / "zz_corrupt.png").write_bytes(b"\x89PNG broken")  # sorted last: held out (holdout=2)
     cfg = tiny_config(root / "run", [str(photos)], grad_accum=2)
+    for n in (1, 2, 3):  # global batches: 2 accumulation steps of the helper's micro-batch
+        cfg[f"phase{n}"]["batch_size"] *= 2
     cfg["data"]["holdout"] = 2
     cfg["phase2"]["steps"] = 2
     cfg["phase3"]["steps"] = 2

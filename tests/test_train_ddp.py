@@ -39,7 +39,8 @@ def test_two_processes_equal_one_process_with_grad_accum(tmp_path):
     for label, accum in (("ddp", 1), ("accum", 2)):
         cfg = tiny_config(tmp_path / label, [str(photos)], grad_accum=accum)
         cfg["phase1"]["steps"], cfg["phase2"]["steps"], cfg["phase3"]["steps"] = 3, 2, 2
-        cfg["phase2"]["batch_size"] = 2
+        for n in (1, 2, 3):  # the global batch: 2 processes x 1 accumulation x 2 = 1 process x 2 accumulation x 2
+            cfg[f"phase{n}"]["batch_size"] = 4
         cfg["model"]["latent_channel_choices"] = [4, 8]  # per-slot draws must match too
         cfg["model"]["config"]["decoder_norms"] = ["trms2d"] * 6
         cfg["model"]["config"].update(encoder_out_shortcut=False, encoder_sliceable_out=True,
@@ -51,12 +52,14 @@ def test_two_processes_equal_one_process_with_grad_accum(tmp_path):
             proc = _torchrun(config, "--phase", "all")
             assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
             assert "2 process(es) (DistributedType.MULTI_CPU" in proc.stdout
+            assert "batch 4 = 2 processes x 1 accumulation x 2" in proc.stdout
         else:
             train(load_config(cfg), phases=[1, 2, 3])
     for n, steps in ((1, 3), (2, 2), (3, 2)):
         ck = {k: state.load_checkpoint(state.latest_checkpoint(runs[k] / f"phase{n}" / "checkpoints")) for k in runs}
         assert ck["ddp"]["step"] == ck["accum"]["step"] == steps
         assert ck["ddp"]["data"]["batches_consumed"] == steps and ck["accum"]["data"]["batches_consumed"] == 2 * steps
+        assert ck["ddp"]["data"]["micro_batch"] == ck["accum"]["data"]["micro_batch"] == 2
         for part in ("model", "ema", "disc"):
             if ck["ddp"][part] is None:
                 assert ck["accum"][part] is None

@@ -117,7 +117,7 @@ def test_packaged_tiny_recipe_via_cli(teacher_and_photos, tmp_path):
     out = tmp_path / "cli"
     small = [f"phase{n}.{k}" for n in (1, 2, 3) for k in ("steps=1", "batch_size=1", "resolution=32")]
     argv = ["train", "decoder_tiny", "--init", str(teacher), "--out", str(out), f"data.train=[{photos}]"]
-    argv += [*small, "mixed_precision='no'", "data.num_workers=0", "data.holdout=1", "log.progress=false"]
+    argv += [*small, "mixed_precision='no'", "num_workers=0", "data.holdout=1", "log.progress=false"]
     argv += ["log.tensorboard=false", "phase1.loss.perceptual_weight=0", "phase2.loss.perceptual_weight=0"]
     argv += ["phase3.loss.perceptual_weight=0", "val.resolutions=[32]", "decoder.distill_weight=0.5"]
     assert main(argv) == 0

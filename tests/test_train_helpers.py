@@ -34,8 +34,9 @@ def tiny_config(out_dir: Path, data: list[str], **top) -> dict:
         "out_dir": str(out_dir),
         "seed": 0,
         "ema_decay": 0.9,
+        "num_workers": 0,
         "model": {"config": copy.deepcopy(TINY_MODEL)},
-        "data": {"train": data, "num_workers": 0, "holdout": 2},
+        "data": {"train": data, "holdout": 2},
         "phase1": copy.deepcopy(_PHASE),
         "phase2": {**copy.deepcopy(_PHASE), "resolution": 64, "batch_size": 1},
         "phase3": {

@@ -44,7 +44,7 @@ def _assert_same(a, b, where: str) -> None:
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
     photos = write_photos(tmp_path / "photos", n=10)
     cfg = tiny_config(tmp_path / "unused", [str(photos)])
-    cfg["data"]["num_workers"] = 1  # worker processes must not change what a resumed run sees
+    cfg["num_workers"] = 1  # worker processes must not change what a resumed run sees
     cfg["data"]["scale_range"] = [1.0, 1.5]
     cfg["phase1"]["steps"] = 4
     cfg["phase2"]["steps"] = 2

@@ -30,7 +30,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
-    check_output_dir(cfg.out, "out folder")
+    check_output_dir(cfg.out_dir, "out_dir")
     check_input(cfg.data, "data folder")
     if cfg.resume not in ("auto", "none", ""):
         check_input(cfg.resume, "resume checkpoint")

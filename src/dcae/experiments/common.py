@@ -141,7 +141,8 @@ def train_config(
         "out_dir": str(run),
         "seed": seed,
         "ema_decay": 0.0,
-        "data": {"train": p.data, "holdout": p.holdout, "scale_range": [1.0, 1.0], "num_workers": 1},
+        "num_workers": 1,
+        "data": {"train": p.data, "holdout": p.holdout, "scale_range": [1.0, 1.0]},
         "checkpoint": {"every": 10**9, "keep_last": 1},
         "log": {"every": max(1, min(10, val_every or 10)), "image_every": 0, "tensorboard": False},
         "val": {

@@ -180,12 +180,13 @@ def train_t2i(p: Protocol, b: Budget, cache: Path, run_dir: Path, patch: int, se
     from dcae.diffusion.train.loop import train
 
     cfg = load_config({
-        "data": str(cache), "out": str(run_dir), "seed": seed, "batch_size": b.t2i_batch, "max_steps": b.t2i_steps,
-        "mixed_precision": "no", "num_workers": 0, "log_every": p.steps(25, 1), "tensorboard": False,
-        "ckpt_every": p.steps(500, b.t2i_steps), "keep_last": 1,
+        "data": str(cache), "out_dir": str(run_dir), "seed": seed, "batch_size": b.t2i_batch,
+        "max_steps": b.t2i_steps, "mixed_precision": "no", "num_workers": 0, "ema_decay": 0.999,
+        "log": {"every": p.steps(25, 1), "tensorboard": False},
+        "checkpoint": {"every": p.steps(500, b.t2i_steps), "keep_last": 1},
         "model": {"name": f"SANA-tiny/{patch}", "overrides": NETWORK},
-        "diffusion": {"objective": "flow", "t_sampling": "logit_normal", "label_dropout": 0.1},
-        "optim": {"lr": 5e-4, "warmup_steps": p.steps(100, 0), "ema_decay": 0.999},
+        "diffusion": {"objective": "flow", "t_sampling": "logit_normal", "cond_dropout": 0.1},
+        "optim": {"lr": 5e-4, "warmup_steps": p.steps(100, 0)},
         "sample": {"every": 0, "num": 4, "steps": b.sample_steps, "solver": "euler", "cfg_scale": GUIDANCE[-1],
                    "prompts": [c for _, c in shapes.make_set(4, SIZE, 3)]},
     })  # fmt: skip

@@ -8,6 +8,11 @@
 - Unknown or mistyped fields are refused with the file and the field named (and a close match suggested).
 - YAML 1.1 reads `6.4e-5` as a string and a bare `no` as False: numbers are converted, and a boolean given
   to a string field is read back as the word (`mixed_precision: no` -> "no").
+- Renamed keys keep working: `renamed={"log_every": "log.every", ...}` (dotted old name -> dotted new name)
+  moves each old key of every file (before the files of a `base:` chain are merged, so a file may override
+  an old key of its base with the new one) and of the overrides to its new place, with one
+  `dcae: warning:` line per old key on stderr. An old and a new key in the same file, or in the same
+  override list, is an error naming both. `rename_keys(data, renamed)` does the same silently (checkpoints).
 """
 
 from __future__ import annotations
@@ -15,9 +20,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import os
+import sys
 import types
 import typing
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,19 +40,38 @@ class ConfigError(UserError):
     """A config that cannot be used: unknown keys, wrong types, impossible values."""
 
 
+# ----------------------------------------------------------------------------- sections every trainer has
+@dataclass
+class CheckpointConfig:
+    every: int = 1000  # optimizer steps between checkpoints; the last step always writes one
+    keep_last: int = 3  # older checkpoints are deleted
+
+
+@dataclass
+class LogConfig:
+    every: int = 10  # steps between CSV / TensorBoard rows
+    tensorboard: bool = True  # also log to tensorboard/ when the tensorboard package is installed
+
+
 def load_config(
     cls: type[T],
     source: str | Path | dict | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     packaged: dict[str, Path] | None = None,
     finish: Callable[[T], None] | None = None,
+    renamed: dict[str, str] | None = None,
 ) -> T:
     """A `cls` dataclass from a YAML file (or a name in `packaged`), a dict, or defaults, then overrides, then
-    `finish(cfg)` (the trainer's expansion and validation). Any error of these steps names the file."""
+    `finish(cfg)` (the trainer's expansion and validation). Any error of these steps names the file.
+    `renamed`: old dotted key -> new dotted key, applied to each file, the dict and the overrides."""
+    renames = Renames(renamed or {})
     path = None if source is None or isinstance(source, dict) else resolve_path(source, packaged or {})
-    data = read_with_bases(path, packaged or {}) if path is not None else dict(source or {})
+    if path is not None:
+        data = read_with_bases(path, packaged or {}, renames=renames)
+    else:
+        data = renames.apply(dict(source or {}), "config dict")
     try:
-        cfg = _apply(_build(cls, data, ""), overrides)
+        cfg = _apply(_build(cls, data, ""), renames.overrides(overrides))
         if finish is not None:
             finish(cfg)
     except UserError as exc:
@@ -54,17 +81,118 @@ def load_config(
     return cfg
 
 
-def _apply(cfg: T, overrides) -> T:
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-4)")
-        try:
-            parsed = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: {yaml_problem(exc)}") from None
-        set_dotted(cfg, key.strip(), parsed)
+def _apply(cfg: T, overrides: list[tuple[str, Any]]) -> T:
+    for key, value in overrides:
+        set_dotted(cfg, key, value)
     return cfg
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`key=value` -> (key, value parsed as YAML)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-4)")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: {yaml_problem(exc)}") from None
+    return key.strip(), parsed
+
+
+# ----------------------------------------------------------------------------- renamed keys
+class Renames:
+    """Old config keys moved to their new places: {"log_every": "log.every", ...} (both dotted). `warn`:
+    print one `dcae: warning:` line per old key met (once per key for this object), on the main process."""
+
+    def __init__(self, renamed: dict[str, str], warn: bool = True) -> None:
+        self.renamed, self.warn, self.warned = dict(renamed), warn, set()
+
+    def _met(self, old: str, where: str) -> None:
+        if not self.warn or old in self.warned:
+            return
+        self.warned.add(old)
+        if os.environ.get("RANK", "0") == "0":  # one line per run, not one per process of a launcher
+            print(f"dcae: warning: config key {old!r} is now {self.renamed[old]!r} ({where})", file=sys.stderr)
+
+    def apply(self, data: dict, where: str) -> dict:
+        """A copy of the mapping `data` with every old key moved to its new place."""
+        out = copy.deepcopy(data)
+        for old, new in self.renamed.items():
+            found, value = _pop_dotted(out, old)
+            if not found:
+                continue
+            if _get_dotted(out, new)[0]:
+                raise ConfigError(f"{where}: config keys {old!r} and {new!r} both given ({old!r} is the old name "
+                                  f"of {new!r}): keep only {new!r}")  # fmt: skip
+            try:
+                _put_dotted(out, new, value)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc} (cannot move {old!r} there)") from None
+            self._met(old, where)
+        return out
+
+    def overrides(self, items: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]:
+        """`key=value` strings -> (key, value) pairs in the new names; an override given under its old and its
+        new name is an error."""
+        pairs: list[tuple[str, Any, str | None]] = []  # (key, value, the old name it was given as)
+        for item in items:
+            key, value = parse_override(item)
+            pairs += self._override(key, value)
+        direct = [(key, value) for key, value, old in pairs if old is None]
+        for new, _, old in pairs:
+            for key, value in direct if old is not None else ():
+                inside = new.startswith(key + ".") and _get_dotted(value, new[len(key) + 1 :])[0]
+                if key == new or key.startswith(new + ".") or inside:
+                    raise ConfigError(f"overrides {old!r} and {key!r} both given ({old!r} is the old name of "
+                                      f"{new!r}): keep only {new!r}")  # fmt: skip
+        return [(key, value) for key, value, _ in pairs]
+
+    def _override(self, key: str, value: Any) -> list[tuple[str, Any, str | None]]:
+        for old, new in self.renamed.items():
+            if key == old or key.startswith(old + "."):
+                self._met(old, "override")
+                return [(new + key[len(old) :], value, old)]
+        if not isinstance(value, dict):
+            return [(key, value, None)]
+        # A whole section given as a mapping (optim={lr: 1e-4, ema_decay: 0.99}): its old keys move out.
+        value, moved = copy.deepcopy(value), []
+        for old, new in self.renamed.items():
+            if old.startswith(key + "."):
+                found, v = _pop_dotted(value, old[len(key) + 1 :])
+                if found:
+                    self._met(old, "override")
+                    moved.append((new, v, old))
+        return [(key, value, None), *moved]
+
+
+def rename_keys(data: dict, renamed: dict[str, str]) -> dict:
+    """A copy of `data` (e.g. the config a checkpoint recorded) in the new names, without warnings."""
+    return Renames(renamed, warn=False).apply(data, "config")
+
+
+def _get_dotted(data: Any, key: str) -> tuple[bool, Any]:
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return False, None
+        data = data[part]
+    return True, data
+
+
+def _pop_dotted(data: Any, key: str) -> tuple[bool, Any]:
+    parent, _, last = key.rpartition(".")
+    found, section = _get_dotted(data, parent) if parent else (True, data)
+    if not found or not isinstance(section, dict) or last not in section:
+        return False, None
+    return True, section.pop(last)
+
+
+def _put_dotted(data: dict, key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    for i, part in enumerate(parents):
+        data = data.setdefault(part, {})
+        if not isinstance(data, dict):
+            raise ConfigError(f"config key {'.'.join(parents[: i + 1])!r} is not a section")
+    data[last] = value
 
 
 def resolve_path(source: str | Path, packaged: dict[str, Path]) -> Path:
@@ -100,12 +228,17 @@ def yaml_problem(exc: yaml.YAMLError) -> str:
     return f"invalid YAML{where}: {what}" + (f" ({context})" if context else "")
 
 
-def read_with_bases(path: Path, packaged: dict[str, Path], seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """The file's mapping merged onto its `base:` chain (the base first, then each file that names it)."""
+def read_with_bases(
+    path: Path, packaged: dict[str, Path], seen: tuple[Path, ...] = (), renames: Renames | None = None
+) -> dict[str, Any]:
+    """The file's mapping merged onto its `base:` chain (the base first, then each file that names it); each
+    file's old keys moved to their new names first (`renames`)."""
     if path.resolve() in seen:
         raise ConfigError(f"{path}: `base:` chain loops back to itself ({' -> '.join(map(str, seen))})")
     data = read_yaml(path)
     base = data.pop("base", None)
+    if renames is not None:
+        data = renames.apply(data, str(path))
     if base is None:
         return data
     if not isinstance(base, str):
@@ -115,7 +248,7 @@ def read_with_bases(path: Path, packaged: dict[str, Path], seen: tuple[Path, ...
         base_path = relative if relative.is_file() else resolve_path(base, packaged)
     except ConfigError as exc:
         raise ConfigError(f"{path}: base: {exc}") from None
-    return merge(read_with_bases(base_path, packaged, (*seen, path.resolve())), data)
+    return merge(read_with_bases(base_path, packaged, (*seen, path.resolve()), renames), data)
 
 
 def merge(base: dict, top: dict) -> dict:

@@ -8,6 +8,10 @@ Where the defaults come from (DC-AE paper, arXiv 2410.10733, Sec. 3.3 / appendix
   authors; taken from taming-transformers / latent-diffusion autoencoders (LPIPS weight 1.0), which a
   community DC-AE reproduction follows (it uses LPIPS weight 0.25; set `loss.perceptual_weight=0.25`);
 - resolutions, steps and batch sizes: ours (the paper trains at 256 px, adapts at 512/1024 px).
+
+The shared names (out_dir, seed, mixed_precision, grad_accum, phaseN.batch_size as the global batch,
+num_workers, ema_decay, ema_warmup, checkpoint.*, log.*) are the diffusion trainer's too; the keys they
+replaced still load, with a warning (RENAMED).
 """
 
 from __future__ import annotations
@@ -18,8 +22,12 @@ from typing import Any
 
 from dcae.models.config import expand_residual
 from dcae.runtime import config as runtime_config
-from dcae.runtime.config import ConfigError
+from dcae.runtime.config import CheckpointConfig, ConfigError
+from dcae.runtime.config import LogConfig as _LogConfig
 from dcae.runtime.schedule import SCHEDULES
+
+# Old key -> new key (dotted). Configs, overrides and the configs that checkpoints recorded are read through it.
+RENAMED = {"data.num_workers": "num_workers"}
 
 PHASE_NAMES = {
     1: "low-resolution full training",
@@ -56,7 +64,6 @@ class DataConfig:
     resize: bool = True  # resize the short side to resolution * U(scale_range) before cropping
     scale_range: tuple[float, float] = (1.0, 1.0)
     hflip: float = 0.5  # probability of a horizontal flip
-    num_workers: int = 2  # DataLoader worker processes (0 = load in the training process)
 
 
 @dataclass
@@ -101,7 +108,7 @@ class DiscConfig:
 @dataclass
 class PhaseConfig:
     resolution: int = 256
-    batch_size: int = 8  # per process
+    batch_size: int = 8  # global: images per optimizer step over all processes and accumulation steps
     steps: int = 1000  # optimizer steps
     max_minutes: float | None = None  # stop early after this much wall time (demos)
     trainable: dict[str, str] = field(default_factory=lambda: {"all": "*"})  # name -> glob ("re:" = regex)
@@ -138,16 +145,8 @@ def _phase3() -> PhaseConfig:
 
 
 @dataclass
-class CheckpointConfig:
-    every: int = 1000  # steps; the last step of a phase always writes one
-    keep_last: int = 3
-
-
-@dataclass
-class LogConfig:
-    every: int = 10  # CSV / TensorBoard rows
+class LogConfig(_LogConfig):  # every (CSV / TensorBoard rows), tensorboard: the runtime's
     image_every: int = 500  # reconstruction grid of the fixed validation batch (0 = start and end only)
-    tensorboard: bool = True  # when the tensorboard package is installed
     progress: bool = True  # tqdm bar
 
 
@@ -175,8 +174,10 @@ class TrainConfig:
     out_dir: str = "runs/dcae"
     seed: int = 0
     mixed_precision: str = "no"  # no | bf16 | fp16
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step (each phaseN.batch_size is split into them)
+    num_workers: int = 2  # DataLoader worker processes (0 = load in the training process)
     ema_decay: float = 0.9999  # 0 = no EMA; the exported result of each phase uses the EMA weights
+    ema_warmup: bool = True  # decay min(ema_decay, (1+k)/(10+k)) at the k-th update: a useful EMA in short runs too
     find_unused_parameters: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -199,7 +200,9 @@ class TrainConfig:
 def load_config(source: str | Path | dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """A TrainConfig from a YAML file (or a packaged name such as 'tiny'), a dict, or defaults, then
     `key.sub=value` overrides (values parsed as YAML, converted to the field's type); see dcae.runtime.config."""
-    return runtime_config.load_config(TrainConfig, source, overrides, packaged_configs(), finish=_finish)
+    return runtime_config.load_config(
+        TrainConfig, source, overrides, packaged_configs(), finish=_finish, renamed=RENAMED
+    )
 
 
 def _finish(cfg: TrainConfig) -> None:
@@ -245,8 +248,8 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"data.scale_range must be 0 < min <= max, got {cfg.data.scale_range}")
     if not 0.0 <= cfg.data.hflip <= 1.0:
         problems.append("data.hflip is a probability in [0, 1]")
-    if cfg.data.num_workers < 0 or cfg.data.holdout < 0:
-        problems.append("data.num_workers and data.holdout must be >= 0")
+    if cfg.num_workers < 0 or cfg.data.holdout < 0:
+        problems.append("num_workers and data.holdout must be >= 0")
     if cfg.checkpoint.every < 1 or cfg.checkpoint.keep_last < 1:
         problems.append("checkpoint.every and checkpoint.keep_last must be >= 1")
     if cfg.log.every < 1:

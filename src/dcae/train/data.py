@@ -146,9 +146,11 @@ class ImageDataset(torch.utils.data.Dataset):
 class ResumableBatchSampler(torch.utils.data.Sampler):
     """Endless batches of (index, epoch, position) for one process.
 
-    Epoch e is a permutation of the data set seeded with (seed, e); a global batch of
-    batch_size * world_size consecutive positions is cut into one slice per rank, so every rank sees
-    different images. `start_batch` (batches consumed before) resumes exactly where a run stopped.
+    Epoch e is a permutation of the data set seeded with (seed, e); each step of the sampler takes
+    batch_size * world_size consecutive positions and cuts them into one slice per rank, so every rank sees
+    different images. `batch_size` is per process and micro-batch (the trainer's global batch divided by the
+    processes and accumulation steps). `start_batch` (batches consumed before) resumes exactly where a run
+    stopped.
     """
 
     def __init__(
@@ -159,7 +161,8 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
         self.global_batch = batch_size * world_size
         if n < self.global_batch:
             raise UserError(
-                f"{n} training images are fewer than one global batch ({batch_size} x {world_size} processes)"
+                f"{n} training images are fewer than one micro-batch on all processes ({batch_size} x {world_size} "
+                "processes): lower the phase's batch_size"
             )
         self.batches_per_epoch = n // self.global_batch  # the incomplete tail of each epoch is dropped
 

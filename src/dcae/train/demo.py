@@ -66,7 +66,7 @@ def _train_demo(out: Path, minutes: float, seed: int, progress: bool) -> dict[st
     # Time-bounded phases: a constant LR after warmup (a cosine needs a known horizon).
     overrides = [
         f"seed={seed}",
-        "data.num_workers=0",  # decoding cached photos is cheap; a worker would only compete for 2 cores
+        "num_workers=0",  # decoding cached photos is cheap; a worker would only compete for 2 cores
         f"log.progress={progress}",
         "log.image_every=0",
         "checkpoint.every=1000000",

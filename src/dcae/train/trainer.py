@@ -30,6 +30,7 @@ from torch import nn
 
 from dcae.errors import UserError
 from dcae.models import DCAE, DCAEConfig
+from dcae.runtime import batch as global_batch
 from dcae.runtime import checkpoint as ckpt
 from dcae.runtime.accelerator import make_accelerator
 from dcae.runtime.config import dump_yaml
@@ -84,6 +85,9 @@ def train(
     """Run `phases` in order; returns {"phases": {n: metrics}, "model": path of the last export}."""
     out = check_output_dir(cfg.out_dir, "out_dir")  # before anything is loaded: a file there is one error line
     accelerator = accelerator or make_accelerator(cfg.mixed_precision, cfg.find_unused_parameters)
+    for n in phases:  # every phase's global batch splits into the processes and accumulation steps, or stop now
+        size, processes = cfg.phase(n).batch_size, accelerator.num_processes
+        global_batch.micro_batch(size, processes, cfg.grad_accum, f"phase{n}.batch_size")
     train_items, val_items = split_items(cfg.data.train, cfg.data.val, cfg.data.holdout)
     val_images, skipped = load_val_images(val_items, cfg.val.max_images) if accelerator.is_main_process else ([], 0)
     grid_images = val_images[: cfg.val.grid_images]
@@ -237,7 +241,7 @@ def run_phase(s: Session, n: int, first: bool) -> tuple[Path, dict[str, Any]]:
     timed = phase.max_minutes is not None
     desc = f"phase {n} ({phase.max_minutes:.1f} min budget)" if timed else f"phase {n}"
     bar = tqdm(total=None if timed else phase.steps, initial=step, desc=desc, disable=not show, dynamic_ncols=True)
-    images_per_step = phase.batch_size * cfg.grad_accum * acc.num_processes
+    images_per_step = phase.batch_size  # the global batch
     t_start, t_last, step_at_last = time.time() - elapsed, time.time(), step
     running: dict[str, float] = {}
     stopped_early = False
@@ -273,7 +277,8 @@ def run_phase(s: Session, n: int, first: bool) -> tuple[Path, dict[str, Any]]:
         if phase.max_minutes is not None:
             stopped_early = _time_is_up(acc, t_start, phase.max_minutes) and step < phase.steps
         if step % cfg.checkpoint.every == 0 or step == phase.steps or stopped_early:
-            data = {"position": sampler.position(batches), "skipped": skipped, "elapsed": time.time() - t_start}
+            position = {**sampler.position(batches), "micro_batch": sampler.batch_size, "processes": acc.num_processes}
+            data = {"position": position, "skipped": skipped, "elapsed": time.time() - t_start}
             _save_checkpoint(s, ph, step, data)
         if stopped_early:
             s.print(f"phase {n}: max_minutes={phase.max_minutes} reached, stopping at step {step}")
@@ -304,7 +309,8 @@ def _setup_phase(s: Session, n: int, first: bool, folder: Path) -> Phase:
     trainable_names = params.apply_trainable(model, selected)
     if cfg.decoder.student is not None:
         decoder.check_encoder_frozen(model)
-    s.print(f"\n=== phase {n}: {PHASE_NAMES[n]} ({phase.resolution} px, {phase.steps} steps) from {origin}")
+    split = global_batch.describe(phase.batch_size, acc.num_processes, cfg.grad_accum)
+    s.print(f"\n=== phase {n}: {PHASE_NAMES[n]} ({phase.resolution} px, {phase.steps} steps, {split}) from {origin}")
     s.print("trainable parameters:\n" + params.summary(model, selected))
     if s.main:
         folder.mkdir(parents=True, exist_ok=True)
@@ -322,7 +328,7 @@ def _setup_phase(s: Session, n: int, first: bool, folder: Path) -> Phase:
     perceptual = build_perceptual(phase.loss.perceptual_net) if phase.loss.perceptual_weight > 0 else None
     if perceptual is not None:
         perceptual.to(acc.device)
-    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup) if cfg.ema_decay > 0 else None
 
     if disc is not None:
         model, opt, disc, d_opt = acc.prepare(model, opt, disc, d_opt)
@@ -356,8 +362,39 @@ def _resume_phase(s: Session, ph: Phase, ck: dict | None, path: Path | None) -> 
             scaler.load_state_dict(ck["scaler"])
         position = (ckpt.counter(ck, "step"), ckpt.counter(ck["data"], "batches_consumed"), ckpt.counter(ck, "skipped"),
                     float(ck["elapsed"]))  # fmt: skip
+        _check_data_split(s, ph, ck, path)
     s.print(f"resumed phase {ph.n} from {path} (step {position[0]}, data position {ck['data']})")
     return position
+
+
+def _micro_batch(s: Session, ph: Phase) -> int:
+    """Images per micro-batch per process: the phase's global batch over the processes and accumulation steps."""
+    acc = s.accelerator
+    return global_batch.micro_batch(ph.cfg.batch_size, acc.num_processes, s.cfg.grad_accum, f"phase{ph.n}.batch_size")
+
+
+def _check_data_split(s: Session, ph: Phase, ck: dict, path: Path) -> None:
+    """The data position counts this process's micro-batches, each a slice of (micro-batch x processes)
+    consecutive images: it points at the same images only if that product is the one the checkpoint was
+    written with. Checkpoints from before batch_size meant the global batch record neither: their config's
+    batch_size was per process and micro-batch, their RNG list has one entry per process."""
+    data = ck["data"]
+    if "micro_batch" in data:
+        micro, processes = ckpt.counter(data, "micro_batch"), ckpt.counter(data, "processes")
+    else:
+        micro = ckpt.counter(ck["config"][f"phase{ph.n}"], "batch_size")
+        processes = len(ck["rng"]) if isinstance(ck["rng"], list) else 1
+    acc, accum = s.accelerator, s.cfg.grad_accum
+    now = _micro_batch(s, ph)
+    if micro * processes == now * acc.num_processes:
+        return
+    raise UserError(
+        f"{path}: written with micro-batches of {micro} images on {processes} process(es), this run makes "
+        f"{global_batch.describe(ph.cfg.batch_size, acc.num_processes, accum)}: the saved data position would point "
+        f"at other images; resume with phase{ph.n}.batch_size / grad_accum = {micro * processes} (e.g. "
+        f"phase{ph.n}.batch_size={micro * processes * accum}; batch_size is now the global batch of all processes "
+        "and accumulation steps)"
+    )
 
 
 def _phase_data(s: Session, ph: Phase, batches: int):
@@ -373,9 +410,9 @@ def _phase_data(s: Session, ph: Phase, batches: int):
         hflip=cfg.data.hflip,
     )
     sampler = ResumableBatchSampler(
-        len(dataset), ph.cfg.batch_size, dataset.seed, acc.process_index, acc.num_processes, start_batch=batches
+        len(dataset), _micro_batch(s, ph), dataset.seed, acc.process_index, acc.num_processes, start_batch=batches
     )
-    return sampler, iter(make_loader(dataset, sampler, cfg.data.num_workers, pin_memory=acc.device.type == "cuda"))
+    return sampler, iter(make_loader(dataset, sampler, cfg.num_workers, pin_memory=acc.device.type == "cuda"))
 
 
 def _log_row(s: Session, ph: Phase, step: int, row: dict, logger) -> None:

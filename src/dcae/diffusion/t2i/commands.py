@@ -1,7 +1,7 @@
 """Text-to-image commands: `dcae t2i cache`, `train`, `sample`, `export` and `eval` (dcae.diffusion.t2i.eval).
 
     dcae t2i cache --data photos/ --model dc-ae-f32c32-sana-1.1 --text-encoder google/gemma-2-2b-it -o cache/
-    dcae t2i train configs/t2i_tiny.yaml data=cache/ out=runs/t2i
+    dcae t2i train configs/t2i_tiny.yaml data=cache/ out_dir=runs/t2i
     dcae t2i sample --ckpt runs/t2i --prompt "a red square" -o samples/
     dcae t2i export --ckpt runs/t2i -o pipeline/      # diffusers' SanaPipeline.from_pretrained("pipeline/")
     dcae t2i sample --model Efficient-Large-Model/Sana_600M_512px_diffusers --prompt "a cat" -o cats/

@@ -1,5 +1,7 @@
 """The diffusion trainer's config: small dataclasses, loaded by dcae.runtime.config (YAML with `base:`,
-dotted overrides, typed fields)."""
+dotted overrides, typed fields). The shared names (out_dir, seed, mixed_precision, grad_accum, batch_size as
+the global batch, num_workers, ema_decay, ema_warmup, checkpoint.*, log.*, model.gradient_checkpointing) are the
+autoencoder trainer's too; the keys they replaced still load, with a warning (RENAMED)."""
 
 from __future__ import annotations
 
@@ -9,14 +11,28 @@ from typing import Any
 
 from dcae.errors import UserError
 from dcae.runtime import config as runtime_config
+from dcae.runtime.config import CheckpointConfig, LogConfig
 from dcae.runtime.schedule import SCHEDULES
+
+# Old key -> new key (dotted). Configs, overrides and the configs that checkpoints recorded are read through it.
+RENAMED = {
+    "out": "out_dir",
+    "log_every": "log.every",
+    "tensorboard": "log.tensorboard",
+    "ckpt_every": "checkpoint.every",
+    "keep_last": "checkpoint.keep_last",
+    "optim.ema_decay": "ema_decay",
+    "optim.ema_warmup": "ema_warmup",
+    "diffusion.label_dropout": "diffusion.cond_dropout",
+    "model.grad_checkpointing": "model.gradient_checkpointing",
+}
 
 
 @dataclass
 class ModelConfig:
     name: str = "DiT-S/1"  # see dcae.diffusion.nets.list_diffusion_models()
     learn_sigma: bool = False  # DDPM only: improved-DDPM learned variance (DiT)
-    grad_checkpointing: bool = False
+    gradient_checkpointing: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {depth: 4, hidden_size: 256} for small runs
 
 
@@ -25,7 +41,8 @@ class DiffusionConfig:
     objective: str = "flow"  # "flow" (velocity, linear path) or "ddpm" (epsilon)
     t_sampling: str = "logit_normal"  # flow: "uniform" or "logit_normal"
     beta_schedule: str = "linear"  # ddpm: "linear" (DiT) or "scaled_linear" (U-ViT)
-    label_dropout: float = 0.1  # classifier-free guidance: the share of conditions dropped to the null one
+    # Classifier-free guidance: the share of conditions (class labels, captions) dropped to the null one.
+    cond_dropout: float = 0.1
 
 
 @dataclass
@@ -37,8 +54,6 @@ class OptimConfig:
     schedule: str = "constant"  # constant | cosine (decays to lr * min_lr_ratio at max_steps)
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0  # 0 disables clipping
-    ema_decay: float = 0.9999
-    ema_warmup: bool = True  # decay min(ema_decay, (1+step)/(10+step)): a useful EMA in short runs too
 
 
 @dataclass
@@ -56,21 +71,21 @@ class SampleConfig:
 
 @dataclass
 class TrainConfig:
-    data: str = ""  # folder written by `dcae latents`
-    out: str = "runs/diffusion"
+    data: str = ""  # folder written by `dcae latents` or `dcae t2i cache`
+    out_dir: str = "runs/diffusion"
     seed: int = 0
     batch_size: int = 256  # global batch (all processes and accumulation steps together)
     grad_accum: int = 1  # micro-batches per optimizer step: the same step in less memory
     max_steps: int = 400_000
     mixed_precision: str = "bf16"  # "no", "bf16" or "fp16"
     compile: bool = False  # torch.compile the model (GPU)
-    num_workers: int = 4
+    num_workers: int = 4  # DataLoader worker processes (0 = load in the training process)
     use_flip: bool = True  # use flipped latents when the folder has them
-    log_every: int = 50
-    tensorboard: bool = True  # also log to out/tensorboard when the tensorboard package is installed
-    ckpt_every: int = 5000
-    keep_last: int = 3
-    resume: str = "auto"  # "auto" (latest checkpoint in out/), "none", or a checkpoint path
+    ema_decay: float = 0.9999  # the EMA of the weights that samples and exports use
+    ema_warmup: bool = True  # decay min(ema_decay, (1+k)/(10+k)) at the k-th update: a useful EMA in short runs too
+    resume: str = "auto"  # "auto" (latest checkpoint in out_dir), "none", or a checkpoint path
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=5000, keep_last=3))
+    log: LogConfig = field(default_factory=lambda: LogConfig(every=50, tensorboard=True))
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -78,7 +93,7 @@ class TrainConfig:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
-    return runtime_config.load_config(TrainConfig, path, overrides or [], finish=validate_config)
+    return runtime_config.load_config(TrainConfig, path, overrides or [], finish=validate_config, renamed=RENAMED)
 
 
 def validate_config(cfg: TrainConfig) -> None:
@@ -95,12 +110,24 @@ def validate_config(cfg: TrainConfig) -> None:
         problems.append(f"mixed_precision must be no, bf16 or fp16, got {cfg.mixed_precision!r}")
     if cfg.optim.schedule not in SCHEDULES:
         problems.append(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {cfg.optim.schedule!r}")
-    for name in ("batch_size", "grad_accum", "max_steps", "log_every", "keep_last"):
-        if getattr(cfg, name) < 1:
+    for name in ("batch_size", "grad_accum", "max_steps", "log.every", "checkpoint.every", "checkpoint.keep_last"):
+        section, _, key = name.rpartition(".")
+        if getattr(getattr(cfg, section) if section else cfg, key) < 1:
             problems.append(f"{name} must be >= 1")
+    if cfg.num_workers < 0:
+        problems.append("num_workers must be >= 0")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        problems.append(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
+    if not 0.0 <= cfg.diffusion.cond_dropout <= 1.0:
+        problems.append(f"diffusion.cond_dropout is a share in [0, 1], got {cfg.diffusion.cond_dropout}")
     if problems:
         raise UserError("invalid training config: " + "; ".join(problems))
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:
     return runtime_config.to_dict(cfg)
+
+
+def recorded_config(config: dict) -> dict:
+    """The config a checkpoint recorded, in today's names (checkpoints of older versions use the old ones)."""
+    return runtime_config.rename_keys(config, RENAMED)
