@@ -8,11 +8,8 @@ import argparse
 import pytest
 
 from dcae.cli import build_parser
-from dcae.diffusion.c2i.released.sampling import SAMPLE_SOLVERS
-from dcae.diffusion.processes.sampling import FLOW_MODEL_SOLVERS, SOLVERS
-from dcae.diffusion.t2i.pipeline import EXPORT_SOLVERS
-from dcae.utils.cliargs import SHARED, positive_int
-from dcae.utils.devices import DTYPE_NAMES
+from dcae.diffusion.solvers import EXPORT_SOLVERS, FLOW_MODEL_SOLVERS, SAMPLE_SOLVERS, SOLVERS
+from dcae.utils.cliargs import DTYPE_NAMES, SHARED, positive_int
 
 # option string -> the kind cliargs marks its actions with
 SHARED_OPTIONS = {

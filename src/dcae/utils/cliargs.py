@@ -11,7 +11,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from dcae.utils.devices import AUTO_DEVICE, DEVICE_EXAMPLES, DTYPE_NAMES
+# The command line's device and dtype names (dcae.utils.devices resolves them); no torch here, so that building
+# the parsers stays fast.
+DTYPE_NAMES = ("fp32", "bf16", "fp16")  # the --dtype choices
+AUTO_DEVICE = "cuda when available, else cpu"  # what resolve_device("auto") picks
+DEVICE_EXAMPLES = "cpu, cuda, cuda:1, mps"  # other device names, as torch spells them
 
 SHARED = "dcae_shared_option"  # attribute of the actions made here: the option's kind
 

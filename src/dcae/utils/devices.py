@@ -6,10 +6,9 @@ import os
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_NAMES = tuple(DTYPES)  # the command line's --dtype choices (dcae.utils.cliargs.add_dtype)
-AUTO_DEVICE = "cuda when available, else cpu"  # what resolve_device("auto") picks
-DEVICE_EXAMPLES = "cpu, cuda, cuda:1, mps"  # other device names, as torch spells them
+from dcae.utils.cliargs import DTYPE_NAMES
+
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16)))
 
 
 def resolve_device(name: str) -> torch.device:

@@ -178,7 +178,7 @@ def _sample_report(args, out: Path, paths: list[Path], labels: list, meta: dict,
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from dcae.diffusion.c2i.released.sampling import SAMPLE_SOLVERS
+    from dcae.diffusion.solvers import SAMPLE_SOLVERS
 
     p = sub.add_parser("latents", help="precompute scaled DC-AE latents of an image folder for diffusion training")
     p.add_argument("--model", required=True, help="autoencoder: zoo name, Hub id, local folder or weight file")

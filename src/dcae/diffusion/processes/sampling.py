@@ -20,13 +20,14 @@ from tqdm.auto import tqdm
 
 from dcae.diffusion.conditioning import Condition, with_null
 from dcae.diffusion.processes.common import randn
+from dcae.diffusion.solvers import (
+    DDPM_MODEL_SOLVERS,
+    DDPM_ONLY_SOLVERS,
+    FLOW_MODEL_SOLVERS,
+    FLOW_ONLY_SOLVERS,
+    SOLVERS,
+)
 from dcae.errors import UserError
-
-SOLVERS = ("euler", "heun", "ddim", "dpm++", "ddpm")  # every solver `sample` runs
-FLOW_ONLY_SOLVERS = ("euler", "heun")  # integrate the flow ODE: flow matching models only
-DDPM_ONLY_SOLVERS = ("ddpm",)  # the learned DDPM variance: DDPM models only
-FLOW_MODEL_SOLVERS = tuple(s for s in SOLVERS if s not in DDPM_ONLY_SOLVERS)  # what a flow model takes
-DDPM_MODEL_SOLVERS = tuple(s for s in SOLVERS if s not in FLOW_ONLY_SOLVERS)  # what a DDPM model takes
 
 
 def guided_output(model: Callable, x: torch.Tensor, t: torch.Tensor, cond: Condition, scale: float) -> torch.Tensor:

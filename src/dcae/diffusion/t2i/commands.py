@@ -119,7 +119,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- the parser
 def register(sub: argparse._SubParsersAction) -> None:
     from dcae.diffusion.commands import cmd_train
-    from dcae.diffusion.t2i.pipeline import EXPORT_SOLVERS
+    from dcae.diffusion.solvers import EXPORT_SOLVERS
 
     p = sub.add_parser("t2i", help="text-to-image on DC-AE latents: cache, train, sample (SANA-style)")
     tsub = p.add_subparsers(dest="t2i_command", metavar="WHAT")

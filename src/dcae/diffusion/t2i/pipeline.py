@@ -31,19 +31,13 @@ from pathlib import Path
 
 import torch
 
+from dcae.diffusion.solvers import EXPORT_SOLVERS, SCHEDULERS
 from dcae.errors import MissingInputError, UserError, brief
 from dcae.utils.io import atomic_path, atomic_write_json
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 SANA_STEPS, SANA_GUIDANCE = 20, 4.5  # SanaPipeline.__call__'s defaults
 SANA_MAX_TOKENS = 300  # SanaPipeline's max_sequence_length for Gemma
-# diffusers scheduler -> (our solver, the config field holding the flow shift)
-SCHEDULERS = {
-    "FlowMatchEulerDiscreteScheduler": ("euler", "shift"),
-    "FlowMatchHeunDiscreteScheduler": ("heun", "shift"),
-    "DPMSolverMultistepScheduler": ("dpm++", "flow_shift"),  # SANA's release: DPM-Solver++(2M) on flow sigmas
-}
-EXPORT_SOLVERS = tuple(solver for solver, _ in SCHEDULERS.values())  # `dcae t2i export --solver`
 _MODEL_FILES = ("config.json", "generation_config.json", "model*.safetensors*")
 _TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
                     "spiece.model", "sentencepiece.bpe.model", "chat_template.*")  # fmt: skip

@@ -108,7 +108,7 @@ def _latent_size(text: str | None, resolution: int | None, compression: int, pat
 
 def add_sampling_options(s: argparse.ArgumentParser) -> None:
     """The model and sampling options of `dcae t2i sample` (also those of `dcae t2i eval`)."""
-    from dcae.diffusion.processes.sampling import FLOW_MODEL_SOLVERS
+    from dcae.diffusion.solvers import FLOW_MODEL_SOLVERS
 
     s.add_argument("--ckpt", help="our text-to-image run folder or checkpoint")
     s.add_argument("--model", help="a diffusers SANA pipeline: folder or Hub id")

@@ -29,15 +29,10 @@ from dcae.diffusion.conditioning import Labels, with_null
 from dcae.diffusion.processes.common import MODEL_TIME_SCALE
 from dcae.diffusion.processes.ddpm import GaussianDiffusion
 from dcae.diffusion.processes.flow import FlowMatching
-from dcae.diffusion.processes.sampling import DDPM_MODEL_SOLVERS, FLOW_MODEL_SOLVERS, SOLVERS, sample
+from dcae.diffusion.processes.sampling import sample
+from dcae.diffusion.solvers import DDPM_MODEL_SOLVERS, FLOW_MODEL_SOLVERS, ODE_SOLVERS, OUR_SOLVERS
 from dcae.errors import UserError
 
-FLOW_SOLVERS = ("dopri5", "heun2", "midpoint", "rk4")  # torchdiffeq; steps = grid points
-OWN_SAMPLERS = ("ddpm", "dpm-solver", *FLOW_SOLVERS)  # the released models' own samplers; steps = their own
-# dcae.diffusion.processes.sampling's solvers on a released model (steps = solver steps); "ddpm" names DiT's own
-OUR_SOLVERS = tuple(s for s in SOLVERS if s not in OWN_SAMPLERS)
-# `dcae sample --solver`: our solvers for our checkpoints, and the samplers of the released models
-SAMPLE_SOLVERS = SOLVERS + tuple(s for s in OWN_SAMPLERS if s not in SOLVERS)
 OUR_DEFAULT_STEPS = 50
 ODE_ATOL, ODE_RTOL = 1e-6, 1e-3
 
@@ -45,7 +40,7 @@ ODE_ATOL, ODE_RTOL = 1e-6, 1e-3
 def samplers_for(model: ReleasedDiffusion) -> tuple[str, ...]:
     spec = model.release.spec
     if spec.prediction == "velocity":
-        return FLOW_SOLVERS + tuple(s for s in OUR_SOLVERS if s in FLOW_MODEL_SOLVERS)
+        return ODE_SOLVERS + tuple(s for s in OUR_SOLVERS if s in FLOW_MODEL_SOLVERS)
     return ("ddpm" if spec.learn_sigma else "dpm-solver", *(s for s in OUR_SOLVERS if s in DDPM_MODEL_SOLVERS))
 
 
