@@ -191,3 +191,20 @@ def test_text_to_image_is_a_package_beside_class_conditional():
     assert not stray, f"text-to-image modules at the root of diffusion/: {stray}"
     assert (root / "t2i" / "__init__.py").is_file() and (root / "c2i" / "__init__.py").is_file()
     assert not (SRC / "checkpoint.py").exists()
+
+
+def test_a_skipped_input_is_named_and_counted_in_the_text_cache(legacy_t2i):
+    """One image without a caption and one unreadable image among good ones: the cache is made of the good ones and
+    its record names the two it left out (the earlier version crashed on the first skipped item)."""
+    from dcae.cli import main
+    from dcae.diffusion.t2i.encoders import all_minilm_l6_v2
+
+    shutil.copy(legacy_t2i / "data" / "0.png", legacy_t2i / "data" / "uncaptioned.png")
+    (legacy_t2i / "data" / "broken.png").write_bytes(b"not a png")
+    (legacy_t2i / "data" / "broken.txt").write_text("a broken square")
+    rc = main(["t2i", "cache", "--data", "data", "--model", "ae", "--text-encoder", str(all_minilm_l6_v2()), "-o",
+               "mixed", "--resolution", "32", "--max-tokens", "16"])  # fmt: skip
+    assert rc == 0
+    index = cache.read_index(legacy_t2i / "mixed")
+    assert index.num_images == 4 and len(index.skipped) == 2, index.skipped
+    assert any("uncaptioned.png" in s for s in index.skipped) and any("broken.png" in s for s in index.skipped)

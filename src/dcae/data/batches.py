@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from dcae.data.images import ImageReadError, image_size, load_image
 
@@ -41,7 +42,6 @@ class Problems:
 
 
 def _say(message: str) -> None:
-    from tqdm import tqdm
 
     tqdm.write(f"dcae: {message}", file=sys.stderr)  # keeps an active progress bar intact
 

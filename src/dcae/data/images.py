@@ -28,6 +28,7 @@ import torch
 from PIL import ExifTags, Image, ImageFile, PngImagePlugin, TiffImagePlugin, UnidentifiedImageError
 
 from dcae.errors import ImageReadError  # defined there (cheap to import for everyone), raised here
+from dcae.utils.io import atomic_path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
 # What the readers make of a file's pixels, for caches of values computed from them (FID reference
@@ -269,7 +270,6 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
 def save_image(t: torch.Tensor | np.ndarray, path: str | os.PathLike, overwrite: bool = True) -> Path:
     """Write a [-1, 1] tensor (or uint8 array) atomically; the format follows the suffix. The file has no
     EXIF (no orientation tag): its pixels are stored upright, as they are shown."""
-    from dcae.utils.io import atomic_path
 
     arr = t if isinstance(t, np.ndarray) else tensor_to_uint8(t)
     path = Path(path)

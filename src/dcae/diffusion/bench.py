@@ -17,13 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from dcae.diffusion.conditioning import Text
 from dcae.diffusion.nets import create_diffusion_model
 from dcae.diffusion.nets.registry import parse_model_name
 from dcae.diffusion.processes.flow import FlowMatching
 from dcae.diffusion.processes.sampling import sample
+from dcae.models import DCAE
+from dcae.models.bench import _diffusers_twin
 from dcae.utils.devices import match_inductor_to_aten_isa
+from dcae.utils.io import atomic_write_json
+from dcae.utils.plots import bar_chart
 
 
 @dataclass(frozen=True)
@@ -102,8 +107,6 @@ def sd_vae():
 
 def dc_ae(name: str):
     """diffusers AutoencoderDC of a zoo configuration (random weights: for timing)."""
-    from dcae.models import DCAE
-    from dcae.models.bench import _diffusers_twin
 
     return _diffusers_twin(DCAE.from_config(name))
 
@@ -148,7 +151,6 @@ def _timed(fn, device: torch.device, warmup: int, steps: int) -> float:
 
 def forward_flops(model: torch.nn.Module, setting: Setting, device: torch.device) -> float:
     """FLOPs (2 x MACs) of one forward pass for one image, counted by torch.utils.flop_counter."""
-    from torch.utils.flop_counter import FlopCounterMode
 
     x = torch.randn(1, setting.channels, setting.size, setting.size, device=device)
     cond = bench_condition(model.conditioning, 1, device)
@@ -340,7 +342,6 @@ def format_table(records: list[dict]) -> str:
 
 
 def main_from_args(args) -> int:
-    from dcae.utils.io import atomic_write_json
 
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -385,7 +386,6 @@ def main_from_args(args) -> int:
 
 def plot_ratios(records: list[dict], path: Path) -> Path:
     """Throughput relative to the f8 setting: one panel per model (and resolution), bars per kind."""
-    from dcae.utils.plots import bar_chart
 
     settings = list(dict.fromkeys(r["setting"] for r in records))
     kinds = [k for k in ("train", "infer", "sample", "generate") if any(f"{k}_ratio_vs_f8" in r for r in records)]

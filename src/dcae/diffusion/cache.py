@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from dcae.diffusion.conditioning import Condition, Conditioning, TextConditioning, from_spec
 from dcae.errors import UserError, brief
@@ -69,6 +70,19 @@ class CacheIndex:
     data: str | None = None  # the data the latents come from
     skipped: list[str] = field(default_factory=list)  # inputs left out, with the reason (at most 100)
     latent_rms: float | None = None  # of all scaled latents, once complete (about 1 when the factor fits)
+
+    @classmethod
+    def of_autoencoder(cls, autoencoder, source: str, resolution: int, **fields: Any) -> CacheIndex:
+        """The record of a cache of `autoencoder`'s latents (a DCAE loaded from `source`); `fields`: the rest."""
+        return cls(
+            autoencoder=source,
+            autoencoder_config=autoencoder.config.to_dict(),
+            scaling_factor=float(autoencoder.scaling_factor),
+            spatial_compression=autoencoder.spatial_compression,
+            latent_channels=autoencoder.latent_channels,
+            resolution=resolution,
+            **fields,
+        )
 
     @property
     def num_images(self) -> int:
@@ -338,7 +352,6 @@ def finish_plan(out: Path, index: CacheIndex, also: tuple[str, ...] = ()) -> Cac
 def latent_rms(out: Path, index: CacheIndex) -> float | None:
     """RMS of the scaled latents over all shards (from their metadata). A diffusion model expects about 1: far
     from it, the autoencoder's scaling factor does not fit (set it to scaling_factor / rms)."""
-    from safetensors import safe_open
 
     sumsq, numel = 0.0, 0
     for s in index.shards:

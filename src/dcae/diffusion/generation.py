@@ -13,6 +13,9 @@ from dcae.data.images import save_image
 from dcae.diffusion.cache import decode_scaled
 from dcae.diffusion.conditioning import Conditioning
 from dcae.errors import NonFiniteError, UserError
+from dcae.metrics.accumulate import dataset_stats
+from dcae.metrics.data import collect_images
+from dcae.metrics.fid import GaussianStats, InceptionFeatures, fid_from_stats
 
 
 def condition_values(conditioning: Conditioning, text: str | None, n: int, meta: dict) -> list:
@@ -48,9 +51,6 @@ def compute_gfid(images, reference: str, device, resolution: int | None = None, 
     """gFID of generated images (a folder or a list of files) against reference statistics (.npz with mu,
     sigma, as pytorch-fid writes) or a reference image folder (ADM center crop to `resolution`), with
     dcae.metrics' TF-Inception protocol."""
-    from dcae.metrics.accumulate import dataset_stats
-    from dcae.metrics.data import collect_images
-    from dcae.metrics.fid import GaussianStats, InceptionFeatures, fid_from_stats
 
     inception = InceptionFeatures().to(device).eval()
     if str(reference).endswith(".npz"):

@@ -22,6 +22,11 @@ import torch
 
 from dcae.experiments import common, plots
 from dcae.experiments.common import Protocol, pm, spread
+from dcae.models import DCAE
+from dcae.models.memory import TensorMemoryTracker
+from dcae.train import params
+from dcae.train.config import LossConfig
+from dcae.train.losses import AutoencoderLoss
 
 LOW = 64
 HIGH = 2 * LOW
@@ -127,11 +132,6 @@ def _training_step(p: Protocol, patterns: dict[str, str], resolution: int, batch
     forward, L1 + LPIPS, backward, AdamW. Memory: the model's weights and buffers + the peak of the tensors
     the first step allocates (activations kept for backward, gradients, AdamW state, the LPIPS network's
     activations; not its weights). The step is run once here, so later calls are warm."""
-    from dcae.models import DCAE
-    from dcae.models.memory import TensorMemoryTracker
-    from dcae.train import params
-    from dcae.train.config import LossConfig
-    from dcae.train.losses import AutoencoderLoss
 
     model = DCAE.from_pretrained(p.run_dir("phase1", f"seed{p.seeds[0]}", "phase1", "model"))
     params.apply_trainable(model, params.select_trainable(model, patterns))

@@ -22,9 +22,14 @@ import numpy as np
 import torch
 
 from dcae.errors import UserError
+from dcae.metrics.accumulate import ReconstructionMetrics
+from dcae.models import DCAE
 from dcae.runtime.log import read_log
 from dcae.train import monitor
 from dcae.train.config import TrainConfig, load_config
+from dcae.train.data import load_val_images, split_items
+from dcae.train.losses import build_perceptual
+from dcae.train.trainer import train
 from dcae.utils.io import atomic_write_json, atomic_write_text
 
 DEFAULT_DATA = "../shared/data/imagenet-samples"
@@ -172,14 +177,12 @@ def arm_slug(label: str) -> str:
 
 
 def load_model(path: str | Path):
-    from dcae.models import DCAE
 
     return DCAE.from_pretrained(path).eval()
 
 
 def run_arm(cfg: TrainConfig, phases: list[int], init: str | None = None) -> dict[str, Any]:
     """Train (or pick up where a killed run stopped: completed phases are read back, not retrained)."""
-    from dcae.train.trainer import train
 
     result = train(cfg, phases=phases, init=init, resume=True)
     return result["phases"]
@@ -201,7 +204,6 @@ def val_curve(run: Path, n: int, result: dict[str, Any]) -> list[dict[str, float
 
 # ----------------------------------------------------------------------------- evaluation
 def held_out_images(p: Protocol) -> list[np.ndarray]:
-    from dcae.train.data import load_val_images, split_items
 
     _, val = split_items(p.data, [], p.holdout)
     images, _ = load_val_images(val, p.holdout)
@@ -225,7 +227,6 @@ def sharpness(ref: torch.Tensor, rec: torch.Tensor) -> list[float]:
 @torch.no_grad()
 def evaluate(model, images: list[np.ndarray], resolution: int, lpips=None, inception=None) -> dict[str, Any]:
     """PSNR, SSIM, LPIPS, sharpness ratio (and FID against the originals when `inception` is given)."""
-    from dcae.metrics.accumulate import ReconstructionMetrics
 
     model.eval()
     metrics = ReconstructionMetrics(lpips=lpips, inception=inception)
@@ -239,7 +240,6 @@ def evaluate(model, images: list[np.ndarray], resolution: int, lpips=None, incep
 
 
 def load_lpips():
-    from dcae.train.losses import build_perceptual
 
     return build_perceptual(LPIPS_NET)
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from dcae.data.images import center_crop_arr, uint8_to_tensor
 from dcae.experiments import common, plots
 from dcae.experiments.common import Protocol, pm, spread
 
@@ -96,7 +97,6 @@ def _decoder_parameters(path: str) -> int:
 def latent_checks(teacher_path: str, student_path: str, p: Protocol) -> dict[str, Any]:
     """Encoder tensors equal bit for bit; the teacher's latents of held-out images decode with the
     student exactly as the student's own encode-decode does (no re-encoding needed)."""
-    from dcae.data.images import center_crop_arr, uint8_to_tensor
 
     teacher, student = common.load_model(teacher_path), common.load_model(student_path)
     t_sd, s_sd = teacher.encoder.state_dict(), student.encoder.state_dict()

@@ -21,10 +21,13 @@ with a tenth of the generator's learning rate, starts after 20 steps, and the GA
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from dcae.experiments import common, plots
 from dcae.experiments.common import Protocol, pm, spread
+from dcae.metrics.fid import FewImagesWarning, InceptionFeatures
+from dcae.runtime.log import read_log
 
 RESOLUTION = 64
 HEAD = {"decoder_head": "decoder.project_out.*"}
@@ -46,7 +49,6 @@ METRICS = [
 
 
 def run(p: Protocol) -> dict[str, Any]:
-    from dcae.metrics.fid import InceptionFeatures
 
     steps = p.steps(100, 2)
     batch = 2 if p.smoke else 8
@@ -93,9 +95,6 @@ def run(p: Protocol) -> dict[str, Any]:
 
 
 def _eval(path: str, images, lpips, inception) -> dict[str, Any]:
-    import warnings
-
-    from dcae.metrics.fid import FewImagesWarning
 
     with warnings.catch_warnings():  # the report says it: FID of a small set, compared between arms only
         warnings.simplefilter("ignore", FewImagesWarning)
@@ -103,7 +102,6 @@ def _eval(path: str, images, lpips, inception) -> dict[str, Any]:
 
 
 def _monitor_rows(run_dir) -> list[dict]:
-    from dcae.runtime.log import read_log
 
     return read_log(run_dir / "phase3" / "log.csv")
 

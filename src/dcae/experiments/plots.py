@@ -9,8 +9,10 @@ from typing import Any
 
 import numpy as np
 
+from dcae.data.images import center_crop_arr
 from dcae.experiments.common import mean_curves
 from dcae.train import monitor
+from dcae.utils.io import atomic_path
 
 
 def pyplot():
@@ -86,7 +88,6 @@ def plot_bars(
 
 def recon_grid(rows: list[tuple[str, Any]], images: list[np.ndarray], resolution: int, path: Path, title: str) -> Path:
     """Held-out originals (first row) and each model's reconstruction (one labelled row per model)."""
-    from dcae.data.images import center_crop_arr
 
     crops = [center_crop_arr(a, resolution) for a in images]
     lines = [("original", crops)]
@@ -122,7 +123,6 @@ def image_rows(
 
 
 def save(fig, path: Path) -> Path:
-    from dcae.utils.io import atomic_path
 
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from typing import Any
 
 from dcae.experiments import common, plots
 from dcae.experiments.common import Protocol, pm, spread
+from dcae.models import DCAE, DCAEConfig
 
 FACTORS = {32: 32, 64: 128}  # spatial factor -> latent channels (the paper's f32c32 and f64c128)
 RESOLUTION = 64
@@ -24,7 +25,6 @@ def arms() -> list[tuple[str, int, bool]]:
 
 
 def run(p: Protocol) -> dict[str, Any]:
-    from dcae.models import DCAE, DCAEConfig
 
     steps = p.steps(300)
     every = p.steps(50, smoke=0)  # smoke: before and after only

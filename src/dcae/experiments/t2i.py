@@ -29,8 +29,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from dcae.cli import main
+from dcae.data.images import load_image_uint8, save_image
+from dcae.diffusion.bench import Setting, bench_one, decode_img_s
+from dcae.diffusion.t2i.encoders import all_minilm_l6_v2
+from dcae.diffusion.train.config import load_config
+from dcae.diffusion.train.loop import train
 from dcae.experiments import common, plots, shapes
 from dcae.experiments.common import Protocol, pm, spread
+from dcae.models import DCAE, DCAEConfig
+from dcae.runtime.log import read_log
+from dcae.utils.io import atomic_write_text
 
 DEFAULT_SEEDS = 3
 OWN_DATA = "rendered scenes of coloured shapes (dcae.experiments.shapes)"  # no --data
@@ -69,8 +78,6 @@ def run(p: Protocol) -> dict[str, Any]:
     chance = shapes.chance(test_images, prompts)
     truth = shapes.adherence(test_images, prompts)
     coverage = _coverage(train_dir, prompts)
-
-    from dcae.diffusion.t2i.encoders import all_minilm_l6_v2
 
     text_encoder = str(all_minilm_l6_v2())
     autoencoders, ceilings, adherence, losses, samples = {}, {}, {}, {}, {}
@@ -119,8 +126,6 @@ def run(p: Protocol) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- steps
 def render_data(folder: Path, b: Budget) -> tuple[Path, list[tuple[np.ndarray, str]]]:
     """train/NNNNN.png + .txt (rendered once, kept on a rerun), test/ pictures and test_prompts.txt."""
-    from dcae.data.images import save_image
-    from dcae.utils.io import atomic_write_text
 
     train, test_dir = folder / "train", folder / "test"
     for d, n, seed in ((train, b.train_images, 1), (test_dir, b.test_prompts, 2)):
@@ -176,8 +181,6 @@ def reconstruct(ae_dir: Path, images: list[np.ndarray]) -> list[np.ndarray]:
 
 def train_t2i(p: Protocol, b: Budget, cache: Path, run_dir: Path, patch: int, seed: int) -> dict:
     """`dcae t2i train` on the cache: flow matching, logit-normal times, 10% empty prompts, EMA 0.999."""
-    from dcae.diffusion.train.config import load_config
-    from dcae.diffusion.train.loop import train
 
     cfg = load_config({
         "data": str(cache), "out_dir": str(run_dir), "seed": seed, "batch_size": b.t2i_batch,
@@ -195,7 +198,6 @@ def train_t2i(p: Protocol, b: Budget, cache: Path, run_dir: Path, patch: int, se
 
 def sample(run_dir: Path, prompts: Path, b: Budget, guidance: float, seed: int) -> list[np.ndarray]:
     """`dcae t2i sample` (EMA weights, Euler), the pictures read back in prompt order."""
-    from dcae.data.images import load_image_uint8
 
     out = run_dir.parent / f"samples-seed{seed}-cfg{guidance:g}"
     _cli(["t2i", "sample", "--ckpt", str(run_dir), "--prompts", str(prompts), "-o", str(out), "--cfg",
@@ -207,7 +209,6 @@ def sample(run_dir: Path, prompts: Path, b: Budget, guidance: float, seed: int) 
 def throughput(b: Budget) -> dict[str, dict]:
     """The network on each latent (training and guided sampling img/s, `dcae bench diffusion`'s measurement)
     and each autoencoder's decode img/s, settings interleaved over 3 rounds, the median kept."""
-    from dcae.diffusion.bench import Setting, bench_one, decode_img_s
 
     rounds: dict[str, list[dict]] = {}
     overrides = {**NETWORK, "max_tokens": MAX_TOKENS, "caption_channels": 384}
@@ -228,7 +229,6 @@ def throughput(b: Budget) -> dict[str, dict]:
 
 def _autoencoder(factor: int, channels: int):
     """The arm's autoencoder architecture, random weights: its decode speed does not depend on them."""
-    from dcae.models import DCAE, DCAEConfig
 
     return DCAE(DCAEConfig.from_dict(common.tiny_model(factor, channels)))
 
@@ -240,14 +240,12 @@ def _coverage(train_dir: Path, prompts: list[str]) -> float:
 
 
 def _cli(argv: list[str]) -> None:
-    from dcae.cli import main
 
     if main(argv) != 0:
         raise RuntimeError(f"dcae {' '.join(argv[:2])} failed")
 
 
 def _loss_curve(run_dir: Path) -> list[dict[str, float]]:
-    from dcae.runtime.log import read_log
 
     return [{"step": r["step"], "loss": r["loss"]} for r in read_log(run_dir / "log.csv") if "loss" in r]
 

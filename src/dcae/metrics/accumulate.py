@@ -12,9 +12,13 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
 from dcae.errors import UserError
+from dcae.metrics.data import iterate_batches
 from dcae.metrics.fid import FEATURE_DIM, GaussianStats, fid_from_stats, fid_method_used
+from dcae.metrics.lpips_tiled import lpips_any_size
 from dcae.metrics.psnr_ssim import psnr_per_image, ssim_per_image
 
 
@@ -42,7 +46,6 @@ class Accumulator:
 
 def all_reduce_sum(tensors: list[torch.Tensor], group=None) -> None:
     """In-place SUM all-reduce of float64 tensors as one flat buffer (one collective, any backend)."""
-    import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or not tensors:
         return
@@ -125,7 +128,6 @@ class LPIPSAccumulator(MeanAccumulator):
     @torch.no_grad()
     def update(self, ref_u8: torch.Tensor, test_u8: torch.Tensor) -> torch.Tensor:
         """NaN for images below the network's minimum size; large images are tiled (bounded memory)."""
-        from dcae.metrics.lpips_tiled import lpips_any_size
 
         return self.add(lpips_any_size(self.lpips, ref_u8, test_u8))  # uint8 in: mapped to [-1, 1] inside
 
@@ -177,7 +179,6 @@ class FeatureStatsAccumulator(Accumulator):
 
     def gather_features(self, group=None) -> None:
         """After the sums are reduced: collect every rank's kept features (or drop them all)."""
-        import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
             return
@@ -321,9 +322,6 @@ def dataset_stats(
     """Inception statistics of images (`dcae.metrics.data.ImageRef`s; `inception`: a
     `dcae.metrics.fid.InceptionFeatures`); resolution=None feeds each image at its own size (resized to 299
     alone), else ADM center crop first. Returns (stats, skipped)."""
-    from tqdm import tqdm
-
-    from dcae.metrics.data import iterate_batches
 
     acc = FeatureStatsAccumulator()
     skipped: list[dict] = []

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from dcae.errors import MissingInputError, UserError
 from dcae.metrics.accumulate import Accumulator, all_reduce_sum
+from dcae.models.weights import hub_snapshot
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 _HUB_PATTERNS = ["*.json", "merges.txt", "vocab.txt", "model.safetensors"]
@@ -32,8 +34,6 @@ def _folder(source: str | Path) -> Path:
             raise UserError(f"{path} is not a CLIP model folder (no config.json)")
         return path
     if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) and not str(source).startswith("."):
-        from dcae.models.weights import hub_snapshot
-
         return hub_snapshot(str(source), allow_patterns=_HUB_PATTERNS)
     raise MissingInputError(f"{source}: no such CLIP model folder (nor a Hugging Face Hub id: owner/name)")
 
@@ -181,7 +181,6 @@ class ClipScoreAccumulator(Accumulator):
         return self
 
     def all_reduce(self, group=None) -> Accumulator:
-        import torch.distributed as dist
 
         super().all_reduce(group)
         if not (dist.is_available() and dist.is_initialized()):

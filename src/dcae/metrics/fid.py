@@ -27,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dcae.data import images as image_reader  # READER_VERSION read when a key is made
 from dcae.errors import UserError
 from dcae.metrics.weights import fid_inception_weights
+from dcae.utils.io import atomic_write_bytes
 
 INCEPTION_SIZE = 299
 FEATURE_DIM = 2048
@@ -155,7 +157,6 @@ class GaussianStats:
     def save(self, path: str | os.PathLike) -> Path:
         """Atomic .npz with pytorch-fid compatible keys `mu`, `sigma`, plus `count`, `meta` (JSON) and
         `factor` when known."""
-        from dcae.utils.io import atomic_write_bytes
 
         extra = {} if self.factor is None else {"factor": self.factor}
         buf = io.BytesIO()
@@ -311,10 +312,9 @@ def stats_cache_key(dataset: str, files: Sequence[tuple[str, int, float]], proto
     """Hash of the data set path, every file's (name, size, mtime), the protocol (crop, size, net) and how
     the files are read (`READER_VERSION`: statistics of sideways photos read before EXIF orientation was
     applied are not reused)."""
-    from dcae.data.images import READER_VERSION
 
     h = hashlib.sha256()
-    doc = {"dataset": dataset, "protocol": protocol, "reader": READER_VERSION}
+    doc = {"dataset": dataset, "protocol": protocol, "reader": image_reader.READER_VERSION}
     h.update(json.dumps(doc, sort_keys=True).encode())
     for name, size, mtime in files:
         h.update(f"{name}\0{size}\0{mtime:.3f}\n".encode())

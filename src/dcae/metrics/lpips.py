@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from dcae.metrics.weights import MissingWeightsError, lpips_heads, stlpips_weights, torchvision_backbone
@@ -270,8 +271,6 @@ def _load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise MissingWeightsError(f"LPIPS weight file {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

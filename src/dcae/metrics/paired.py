@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from dcae.data.images import ImageReadError, center_crop_arr
 from dcae.data.sources import ImageRef, read_image
@@ -81,7 +82,6 @@ def paired_metrics(
     """PSNR / SSIM / LPIPS per pair and their means; unreadable or size-mismatched pairs are skipped.
     A metric not defined for a pair (smaller than its window) is NaN in the row and counted in
     `<metric>_num_na` instead of entering the mean."""
-    from tqdm import tqdm
 
     psnr, ssim = PSNRAccumulator(), SSIMAccumulator()
     lp = LPIPSAccumulator(lpips) if lpips is not None else None

@@ -8,7 +8,9 @@ models and diffusers autoencoders (AutoencoderKL, AutoencoderDC, AutoencoderTiny
 
 from __future__ import annotations
 
+import csv
 import heapq
+import io
 import json
 import math
 import time
@@ -20,13 +22,19 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 
+from dcae.data.images import make_grid
 from dcae.errors import UserError
 from dcae.metrics.accumulate import ReconstructionMetrics
-from dcae.metrics.data import ImageRef, dataset_id, iterate_batches
+from dcae.metrics.data import Batch, ImageRef, dataset_id, iterate_batches
 from dcae.metrics.fid import GaussianStats, StatsCache, stats_cache_key
 from dcae.metrics.psnr_ssim import quantize, to_unit_range
+from dcae.models import DCAE
+from dcae.models.fast import compile_dcae
+from dcae.models.finite import checked_by_caller
 
 
 @runtime_checkable
@@ -137,13 +145,9 @@ def load_autoencoder(
     if spec.startswith("diffusers:"):
         module = load_diffusers_autoencoder(spec[len("diffusers:") :])
     elif spec.startswith("config:"):
-        from dcae.models import DCAE
-
         warnings.warn(f"{spec}: randomly initialised weights; the metrics only test the pipeline", stacklevel=2)
         module = DCAE.from_config(spec[len("config:") :])
     else:
-        from dcae.models import DCAE
-
         module = DCAE.from_pretrained(spec)
     module = module.to(device=device)
     if next(module.parameters()).dtype != dtype:  # diffusers warns about any dtype cast, even a no-op
@@ -151,9 +155,6 @@ def load_autoencoder(
     module.eval()
     module.requires_grad_(False)
     if compiled:
-        from dcae.models import DCAE
-        from dcae.models.fast import compile_dcae
-
         if isinstance(module, DCAE):
             compile_dcae(module)
         else:
@@ -209,7 +210,6 @@ class Extremes:
 
     def grid(self) -> torch.Tensor | None:
         """Rows of [worst original | worst reconstruction | best original | best reconstruction]."""
-        from dcae.data.images import make_grid
 
         worst, best = self.worst(), self.best()
         if not worst:
@@ -266,7 +266,6 @@ def evaluate_reconstruction(
     With world > 1 (an initialised torch.distributed group), process `rank` takes every world-th image and
     every process returns the result of all images: sums are all-reduced, per-image rows, skipped files
     and extremes gathered back into file order."""
-    from tqdm import tqdm
 
     metrics = ReconstructionMetrics(lpips=lpips, inception=inception, real_stats=reference_stats)
     extremes = Extremes(settings.keep_extremes)
@@ -307,7 +306,6 @@ def evaluate_reconstruction(
 @torch.no_grad()
 def _reconstruct(model: LoadedAutoencoder, images_u8: torch.Tensor, device, dtype):
     """(latents, uint8 reconstructions, batch positions whose latents or reconstruction hold NaN/Inf)."""
-    from dcae.models.finite import checked_by_caller
 
     x = to_unit_range(images_u8).to(device=device, dtype=dtype)
     with checked_by_caller(model.module):  # non-finite outputs are reported by file by the caller
@@ -335,14 +333,12 @@ def _reconstruct_guarded(model: LoadedAutoencoder, batch, device, dtype):
 
 
 def _take(batch, js: list[int]):
-    from dcae.metrics.data import Batch
 
     return Batch([batch.indices[j] for j in js], batch.images[js], [])
 
 
 def _join(parts: list):
     """One result from the per-image results of `_reconstruct_guarded`."""
-    from dcae.metrics.data import Batch
 
     ok = [p for p in parts if p[0].indices]
     failed = [f for p in parts for f in p[3]]
@@ -362,7 +358,6 @@ def _record(batch, refs, index, values: dict, recon: torch.Tensor, per_image: li
 
 def _gather(per_image: list, skipped: list, extremes: Extremes, elapsed: float, ae_time: float) -> tuple:
     """Every process's rows, skipped files and extremes; the slowest process's times (wall clock of the run)."""
-    import torch.distributed as dist
 
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, (per_image, skipped, extremes, elapsed, ae_time))
@@ -447,8 +442,6 @@ def markdown_table(summaries: Sequence[dict]) -> str:
 
 
 def per_image_csv(rows: Sequence[dict]) -> str:
-    import csv
-    import io
 
     if not rows:
         return ""

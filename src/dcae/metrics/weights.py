@@ -12,6 +12,8 @@ import importlib.util
 import socket
 from pathlib import Path
 
+import torch.hub
+
 from dcae.errors import UserError
 
 
@@ -76,7 +78,6 @@ def torchvision_backbone(net: str, download: bool = True, timeout_s: float = 30.
     """The torchvision ImageNet backbone of standard LPIPS (`net` 'alex' or 'vgg'): found in torch's hub
     cache (`$TORCH_HOME/hub/checkpoints`, where torchvision and the lpips package keep it), else downloaded
     there (hash-checked, atomic). Offline, it fails within `timeout_s` with a message saying what to do."""
-    import torch.hub
 
     url = TORCHVISION_BACKBONES[net]
     name = url.rsplit("/", 1)[1]

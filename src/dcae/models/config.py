@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from dcae.errors import UnknownModelError, UserError, brief
 from dcae.models.layers import evit_scales
 
@@ -191,7 +193,6 @@ class DCAEConfig:
     def from_file(cls, path: str | Path) -> DCAEConfig:
         """Load from .yaml/.yml/.json. A file may name a zoo model and override fields: {base: name, ...};
         `residual: false` turns every residual-autoencoding shortcut off (see `without_residual`)."""
-        import yaml
 
         path = Path(path)
         try:

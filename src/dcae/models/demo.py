@@ -12,8 +12,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from dcae.data.images import center_crop_arr, make_grid, save_image, tensor_to_uint8, uint8_to_tensor
+from dcae.data.sources import skimage_photo
 from dcae.errors import UserError
+from dcae.metrics.psnr_ssim import image_psnr_ssim
+from dcae.models import DCAE
+from dcae.utils.io import atomic_write_json
 
 # Public-domain / freely licensed photos in scikit-image's wheel (no network needed).
 DEMO_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
@@ -25,8 +31,6 @@ def demo_photos(names: tuple[str, ...] = DEMO_PHOTOS, size: int = 512) -> list[t
         import skimage.data  # noqa: F401
     except ImportError as exc:
         raise UserError("the demo needs scikit-image for its photos: pip install scikit-image") from exc
-    from dcae.data.images import center_crop_arr
-    from dcae.data.sources import skimage_photo
 
     photos = []
     for name in names:
@@ -37,10 +41,6 @@ def demo_photos(names: tuple[str, ...] = DEMO_PHOTOS, size: int = 512) -> list[t
 
 def reconstruct_photos(model, photos, out_dir: Path, tag: str) -> dict[str, float]:
     """Reconstruct each photo, write one side-by-side grid, return mean PSNR/SSIM."""
-    import torch
-
-    from dcae.data.images import make_grid, save_image, tensor_to_uint8, uint8_to_tensor
-    from dcae.metrics.psnr_ssim import image_psnr_ssim
 
     device = next(model.parameters()).device
     rows, psnrs, ssims = [], [], []
@@ -60,8 +60,6 @@ def reconstruct_photos(model, photos, out_dir: Path, tag: str) -> dict[str, floa
 
 
 def run_demo(out_dir: Path, model: str = "dc-ae-f32c32-sana-1.1", minutes: float = 4.0) -> dict:
-    from dcae.models import DCAE
-    from dcae.utils.io import atomic_write_json
 
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

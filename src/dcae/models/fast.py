@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dcae.models import winograd
+from dcae.models import fast_triton, winograd
 from dcae.models.layers import (
     ConvLayer,
     ConvPixelShuffleUpsample,
@@ -383,8 +383,6 @@ class FastPath:
         if not self.options.triton or x.device.type != "cuda":
             return None
         if self._triton is None:
-            from dcae.models import fast_triton
-
             if not fast_triton.available() or torch.cuda.is_current_stream_capturing():
                 return fast_triton if fast_triton.available() else None  # decided on an uncaptured call
             problem = check_kernels(fast_triton, x.device)

@@ -18,7 +18,12 @@ from typing import Any
 
 import torch
 
+from dcae.models import DCAE
+from dcae.runtime.checkpoint import seed_everything
+from dcae.train import monitor
 from dcae.train.config import load_config
+from dcae.train.data import list_items, load_val_images
+from dcae.train.trainer import build_model, train
 
 # Share of the time budget per phase: phase 1 does the heavy lifting.
 PHASE_SHARE = {1: 0.7, 2: 0.15, 3: 0.15}
@@ -54,10 +59,6 @@ def demo_threads() -> int:
 
 
 def _train_demo(out: Path, minutes: float, seed: int, progress: bool) -> dict[str, Any]:
-    from dcae.runtime.checkpoint import seed_everything
-    from dcae.train import monitor
-    from dcae.train.data import list_items, load_val_images
-    from dcae.train.trainer import build_model, train
 
     t0 = time.time()
     for n in PHASE_SHARE:  # a previous demo in the same folder: start over (only the demo's own phase folders)
@@ -84,7 +85,6 @@ def _train_demo(out: Path, minutes: float, seed: int, progress: bool) -> dict[st
     before = monitor.evaluate(untrained, held_out, EVAL_RESOLUTION)
 
     result = train(cfg, phases=[1, 2, 3], resume=False)
-    from dcae.models import DCAE
 
     trained = DCAE.from_pretrained(result["model"])
     after = monitor.evaluate(trained, held_out, EVAL_RESOLUTION)

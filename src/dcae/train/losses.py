@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dcae.metrics.lpips import LPIPS
 from dcae.train.config import LossConfig
 
 
@@ -62,7 +63,6 @@ def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.
 
 def build_perceptual(name: str) -> nn.Module:
     """The LPIPS network with its real pretrained weights (never random): see dcae.metrics.lpips."""
-    from dcae.metrics.lpips import LPIPS
 
     return LPIPS.from_name(name)
 

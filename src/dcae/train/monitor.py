@@ -9,6 +9,8 @@ import numpy as np
 import torch
 
 from dcae.data.images import center_crop_arr, make_grid, save_image, uint8_to_tensor
+from dcae.metrics.accumulate import ReconstructionMetrics
+from dcae.metrics.psnr_ssim import quantize
 
 LOG_COLUMNS = (
     "step",
@@ -40,7 +42,6 @@ def reconstruct_batches(
     model: torch.nn.Module, images: list[np.ndarray], resolution: int, batch_size: int, device, latents: bool = False
 ):
     """Yield (originals uint8 (B,3,R,R), reconstructions uint8[, latents]) for ADM-center-cropped images."""
-    from dcae.metrics.psnr_ssim import quantize
 
     crops = [center_crop_arr(a, resolution) for a in images]
     for i in range(0, len(crops), batch_size):
@@ -63,7 +64,6 @@ def evaluate(
 ) -> dict[str, float]:
     """Held-out PSNR / SSIM (uint8, per image then averaged: the DC-AE protocol), optional LPIPS, and
     latent statistics (RMS, implied scaling factor), with the evaluation engineer's accumulators."""
-    from dcae.metrics.accumulate import ReconstructionMetrics
 
     was_training = model.training
     model.eval()

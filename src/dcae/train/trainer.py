@@ -16,6 +16,7 @@ Multi-GPU / multi-node: launch the same command with `accelerate launch -m dcae.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import random
 import time
@@ -27,9 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from dcae.errors import UserError
 from dcae.models import DCAE, DCAEConfig
+from dcae.models.config import get_config
 from dcae.runtime import batch as global_batch
 from dcae.runtime import checkpoint as ckpt
 from dcae.runtime.accelerator import make_accelerator
@@ -70,8 +73,6 @@ class Session:
 
     def print(self, *args: Any) -> None:
         if self.main:
-            from tqdm import tqdm
-
             tqdm.write(" ".join(str(a) for a in args))
 
 
@@ -124,10 +125,6 @@ def build_model(cfg: TrainConfig) -> DCAE:
         d = dict(m.config)
         base = d.pop("base", None)
         if base is not None:
-            import dataclasses
-
-            from dcae.models.config import get_config
-
             return DCAE(dataclasses.replace(get_config(base), **d, hub_id=None, hub_id_diffusers=None))
         try:
             return DCAE(DCAEConfig.from_dict(d))
@@ -233,7 +230,6 @@ def run_phase(s: Session, n: int, first: bool) -> tuple[Path, dict[str, Any]]:
     params.set_train_mode(ph.model)
     if ph.disc is not None:
         ph.disc.train()
-    from tqdm import tqdm
 
     phase, o = ph.cfg, ph.cfg.optim
     show = s.main and cfg.log.progress

@@ -11,6 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import save_file
+
 from dcae.errors import MissingInputError, OutputExistsError, PathError  # defined there (cheap to import), raised here
 
 
@@ -147,7 +150,6 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, overwrite: bool = True)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike, overwrite: bool = True) -> Path:
-    import torch
 
     with atomic_path(path, overwrite=overwrite) as tmp:
         torch.save(obj, tmp)
@@ -157,7 +159,6 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike, overwrite: bool = True)
 def atomic_save_safetensors(
     tensors: dict, path: str | os.PathLike, metadata: dict | None = None, overwrite: bool = True
 ) -> Path:
-    from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path, overwrite=overwrite) as tmp:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dcae.utils.io import atomic_path
+
 
 def bar_chart(panels: dict[str, dict[str, list[float | None]]], groups: list[str], path: Path, title: str = "",
               ylabel: str = "") -> Path:  # fmt: skip
@@ -13,8 +15,6 @@ def bar_chart(panels: dict[str, dict[str, list[float | None]]], groups: list[str
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from dcae.utils.io import atomic_path
 
     width = max(4.0, 1.2 + 1.1 * len(groups)) * len(panels)
     fig, axes = plt.subplots(1, len(panels), figsize=(width, 3.4), squeeze=False)

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
 
 from dcae.data.images import ImageReadError, center_crop_arr
 from dcae.data.sources import ImageRef, list_images, read_image
@@ -157,7 +159,6 @@ def extract_latents(
 ) -> CacheIndex:
     """Encode every image under `data` into latent shards in `out`; returns the cache's record. `autoencoder` is
     a DCAE; `model_name` is what `DCAE.from_pretrained` can load it from later (recorded for decoding)."""
-    from tqdm.auto import tqdm
 
     data, out = Path(data), Path(out)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -209,13 +210,10 @@ def _plan(autoencoder, data: Path, model_name: str, resolution: int, flip: bool,
     labels = LabelTable(None, None, None) if unconditional else infer_labels(rel_paths, labels_file)
     n_shards = (len(files) + shard_size - 1) // shard_size
     conditioning = ClassConditioning(len(labels.class_names)) if labels.labels is not None else Unconditional()
-    index = CacheIndex(
-        autoencoder=model_name,
-        autoencoder_config=autoencoder.config.to_dict(),
-        scaling_factor=float(autoencoder.scaling_factor),
-        spatial_compression=f,
-        latent_channels=autoencoder.latent_channels,
-        resolution=resolution,
+    index = CacheIndex.of_autoencoder(
+        autoencoder,
+        model_name,
+        resolution,
         conditioning=conditioning,
         shards=[Shard(shard_name(k), min(shard_size, len(files) - k * shard_size)) for k in range(n_shards)],
         fingerprint=_plan_fingerprint(model_name, resolution, flip, shard_size, rel_paths),
@@ -304,7 +302,6 @@ class LatentDataset(CacheDataset):
         return ["latents"] + (["latents_flip"] if self.use_flip else []) + (["labels"] if self.conditional else [])
 
     def _open(self, k: int):
-        from safetensors import safe_open
 
         path = self.root / self.index.shards[k].file
         try:

@@ -27,12 +27,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
 from dcae.data.buckets import assign_buckets, image_sizes
 from dcae.data.captions import Captioned, list_captioned, read_captioned
 from dcae.diffusion import cache
 from dcae.diffusion.cache import CacheDataset, CacheIndex, Shard, shard_name
 from dcae.diffusion.conditioning import Text, TextConditioning
+from dcae.diffusion.t2i.encoders import encoder_for
 from dcae.errors import NonFiniteError, UserError, brief
 from dcae.utils.io import atomic_save_safetensors, atomic_write_text
 
@@ -79,7 +82,6 @@ def extract_text_latents(
     """Encode every captioned image of `data` (folders with sidecar captions, JSONL / CSV manifests, webdataset
     shards: dcae.data.captions) with the DC-AE `autoencoder` and its caption with the text `encoder`
     (dcae.diffusion.t2i.encoders.TextEncoder) into shards in `out`; returns the index."""
-    from tqdm.auto import tqdm
 
     out = Path(out)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -92,13 +94,10 @@ def extract_text_latents(
     model_name = cache.recorded_autoencoder(model_name or autoencoder.config.name)
     fingerprint = _fingerprint(model_name, encoder.name, encoder.max_tokens, resolution, patch_size, shard_size,
                                [(items[i].name, items[i].caption) for s in shards for i in s["items"]])  # fmt: skip
-    index = CacheIndex(
-        autoencoder=model_name,
-        autoencoder_config=autoencoder.config.to_dict(),
-        scaling_factor=float(autoencoder.scaling_factor),
-        spatial_compression=f,
-        latent_channels=autoencoder.latent_channels,
-        resolution=resolution,
+    index = CacheIndex.of_autoencoder(
+        autoencoder,
+        model_name,
+        resolution,
         conditioning=TextConditioning(encoder.width, encoder.max_tokens, encoder.name),
         shards=[Shard(s["file"], len(s["items"]), tuple(s["bucket"])) for s in shards],
         fingerprint=fingerprint,
@@ -157,7 +156,6 @@ class TextLatentDataset(CacheDataset):
     def __init__(
         self, root: str | os.PathLike, use_flip: bool = False, seed: int = 0, index: CacheIndex | None = None
     ) -> None:  # use_flip: text caches hold no mirrored latents (a caption may say left or right)
-        from safetensors.torch import load_file
 
         self.root, self.seed, self.epoch = Path(root), seed, 0
         self.index = index or cache.read_index(self.root)
@@ -176,7 +174,6 @@ class TextLatentDataset(CacheDataset):
     def conditioning(self) -> TextConditioning:
         """The cache's text conditioning, able to encode prompts with the encoder it was made with (loaded on
         first use; sample grids encode their prompts through it)."""
-        from dcae.diffusion.t2i.encoders import encoder_for
 
         c = self.index.conditioning
         return dataclasses.replace(c, encode=encoder_for(c))

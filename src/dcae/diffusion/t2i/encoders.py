@@ -42,6 +42,7 @@ import torch
 
 from dcae.diffusion.conditioning import Text, TextConditioning
 from dcae.errors import MissingInputError, UserError, brief
+from dcae.models.weights import hub_snapshot
 from dcae.utils.devices import resolve_device, resolve_dtype
 
 DEFAULT_MAX_TOKENS = 300  # SANA's max_sequence_length
@@ -132,8 +133,6 @@ def _folders(source: str | Path) -> tuple[Path, Path]:
             raise UserError(f"{path} is a file; a text encoder is a folder (config.json, weights, tokenizer) or a "
                             "Hugging Face Hub id")  # fmt: skip
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) and not str(source).startswith("."):
-        from dcae.models.weights import hub_snapshot
-
         path = hub_snapshot(str(source), allow_patterns=_HUB_PATTERNS)
     else:
         raise MissingInputError(f"{source}: no such text encoder folder (nor a Hugging Face Hub id: owner/name)")

@@ -31,8 +31,15 @@ from pathlib import Path
 
 import torch
 
+from dcae.diffusion.nets.sana import SanaTransformer, from_diffusers, save_diffusers
+from dcae.diffusion.processes.flow import FlowMatching
 from dcae.diffusion.solvers import EXPORT_SOLVERS, SCHEDULERS
+from dcae.diffusion.t2i.encoders import FAMILIES, SANA_INSTRUCTION, TextEncoder, _folders, _model_type, _transformers
+from dcae.diffusion.train.checkpoint import load_checkpoint
 from dcae.errors import MissingInputError, UserError, brief
+from dcae.models import DCAE
+from dcae.models.weights import _diffusers_version, hub_snapshot
+from dcae.utils.devices import resolve_dtype
 from dcae.utils.io import atomic_path, atomic_write_json
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -71,7 +78,6 @@ def _copy(src: Path, dst: Path) -> None:
 
 def _encoder_classes(model_dir: Path, tok_dir: Path) -> tuple[str, str]:
     """The transformers class names diffusers loads text_encoder/ and tokenizer/ with."""
-    from dcae.diffusion.t2i.encoders import FAMILIES, _model_type, _transformers
 
     transformers = _transformers()
     family = FAMILIES.get(_model_type(model_dir))
@@ -90,7 +96,6 @@ def _encoder_classes(model_dir: Path, tok_dir: Path) -> tuple[str, str]:
 
 
 def _scheduler_config(solver: str, shift: float) -> dict:
-    from dcae.models.weights import _diffusers_version
 
     name = next((k for k, (s, _) in SCHEDULERS.items() if s == solver), None)
     if name is None:
@@ -108,12 +113,6 @@ def export_pipeline(checkpoint_or_run: str | Path, folder: str | Path, overwrite
     its newest). The scheduler is `solver`'s (euler: FlowMatchEulerDiscreteScheduler, as `dcae t2i sample`'s
     default; heun; dpm++: SANA's flow DPMSolverMultistepScheduler) with flow `shift`. An existing non-empty folder
     is refused unless `overwrite`; then the components' stale files go."""
-    from dcae.diffusion.nets.sana import SanaTransformer, save_diffusers
-    from dcae.diffusion.processes.flow import FlowMatching
-    from dcae.diffusion.t2i.encoders import _folders
-    from dcae.diffusion.train.checkpoint import load_checkpoint
-    from dcae.models import DCAE
-    from dcae.models.weights import _diffusers_version
 
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -180,8 +179,6 @@ def _pipeline_folder(source: str | Path, variant: str | None) -> Path:
             raise UserError(f"{path} is a file; a SANA pipeline is a folder (model_index.json and its components)")
         return path
     if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) and not str(source).startswith("."):
-        from dcae.models.weights import hub_snapshot
-
         return hub_snapshot(str(source), allow_patterns=_hub_patterns(variant))
     raise MissingInputError(f"{source}: no such SANA pipeline folder (nor a Hugging Face Hub id: owner/name)")
 
@@ -224,10 +221,6 @@ def load_pipeline(source: str | Path, *, device: str | torch.device = "cpu", dty
     (the text encoder's and the vae's are read without variant).
     `instruction`: prepend SanaPipeline's complex human instruction to Gemma prompts, as its __call__ does by
     default (None: yes for a Gemma pipeline not exported by dcae). Every failure is one UserError line."""
-    from dcae.diffusion.nets.sana import from_diffusers
-    from dcae.diffusion.t2i.encoders import FAMILIES, SANA_INSTRUCTION, TextEncoder, _model_type
-    from dcae.models import DCAE
-    from dcae.utils.devices import resolve_dtype
 
     folder = _pipeline_folder(source, variant)
     index = _read_json(folder / "model_index.json", "model_index.json")

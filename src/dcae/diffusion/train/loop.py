@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from dcae.data.images import make_grid, save_image
 from dcae.diffusion.cache import CacheDataset
 from dcae.diffusion.conditioning import Condition, Conditioning, chunk
 from dcae.diffusion.nets import set_grad_checkpointing
@@ -38,7 +40,7 @@ from dcae.runtime.ema import EMA
 from dcae.runtime.log import Logger, plot_curves, read_log
 from dcae.runtime.schedule import lr_at, set_lr
 from dcae.utils.devices import match_inductor_to_aten_isa
-from dcae.utils.io import atomic_write_text, check_output_dir
+from dcae.utils.io import atomic_save_safetensors, atomic_write_text, check_output_dir
 
 LOG_COLUMNS = ("step", "loss", "grad_norm", "lr", "img_per_s", "elapsed_s")
 
@@ -115,7 +117,6 @@ class _Run:
 
     def save_samples(self, step: int, autoencoders: AutoencoderCache) -> None:
         """A grid of fixed-seed EMA samples, decoded (or saved as latents when no autoencoder loads)."""
-        from dcae.data.images import make_grid, save_image
 
         if self.main:
             ae = autoencoders.get()
@@ -127,8 +128,6 @@ class _Run:
             if ae is not None:
                 save_image(make_grid(list(imgs), nrow=min(8, len(imgs))), path.with_suffix(".png"))
             else:
-                from dcae.utils.io import atomic_save_safetensors
-
                 atomic_save_safetensors({"latents": imgs}, path.with_suffix(".safetensors"))
         self.accelerator.wait_for_everyone()
 
@@ -213,7 +212,6 @@ def _start_outputs(run: _Run, step: int) -> Logger | None:
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
     """Train (or resume) according to cfg; returns {'step', 'loss', 'checkpoint'}."""
-    from tqdm.auto import tqdm
 
     run, step = _setup(cfg)
     acc, model, opt = run.accelerator, run.model, run.opt

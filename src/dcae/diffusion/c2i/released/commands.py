@@ -11,17 +11,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
+from dcae.data.images import load_image, make_grid, save_image
+from dcae.diffusion.c2i.released.models import load_released
+from dcae.diffusion.c2i.released.sampling import check_inputs, default_steps, generate, samplers_for
+from dcae.diffusion.generation import ImageSampler, compute_gfid, condition_values, write_samples
 from dcae.errors import UserError
+from dcae.models import DCAE
+from dcae.utils.devices import process_group_from_env
+from dcae.utils.io import atomic_write_json
 
 
 def cmd_sample_released(args: argparse.Namespace) -> int:
-    import torch
-
-    from dcae.diffusion.c2i.released.models import load_released
-    from dcae.diffusion.c2i.released.sampling import check_inputs, default_steps, generate, samplers_for
-    from dcae.diffusion.generation import ImageSampler, condition_values, write_samples
-    from dcae.models import DCAE
-    from dcae.utils.devices import process_group_from_env
 
     if tuple(float(v) for v in args.guidance_interval.split(",")) != (0.0, 1.0):
         raise UserError("--guidance-interval does not apply to the released models (none was evaluated with one)")
@@ -65,9 +67,6 @@ def cmd_sample_released(args: argparse.Namespace) -> int:
 
 
 def _report(args, out: Path, paths: list[Path], labels: list[int], settings: dict, device) -> None:
-    from dcae.data.images import load_image, make_grid, save_image
-    from dcae.diffusion.generation import compute_gfid
-    from dcae.utils.io import atomic_write_json
 
     k = min(args.n, args.grid)
     if k:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from dcae.diffusion.conditioning import Condition
 from dcae.diffusion.nets import DiT, UViT
@@ -285,8 +287,6 @@ def load_released(
     source: str | os.PathLike, device: str | torch.device = "cpu", revision: str | None = None
 ) -> ReleasedDiffusion:
     """A released model from its name, Hub id or local folder, in eval mode, weights checked strictly."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     release, weights, config = resolve_released(source)
     if isinstance(weights, str):  # a Hub repo id
