@@ -208,3 +208,40 @@ def test_a_skipped_input_is_named_and_counted_in_the_text_cache(legacy_t2i):
     index = cache.read_index(legacy_t2i / "mixed")
     assert index.num_images == 4 and len(index.skipped) == 2, index.skipped
     assert any("uncaptioned.png" in s for s in index.skipped) and any("broken.png" in s for s in index.skipped)
+
+
+def _cache_cmd(out: str, *extra: str) -> list[str]:
+    from dcae.diffusion.t2i.encoders import all_minilm_l6_v2
+
+    return ["t2i", "cache", "--data", "data", "--model", "ae", "--text-encoder", str(all_minilm_l6_v2()), "-o", out,
+            "--resolution", "32", "--max-tokens", "16", *extra]  # fmt: skip
+
+
+def test_weights_replaced_at_the_same_path_make_another_plan_and_are_noticed_when_decoding(legacy_t2i, capsys):
+    """The record holds a fingerprint of the autoencoder's and the text encoder's weights and the dtypes: a rerun
+    after the weights at `ae/` were replaced (or with another dtype) is another plan, refused without --overwrite
+    instead of finishing a cache of two autoencoders; and the replaced weights do not silently decode latents of
+    the old ones."""
+    from test_diffusion_latents import tiny_autoencoder
+
+    from dcae.cli import main
+    from dcae.models import weights
+
+    assert main(_cache_cmd("c1")) == 0
+    first = cache.read_index(legacy_t2i / "c1")
+    assert first.autoencoder_fingerprint and first.text_encoder_fingerprint and first.dtype == "fp32"
+    assert main(_cache_cmd("c1")) == 0  # the same plan: nothing to do, still complete
+    assert main(_cache_cmd("c1", "--dtype", "bf16")) == 2
+    assert "different run" in capsys.readouterr().err
+
+    tiny_autoencoder(seed=123).save_pretrained(legacy_t2i / "ae", overwrite=True)  # new weights, same path and shapes
+    assert main(_cache_cmd("c1")) == 2
+    assert "different run" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"ae: not the autoencoder weights the latents were made with"):
+        cache.load_autoencoder(first)
+    assert weights.fingerprint(cache.load_autoencoder(first, override="ae")) != first.autoencoder_fingerprint
+
+    assert main(_cache_cmd("c1", "--overwrite")) == 0
+    again = cache.read_index(legacy_t2i / "c1")
+    assert again.complete and again.autoencoder_fingerprint != first.autoencoder_fingerprint
+    assert weights.fingerprint(cache.load_autoencoder(again)) == again.autoencoder_fingerprint

@@ -27,6 +27,8 @@ from safetensors import safe_open
 
 from dcae.diffusion.conditioning import Condition, Conditioning, TextConditioning, from_spec
 from dcae.errors import UserError, brief
+from dcae.models import weights
+from dcae.models.autoencoder import DCAE
 from dcae.utils.io import atomic_save_safetensors, atomic_write_json
 
 INDEX_NAME = "index.json"
@@ -70,17 +72,25 @@ class CacheIndex:
     data: str | None = None  # the data the latents come from
     skipped: list[str] = field(default_factory=list)  # inputs left out, with the reason (at most 100)
     latent_rms: float | None = None  # of all scaled latents, once complete (about 1 when the factor fits)
+    # What the latents were computed with, beyond the names: the weights (dcae.models.weights.fingerprint) and
+    # the dtypes. Part of the plan: weights replaced at the same path or another dtype make a new plan.
+    autoencoder_fingerprint: str | None = None
+    text_encoder_fingerprint: str | None = None
+    dtype: str | None = None  # the autoencoder's compute dtype (fp32, bf16, fp16)
+    text_dtype: str | None = None  # the text encoder's
 
     @classmethod
     def of_autoencoder(cls, autoencoder, source: str, resolution: int, **fields: Any) -> CacheIndex:
-        """The record of a cache of `autoencoder`'s latents (a DCAE loaded from `source`); `fields`: the rest."""
+        """The record of a cache of `autoencoder`'s latents (a DCAE loaded from `source`, recorded as an absolute
+        path if it is a local one, with the fingerprint of its weights); `fields`: the rest."""
         return cls(
-            autoencoder=source,
+            autoencoder=recorded_source(source),
             autoencoder_config=autoencoder.config.to_dict(),
             scaling_factor=float(autoencoder.scaling_factor),
             spatial_compression=autoencoder.spatial_compression,
             latent_channels=autoencoder.latent_channels,
             resolution=resolution,
+            autoencoder_fingerprint=weights.fingerprint(autoencoder),
             **fields,
         )
 
@@ -145,6 +155,10 @@ class CacheIndex:
             "fingerprint": self.fingerprint,
             "complete": self.complete,
             "latent_rms": self.latent_rms,
+            "autoencoder_fingerprint": self.autoencoder_fingerprint,
+            "text_encoder_fingerprint": self.text_encoder_fingerprint,
+            "dtype": self.dtype,
+            "text_dtype": self.text_dtype,
         }
 
     @classmethod
@@ -216,7 +230,18 @@ class CacheIndex:
             data=d.get("data"),
             skipped=[str(s) for s in d.get("skipped") or []],
             latent_rms=float(rms) if isinstance(rms, (int, float)) and not isinstance(rms, bool) else None,
+            autoencoder_fingerprint=_text(d, "autoencoder_fingerprint"),
+            text_encoder_fingerprint=_text(d, "text_encoder_fingerprint"),
+            dtype=_text(d, "dtype"),
+            text_dtype=_text(d, "text_dtype"),
         )
+
+
+def _text(d: dict, key: str) -> str | None:
+    v = d.get(key)
+    if v is not None and not isinstance(v, str):
+        raise ValueError(f"{key}: not a string: {v!r}")
+    return v
 
 
 def _count(v: Any, low: int = 0) -> bool:
@@ -363,14 +388,32 @@ def latent_rms(out: Path, index: CacheIndex) -> float | None:
     return (sumsq / max(numel, 1)) ** 0.5
 
 
-def recorded_autoencoder(source: str | os.PathLike) -> str:
-    """How a cache records the autoencoder it was made with: a local folder or file as an absolute path (so that
-    the record means the same thing from any working directory), a zoo name or Hub id as given."""
+def recorded_source(source: str | os.PathLike) -> str:
+    """How a cache records a model it was made with (the autoencoder, the text encoder): a local folder or file as
+    an absolute path (so that the record means the same thing from any working directory), a zoo name or Hub id
+    as given."""
     path = Path(source).expanduser()
     return str(path.resolve()) if path.exists() else str(source)
 
 
 # ----------------------------------------------------------------------------- reading back
+def load_autoencoder(record: CacheIndex, override: str | None = None):
+    """The autoencoder that decodes latents of `record` (a cache's, or a checkpoint's summary of it): the one it
+    records, whose weights must still be the ones the latents were made with, or `override` (--autoencoder),
+    taken as given."""
+    source = override or record.autoencoder
+    ae = DCAE.from_pretrained(source)
+    if override is None and record.autoencoder_fingerprint:
+        found = weights.fingerprint(ae)
+        if found != record.autoencoder_fingerprint:
+            raise UserError(
+                f"{source}: not the autoencoder weights the latents were made with (fingerprint {found}, the record "
+                f"says {record.autoencoder_fingerprint}): they were replaced since; pass --autoencoder {source} to "
+                "decode with them anyway"
+            )
+    return ae
+
+
 def decode_scaled(autoencoder, z: torch.Tensor, scaling_factor: float) -> torch.Tensor:
     """Images in [-1, 1] (float32) from latents stored scaled, z * scaling_factor, as the caches hold them and
     diffusion models generate them. The one place the diffusion side divides the scaling factor out."""

@@ -15,6 +15,7 @@ Formats, detected automatically:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -75,6 +76,17 @@ def read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
     for shard in sorted(set(index["weight_map"].values())):
         out.update(read_state_dict(index_path.parent / shard))
     return out
+
+
+def fingerprint(module: nn.Module) -> str:
+    """A short hash of a model's weights and buffers (names, dtypes, shapes, values): what makes a cache or a
+    checkpoint say which weights it was made with, so that weights replaced at the same path are noticed."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
 
 
 def key_scheme(state_dict: dict[str, Any], source: str = "weights") -> str:

@@ -18,6 +18,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The command line's name of a dtype (fp32, bf16, fp16); torch's own for others."""
+    return next((k for k, v in DTYPES.items() if v == dtype), str(dtype).removeprefix("torch."))
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r} (expected one of {sorted(DTYPES)})")

@@ -92,6 +92,7 @@ def cmd_latents(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
+    from dcae.diffusion.cache import load_autoencoder
     from dcae.diffusion.generation import ImageSampler, condition_values, write_samples
     from dcae.diffusion.processes.sampling import sample
     from dcae.diffusion.train.checkpoint import conditioning_of, load_checkpoint
@@ -124,7 +125,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     values = condition_values(conditioning, args.classes, args.n, lat)
     solver = default_solver(process, args.solver)
     source = args.autoencoder or lat.autoencoder
-    ae = _load_autoencoder(source).to(device).eval()
+    ae = load_autoencoder(lat, args.autoencoder).to(device).eval()
     interval = tuple(float(v) for v in args.guidance_interval.split(","))
 
     def latents(noise, batch_values: list, seeds: list[int], generators):

@@ -32,6 +32,7 @@ from dcae.diffusion import cache
 from dcae.diffusion.cache import CacheDataset, CacheIndex, Shard, shard_name
 from dcae.diffusion.conditioning import ClassConditioning, Condition, Unconditional
 from dcae.errors import NonFiniteError, UserError
+from dcae.utils.devices import dtype_name
 from dcae.utils.io import atomic_write_text
 
 FILES_NAME = "files.txt"
@@ -125,8 +126,11 @@ class _CropDataset(torch.utils.data.Dataset):
             return torch.zeros(self.resolution, self.resolution, 3, dtype=torch.uint8), str(exc) or repr(exc)
 
 
-def _plan_fingerprint(model: str, resolution: int, flip: bool, shard_size: int, rel_paths: list[str]) -> str:
-    h = hashlib.sha256(json.dumps([model, resolution, flip, shard_size]).encode())
+def _plan_fingerprint(index: CacheIndex, shard_size: int, rel_paths: list[str]) -> str:
+    """Names the plan: the autoencoder (where it loads from, its weights, its dtype), the crop, flip, shard size and
+    the image list. Weights replaced at the same path make another plan, not a cache of two autoencoders."""
+    what = [index.autoencoder, index.autoencoder_fingerprint, index.dtype, index.resolution, index.flip, shard_size]
+    h = hashlib.sha256(json.dumps(what).encode())
     for p in rel_paths:
         h.update(p.encode() + b"\n")
     return h.hexdigest()[:16]
@@ -163,8 +167,8 @@ def extract_latents(
     data, out = Path(data), Path(out)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     files, rel_paths, labels, index = _plan(
-        autoencoder, data, cache.recorded_autoencoder(model_name or autoencoder.config.name), resolution, flip,
-        shard_size, labels_file, unconditional,
+        autoencoder, data, model_name or autoencoder.config.name, resolution, flip, shard_size, labels_file,
+        unconditional, dtype_name(dtype),
     )  # fmt: skip
     cache.start_plan(out, index, overwrite, rank)
     if rank == 0:
@@ -197,7 +201,7 @@ def _also(index: CacheIndex) -> tuple[str, ...]:
 
 
 def _plan(autoencoder, data: Path, model_name: str, resolution: int, flip: bool, shard_size: int, labels_file,
-          unconditional: bool) -> tuple[list[ImageRef], list[str], LabelTable, CacheIndex]:  # fmt: skip
+          unconditional: bool, dtype: str) -> tuple[list[ImageRef], list[str], LabelTable, CacheIndex]:  # fmt: skip
     """The images, their labels and the record of the cache to write (its fingerprint names the plan)."""
     f = autoencoder.spatial_compression
     if resolution % f:
@@ -216,7 +220,7 @@ def _plan(autoencoder, data: Path, model_name: str, resolution: int, flip: bool,
         resolution,
         conditioning=conditioning,
         shards=[Shard(shard_name(k), min(shard_size, len(files) - k * shard_size)) for k in range(n_shards)],
-        fingerprint=_plan_fingerprint(model_name, resolution, flip, shard_size, rel_paths),
+        dtype=dtype,
         latent_shape=(autoencoder.latent_channels, resolution // f, resolution // f),
         flip=flip,
         class_names=labels.class_names,
@@ -224,6 +228,7 @@ def _plan(autoencoder, data: Path, model_name: str, resolution: int, flip: bool,
         label_source=labels.source,
         data=str(data.resolve()),
     )
+    index.fingerprint = _plan_fingerprint(index, shard_size, rel_paths)
     return files, rel_paths, labels, index
 
 

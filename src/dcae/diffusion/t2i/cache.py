@@ -37,6 +37,8 @@ from dcae.diffusion.cache import CacheDataset, CacheIndex, Shard, shard_name
 from dcae.diffusion.conditioning import Text, TextConditioning
 from dcae.diffusion.t2i.encoders import encoder_for
 from dcae.errors import NonFiniteError, UserError, brief
+from dcae.models import weights
+from dcae.utils.devices import dtype_name
 from dcae.utils.io import atomic_save_safetensors, atomic_write_text
 
 NULL_NAME, CAPTIONS_NAME = "null_text.safetensors", "captions.jsonl"
@@ -91,20 +93,25 @@ def extract_text_latents(
     shards = _plan(items, buckets, shard_size)
     if not shards:
         raise UserError(f"no readable captioned image in {data}")
-    model_name = cache.recorded_autoencoder(model_name or autoencoder.config.name)
-    fingerprint = _fingerprint(model_name, encoder.name, encoder.max_tokens, resolution, patch_size, shard_size,
-                               [(items[i].name, items[i].caption) for s in shards for i in s["items"]])  # fmt: skip
     index = CacheIndex.of_autoencoder(
         autoencoder,
-        model_name,
+        model_name or autoencoder.config.name,
         resolution,
-        conditioning=TextConditioning(encoder.width, encoder.max_tokens, encoder.name),
+        conditioning=TextConditioning(encoder.width, encoder.max_tokens, cache.recorded_source(encoder.name)),
         shards=[Shard(s["file"], len(s["items"]), tuple(s["bucket"])) for s in shards],
-        fingerprint=fingerprint,
+        text_encoder_fingerprint=weights.fingerprint(encoder.model),
+        dtype=dtype_name(dtype),
+        text_dtype=dtype_name(text_dtype),
         patch_size=patch_size,
         data=" ".join(str(d) for d in data) if isinstance(data, (list, tuple)) else str(data),
         skipped=[s.error for s in getattr(items, "skipped", [])][:100],
     )
+    # The plan: both models (where they load from, their weights and dtypes), the settings and every item.
+    index.fingerprint = fingerprint = _fingerprint(
+        index.autoencoder, index.autoencoder_fingerprint, index.dtype, index.text_encoder,
+        index.text_encoder_fingerprint, index.text_dtype, encoder.max_tokens, resolution, patch_size, shard_size,
+        [(items[i].name, items[i].caption) for s in shards for i in s["items"]],
+    )  # fmt: skip
     cache.start_plan(out, index, overwrite)
     _write_captions_and_null(out, items, shards, encoder, fingerprint)
     autoencoder = autoencoder.to(device=device, dtype=dtype).eval()

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from dcae.diffusion.cache import load_autoencoder
 from dcae.diffusion.nets.sana import SanaTransformer, from_diffusers, save_diffusers
 from dcae.diffusion.processes.flow import FlowMatching
 from dcae.diffusion.solvers import EXPORT_SOLVERS, SCHEDULERS
@@ -134,7 +135,7 @@ def export_pipeline(checkpoint_or_run: str | Path, folder: str | Path, overwrite
     folder.mkdir(parents=True, exist_ok=True)
     save_diffusers(model, folder / "transformer", overwrite=True)
     written |= {folder / "transformer" / n for n in ("config.json", "diffusion_pytorch_model.safetensors")}
-    ae = DCAE.from_pretrained(lat.autoencoder)
+    ae = load_autoencoder(lat)
     ae.config = dataclasses.replace(ae.config, scaling_factor=lat.scaling_factor)  # a copy: the zoo's
     ae.save_pretrained(folder / "vae", format="diffusers", overwrite=True)
     written |= {folder / "vae" / n for n in ("config.json", "diffusion_pytorch_model.safetensors")}

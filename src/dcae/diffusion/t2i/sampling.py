@@ -47,9 +47,9 @@ def generate_images(args: argparse.Namespace, values: list[str], out: Path) -> t
 
 def _load_for_sampling(args, device) -> dict:
     """Network, process, text encoder, autoencoder and settings from one of our checkpoints or a pipeline."""
+    from dcae.diffusion.cache import load_autoencoder
     from dcae.diffusion.t2i.encoders import TextEncoder
     from dcae.diffusion.train.checkpoint import conditioning_of, load_checkpoint
-    from dcae.models import DCAE
 
     if args.model:
         from dcae.diffusion.processes.flow import FlowMatching
@@ -71,7 +71,7 @@ def _load_for_sampling(args, device) -> dict:
         if encoder.width != conditioning.caption_channels:
             raise UserError(f"text encoder {source} gives {encoder.width}-wide tokens; the model takes "
                             f"{conditioning.caption_channels} ({lat.text_encoder})")  # fmt: skip
-        ae = DCAE.from_pretrained(args.autoencoder or lat.autoencoder)
+        ae = load_autoencoder(lat, args.autoencoder)
         scaling, shift, resolution = lat.scaling_factor, 1.0, lat.resolution
         if args.autoencoder and abs(ae.scaling_factor - scaling) > 1e-6 * scaling:
             raise UserError(f"--autoencoder {args.autoencoder} has scaling factor {ae.scaling_factor:g}; the model "

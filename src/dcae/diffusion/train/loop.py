@@ -220,7 +220,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         match_inductor_to_aten_isa()
     train_model = torch.compile(model) if cfg.compile else model
     logger = _start_outputs(run, step)
-    autoencoders = AutoencoderCache(run.ds.index.autoencoder if cfg.sample.decode else None, device)
+    autoencoders = AutoencoderCache(run.ds.index if cfg.sample.decode else None, device)
 
     batches = data_batches(run.ds, cfg.batch_size, cfg.seed, rank, acc.num_processes, step, cfg.num_workers)
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,

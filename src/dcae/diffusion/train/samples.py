@@ -7,27 +7,26 @@ import sys
 
 import torch
 
-from dcae.diffusion.cache import decode_scaled
+from dcae.diffusion.cache import CacheIndex, decode_scaled, load_autoencoder
 from dcae.diffusion.conditioning import Condition, Conditioning
 from dcae.diffusion.processes.sampling import sample
 from dcae.diffusion.train.config import SampleConfig
 
 
 class AutoencoderCache:
-    """Loads the autoencoder recorded in the latent index once, on first use; warns (once) if it cannot."""
+    """Loads the autoencoder the latent cache records (`record`: its CacheIndex; None: no decoding) once, on first
+    use; warns (once) if it cannot, or if its weights are not the ones the latents were made with."""
 
-    def __init__(self, source: str | None, device: torch.device) -> None:
-        self.source, self.device, self.model, self.failed = source, device, None, False
+    def __init__(self, record: CacheIndex | None, device: torch.device) -> None:
+        self.record, self.device, self.model, self.failed = record, device, None, False
 
     def get(self):
-        if self.model is None and not self.failed and self.source:
+        if self.model is None and not self.failed and self.record is not None:
             try:
-                from dcae.models import DCAE
-
-                self.model = DCAE.from_pretrained(self.source).to(self.device).eval()
+                self.model = load_autoencoder(self.record).to(self.device).eval()
             except Exception as exc:  # sampling grids are a convenience; training goes on
                 print(
-                    f"dcae: cannot load autoencoder {self.source!r} to decode samples ({exc}); "
+                    f"dcae: cannot load autoencoder {self.record.autoencoder!r} to decode samples ({exc}); "
                     "samples are saved as latents",
                     file=sys.stderr,
                 )
