@@ -245,3 +245,15 @@ def test_weights_replaced_at_the_same_path_make_another_plan_and_are_noticed_whe
     again = cache.read_index(legacy_t2i / "c1")
     assert again.complete and again.autoencoder_fingerprint != first.autoencoder_fingerprint
     assert weights.fingerprint(cache.load_autoencoder(again)) == again.autoencoder_fingerprint
+
+
+def test_weights_fingerprint_covers_every_buffer_and_value():
+    """BatchNorm's 0-d counters and bf16 weights are hashed too; one changed value changes the fingerprint."""
+    from dcae.models import weights
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).to(torch.bfloat16)
+    before = weights.fingerprint(net)
+    assert before == weights.fingerprint(net) and len(before) == 16
+    with torch.no_grad():
+        net[0].weight[0, 0, 0, 0] += 1
+    assert weights.fingerprint(net) != before

