@@ -145,7 +145,8 @@ def test_global_batch_split():
         with pytest.raises(ConfigError) as exc:
             batch.micro_batch(size, procs, accum, "phase2.batch_size")
         message = str(exc.value)
-        assert message.startswith(f"phase2.batch_size {size} is not divisible by the {procs} processes x {accum}")
+        what = f"{procs} process" + ("es" if procs != 1 else "")
+        assert message.startswith(f"phase2.batch_size {size} is not divisible by the {what} x {accum}")
         assert "\n" not in message
 
 
@@ -154,7 +155,7 @@ def test_autoencoder_refuses_a_global_batch_that_does_not_split_before_any_work(
 
     cfg = tiny_config(tmp_path / "run", [str(tmp_path / "no_photos")], grad_accum=2)
     cfg["phase2"]["batch_size"] = 3
-    with pytest.raises(ConfigError, match=r"phase2\.batch_size 3 is not divisible by the 1 processes x 2 accum"):
+    with pytest.raises(ConfigError, match=r"phase2\.batch_size 3 is not divisible by the 1 process x 2 accum"):
         train(ae_config.load_config(cfg), phases=[1, 2])
     assert not (tmp_path / "run" / "phase1").exists()
 

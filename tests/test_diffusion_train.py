@@ -313,7 +313,7 @@ def test_two_processes_equal_one_process_with_grad_accum(latents, tmp_path):
         for run in ("ddp", "accum")
     ]
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
-    with pytest.raises(UserError, match="not divisible by the 1 processes x 3 accumulation steps"):
+    with pytest.raises(UserError, match="not divisible by the 1 process x 3 accumulation steps"):
         train(config(latents, tmp_path / "bad", grad_accum=3), progress=False)
 
 

@@ -16,8 +16,9 @@ def micro_batch(batch_size: int, processes: int, grad_accum: int, field: str = "
     does not divide into the processes and accumulation steps."""
     parts = processes * grad_accum
     if batch_size < parts or batch_size % parts:
+        procs = f"{processes} process" + ("es" if processes != 1 else "")
         raise ConfigError(
-            f"{field} {batch_size} is not divisible by the {processes} processes x {grad_accum} accumulation steps "
+            f"{field} {batch_size} is not divisible by the {procs} x {grad_accum} accumulation steps "
             f"({field} is the global batch of one optimizer step: use a multiple of {parts})"
         )
     return batch_size // parts
@@ -26,4 +27,5 @@ def micro_batch(batch_size: int, processes: int, grad_accum: int, field: str = "
 def describe(batch_size: int, processes: int, grad_accum: int) -> str:
     """'batch 32 = 2 processes x 2 accumulation x 8' (the split `micro_batch` makes)."""
     m = batch_size // (processes * grad_accum)
-    return f"batch {batch_size} = {processes} processes x {grad_accum} accumulation x {m}"
+    procs = f"{processes} process" + ("es" if processes != 1 else "")
+    return f"batch {batch_size} = {procs} x {grad_accum} accumulation x {m}"
