@@ -90,7 +90,7 @@ def test_packaged_configs_load_and_match_repo_copies():
     [
         (["phase1.optim.lrr=1"], "did you mean phase1.optim.lr"),
         (["phase1.steps=abc"], "expected int"),
-        (["phase1.steps=0"], "must be >= 1"),
+        (["phase1.steps=0"], "phase1.steps must be at least 1, got 0"),
         (["mixed_precision=fp8"], "mixed_precision"),
         (["phase3.optim.schedule=linear"], "schedule"),
         (["phase1.loss.perceptual_net=resnet"], "perceptual_net"),

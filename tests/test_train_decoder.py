@@ -156,7 +156,7 @@ def test_other_bad_students_are_refused():
         (["phase2.trainable.x=encoder.project_out.*"], r"phase2.trainable: the decoder recipe trains only decoder"),
         (["phase1.trainable_inner_stages=true"], r"phase1.trainable_inner_stages: would train the encoder"),
         (["model.name=dc-ae-f32c32-in-1.0"], r"the encoder comes from --init"),
-        (["decoder.distill_weight=-1"], r"decoder.distill_weight must be >= 0, got -1"),
+        (["decoder.distill_weight=-1"], r"decoder.distill_weight must be at least 0, got -1"),
     ],
 )
 def test_recipe_config_errors(overrides, message):

@@ -2,16 +2,21 @@
 
 Each area registers its own subcommands (`register(subparsers)` in its `commands` module), so this
 file only wires them together. Command modules import torch and friends lazily, inside the
-handlers, so that `dcae --help` stays fast.
+handlers, so that `dcae --help` stays fast. Every parser shows its options' defaults in --help
+(cliargs.show_defaults); a command's errors are one `dcae: error:` line, its warnings one `dcae: warning:` line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
+import warnings
+from collections.abc import Iterator
 
 from dcae.errors import USER_ERROR_TYPES
+from dcae.utils.cliargs import show_defaults
 
 # (module, function) pairs that add subcommands to the top-level parser.
 COMMAND_MODULES = [
@@ -46,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         module = _optional_import(name)
         if module is not None and hasattr(module, "register_bench"):
             module.register_bench(bench_sub)
-    return parser
+    return show_defaults(parser)
 
 
 def _optional_import(name: str):
@@ -59,7 +64,38 @@ def _optional_import(name: str):
         raise
 
 
+def format_warning(message, category, filename=None, lineno=None, line=None) -> str:
+    """A warning as the command line prints it: `dcae: warning: <message>`, one line, without the source line
+    Python shows. The category is named only for warnings that are not plain messages to the user (e.g.
+    `DeprecationWarning: ...` from a library); dcae's own categories and UserWarning are not."""
+    text = " ".join(str(message).split())  # one line
+    plain = category is UserWarning or category.__module__.split(".")[0] == "dcae"
+    return f"dcae: warning: {text if plain else f'{category.__name__}: {text}'}\n"
+
+
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Within: every warning shown is printed by `format_warning` (to stderr); the previous functions after."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        stream = sys.stderr if file is None else file
+        with contextlib.suppress(OSError):  # stderr gone: nothing to tell
+            stream.write(format_warning(message, category, filename, lineno, line))
+
+    saved = warnings.showwarning, warnings.formatwarning
+    warnings.showwarning, warnings.formatwarning = show, format_warning
+    try:
+        yield
+    finally:
+        warnings.showwarning, warnings.formatwarning = saved
+
+
 def main(argv: list[str] | None = None) -> int:
+    with one_line_warnings():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)

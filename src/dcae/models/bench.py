@@ -38,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dcae.utils.cliargs import add_device, add_dtype, add_seed, positive_int
+from dcae.utils.cliargs import DefaultsHelpFormatter, add_device, add_dtype, add_seed, nonnegative_int, positive_int
 
 GIB = 1024**3
 IMPLS = ("dcae", "diffusers", "dcae-compiled", "diffusers-compiled")
@@ -67,7 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="MODEL",
         help="zoo names or config files (random weights), saved folders, weight files or Hub ids",
     )
-    p.add_argument("--res", nargs="+", type=int, default=None, help="square resolutions (GPU: 512 1024 2048 4096)")
+    p.add_argument("--res", nargs="+", type=positive_int, default=None,
+                   help="square resolutions (default: GPU 512 1024 2048 4096)")  # fmt: skip
     p.add_argument(
         "--batch", nargs="+", type=positive_int, default=None, help="batch per resolution (default 16/4/1/1)"
     )
@@ -75,8 +76,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_device(p, default=None)
     p.add_argument("--compile", action="store_true", help="add the torch.compile'd (channels-last) variants")
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=None, help="which implementations to run")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=positive_int, default=None, help="timed runs per measurement (GPU 10, CPU 3)")
+    p.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed runs before each measurement")
+    p.add_argument("--repeats", type=positive_int, default=None,
+                   help="timed runs per measurement (default: GPU 10, CPU 3)")  # fmt: skip
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     p.add_argument("--json", type=Path, default=None, help="write the records here (and a .md table next to it)")
@@ -468,7 +470,8 @@ def plot_results(records: list[dict[str, Any]], path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m dcae.models.bench ...` / benchmarks/bench_ae.py: the same options as `dcae bench ae`."""
-    parser = argparse.ArgumentParser(prog="dcae bench ae", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="dcae bench ae", description=__doc__.split("\n\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)  # fmt: skip
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

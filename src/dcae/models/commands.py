@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from dcae.errors import UserError, non_finite_warnings_as_lines
-from dcae.utils.cliargs import add_batch_size, add_device, add_dtype, add_output, add_overwrite
+from dcae.utils.cliargs import add_batch_size, add_device, add_dtype, add_output, add_overwrite, number_type
+from dcae.utils.numbers import MINUTES
 
 
 # ----------------------------------------------------------------------------- shared options
@@ -490,7 +491,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo", help="reconstruct offline photos (released weights if available, else train a small model)"
     )
-    p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    p.add_argument("--out", default="demo_out", help="output folder")
     p.add_argument("--model", default="dc-ae-f32c32-sana-1.1", help="released model to try first")
-    p.add_argument("--minutes", type=float, default=4.0, help="CPU training budget of the offline path")
+    p.add_argument("--minutes", type=number_type(MINUTES, "minutes", "time budgets in minutes"), default=4.0,
+                   help="CPU training budget of the offline path")  # fmt: skip
     p.set_defaults(func=cmd_demo)

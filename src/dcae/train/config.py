@@ -25,6 +25,8 @@ from dcae.runtime import config as runtime_config
 from dcae.runtime.config import CheckpointConfig, ConfigError
 from dcae.runtime.config import LogConfig as _LogConfig
 from dcae.runtime.schedule import SCHEDULES
+from dcae.utils import numbers as num
+from dcae.utils.numbers import fields_problems, items_problems
 
 # Old key -> new key (dotted). Configs, overrides and the configs that checkpoints recorded are read through it.
 RENAMED = {"data.num_workers": "num_workers"}
@@ -227,6 +229,50 @@ def packaged_configs() -> dict[str, Path]:
 
 
 # ----------------------------------------------------------------------------- checks
+# The numeric fields and what each may be (dcae.utils.numbers: the command line's options use the same kinds).
+NUMBERS = {
+    "seed": num.SEED,
+    "grad_accum": num.COUNT,
+    "num_workers": num.WORKERS,
+    "ema_decay": num.FRACTION,
+    "data.holdout": num.NONNEGATIVE_INT,
+    "data.hflip": num.PROBABILITY,
+    "checkpoint.every": num.COUNT,
+    "checkpoint.keep_last": num.COUNT,
+    "log.every": num.COUNT,
+    "log.image_every": num.NONNEGATIVE_INT,
+    "val.every": num.NONNEGATIVE_INT,
+    "val.max_images": num.NONNEGATIVE_INT,
+    "val.batch_size": num.COUNT,
+    "val.grid_images": num.NONNEGATIVE_INT,
+    "decoder.distill_weight": num.NONNEGATIVE,
+}
+# Each phaseN's (None: the field may be left unset).
+PHASE_NUMBERS = {
+    "resolution": num.COUNT,
+    "batch_size": num.COUNT,
+    "steps": num.COUNT,
+    "max_minutes": num.MINUTES,
+    "optim.lr": num.POSITIVE,
+    "optim.weight_decay": num.NONNEGATIVE,
+    "optim.eps": num.POSITIVE,
+    "optim.warmup_steps": num.NONNEGATIVE_INT,
+    "optim.min_lr_ratio": num.PROBABILITY,
+    "optim.grad_clip": num.NONNEGATIVE,
+    "loss.l1_weight": num.NONNEGATIVE,
+    "loss.l2_weight": num.NONNEGATIVE,
+    "loss.perceptual_weight": num.NONNEGATIVE,
+    "loss.gan_weight": num.NONNEGATIVE,
+    "loss.gan_adaptive_max": num.POSITIVE,
+    "loss.disc_start": num.NONNEGATIVE_INT,
+    "loss.gan_warmup": num.NONNEGATIVE_INT,
+    "disc.layers": num.Kind(integer=True, lo=1, hi=16),  # each layer halves the patch grid
+    "disc.channels": num.WIDTH,
+    "disc.lr": num.POSITIVE,
+    "disc.weight_decay": num.NONNEGATIVE,
+}
+
+
 def validate(cfg: TrainConfig) -> None:
     problems: list[str] = []
     m = cfg.model
@@ -234,51 +280,35 @@ def validate(cfg: TrainConfig) -> None:
         problems.append("model: give either model.name or model.config, not both")
     if cfg.mixed_precision not in ("no", "bf16", "fp16"):
         problems.append(f"mixed_precision must be no, bf16 or fp16, got {cfg.mixed_precision!r}")
-    if cfg.grad_accum < 1:
-        problems.append("grad_accum must be >= 1")
+    problems += fields_problems(cfg, NUMBERS)
     choices = cfg.model.latent_channel_choices
     if choices is not None and (not choices or any(not isinstance(k, int) or k < 1 for k in choices)):
         problems.append(f"model.latent_channel_choices must be a list of positive channel counts, got {choices}")
-    if not 0.0 <= cfg.ema_decay < 1.0:
-        problems.append("ema_decay must be in [0, 1)")
     if cfg.data.crop not in ("random", "center"):
         problems.append(f"data.crop must be random or center, got {cfg.data.crop!r}")
     lo, hi = cfg.data.scale_range
-    if not 0 < lo <= hi:
-        problems.append(f"data.scale_range must be 0 < min <= max, got {cfg.data.scale_range}")
-    if not 0.0 <= cfg.data.hflip <= 1.0:
-        problems.append("data.hflip is a probability in [0, 1]")
-    if cfg.num_workers < 0 or cfg.data.holdout < 0:
-        problems.append("num_workers and data.holdout must be >= 0")
-    if cfg.checkpoint.every < 1 or cfg.checkpoint.keep_last < 1:
-        problems.append("checkpoint.every and checkpoint.keep_last must be >= 1")
-    if cfg.log.every < 1:
-        problems.append("log.every must be >= 1")
-    for n in (1, 2, 3):
-        p = cfg.phase(n)
-        where = f"phase{n}"
-        if p.resolution < 1 or p.batch_size < 1 or p.steps < 1:
-            problems.append(f"{where}: resolution, batch_size and steps must be >= 1")
+    scales = items_problems("data.scale_range", cfg.data.scale_range, num.POSITIVE)
+    problems += scales
+    if not scales and lo > hi:
+        problems.append(f"data.scale_range must be 0 < min <= max, got {list(cfg.data.scale_range)}")
+    problems += items_problems("val.resolutions", cfg.val.resolutions, num.COUNT)
+    for k in (1, 2, 3):
+        p = cfg.phase(k)
+        where = f"phase{k}"
+        problems += fields_problems(p, PHASE_NUMBERS, f"{where}.")
         if not p.trainable and not p.trainable_inner_stages:
             problems.append(f"{where}.trainable: no parameter patterns (nothing would train)")
         o, lo_ = p.optim, p.loss
-        if o.lr <= 0 or o.weight_decay < 0 or o.warmup_steps < 0 or o.grad_clip < 0:
-            problems.append(f"{where}.optim: lr must be > 0; weight_decay, warmup_steps, grad_clip >= 0")
         if o.schedule not in SCHEDULES:
             problems.append(f"{where}.optim.schedule must be constant or cosine, got {o.schedule!r}")
-        if not all(0.0 <= b < 1.0 for b in o.betas):
-            problems.append(f"{where}.optim.betas must be in [0, 1)")
-        weights = (lo_.l1_weight, lo_.l2_weight, lo_.perceptual_weight, lo_.gan_weight)
-        if min(weights) < 0:
-            problems.append(f"{where}.loss: weights must be >= 0")
-        if lo_.disc_start < 0 or lo_.gan_warmup < 0:
-            problems.append(f"{where}.loss: disc_start and gan_warmup must be >= 0")
+        problems += items_problems(f"{where}.optim.betas", o.betas, num.FRACTION)
+        problems += items_problems(f"{where}.disc.betas", p.disc.betas, num.FRACTION)
         if lo_.l1_weight == lo_.l2_weight == lo_.perceptual_weight == 0:
             problems.append(f"{where}.loss: no reconstruction loss (l1, l2 and perceptual weights are all 0)")
         if lo_.perceptual_net not in ("stlpips-vgg", "stlpips-alex", "lpips-vgg", "lpips-alex"):
             problems.append(f"{where}.loss.perceptual_net: unknown network {lo_.perceptual_net!r}")
-        if p.disc.norm not in ("bn", "none") or p.disc.layers < 1:
-            problems.append(f"{where}.disc: norm must be bn or none, layers >= 1")
+        if p.disc.norm not in ("bn", "none"):
+            problems.append(f"{where}.disc.norm must be bn or none, got {p.disc.norm!r}")
     problems += _decoder_recipe_problems(cfg)
     if problems:
         raise ConfigError("invalid training config: " + "; ".join(problems))
@@ -286,8 +316,8 @@ def validate(cfg: TrainConfig) -> None:
 
 def _decoder_recipe_problems(cfg: TrainConfig) -> list[str]:
     d = cfg.decoder
-    if d.distill_weight < 0:
-        return [f"decoder.distill_weight must be >= 0, got {d.distill_weight}"]
+    if not num.NONNEGATIVE(d.distill_weight):
+        return []  # named with the other numbers
     if d.student is None:
         return ["decoder.distill_weight needs decoder.student"] if d.distill_weight > 0 else []
     problems = []

@@ -1,6 +1,9 @@
 """Command-line parsing shared by the commands: the options many commands take, each defined once here
-(`add_device`, `add_dtype`, `add_batch_size`, `add_output`, `add_overwrite`, `add_seed`, `add_solver`), the
-`positive_int` type of count options, and `IntermixedParser` for a config plus `key=value` overrides.
+(`add_device`, `add_dtype`, `add_batch_size`, `add_output`, `add_overwrite`, `add_seed`, `add_solver`), the types
+of numeric options by meaning (`positive_int` for counts, `nonnegative_int`, `positive_float`, `probability`,
+`guidance_scale`, ...: dcae.utils.numbers says what each kind of number may be, for the trainers' configs too),
+`IntermixedParser` for a config plus `key=value` overrides, and the help formatter that shows every option's
+default (`show_defaults`, applied to the whole `dcae` parser by dcae.cli).
 
 Every action these functions create carries `SHARED` (the option's kind: "device", "dtype", ...), so a test can
 check that no command defines one of these options by hand. Options with a value show their default in --help.
@@ -9,7 +12,12 @@ check that no command defines one of these options by hand. Options with a value
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import functools
+import math
+from collections.abc import Callable, Sequence
+
+from dcae.utils import numbers
+from dcae.utils.numbers import Kind
 
 # The command line's device and dtype names (dcae.utils.devices resolves them); no torch here, so that building
 # the parsers stays fast.
@@ -20,12 +28,108 @@ DEVICE_EXAMPLES = "cpu, cuda, cuda:1, mps"  # other device names, as torch spell
 SHARED = "dcae_shared_option"  # attribute of the actions made here: the option's kind
 
 
-def positive_int(text: str) -> int:
-    """argparse type of count options (batch sizes, numbers of samples, steps): 0 or less is a usage error."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+# ----------------------------------------------------------------------------- numbers by meaning
+def _parse_number(text: str, integer: bool) -> int | float:
+    """`text` as an int (integer kinds: also "1e3") or a float; nan, inf and 1.5 for an integer come back as
+    floats for the kind to name what is wrong."""
+    text = text.strip()
+    try:
+        return int(text) if integer else float(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        what = "a whole number" if integer else "a number"
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    exact = math.isfinite(value) and value.is_integer() and abs(value) < 2**53  # 1e40 stays 1e+40 in messages
+    return int(value) if integer and exact else value
+
+
+def number_type(kind: Kind, name: str, what: str) -> Callable[[str], int | float]:
+    """The argparse type of options whose values are numbers of `kind`: anything else (NaN, inf, out of range,
+    a fraction for a count) is one usage line, `argument --x: must be ..., got ...` (exit status 2)."""
+
+    def parse(text: str) -> int | float:
+        value = _parse_number(text, kind.integer)
+        problem = kind.problem(value)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    parse.__name__ = parse.__qualname__ = name
+    parse.__doc__ = f"argparse type of {what}: {kind}."
+    parse.kind = kind
+    return parse
+
+
+positive_int = number_type(numbers.COUNT, "positive_int", "counts (batch sizes, numbers of samples, steps)")
+nonnegative_int = number_type(numbers.NONNEGATIVE_INT, "nonnegative_int", "counts where 0 means none")
+seed_int = number_type(numbers.SEED, "seed_int", "seeds (0 .. 2^32-1)")
+workers_int = number_type(numbers.WORKERS, "workers_int", "worker processes (0: none)")
+finite_float = number_type(numbers.FINITE, "finite_float", "any finite number")
+positive_float = number_type(numbers.POSITIVE, "positive_float", "finite numbers > 0")
+nonnegative_float = number_type(numbers.NONNEGATIVE, "nonnegative_float", "finite numbers >= 0")
+probability = number_type(numbers.PROBABILITY, "probability", "probabilities and shares in [0, 1]")
+guidance_scale = number_type(numbers.GUIDANCE, "guidance_scale", "classifier-free guidance scales")
+flow_shift = number_type(numbers.SHIFT, "flow_shift", "flow shifts of the time grid")
+
+
+def image_size(text: str) -> str:
+    """argparse type of --size HEIGHTxWIDTH (pixels, each a count): the text itself once it is valid, so that
+    what the handlers and their records read is unchanged."""
+    parts = text.strip().lower().split("x")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"give HEIGHTxWIDTH in pixels, e.g. 512x768, got {text!r}")
+    for side, part in zip(("height", "width"), parts):
+        try:
+            value = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"give HEIGHTxWIDTH in pixels, e.g. 512x768, got {text!r}") from None
+        problem = numbers.COUNT.problem(value)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(f"{side} {problem} (in {text!r})")
+    return text
+
+
+def size_of(text: str) -> tuple[int, int]:
+    """(height, width) of an --size text that `image_size` accepted."""
+    h, w = (int(v) for v in text.strip().lower().split("x"))
+    return h, w
+
+
+def time_interval(text: str) -> str:
+    """argparse type of an interval of normalized time `LO,HI` with 0 <= LO <= HI <= 1 (0 data, 1 noise): the text
+    itself once it is valid (the handlers split it)."""
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"give LO,HI with 0 <= LO <= HI <= 1, e.g. 0.1,0.9, got {text!r}")
+    values = []
+    for end, part in zip(("LO", "HI"), parts):
+        try:
+            value = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"give LO,HI with 0 <= LO <= HI <= 1, got {text!r}") from None
+        problem = numbers.PROBABILITY.problem(value)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(f"{end} {problem} (in {text!r})")
+        values.append(value)
+    if values[0] > values[1]:
+        raise argparse.ArgumentTypeError(f"LO must not exceed HI, got {text!r}")
+    return text
+
+
+def with_checks(handler: Callable, *checks: Callable[[argparse.Namespace], None]) -> Callable:
+    """`handler`, after `checks(args)` (each raises a one-line UserError): what a command refuses from its
+    arguments alone, before the handler does any work (loads a model, opens an output)."""
+
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace):
+        for check in checks:
+            check(args)
+        return handler(args)
+
+    return run
 
 
 def _shared(action: argparse.Action, kind: str) -> argparse.Action:
@@ -86,7 +190,8 @@ def add_overwrite(p: argparse.ArgumentParser, what: str = "replace existing outp
 
 def add_seed(p: argparse.ArgumentParser, what: str = "random seed", default: int = 0) -> argparse.Action:
     """`--seed`: an integer seed."""
-    return _shared(p.add_argument("--seed", type=int, default=default, help=f"{what} (default: %(default)s)"), "seed")
+    action = p.add_argument("--seed", type=seed_int, default=default, help=f"{what} (default: %(default)s)")
+    return _shared(action, "seed")
 
 
 def add_solver(
@@ -119,3 +224,45 @@ class IntermixedParser(argparse.ArgumentParser):
             return self.parse_known_intermixed_args(args, namespace)
         finally:
             self._busy = False
+
+
+# ----------------------------------------------------------------------------- --help
+def _shows_default(action: argparse.Action, text: str) -> bool:
+    """Whether --help should add " (default: X)" to `action`'s help: it has a value (not a flag, not None, not a
+    sub-command), and its help text does not already say what the default is."""
+    if action.help is argparse.SUPPRESS or action.default in (None, argparse.SUPPRESS) or action.nargs == 0:
+        return False
+    if isinstance(action, argparse._SubParsersAction) or not (action.option_strings or action.nargs in ("?", "*")):
+        return False
+    return "%(default)" not in text and "default" not in text.lower()
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """argparse's ArgumentDefaultsHelpFormatter, without its doubles: " (default: X)" after the help of every
+    option with a value, unless the help text already names the default; flags and options without a default
+    (None: the command picks, as the help says) get none. A list shows as its items (`512 1024`)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not _shows_default(action, text):
+            return text
+        if isinstance(action.default, (list, tuple)):
+            shown = " ".join(str(v) for v in action.default).replace("%", "%%")
+            return f"{text} (default: {shown})"
+        return f"{text} (default: %(default)s)"
+
+
+class RawDescriptionDefaultsHelpFormatter(DefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """DefaultsHelpFormatter that keeps the description's own line breaks (commands with examples)."""
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Give `parser` and every sub-command below it the formatter that shows defaults (keeping a raw
+    description's layout where a parser asked for one)."""
+    raw = issubclass(parser.formatter_class, argparse.RawDescriptionHelpFormatter)
+    parser.formatter_class = RawDescriptionDefaultsHelpFormatter if raw else DefaultsHelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                show_defaults(sub)
+    return parser

@@ -1,5 +1,9 @@
 """Atomic file output: every file the project writes goes through a temp file + rename,
-so that a crash never leaves a half-written checkpoint, latent shard or image behind."""
+so that a crash never leaves a half-written checkpoint, latent shard or image behind.
+
+The files get the mode a plain `open(path, "w")` would give them, 0o666 & ~umask (0o644 under the usual umask
+022: colleagues on a shared machine can read caches, checkpoints and exported pipelines), not the 0o600 of
+tempfile.mkstemp's temp file."""
 
 from __future__ import annotations
 
@@ -114,6 +118,32 @@ def _check_can_write_in(folder: Path, what: str, p: Path, verb: str) -> None:
     os.unlink(tmp)
 
 
+def current_umask() -> int:
+    """The process's umask. Linux shows it in /proc/self/status, read without changing it (so a umask set after
+    import counts, and no other thread ever sees a changed one); elsewhere it is read once, by setting it to 0 and
+    back at once."""
+    global _UMASK
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    if _UMASK is None:
+        _UMASK = os.umask(0)
+        os.umask(_UMASK)
+    return _UMASK
+
+
+_UMASK: int | None = None
+
+
+def new_file_mode() -> int:
+    """The mode `open(path, "w")` gives a new file: 0o666 less the umask's bits."""
+    return 0o666 & ~current_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it is renamed onto `path`.
@@ -129,6 +159,9 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp made it 0o600, and a writer may have replaced it with a file of its own (safetensors does):
+        # the mode is set last, on what is renamed into place.
+        os.chmod(tmp_path, new_file_mode())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

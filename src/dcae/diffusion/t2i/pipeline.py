@@ -42,6 +42,7 @@ from dcae.models import DCAE
 from dcae.models.weights import _diffusers_version, hub_snapshot
 from dcae.utils.devices import resolve_dtype
 from dcae.utils.io import atomic_path, atomic_write_json
+from dcae.utils.numbers import SHIFT
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 SANA_STEPS, SANA_GUIDANCE = 20, 4.5  # SanaPipeline.__call__'s defaults
@@ -115,6 +116,9 @@ def export_pipeline(checkpoint_or_run: str | Path, folder: str | Path, overwrite
     default; heun; dpm++: SANA's flow DPMSolverMultistepScheduler) with flow `shift`. An existing non-empty folder
     is refused unless `overwrite`; then the components' stale files go."""
 
+    problem = SHIFT.problem(shift)
+    if problem is not None:  # a scheduler with shift 0 samples nothing but noise; refused before anything is written
+        raise UserError(f"shift {problem}: the flow shift of the time grid is > 0 (1: none)")
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{folder} is a file; a pipeline is written as a folder")

@@ -5,6 +5,8 @@ autoencoder trainer's too; the keys they replaced still load, with a warning (RE
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,8 @@ from dcae.errors import UserError
 from dcae.runtime import config as runtime_config
 from dcae.runtime.config import CheckpointConfig, LogConfig
 from dcae.runtime.schedule import SCHEDULES
+from dcae.utils import numbers as num
+from dcae.utils.numbers import field_problems, fields_problems, items_problems
 
 # Old key -> new key (dotted). Configs, overrides and the configs that checkpoints recorded are read through it.
 RENAMED = {
@@ -93,7 +97,65 @@ class TrainConfig:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
-    return runtime_config.load_config(TrainConfig, path, overrides or [], finish=validate_config, renamed=RENAMED)
+    return runtime_config.load_config(TrainConfig, path, overrides or [], finish=_finish, renamed=RENAMED)
+
+
+def _finish(cfg: TrainConfig) -> None:
+    validate_config(cfg)
+    warn_long_warmup(cfg)
+
+
+def warn_long_warmup(cfg: TrainConfig) -> None:
+    """One warning line (first process only) when the learning-rate warm-up does not end before the run does."""
+    o = cfg.optim
+    if o.warmup_steps >= cfg.max_steps and os.environ.get("RANK", "0") == "0":
+        when = (
+            f"reaches optim.lr={o.lr:g} only at the last step"
+            if o.warmup_steps == cfg.max_steps
+            else f"never reaches optim.lr={o.lr:g}"
+        )
+        warnings.warn(f"optim.warmup_steps={o.warmup_steps} >= max_steps={cfg.max_steps}: the whole run is "
+                      f"learning-rate warm-up (the rate {when})", stacklevel=2)  # fmt: skip
+
+
+# The numeric fields and what each may be (dcae.utils.numbers: the command line's options use the same kinds).
+NUMBERS = {
+    "seed": num.SEED,
+    "batch_size": num.COUNT,
+    "grad_accum": num.COUNT,
+    "max_steps": num.COUNT,
+    "num_workers": num.WORKERS,
+    "ema_decay": num.FRACTION,
+    "checkpoint.every": num.COUNT,
+    "checkpoint.keep_last": num.COUNT,
+    "log.every": num.COUNT,
+    "diffusion.cond_dropout": num.PROBABILITY,
+    "optim.lr": num.POSITIVE,
+    "optim.weight_decay": num.NONNEGATIVE,
+    "optim.warmup_steps": num.NONNEGATIVE_INT,
+    "optim.min_lr_ratio": num.PROBABILITY,
+    "optim.grad_clip": num.NONNEGATIVE,
+    "sample.every": num.NONNEGATIVE_INT,
+    "sample.num": num.Kind(integer=True, lo=1, hi=1024),  # one grid of images, decoded at once
+    "sample.steps": num.COUNT,
+    "sample.cfg_scale": num.GUIDANCE,
+    "sample.seed": num.SEED,
+}
+# model.overrides: what a number given for one of the networks' arguments may be (other numbers: finite).
+OVERRIDE_NUMBERS = {"mlp_ratio": num.POSITIVE, "norm_eps": num.POSITIVE, "interpolation_scale": num.POSITIVE,
+                    "dropout": num.FRACTION}  # fmt: skip
+
+
+def _override_problems(overrides: dict[str, Any]) -> list[str]:
+    """Counts among model.overrides (depth, hidden_size, heads, ...) are whole numbers of 1 .. 65536; other
+    numbers finite (and of their kind where OVERRIDE_NUMBERS knows it)."""
+    problems: list[str] = []
+    for key, value in overrides.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        kind = OVERRIDE_NUMBERS.get(key) or (num.WIDTH if isinstance(value, int) else num.FINITE)
+        field_problems(problems, f"model.overrides.{key}", value, kind)
+    return problems
 
 
 def validate_config(cfg: TrainConfig) -> None:
@@ -101,7 +163,7 @@ def validate_config(cfg: TrainConfig) -> None:
         cfg.resume = "none"
     problems = []
     if not cfg.data:
-        problems.append("data (a folder written by `dcae latents`) is required")
+        problems.append("data (a folder written by `dcae latents` or `dcae t2i cache`) is required")
     if cfg.diffusion.objective not in ("flow", "ddpm"):
         problems.append(f"diffusion.objective must be flow or ddpm, got {cfg.diffusion.objective!r}")
     if cfg.model.learn_sigma and cfg.diffusion.objective != "ddpm":
@@ -110,16 +172,12 @@ def validate_config(cfg: TrainConfig) -> None:
         problems.append(f"mixed_precision must be no, bf16 or fp16, got {cfg.mixed_precision!r}")
     if cfg.optim.schedule not in SCHEDULES:
         problems.append(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {cfg.optim.schedule!r}")
-    for name in ("batch_size", "grad_accum", "max_steps", "log.every", "checkpoint.every", "checkpoint.keep_last"):
-        section, _, key = name.rpartition(".")
-        if getattr(getattr(cfg, section) if section else cfg, key) < 1:
-            problems.append(f"{name} must be >= 1")
-    if cfg.num_workers < 0:
-        problems.append("num_workers must be >= 0")
-    if not 0.0 <= cfg.ema_decay < 1.0:
-        problems.append(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
-    if not 0.0 <= cfg.diffusion.cond_dropout <= 1.0:
-        problems.append(f"diffusion.cond_dropout is a share in [0, 1], got {cfg.diffusion.cond_dropout}")
+    problems += fields_problems(cfg, NUMBERS)
+    betas = cfg.optim.betas
+    if len(betas) != 2:
+        problems.append(f"optim.betas must be two numbers (Adam's beta1, beta2), got {betas}")
+    problems += items_problems("optim.betas", betas[:2], num.FRACTION)
+    problems += _override_problems(cfg.model.overrides)
     if problems:
         raise UserError("invalid training config: " + "; ".join(problems))
 

@@ -1,4 +1,5 @@
-"""Training a latent diffusion model on `dcae latents` output: `dcae diffusion train CONFIG.yaml [key=value ...]`.
+"""Training a latent diffusion model on a latent cache (`dcae latents`: class labels, or `dcae t2i cache`: captions):
+`dcae diffusion train CONFIG.yaml [key=value ...]` and `dcae t2i train CONFIG.yaml [key=value ...]`.
 
 One loop, nanoGPT-style, on the shared training runtime (dcae.runtime): accelerate for devices / multi-GPU /
 bf16, AdamW with the runtime's learning-rate schedule, gradient clipping, the runtime's fp32 EMA, atomic
