@@ -191,7 +191,8 @@ def test_jsonl_manifest_rows_skipped_by_line_number(tmp_path):
     assert np.array_equal(read_captioned(items[1])[0], _arr(2))
 
     kept, _ = _listed(manifest, keep_uncaptioned=True)
-    assert [it.caption for it in kept] == ["alpha", "", "", "gamma delta", "absolute"]
+    assert [it.caption for it in kept] == ["alpha", "", "gamma delta", "absolute"]  # lines 4 and 5: one item
+    assert [(s.name, s.what) for s in kept.skipped if s.what == "duplicate"] == [(f"{manifest}:5", "duplicate")]
     located, _ = _listed(manifest, naming="location")
     assert located[0].name == str(tmp_path / "imgs" / "a.png")
 

@@ -86,6 +86,30 @@ def test_truncated_shard_is_skipped_whole_and_named(tmp_path):
     assert any("cut.tar" in m for m in messages)
 
 
+def test_shard_cut_inside_a_later_header_keeps_the_members_before_and_is_named(tmp_path):
+    """tarfile ends an archive cut inside (or damaged in) a header after the first without a word: the members
+    before are listed, and the shard is named as cut short, so the lost rest is not lost silently."""
+    members = {"a.png": _png(1), "b.png": _png(2), "c.png": _png(3)}
+    whole = _shard(tmp_path / "whole.tar", members).read_bytes()
+    with tarfile.open(tmp_path / "whole.tar") as tar:
+        c = tar.getmember("c.png")
+    for name, data in [("cut.tar", whole[: c.offset + 100]), ("at.tar", whole[: c.offset]),
+                       ("bad.tar", whole[: c.offset + 10] + b"\xff" + whole[c.offset + 11 :])]:  # fmt: skip
+        _write(tmp_path / "s" / name, data)
+    _write(tmp_path / "s" / "end.tar", whole[: c.offset_data + c.size + 700])  # inside the end blocks: whole
+    listing, messages = _caught(lambda: list_images(tmp_path / "s"))
+    names = [r.name for r in listing]
+    assert names == [f"{s}/{m}" for s in ("at.tar", "bad.tar", "cut.tar") for m in ("a.png", "b.png")] + [
+        f"end.tar/{m}" for m in members
+    ]
+    assert [Path(s.name).name for s in listing.skipped] == ["at.tar", "bad.tar", "cut.tar"]
+    assert all(
+        s.what == "tar shard" and "cut short or damaged after its 2 member(s)" in s.error for s in listing.skipped
+    )
+    assert "is damaged" in listing.skipped[1].error and "ends inside the header" in listing.skipped[2].error
+    assert sum("cut short" in m for m in messages) == 3
+
+
 def test_broken_shard_inside_a_folder(tmp_path):
     _write(tmp_path / "data" / "img.png", _png(6))
     _write(tmp_path / "data" / "sub" / "bad.tar", b"")  # an empty file is no shard either

@@ -13,8 +13,11 @@ Policy (`dcae.data.sources`'): named, skipped and counted in `.skipped` (the fir
 then one warning with the counts): broken shards; images without a caption or with an empty one (kept with
 "" under `keep_uncaptioned`); caption files that cannot be read or parsed (always); manifest lines by number
 (`data.csv:7: ...`) that are not a JSON object / a CSV record of the header's length, or whose image is
-missing, not a file or a URL, or whose caption is absent or empty. Nothing usable left: a one-line UserError
-naming the sources and the first problem; nothing found: a UserError.
+missing, not a file or a URL, or whose caption is absent or empty; exact duplicates (the same image, by its
+real path and tar member, with the same caption: the first is kept; the same image with another caption is
+another item). A source (folder, manifest, shard, file) given a second time is listed once: the second is
+one "repeated source" record. Nothing usable left: a one-line UserError naming the sources and the first
+problem; nothing found: a UserError.
 
 Captions: UTF-8 (a BOM dropped); each byte that is not UTF-8 becomes U+FFFD and the caption is kept and
 counted (`CaptionList.replaced`, one warning naming the first); control characters become spaces, whitespace
@@ -105,16 +108,24 @@ class _Problem(Exception):
 
 
 class _Listing:
-    """What one `list_captioned` call collects: records, skips (the first WARN_FIRST named in warnings)."""
+    """What one `list_captioned` call collects: records, skips (the first WARN_FIRST named in warnings), and
+    what was listed (to skip exact duplicates)."""
 
     def __init__(self, keep_uncaptioned: bool):
         self.keep = keep_uncaptioned
         self.items: list[Captioned] = []
         self.skipped: list[Skipped] = []
         self.replaced: list[str] = []
+        self.seen: dict[tuple[str, str | None, str], str] = {}  # (real path, member, caption) -> where first
+        self.folders: dict[str, str] = {}  # folder -> its real path
 
     def skip(self, item: Skipped) -> None:
-        record_skip(self.skipped, item, warn=len(self.skipped) < WARN_FIRST)
+        warn = len(self.skipped) < WARN_FIRST or item.what == "repeated source"  # few, and always said
+        if item.what in DUPLICATES:  # not unreadable: said as it is
+            if warn:
+                warnings.warn(f"skipping {item.what}: {item.error}", stacklevel=3)
+            warn = False
+        record_skip(self.skipped, item, warn=warn)
 
     def add(self, ref: ImageRef, caption: str | None, where: str, problem: _Problem | None = None, line=None):
         """`caption` (raw text, from `where`), or the problem that left the image without one; `line`: the
@@ -127,8 +138,26 @@ class _Listing:
                 problem = _Problem(f"empty caption for {ref.location} in {where}", damaged=False)
         if problem is not None and (problem.damaged or not self.keep):
             self.skip(Skipped(line or ref.name, str(problem), "manifest line" if line else "image"))
-        else:
-            self.items.append(Captioned(ref, "" if problem else caption))
+            return
+        caption, name = "" if problem else caption, line or ref.name
+        key = (self._real(ref.path) if ref.kind != "skimage" else ref.path, ref.member, caption)
+        if key in self.seen:
+            self.skip(Skipped(name, f"{name}: {ref.location} with the caption {_shown(caption, 60)} is listed "
+                              f"already ({self.seen[key]})", "duplicate"))  # fmt: skip
+            return
+        self.seen[key] = name
+        self.items.append(Captioned(ref, caption))
+
+    def _real(self, path: str) -> str:
+        """The real path of a file: its folder's resolved once per folder, then the file's own link."""
+        folder, name = os.path.split(path)
+        if folder not in self.folders:
+            self.folders[folder] = os.path.realpath(folder or ".")
+        full = os.path.join(self.folders[folder], name)
+        return os.path.realpath(full) if os.path.islink(full) else full
+
+
+DUPLICATES = ("duplicate", "repeated source")  # what `.skipped` records that is readable but listed already
 
 
 def clean_caption(text: str) -> tuple[str, bool]:
@@ -185,6 +214,7 @@ def list_captioned(
         sources = [sources]
     sources = [str(s) for s in sources]
     out = _Listing(keep_uncaptioned)
+    given: dict[str, str] = {}  # real path -> the source that gave it first
     for source in sources:
         if source.startswith(f"{SKIMAGE}:"):
             _add_images(out, source, naming)
@@ -195,11 +225,20 @@ def list_captioned(
             suffix = path.suffix.lower()
             if not path.exists():
                 raise FileNotFoundError(f"{path} does not exist")
+            if not path.is_dir() and pattern and suffix.lstrip(".") in CAPTION_SUFFIXES:
+                continue  # a pattern's sidecars: read with their images
+            real = os.path.realpath(path)
+            if real in given:
+                again = "" if given[real] == str(path) else f" (as {given[real]})"
+                out.skip(Skipped(str(path), f"{path} is given twice in the sources{again}: listed once",
+                                 "repeated source"))  # fmt: skip
+                continue
+            given[real] = str(path)
             if path.is_dir():
                 _add_images(out, glob.escape(str(path)), naming)
             elif suffix in MANIFEST_SUFFIXES:
                 _add_manifest(out, path, naming, image_column, caption_column)
-            elif not (pattern and suffix.lstrip(".") in CAPTION_SUFFIXES):  # a pattern's sidecars: with images
+            else:
                 _add_images(out, glob.escape(str(path)), naming)
     if out.replaced:
         warnings.warn(

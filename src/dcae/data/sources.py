@@ -220,12 +220,34 @@ def list_tar(
         if not path.is_file():  # a FIFO would block tarfile
             raise tarfile.ReadError("not a regular file")
         with tarfile.open(path) as tar:  # plain or compressed
-            members = [m for m in tar.getmembers() if m.isfile() and is_image_path(Path(m.name))]
+            every = tar.getmembers()
+            members = [m for m in every if m.isfile() and is_image_path(Path(m.name))]
+            end = _early_end(tar, _is_compressed(str(path)))
     except TAR_ERRORS as exc:
         record_skip(skipped, Skipped(str(path), f"cannot read tar shard {path}: {one_line(exc)}", "tar shard"))
         return []
+    if end:  # the members before are whole and listed; what followed is lost
+        record_skip(skipped, Skipped(str(path), f"tar shard {path} is cut short or damaged after its {len(every)} "
+                                     f"member(s): {end}; the rest of it cannot be read", "tar shard"))  # fmt: skip
     name = (lambda m: f"{prefix}/{m}") if naming == "relative" else (lambda m: f"{path}:{m}")
     return [ImageRef(name(m.name), str(path), m.name, m.offset_data, m.size, float(m.mtime)) for m in members]
+
+
+def _early_end(tar: tarfile.TarFile, compressed: bool) -> str | None:
+    """Why a read archive ended before its end-of-archive block (tarfile stops without a word at a header
+    cut short, missing or damaged after the first), or None when it has one."""
+    read = tar.fileobj.tell() - tar.offset  # how much of the block at tar.offset there was
+    if compressed:  # a cut stream fails in the decompressor; re-reading a block would decompress it again
+        return None if read >= tarfile.BLOCKSIZE else f"it ends at byte {tar.offset + max(read, 0)}"
+    tar.fileobj.seek(tar.offset)
+    block = tar.fileobj.read(tarfile.BLOCKSIZE)
+    if not block:
+        return f"it ends at byte {tar.offset}, without an end-of-archive block"
+    if block.count(0) != len(block):
+        if len(block) < tarfile.BLOCKSIZE:
+            return f"it ends inside the header at byte {tar.offset}"
+        return f"the header at byte {tar.offset} is damaged"
+    return None  # the end-of-archive block (perhaps itself cut short: nothing follows it)
 
 
 def record_skip(skipped: list[Skipped] | None, item: Skipped, warn: bool = True) -> None:

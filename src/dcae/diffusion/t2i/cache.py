@@ -23,6 +23,7 @@ import json
 import os
 import random
 from bisect import bisect_right
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +31,14 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from dcae.data.buckets import assign_buckets, image_sizes
-from dcae.data.captions import Captioned, list_captioned, read_captioned
+from dcae.data.buckets import assign_buckets
+from dcae.data.captions import Captioned, CaptionList, list_captioned, read_captioned
+from dcae.data.sources import Skipped, nothing_readable, read_image, record_skip
 from dcae.diffusion import cache
 from dcae.diffusion.cache import CacheDataset, CacheIndex, Shard, shard_name
 from dcae.diffusion.conditioning import Text, TextConditioning
 from dcae.diffusion.t2i.encoders import encoder_for
-from dcae.errors import NonFiniteError, UserError, brief
+from dcae.errors import ImageReadError, NonFiniteError, UserError, brief
 from dcae.models import weights
 from dcae.utils.devices import dtype_name
 from dcae.utils.io import atomic_save_safetensors, atomic_write_text
@@ -89,10 +91,10 @@ def extract_text_latents(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     f = autoencoder.spatial_compression
     items = list_captioned(data)
-    buckets = assign_buckets(image_sizes(items), resolution, f * patch_size)
+    buckets = assign_buckets(_read_sizes(items, progress), resolution, f * patch_size)
     shards = _plan(items, buckets, shard_size)
     if not shards:
-        raise UserError(f"no readable captioned image in {data}")
+        raise nothing_readable(items.sources, items.skipped)
     index = CacheIndex.of_autoencoder(
         autoencoder,
         model_name or autoencoder.config.name,
@@ -126,6 +128,42 @@ def extract_text_latents(
         cache.write_shard(out, index, k, tensors, bucket=json.dumps(s["bucket"]))
     bar.close()
     return cache.finish_plan(out, index, ALSO)
+
+
+def _read_sizes(items: CaptionList, progress: bool = True, threads: int = 8) -> list[tuple[int, int] | None]:
+    """The upright (height, width) of each item's image, read whole, as encoding will read it: an image cut
+    short after a good header is named, skipped and counted here (`items.skipped`, in listing order), not
+    found halfway through encoding a plan that counts it. Images are read in threads; a tar shard's members
+    in one thread (a compressed shard's reader is shared)."""
+    groups: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(item.ref.path if item.ref.kind == "tar" else str(i), []).append(i)
+
+    def read(idx: list[int]) -> list[tuple[int, tuple[int, int] | None, str | None]]:
+        found = []
+        for i in idx:
+            try:
+                found.append((i, tuple(read_image(items[i].ref).shape[:2]), None))
+            except ImageReadError as exc:
+                found.append((i, None, str(exc)))
+        return found
+
+    sizes: list[tuple[int, int] | None] = [None] * len(items)
+    errors: dict[int, str] = {}
+    work = list(groups.values())
+    bar = tqdm(total=len(items), unit="img", desc="reading images", disable=not progress or len(items) < 1000)
+    with ThreadPoolExecutor(max(1, min(threads, os.cpu_count() or 1))) as pool:
+        for lo in range(0, len(work), 4096):  # a bounded number of pending reads
+            for found in pool.map(read, work[lo : lo + 4096]):
+                for i, size, error in found:
+                    sizes[i] = size
+                    if error is not None:
+                        errors[i] = error
+                bar.update(len(found))
+    bar.close()
+    for i in sorted(errors):
+        record_skip(items.skipped, Skipped(items[i].name, errors[i]))
+    return sizes
 
 
 def _write_captions_and_null(out: Path, items, shards, encoder, fingerprint: str) -> None:
@@ -205,9 +243,23 @@ class TextLatentDataset(CacheDataset):
             emb.to(device).float(), mask.to(device), self.null_emb.to(device).float(), self.null_mask.to(device)
         )
 
+    def bucket_counts(self) -> dict[tuple[int, int], int]:
+        """How many items each resolution bucket (height, width in pixels) holds, in bucket order."""
+        counts: dict[tuple[int, int], int] = {}
+        for s, n in zip(self.index.shards, self.counts):  # a bucket may span several shards
+            counts[tuple(s.bucket)] = counts.get(tuple(s.bucket), 0) + n
+        return dict(sorted(counts.items()))
+
+    def untrained(self, batch_size: int) -> dict[tuple[int, int], tuple[int, int]]:
+        """Per bucket: (its items, how many of them no batch of an epoch holds). A batch is one bucket's, so
+        a bucket smaller than the batch is never trained; of a larger one, the remainder after its full
+        batches is left out (another remainder each epoch: each epoch shuffles the bucket)."""
+        return {bucket: (n, n % batch_size) for bucket, n in self.bucket_counts().items()}
+
     def epoch_batches(self, epoch: int, seed: int, batch_size: int) -> list[list[int]]:
         """The global batches of an epoch: each bucket's items shuffled and cut into full batches, the
-        batches of all buckets in a shuffled order, all seeded by (seed, epoch)."""
+        batches of all buckets in a shuffled order, all seeded by (seed, epoch). What is left out:
+        `untrained`."""
         rng = random.Random(seed * 100_003 + epoch)
         batches = []
         by_bucket: dict[tuple, list[int]] = {}  # a bucket may span several shards
