@@ -70,7 +70,8 @@ class CacheIndex:
     class_ids: list[str] | None = None  # e.g. WordNet ids
     label_source: str | None = None  # file | folders | filenames
     data: str | None = None  # the data the latents come from
-    skipped: list[str] = field(default_factory=list)  # inputs left out, with the reason (at most 100)
+    skipped: list[str] = field(default_factory=list)  # inputs left out, with the reason (the first 100)
+    num_skipped: int | None = None  # how many were left out in all (None: as many as listed)
     latent_rms: float | None = None  # of all scaled latents, once complete (about 1 when the factor fits)
     # What the latents were computed with, beyond the names: the weights (dcae.models.weights.fingerprint) and
     # the dtypes. Part of the plan: weights replaced at the same path or another dtype make a new plan.
@@ -97,6 +98,10 @@ class CacheIndex:
     @property
     def num_images(self) -> int:
         return sum(s.count for s in self.shards)
+
+    @property
+    def skipped_count(self) -> int:
+        return len(self.skipped) if self.num_skipped is None else max(self.num_skipped, len(self.skipped))
 
     @property
     def kind(self) -> str:
@@ -148,6 +153,7 @@ class CacheIndex:
             "data": self.data,
             "num_images": self.num_images,
             "skipped": self.skipped[:100],
+            "num_skipped": self.num_skipped,
             "shards": [
                 {"file": s.file, "count": s.count, **({"bucket": list(s.bucket)} if s.bucket else {})}
                 for s in self.shards
@@ -229,6 +235,7 @@ class CacheIndex:
             label_source=d.get("label_source"),
             data=d.get("data"),
             skipped=[str(s) for s in d.get("skipped") or []],
+            num_skipped=d["num_skipped"] if _count(d.get("num_skipped")) else None,
             latent_rms=float(rms) if isinstance(rms, (int, float)) and not isinstance(rms, bool) else None,
             autoencoder_fingerprint=_text(d, "autoencoder_fingerprint"),
             text_encoder_fingerprint=_text(d, "text_encoder_fingerprint"),
@@ -442,6 +449,11 @@ class CacheDataset(torch.utils.data.Dataset):
 
     def condition(self, fields: list[torch.Tensor], device) -> Condition | None:
         raise NotImplementedError
+
+    def untrained(self, batch_size: int) -> dict[tuple[int, int], tuple[int, int]]:
+        """Per resolution bucket: (its items, how many no batch of an epoch holds). A cache of one latent size has
+        no buckets: its remainder after full batches changes every epoch, and no image is left out for good."""
+        return {}
 
     def epoch_batches(self, epoch: int, seed: int, batch_size: int) -> list[list[int]]:
         """The global batches of an epoch: perm[b*B:(b+1)*B] of a permutation seeded by (seed, epoch); the

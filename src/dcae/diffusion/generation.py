@@ -1,9 +1,20 @@
-"""What `dcae sample` shares between our own diffusion checkpoints and the released models: the condition of
-each image (balanced over all classes unless given, as FID protocols sample), seeded and decoded samples
-written to disk, and the gFID of the result."""
+"""What every sampler shares (`dcae sample`, for our own checkpoints and the released models, and `dcae t2i
+sample` / `dcae t2i eval`): the condition of each image (balanced over all classes unless given, as FID
+protocols sample), seeded and decoded samples written to disk under the folder's plan, and the gFID of the
+result.
+
+The plan (`plan.json`, written atomically before the first image is): what each image index will be, i.e. the
+settings that fix every image (the model: checkpoint path and step, or pipeline / released model; solver,
+steps, guidance, seed, size, dtype, ...) and each image's condition value (prompt or class). A rerun with
+the same plan makes only the missing images; one whose earlier images are the same and that plans more
+images makes the new ones; any other plan is refused in one line naming the folder and what differs, unless
+--overwrite, which removes every image (and what was derived from them) and makes them all again."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
 from pathlib import Path
 
 import torch
@@ -16,6 +27,10 @@ from dcae.errors import NonFiniteError, UserError
 from dcae.metrics.accumulate import dataset_stats
 from dcae.metrics.data import collect_images
 from dcae.metrics.fid import GaussianStats, InceptionFeatures, fid_from_stats
+from dcae.utils.io import atomic_write_json
+
+PLAN_NAME, PLAN_FORMAT = "plan.json", "dcae-samples-plan/1"
+_IMAGE_NAME = re.compile(r"^\d{6}\.png$")
 
 
 def condition_values(conditioning: Conditioning, text: str | None, n: int, meta: dict) -> list:
@@ -64,21 +79,134 @@ def compute_gfid(images, reference: str, device, resolution: int | None = None, 
 
 
 def write_samples(
-    images, values: list, out, n: int, batch_size: int, overwrite: bool, rank: int, world: int, desc: str = "sampling"
+    images,
+    values: list,
+    out,
+    n: int,
+    batch_size: int,
+    overwrite: bool,
+    rank: int,
+    world: int,
+    desc: str = "sampling",
+    *,
+    settings: dict,
+    condition: str = "class",
+    stale: tuple[str, ...] = (),
 ) -> list:
     """Generate and write images out/images/000000.png ... for indices 0..n-1; `images(indices, values)`
-    yields one image tensor per index. Image i belongs to process i % world (fixed by the index, not by
-    what exists when a process looks: the others may already be writing); reruns make only the missing
-    ones. Returns every path, after all processes have written theirs."""  # fmt: skip
-    paths = [Path(out) / "images" / f"{i:06d}.png" for i in range(n)]
-    todo = [i for i in range(n) if i % world == rank and (overwrite or not paths[i].exists())]
+    yields one image tensor per index. First the folder's plan (`settings`, and `values` named `condition`)
+    is checked by the first process while the others wait (`check_plan`; a refusal stops every process), and
+    each process records it (`record_plan`) before it writes its first image, once that image is made (so
+    that input found bad by the first batch leaves nothing behind). Image i belongs to process i % world
+    (fixed by the index, not by what exists when a process looks: the others may already be writing); reruns
+    of the same plan make only the missing ones. Returns every path, after all processes have written
+    theirs."""  # fmt: skip
+    out = Path(out)
+    plan, refusal = sample_plan(settings, condition, values[:n]), None
+    if rank == 0:
+        try:
+            check_plan(out, plan, overwrite, stale)
+        except UserError as exc:
+            refusal = str(exc)
+    if world > 1:
+        box = [refusal]
+        torch.distributed.broadcast_object_list(box, src=0)  # also the barrier: the folder has been checked
+        refusal = box[0]
+    if refusal is not None:
+        raise UserError(refusal)
+    paths = [out / "images" / f"{i:06d}.png" for i in range(n)]
+    todo = [i for i in range(n) if i % world == rank and not paths[i].exists()]
     bar = tqdm(total=len(todo), unit="img", desc=desc, disable=n < 2 or rank != 0)
     for start in range(0, len(todo), batch_size):
         idx = todo[start : start + batch_size]
-        for i, img in zip(idx, images(idx, values)):
+        made = images(idx, values)
+        if start == 0:
+            record_plan(out, plan)  # no image without its plan
+        for i, img in zip(idx, made):
             save_image(img, paths[i])
         bar.update(len(idx))
     bar.close()
     if world > 1:
         torch.distributed.barrier()  # every image is written before the first process reads them
     return paths
+
+
+# ----------------------------------------------------------------------------- the folder's plan
+def sample_plan(settings: dict, condition: str, values: list) -> dict:
+    """The plan of a sample folder: the `settings` that fix every image and each image's condition value
+    (`condition` names its kind: "prompt", "class"), as JSON stores it."""
+    plan = {"format": PLAN_FORMAT, "settings": settings, "condition": condition, "values": list(values)}
+    return json.loads(json.dumps(plan, default=str))
+
+
+def model_source(source) -> str | None:
+    """A model's source as a plan records it: an existing path made absolute (the same model from another
+    working folder is the same), a name or Hub id as given."""
+    if source is None:
+        return None
+    return os.path.abspath(source) if os.path.exists(source) else str(source)
+
+
+def record_plan(out: Path, plan: dict) -> None:
+    """out/plan.json, atomically (several processes may write the same plan at once)."""
+    atomic_write_json(Path(out) / PLAN_NAME, plan)
+
+
+def check_plan(out: Path, plan: dict, overwrite: bool, stale: tuple[str, ...] = ()) -> None:
+    """Whether `out` may take the images of `plan` (recorded by `record_plan` before the first of them):
+    - no image there, the same plan, or the same settings with the recorded values as the first of the new
+      ones: yes (the missing images are made);
+    - another plan, images but no plan, or an unreadable plan: a one-line UserError naming the folder and
+      what differs, unless `overwrite`, which removes every image of out/images and the files derived from
+      them (`stale`, names in `out`; *.png of a folder) now."""
+    out = Path(out)
+    file = out / PLAN_NAME
+    images = sorted(p for p in (out / "images").glob("*.png") if _IMAGE_NAME.match(p.name))
+    if overwrite:
+        for p in images:
+            p.unlink()
+        for name in stale:
+            target = out / name
+            if target.is_dir():
+                for f in target.glob("*.png"):
+                    f.unlink()
+            elif target.exists():
+                target.unlink()
+    else:
+        why = _differs(file, plan, len(images))
+        if why:
+            raise UserError(f"{out} holds images of another plan ({why}); use another output folder (-o) or "
+                            "--overwrite")  # fmt: skip
+
+
+def _differs(file: Path, plan: dict, images: int) -> str | None:
+    """Why the plan recorded in `file` (next to `images` numbered images) does not allow `plan`, or None."""
+    if not images:
+        return None  # nothing there to mix with
+    if not file.exists():
+        return f"{images} image(s) and no {PLAN_NAME}"
+    try:
+        old = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"{file} cannot be read: {type(exc).__name__}"
+    if not isinstance(old, dict) or old.get("format") != PLAN_FORMAT:
+        return f"{file} was written by an earlier version"
+    settings, new = old.get("settings") or {}, plan["settings"]
+    changed = [k for k in sorted({*settings, *new}) if settings.get(k) != new.get(k)]
+    if changed:
+        shown = ", ".join(f"{k} {_shown(settings.get(k))} -> {_shown(new.get(k))}" for k in changed[:4])
+        return shown + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+    before, now, what = old.get("values") or [], plan["values"], plan["condition"]
+    other = [i for i, (a, b) in enumerate(zip(before, now)) if a != b]
+    if other:
+        i = other[0]
+        return (f"{len(other)} image(s) of another {what}, first image {i}: {_shown(before[i])} -> "
+                f"{_shown(now[i])}")  # fmt: skip
+    if len(now) < len(before):
+        return f"{len(before)} images planned there, {len(now)} now"
+    return None
+
+
+def _shown(value, most: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= most else text[: most - 3] + "..."

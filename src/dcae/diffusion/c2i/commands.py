@@ -17,8 +17,18 @@ from dcae.utils.cliargs import (
     add_overwrite,
     add_seed,
     add_solver,
+    guidance_scale,
+    nonnegative_int,
+    number_type,
     positive_int,
+    time_interval,
+    with_checks,
+    workers_int,
 )
+from dcae.utils.numbers import ETA
+from dcae.utils.sizes import check_images_fit
+
+RELEASED_RESOLUTION = 512  # every released model of `dcae sample --model` makes ImageNet 512 x 512 images
 
 
 def _load_autoencoder(source: str):
@@ -93,7 +103,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from dcae.diffusion.cache import load_autoencoder
-    from dcae.diffusion.generation import ImageSampler, condition_values, write_samples
+    from dcae.diffusion.generation import ImageSampler, condition_values, model_source, write_samples
     from dcae.diffusion.processes.sampling import sample
     from dcae.diffusion.train.checkpoint import conditioning_of, load_checkpoint
     from dcae.diffusion.train.samples import default_solver
@@ -122,6 +132,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     rank, world, device = process_group_from_env(args.device)
     model, process, meta = load_checkpoint(args.ckpt, use_ema=not args.no_ema, device=device)
     lat, conditioning = meta["latents"], conditioning_of(meta)
+    check_sample_fits(args, lat.resolution)
     values = condition_values(conditioning, args.classes, args.n, lat)
     solver = default_solver(process, args.solver)
     source = args.autoencoder or lat.autoencoder
@@ -137,7 +148,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     scaling = lat.scaling_factor  # what the latents it learned were multiplied by, whatever --autoencoder says
     run = ImageSampler(latents, ae, scaling, shape, args.seed, device, args.dtype)
     out = Path(args.output)
-    paths = write_samples(run.images, values, out, args.n, args.batch_size, args.overwrite, rank, world)
+    plan = {"checkpoint": model_source(meta["path"]), "step": meta["step"], "ema": not args.no_ema,
+            "autoencoder": model_source(source), "solver": solver, "steps": args.steps, "cfg": args.cfg,
+            "guidance_interval": list(interval), "eta": args.eta, "seed": args.seed, "dtype": args.dtype,
+            "latent_shape": list(shape)}  # fmt: skip
+    paths = write_samples(run.images, values, out, args.n, args.batch_size, args.overwrite, rank, world,
+                          settings=plan, condition="class", stale=("grid.png", "samples.json", "fid.json"))  # fmt: skip
     if rank == 0:
         _sample_report(args, out, paths, values, meta, {"autoencoder": source, "solver": solver,
                                                          "guidance_interval": list(interval)}, device)  # fmt: skip
@@ -178,6 +194,26 @@ def _sample_report(args, out: Path, paths: list[Path], labels: list, meta: dict,
         atomic_write_json(out / "fid.json", {"fid": score, "num_samples": args.n, "reference": args.fid_ref})
 
 
+def _latents_fit(args: argparse.Namespace) -> None:
+    """A batch of crops (twice with --flip) fits in memory, or one line before any work."""
+    r, batch = args.resolution, args.batch_size * (2 if args.flip else 1)
+    what = f"--resolution {r} with --batch-size {args.batch_size}" + (" and --flip" if args.flip else "")
+    check_images_fit(r, r, batch, args.device, what, batch_option=None)
+
+
+def check_sample_fits(args: argparse.Namespace, resolution: int) -> None:
+    """A sampling batch of `resolution` x `resolution` images (at most -n) fits in memory, or one line. Run before
+    any work for the released models (512 px); with --ckpt the resolution is the checkpoint's: call this once
+    the checkpoint's record is read (lat.resolution), before sampling."""
+    batch = min(args.batch_size, args.n)
+    check_images_fit(resolution, resolution, batch, args.device, f"-n {args.n}")
+
+
+def _sample_fits(args: argparse.Namespace) -> None:
+    if args.model:
+        check_sample_fits(args, RELEASED_RESOLUTION)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from dcae.diffusion.solvers import SAMPLE_SOLVERS
 
@@ -185,18 +221,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="autoencoder: zoo name, Hub id, local folder or weight file")
     p.add_argument("--data", required=True, help="image folder (class subfolders, nXXXXXXXX_<name> files, or flat)")
     add_output(p, "output folder (shards + index.json); reruns resume")
-    p.add_argument("--resolution", type=int, default=512, help="ADM center-crop size (default 512)")
+    p.add_argument("--resolution", type=positive_int, default=512,
+                   help="ADM center-crop size (a multiple of the autoencoder's f)")  # fmt: skip
     p.add_argument("--flip", action="store_true", help="also store latents of the horizontally flipped crops")
     add_batch_size(p, 32, "images per encoder forward pass")
-    p.add_argument("--shard-size", type=positive_int, default=1024, help="latents per shard file (default 1024)")
+    p.add_argument("--shard-size", type=positive_int, default=1024, help="latents per shard file")
     p.add_argument("--labels", help="labels file: JSON {file: label} or lines '<file> <label>'")
     p.add_argument("--unconditional", action="store_true", help="store no labels")
-    p.add_argument("--workers", type=int, default=2, help="image decoding workers (default 2)")
+    p.add_argument("--workers", type=workers_int, default=2, help="image decoding workers (0: in this process)")
     add_device(p)
     add_dtype(p, "encoder compute")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder (GPU; pays off for big folders)")
     add_overwrite(p, "replace latents of a different earlier run")
-    p.set_defaults(func=cmd_latents)
+    p.set_defaults(func=with_checks(cmd_latents, _latents_fit))
 
     p = sub.add_parser(
         "sample",
@@ -211,10 +248,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="a released DC-AE ImageNet 512 model instead of --ckpt: name (see `dcae models`), Hub id or folder",
     )
     add_output(p, "output folder: images/, grid.png, samples.json")
-    p.add_argument("-n", type=positive_int, default=8, help="number of samples (default 8)")
+    p.add_argument("-n", type=positive_int, default=8, help="number of samples")
     p.add_argument("--classes", help="comma-separated class indices or names, used in turn (default: all evenly)")
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off; default 1.5, released: its own)")
-    p.add_argument("--guidance-interval", default="0,1", help="guide only for t in [lo,hi] (0 data, 1 noise)")
+    p.add_argument("--cfg", type=guidance_scale,
+                   help="classifier-free guidance scale, 0..100 (1 = off; default 1.5, released: its own)")  # fmt: skip
+    p.add_argument("--guidance-interval", type=time_interval, default="0,1",
+                   help="guide only for t in [LO,HI], 0 <= LO <= HI <= 1 (0 data, 1 noise)")  # fmt: skip
     p.add_argument(
         "--steps", type=positive_int, help="solver steps (default 50; released: its own, e.g. 250 DDPM steps)"
     )
@@ -226,14 +265,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "grid points)",
     )
     p.add_argument("--channels", type=positive_int, help="DC-AE 1.5 models: generate the first N latent channels only")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity")
+    p.add_argument("--eta", type=number_type(ETA, "eta", "DDIM's eta"), default=0.0,
+                   help="DDIM stochasticity, 0..1 (0: deterministic)")  # fmt: skip
     add_seed(p, "image i's noise is seeded by (seed, i)")
     add_batch_size(p, 16, "images per sampling batch")
-    p.add_argument("--grid", type=int, default=64, help="images in grid.png (0: none)")
+    p.add_argument("--grid", type=nonnegative_int, default=64, help="images in grid.png (0: none)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--autoencoder", help="override the autoencoder recorded in the checkpoint")
     p.add_argument("--fid-ref", help="reference statistics .npz (mu, sigma) or image folder: also report gFID")
     add_device(p)
     add_dtype(p, "diffusion model compute", fp16=False)
     add_overwrite(p, "regenerate images that exist")
-    p.set_defaults(func=cmd_sample)
+    p.set_defaults(func=with_checks(cmd_sample, _sample_fits))

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from dcae.data.buckets import assign_buckets
+from dcae.data.buckets import assign_buckets, bucket_table
 from dcae.data.captions import Captioned, CaptionList, list_captioned, read_captioned
 from dcae.data.sources import Skipped, nothing_readable, read_image, record_skip
 from dcae.diffusion import cache
@@ -90,6 +90,12 @@ def extract_text_latents(
     out = Path(out)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     f = autoencoder.spatial_compression
+    try:  # before any image is read: a resolution no bucket fits is the user's to change
+        bucket_table(resolution, f * patch_size)
+    except ValueError:
+        raise UserError(f"--resolution {resolution}: no resolution bucket of about {resolution}^2 pixels has sides "
+                        f"that are multiples of {f * patch_size} (the autoencoder's f{f} times the patch size "
+                        f"{patch_size}); use a resolution of at least {f * patch_size}") from None  # fmt: skip
     items = list_captioned(data)
     buckets = assign_buckets(_read_sizes(items, progress), resolution, f * patch_size)
     shards = _plan(items, buckets, shard_size)
@@ -107,6 +113,7 @@ def extract_text_latents(
         patch_size=patch_size,
         data=" ".join(str(d) for d in data) if isinstance(data, (list, tuple)) else str(data),
         skipped=[s.error for s in getattr(items, "skipped", [])][:100],
+        num_skipped=len(getattr(items, "skipped", [])),
     )
     # The plan: both models (where they load from, their weights and dtypes), the settings and every item.
     index.fingerprint = fingerprint = _fingerprint(

@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dcae.diffusion.t2i.sampling import add_sampling_options, check_model_source, generate_images
+from dcae.diffusion.t2i.sampling import add_sampling_options, check_model_source, check_size_fits, generate_images
 from dcae.errors import UserError
+from dcae.utils import numbers
 from dcae.utils.cliargs import (
     IntermixedParser,
     add_batch_size,
@@ -24,8 +25,13 @@ from dcae.utils.cliargs import (
     add_output,
     add_overwrite,
     add_solver,
+    flow_shift,
+    nonnegative_int,
+    number_type,
     positive_int,
+    with_checks,
 )
+from dcae.utils.sizes import check_images_fit
 
 
 # ----------------------------------------------------------------------------- dcae t2i cache
@@ -51,8 +57,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
         dtype=resolve_dtype(args.dtype), overwrite=args.overwrite,
     )  # fmt: skip
     c = index.conditioning
+    skipped = f", {index.skipped_count} input(s) skipped (listed in index.json)" if index.skipped_count else ""
     print(f"{index.num_images} captioned images in {len(index.buckets)} bucket(s) {index.buckets} latents, "
-          f"{c.max_tokens} x {c.caption_channels} text embeddings: {args.output}")  # fmt: skip
+          f"{c.max_tokens} x {c.caption_channels} text embeddings{skipped}: {args.output}")  # fmt: skip
     return 0
 
 
@@ -86,7 +93,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     n = len(prompts) * args.per_prompt
     values = [prompts[i // args.per_prompt] for i in range(n)]
     out = Path(args.output)
-    paths, settings, rank = generate_images(args, values, out)
+    paths, settings, rank = generate_images(args, values, out, stale=("grid.png", "samples.json"))
     if rank == 0:
         _report(args, out, paths, values, settings)
     return 0
@@ -117,6 +124,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- the parser
+def _cache_fits(args: argparse.Namespace) -> None:
+    """A batch of images at the bucket resolution (about R^2 pixels each) fits in memory, or one line now."""
+    r = args.resolution
+    check_images_fit(r, r, args.batch_size, args.device, f"--resolution {r}")
+
+
+def _sample_fits(args: argparse.Namespace) -> None:
+    check_size_fits(args, len(args.prompt) * args.per_prompt if args.prompt else None)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from dcae.diffusion.commands import cmd_train
     from dcae.diffusion.solvers import EXPORT_SOLVERS
@@ -129,16 +146,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--model", required=True, help="autoencoder: zoo name, Hub id, local folder or weight file")
     c.add_argument("--text-encoder", required=True, help="Hub id or folder (Gemma-2, T5, Qwen2, CLIP, BERT-like)")
     add_output(c, "output folder; reruns resume")
-    c.add_argument("--resolution", type=int, default=512, help="bucket base resolution (about R^2 pixels)")
-    c.add_argument("--patch-size", type=int, default=1, help="the network's patch size (bucket sizes divide by f*p)")
-    c.add_argument("--max-tokens", type=positive_int, help="tokens per prompt (default 300, as SANA; CLIP: 77)")
+    c.add_argument("--resolution", type=positive_int, default=512,
+                   help="bucket base resolution R: every image is resized (up or down) to a bucket of about R^2 "
+                   "pixels")  # fmt: skip
+    c.add_argument("--patch-size", type=number_type(numbers.PATCH_SIZE, "patch_size", "patch sizes"), default=1,
+                   help="the network's patch size (bucket sizes divide by f*p)")  # fmt: skip
+    c.add_argument("--max-tokens", type=number_type(numbers.TOKENS, "tokens", "tokens per prompt"),
+                   help="tokens per prompt (default 300, as SANA; CLIP: 77)")  # fmt: skip
     add_batch_size(c, 16, "images (and their captions) per encoding batch")
-    c.add_argument("--shard-size", type=positive_int, default=1024, help="latents per shard file (default 1024)")
+    c.add_argument("--shard-size", type=positive_int, default=1024, help="latents per shard file")
     add_device(c)
     add_dtype(c, "autoencoder")
     add_dtype(c, "text encoder", flag="--text-dtype")
     add_overwrite(c, "replace a cache of another plan")
-    c.set_defaults(func=cmd_cache)
+    c.set_defaults(func=with_checks(cmd_cache, _cache_fits))
 
     t = tsub.add_parser("train", help="train a SANA-style model on a `dcae t2i cache` folder (resumes)",
                         description="dcae t2i train CONFIG.yaml [key=value ...]: the diffusion trainer on text "
@@ -146,15 +167,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.__class__ = IntermixedParser
     t.add_argument("config", nargs="?", help="YAML config")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=2e-4 max_steps=1000")
-    t.add_argument("--print-config", action="store_true")
-    t.add_argument("--quiet", action="store_true")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
     e = tsub.add_parser("export", help="a diffusers SANA pipeline folder from a text-to-image run of ours")
     e.add_argument("--ckpt", required=True, help="run folder or checkpoint")
     add_output(e, "the pipeline folder")
     add_solver(e, EXPORT_SOLVERS, default="euler", what="its scheduler")
-    e.add_argument("--shift", type=float, default=1.0, help="the scheduler's flow shift")
+    e.add_argument("--shift", type=flow_shift, default=1.0, help="the scheduler's flow shift (> 0; 1: none)")
     e.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
     add_overwrite(e, "replace an existing pipeline folder")
     e.set_defaults(func=cmd_export)
@@ -163,10 +184,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     s.add_argument("--prompts", help="a file with one prompt per line")
     add_output(s, "output folder: images/, grid.png, samples.json")
-    s.add_argument("--per-prompt", type=positive_int, default=1, help="images per prompt (default 1)")
-    s.add_argument("--grid", type=int, default=16, help="images in grid.png (0: none)")
+    s.add_argument("--per-prompt", type=positive_int, default=1, help="images per prompt")
+    s.add_argument("--grid", type=nonnegative_int, default=16, help="images in grid.png (0: none)")
     add_sampling_options(s)
-    s.set_defaults(func=cmd_sample)
+    s.set_defaults(func=with_checks(cmd_sample, _sample_fits))
 
     from dcae.diffusion.t2i.eval import add_eval_parser
 

@@ -4,8 +4,10 @@
         --fid-ref MJHQ-30K/mjhq_stats.npz -o eval/
 
 Prompts: MJHQ's `meta_data.json` ({id: {"prompt": ..., "category": ...}}, ids sorted) or a text file (one
-prompt per line, category "all"). Images go to OUT/images/%06d.png before any metric is computed; a rerun
-makes only the missing ones. Writes OUT/results.json, OUT/results.md and OUT/grids/<category>.png.
+prompt per line, category "all"). Images go to OUT/images/%06d.png before any metric is computed, under the
+folder's plan (dcae.diffusion.generation: OUT/plan.json): a rerun with the same prompts and settings makes
+only the missing ones, one with others is refused unless --overwrite. Writes OUT/results.json,
+OUT/results.md and OUT/grids/<category>.png.
 """
 
 from __future__ import annotations
@@ -65,29 +67,6 @@ def _grid_name(category: str) -> str:
     return re.sub(r"[^\w.-]+", "_", category).strip("._") or "category"
 
 
-def _plan(args: argparse.Namespace, items: list[dict]) -> dict:
-    """What fixes the images: a rerun with another plan would mix images of two runs."""
-    keys = ("ckpt", "model", "cfg", "steps", "solver", "shift", "size", "seed", "text_encoder", "autoencoder",
-            "no_ema", "dtype")  # fmt: skip
-    return {"sampling": {k: getattr(args, k) for k in keys}, "prompts": [[i["id"], i["prompt"]] for i in items]}
-
-
-def _check_plan(out: Path, plan: dict, overwrite: bool) -> None:
-    from dcae.utils.io import atomic_write_json
-
-    file = out / "plan.json"
-    if file.is_file() and not overwrite:
-        try:
-            old = json.loads(file.read_text())
-        except (OSError, json.JSONDecodeError):
-            old = None
-        if old != json.loads(json.dumps(plan)):
-            raise UserError(f"{out} holds images of other prompts or sampling settings ({file}); "
-                            "use another output folder or --overwrite")  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(file, plan)
-
-
 def clip_scores(source: str, paths: list[Path], items: list[dict], device, batch_size: int):
     """Per-image CLIP scores of the written images and the accumulator (overall and per-category means)."""
     from dcae.data.images import load_image_uint8
@@ -116,8 +95,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.fid_ref:
         check_input(args.fid_ref, "--fid-ref")
     clip_folder = _folder(args.clip)  # fails now (one line), not after the images: a Hub id offline, a bad folder
-    _check_plan(out, _plan(args, items), args.overwrite)
-    paths, settings, rank = generate_images(args, [i["prompt"] for i in items], out)
+    derived = ("results.json", "results.md", "grids")  # removed with the images by --overwrite
+    paths, settings, rank = generate_images(args, [i["prompt"] for i in items], out, stale=derived)
     if rank != 0:
         return 0
     device = resolve_device(args.device)
@@ -182,17 +161,28 @@ def _markdown(results: dict, categories: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _eval_fits(args: argparse.Namespace) -> None:
+    """--size with --batch-size, and --fid-resolution, fit in memory, or one line before any work."""
+    from dcae.diffusion.t2i.sampling import check_size_fits
+    from dcae.utils.sizes import check_images_fit
+
+    check_size_fits(args, args.limit)
+    r = args.fid_resolution
+    check_images_fit(r, r, 1, args.device, f"--fid-resolution {r}")
+
+
 def add_eval_parser(tsub: argparse._SubParsersAction) -> None:
     from dcae.diffusion.t2i.sampling import add_sampling_options
-    from dcae.utils.cliargs import add_output, positive_int
+    from dcae.utils.cliargs import add_output, positive_int, seed_int, with_checks
 
     v = tsub.add_parser("eval", help="generate images for a prompt set (MJHQ), then CLIP score per category and FID")
     v.add_argument("--prompts", required=True, help="MJHQ meta_data.json or a text file (one prompt per line)")
     add_output(v, "output folder: images/, results.json, results.md, grids/; reruns resume")
     v.add_argument("--limit", type=positive_int, help="a random subset of this many prompts (default: all)")
-    v.add_argument("--subset-seed", type=int, default=0, help="seed of the --limit subset (same seed, same subset)")
+    v.add_argument("--subset-seed", type=seed_int, default=0,
+                   help="seed of the --limit subset (same seed, same subset)")  # fmt: skip
     v.add_argument("--clip", default="openai/clip-vit-large-patch14", help="CLIP model: Hub id or folder")
     v.add_argument("--fid-ref", help="FID reference: .npz statistics (mu, sigma) or an image folder")
-    v.add_argument("--fid-resolution", type=int, default=512, help="ADM center crop of a reference folder")
+    v.add_argument("--fid-resolution", type=positive_int, default=512, help="ADM center crop of a reference folder")
     add_sampling_options(v)
-    v.set_defaults(func=cmd_eval)
+    v.set_defaults(func=with_checks(cmd_eval, _eval_fits))

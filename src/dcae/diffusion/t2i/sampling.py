@@ -8,7 +8,20 @@ import argparse
 from pathlib import Path
 
 from dcae.errors import UserError
-from dcae.utils.cliargs import add_batch_size, add_device, add_dtype, add_overwrite, add_seed, add_solver, positive_int
+from dcae.utils.cliargs import (
+    add_batch_size,
+    add_device,
+    add_dtype,
+    add_overwrite,
+    add_seed,
+    add_solver,
+    flow_shift,
+    guidance_scale,
+    image_size,
+    positive_int,
+    size_of,
+)
+from dcae.utils.sizes import check_images_fit
 
 
 def check_model_source(args: argparse.Namespace) -> None:
@@ -20,12 +33,16 @@ def check_model_source(args: argparse.Namespace) -> None:
     check_input(args.ckpt or args.model, "--ckpt" if args.ckpt else "--model", must_exist=bool(args.ckpt))
 
 
-def generate_images(args: argparse.Namespace, values: list[str], out: Path) -> tuple[list[Path], dict, int]:
-    """Image i of prompt values[i] -> out/images/%06d.png, the missing ones only (unless --overwrite), split
-    across processes. Returns every path, the settings and this process's rank."""
+def generate_images(
+    args: argparse.Namespace, values: list[str], out: Path, stale: tuple[str, ...] = ()
+) -> tuple[list[Path], dict, int]:
+    """Image i of prompt values[i] -> out/images/%06d.png under the folder's plan (dcae.diffusion.generation:
+    the same plan makes the missing ones only, another is refused unless --overwrite, which also removes the
+    files `stale` derived from the images), split across processes. Returns every path, the settings and
+    this process's rank."""
     import torch
 
-    from dcae.diffusion.generation import ImageSampler, write_samples
+    from dcae.diffusion.generation import ImageSampler, model_source, write_samples
     from dcae.diffusion.processes.sampling import sample
     from dcae.utils.devices import process_group_from_env
 
@@ -34,15 +51,23 @@ def generate_images(args: argparse.Namespace, values: list[str], out: Path) -> t
     size = _latent_size(args.size, m["resolution"], m["compression"], m["patch"])
     shape = (m["model"].in_channels, *size)
 
+    shift = args.shift if args.shift is not None else m["shift"]
+
     def latents(noise, batch_prompts: list[str], seeds: list[int], generators):
         cond = m["encoder"].encode(batch_prompts).float().to(device)
         return sample(m["model"], m["process"], noise, cond, steps=args.steps, solver=m["solver"],
-                      cfg_scale=args.cfg, shift=args.shift if args.shift is not None else m["shift"],
+                      cfg_scale=args.cfg, shift=shift,
                       generator=torch.Generator(device).manual_seed(seeds[0]))  # fmt: skip
 
+    settings = {**m["settings"], "shift": shift, "latent_shape": list(shape)}
+    plan = {**settings, "autoencoder": model_source(m["autoencoder_source"]), "dtype": args.dtype}
+    for key in ("checkpoint", "model"):
+        if key in plan:
+            plan[key] = model_source(plan[key])
     run = ImageSampler(latents, m["autoencoder"], m["scaling"], shape, args.seed, device, args.dtype)
-    paths = write_samples(run.images, values, out, len(values), args.batch_size, args.overwrite, rank, world)
-    return paths, {**m["settings"], "latent_shape": list(shape)}, rank
+    paths = write_samples(run.images, values, out, len(values), args.batch_size, args.overwrite, rank, world,
+                          settings=plan, condition="prompt", stale=stale)  # fmt: skip
+    return paths, settings, rank
 
 
 def _load_for_sampling(args, device) -> dict:
@@ -58,7 +83,7 @@ def _load_for_sampling(args, device) -> dict:
         p = load_pipeline(args.model, device=device)
 
         model, encoder, ae, scaling = p.transformer.to(device).eval(), p.text_encoder, p.autoencoder, p.scaling_factor
-        settings = {"model": str(args.model)}
+        settings, ae_source = {"model": str(args.model)}, None  # the pipeline's own vae
         process, shift, resolution = FlowMatching(), p.shift, p.resolution
         defaults = {"solver": p.solver, "steps": p.steps, "cfg": p.guidance_scale}
     else:
@@ -72,6 +97,7 @@ def _load_for_sampling(args, device) -> dict:
             raise UserError(f"text encoder {source} gives {encoder.width}-wide tokens; the model takes "
                             f"{conditioning.caption_channels} ({lat.text_encoder})")  # fmt: skip
         ae = load_autoencoder(lat, args.autoencoder)
+        ae_source = args.autoencoder or lat.autoencoder
         scaling, shift, resolution = lat.scaling_factor, 1.0, lat.resolution
         if args.autoencoder and abs(ae.scaling_factor - scaling) > 1e-6 * scaling:
             raise UserError(f"--autoencoder {args.autoencoder} has scaling factor {ae.scaling_factor:g}; the model "
@@ -87,7 +113,8 @@ def _load_for_sampling(args, device) -> dict:
                  "seed": args.seed, "scaling_factor": scaling}  # fmt: skip
     return {"model": model, "process": process, "encoder": encoder, "autoencoder": ae.to(device).eval(),
             "scaling": scaling, "shift": shift, "solver": solver, "settings": settings, "resolution": resolution,
-            "compression": ae.spatial_compression, "patch": int(model.config.get("patch_size", 1))}  # fmt: skip
+            "compression": ae.spatial_compression, "patch": int(model.config.get("patch_size", 1)),
+            "autoencoder_source": ae_source}  # fmt: skip
 
 
 def _latent_size(text: str | None, resolution: int | None, compression: int, patch: int) -> tuple[int, int]:
@@ -106,17 +133,32 @@ def _latent_size(text: str | None, resolution: int | None, compression: int, pat
     return h // compression, w // compression
 
 
+def check_size_fits(args: argparse.Namespace, images: int | None = None) -> None:
+    """--size with --batch-size (at most `images`, the number asked for, when known) fits in memory, or one line
+    before any work (dcae.utils.sizes). Without --size the model's training resolution is used: not checked."""
+    if not args.size:
+        return
+    h, w = size_of(args.size)
+    batch = min(args.batch_size, images or args.batch_size)
+    check_images_fit(h, w, batch, args.device, f"--size {args.size}")
+
+
 def add_sampling_options(s: argparse.ArgumentParser) -> None:
     """The model and sampling options of `dcae t2i sample` (also those of `dcae t2i eval`)."""
     from dcae.diffusion.solvers import FLOW_MODEL_SOLVERS
 
     s.add_argument("--ckpt", help="our text-to-image run folder or checkpoint")
     s.add_argument("--model", help="a diffusers SANA pipeline: folder or Hub id")
-    s.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the pipeline's, else 4.5)")
+    s.add_argument(
+        "--cfg",
+        type=guidance_scale,
+        help="classifier-free guidance scale 0..100, 1: off (default: the pipeline's, else 4.5)",
+    )
     s.add_argument("--steps", type=positive_int, help="solver steps (default: the pipeline's, else 20)")
     add_solver(s, FLOW_MODEL_SOLVERS, what="auto: the pipeline's, else euler")
-    s.add_argument("--shift", type=float, help="flow shift of the time grid (default: the model's)")
-    s.add_argument("--size", help="HEIGHTxWIDTH in pixels (default: the training resolution, square)")
+    s.add_argument("--shift", type=flow_shift, help="flow shift of the time grid, > 0 (default: the model's)")
+    s.add_argument("--size", type=image_size,
+                   help="HEIGHTxWIDTH in pixels (default: the training resolution, square)")  # fmt: skip
     add_seed(s, "image i's noise is seeded by (seed, i)")
     add_batch_size(s, 4, "images per batch")
     s.add_argument("--text-encoder", help="override the text encoder the checkpoint records")

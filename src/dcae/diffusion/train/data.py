@@ -55,10 +55,9 @@ def _check_untrained(ds: CacheDataset, batch_size: int, world: int, say: bool) -
     bucket fills a batch; one warning line (`say`: on the main process) naming the buckets too small for a
     batch, whose images are never trained; one line when the remainders of the others leave out a large share
     each epoch."""
-    untrained = getattr(ds, "untrained", None)
-    if untrained is None:
+    per = ds.untrained(batch_size)
+    if not per:
         return
-    per = untrained(batch_size)
     total = sum(n for n, _ in per.values())
     small = {b: n for b, (n, _) in per.items() if n < batch_size}
     shown = ", ".join(f"{h}x{w} ({n})" for (h, w), n in small.items())
