@@ -48,13 +48,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="train a DiT / U-ViT on a latent folder (resumes automatically)",
         description="dcae diffusion train CONFIG.yaml [key=value ...] [--quiet] (options and overrides in any order)",
     )
+    add_train_arguments(t, "YAML config (see configs/diffusion_*.yaml)")
+    p.set_defaults(func=lambda args: p.print_help() or 2)
+
+
+def add_train_arguments(t: argparse.ArgumentParser, config_help: str) -> None:
+    """The arguments of the diffusion trainer's commands (`dcae diffusion train`, `dcae t2i train`)."""
     t.__class__ = IntermixedParser
-    t.add_argument("config", nargs="?", help="YAML config (see configs/diffusion_*.yaml)")
+    t.add_argument("config", nargs="?", help=config_help)
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=2e-4 max_steps=1000")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
-    p.set_defaults(func=lambda args: p.print_help() or 2)
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:

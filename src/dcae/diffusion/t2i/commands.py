@@ -18,7 +18,6 @@ from dcae.diffusion.t2i.sampling import add_sampling_options, check_model_source
 from dcae.errors import UserError
 from dcae.utils import numbers
 from dcae.utils.cliargs import (
-    IntermixedParser,
     add_batch_size,
     add_device,
     add_dtype,
@@ -135,7 +134,7 @@ def _sample_fits(args: argparse.Namespace) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from dcae.diffusion.commands import cmd_train
+    from dcae.diffusion.commands import add_train_arguments
     from dcae.diffusion.solvers import EXPORT_SOLVERS
 
     p = sub.add_parser("t2i", help="text-to-image on DC-AE latents: cache, train, sample (SANA-style)")
@@ -164,12 +163,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = tsub.add_parser("train", help="train a SANA-style model on a `dcae t2i cache` folder (resumes)",
                         description="dcae t2i train CONFIG.yaml [key=value ...]: the diffusion trainer on text "
                         "latents (see configs/t2i_tiny.yaml)")  # fmt: skip
-    t.__class__ = IntermixedParser
-    t.add_argument("config", nargs="?", help="YAML config")
-    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=2e-4 max_steps=1000")
-    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
-    t.set_defaults(func=cmd_train)
+    add_train_arguments(t, "YAML config")
 
     e = tsub.add_parser("export", help="a diffusers SANA pipeline folder from a text-to-image run of ours")
     e.add_argument("--ckpt", required=True, help="run folder or checkpoint")
