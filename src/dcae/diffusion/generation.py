@@ -42,15 +42,20 @@ def condition_values(conditioning: Conditioning, text: str | None, n: int, meta:
 
 class ImageSampler:
     """Decoded samples for given image indices. Image i's noise comes from a generator seeded by
-    seed * 1_000_003 + i, so the batch size, the number of processes and reruns that fill in missing images do
-    not change image i. `latents(noise, values, seeds, generators)` generates the batch's (scaled) latents."""
+    seed * 1_000_003 + i (`seed_of(seed, i)` where given: a diffusers pipeline's images are seeded seed + i), so
+    the batch size, the number of processes and reruns that fill in missing images do not change image i.
+    `latents(noise, values, seeds, generators)` generates the batch's (scaled) latents; `finish(images)`, where
+    given, changes the decoded images (e.g. SanaPipeline's resize and crop back from its resolution bin)."""
 
-    def __init__(self, latents, autoencoder, scaling_factor: float, shape: tuple, seed: int, device, dtype: str):
+    def __init__(self, latents, autoencoder, scaling_factor: float, shape: tuple, seed: int, device, dtype: str,
+                 seed_of=None, finish=None):  # fmt: skip
         self.latents, self.ae, self.scaling, self.shape = latents, autoencoder, scaling_factor, shape
         self.seed, self.device, self.dtype = seed, device, dtype
+        self.seed_of = seed_of or (lambda seed, i: seed * 1_000_003 + i)
+        self.finish = finish
 
     def images(self, idx: list[int], values: list) -> torch.Tensor:
-        seeds = [self.seed * 1_000_003 + i for i in idx]
+        seeds = [self.seed_of(self.seed, i) for i in idx]
         gens = [torch.Generator().manual_seed(s) for s in seeds]
         noise = torch.stack([torch.randn(self.shape, generator=g) for g in gens]).to(self.device)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == "bf16")
@@ -59,7 +64,8 @@ class ImageSampler:
         if not torch.isfinite(z).all():
             raise NonFiniteError("sampling produced NaN/Inf latents")
         with torch.no_grad():
-            return decode_scaled(self.ae, z, self.scaling)
+            images = decode_scaled(self.ae, z, self.scaling)
+        return self.finish(images) if self.finish is not None else images
 
 
 def compute_gfid(images, reference: str, device, resolution: int | None = None, batch_size: int = 32) -> float:

@@ -66,6 +66,10 @@ class SanaPipelineModels:
     guidance_scale: float
     resolution: int | None  # the training resolution (ours), else transformer sample_size x the vae's compression
     source: str
+    scheduler_config: dict = dataclasses.field(default_factory=dict)  # scheduler/scheduler_config.json
+    scheduler_path: Path | None = None
+    exported: bool = False  # written by `dcae t2i export` (model_index.json's _dcae record)
+    instruction: bool = False  # the complex human instruction is prepended to prompts
 
 
 # ----------------------------------------------------------------------------- export
@@ -200,7 +204,7 @@ def _read_json(path: Path, what: str) -> dict:
     return data
 
 
-def _scheduler_settings(folder: Path) -> tuple[str, float]:
+def _scheduler_settings(folder: Path) -> tuple[str, float, dict]:
     path = folder / "scheduler" / "scheduler_config.json"
     config = _read_json(path, "scheduler_config.json")
     name = config.get("_class_name")
@@ -211,11 +215,12 @@ def _scheduler_settings(folder: Path) -> tuple[str, float]:
                                                       config.get("prediction_type") == "flow_prediction"):  # fmt: skip
         raise UserError(f"{path}: a DPMSolverMultistepScheduler without flow sigmas is not a flow-matching sampler")
     if config.get("use_dynamic_shifting"):
-        raise UserError(f"{path}: dynamic (resolution-dependent) shifting is not supported; SanaPipeline has no mu")
+        raise UserError(f"{path}: use_dynamic_shifting needs a mu, which SanaPipeline never passes (diffusers "
+                        "fails on it too); set it false")  # fmt: skip
     shift = config.get(key, 1.0)
     if isinstance(shift, bool) or not isinstance(shift, int | float) or shift <= 0:
         raise UserError(f"{path}: {key} = {shift!r}, expected a positive number")
-    return solver, float(shift)
+    return solver, float(shift), config
 
 
 def load_pipeline(source: str | Path, *, device: str | torch.device = "cpu", dtype: str = "fp32",
@@ -236,7 +241,7 @@ def load_pipeline(source: str | Path, *, device: str | torch.device = "cpu", dty
     if missing:
         raise UserError(f"{folder}: incomplete SANA pipeline, missing {' and '.join(missing)}")
     record = index.get("_dcae") if isinstance(index.get("_dcae"), dict) else {}
-    solver, shift = _scheduler_settings(folder)
+    solver, shift, scheduler_config = _scheduler_settings(folder)
     family = FAMILIES.get(_model_type(folder / "text_encoder"))
     gemma = family is not None and family.name == "gemma"
     max_tokens = record.get("max_tokens") or (SANA_MAX_TOKENS if gemma else None)
@@ -262,5 +267,7 @@ def load_pipeline(source: str | Path, *, device: str | torch.device = "cpu", dty
         scaling_factor=float(autoencoder.scaling_factor), shift=shift, solver=solver,
         steps=int(record.get("steps") or SANA_STEPS),
         guidance_scale=float(record.get("guidance_scale") or SANA_GUIDANCE),
-        resolution=int(resolution), source=str(source),
+        resolution=int(resolution), source=str(source), scheduler_config=scheduler_config,
+        scheduler_path=folder / "scheduler" / "scheduler_config.json", exported=bool(record),
+        instruction=bool(instruction),
     )  # fmt: skip

@@ -48,6 +48,8 @@ def generate_images(
 
     rank, world, device = process_group_from_env(args.device)
     m = _load_for_sampling(args, device)
+    if m["pipeline"] is not None:
+        return _generate_as_pipeline(args, m, values, out, stale, rank, world, device)
     size = _latent_size(args.size, m["resolution"], m["compression"], m["patch"])
     shape = (m["model"].in_channels, *size)
 
@@ -70,6 +72,46 @@ def generate_images(
     return paths, settings, rank
 
 
+def _generate_as_pipeline(args, m: dict, values: list[str], out: Path, stale, rank: int, world: int, device):
+    """A released SANA pipeline sampled as SanaPipeline.__call__ does (dcae.diffusion.t2i.sana_call): its own
+    scheduler, resolution binning, image i seeded seed + i."""
+    from dcae.diffusion.generation import ImageSampler, model_source, write_samples
+    from dcae.diffusion.t2i.sana_call import binned_size, make_scheduler, resize_and_crop, sample_as_pipeline
+
+    p = m["pipeline"]
+    binning = not args.no_resolution_binning
+    if args.size:
+        height, width = size_of(args.size)
+    else:
+        height = width = int(m["resolution"])
+    if binning:
+        gen_h, gen_w = binned_size(m["model"].sample_size, height, width)
+    else:
+        gen_h, gen_w = height, width
+        _latent_size(f"{height}x{width}", None, m["compression"], m["patch"])
+    f = m["compression"]
+    shape = (m["model"].in_channels, gen_h // f, gen_w // f)
+    make_scheduler(p.scheduler_config, p.scheduler_path, args.shift)  # an unsupported one: one line, before any work
+
+    def latents(noise, batch_prompts: list[str], seeds: list[int], generators):
+        text = m["encoder"].encode(batch_prompts)
+        scheduler = make_scheduler(p.scheduler_config, p.scheduler_path, args.shift)
+        return sample_as_pipeline(m["model"], scheduler, noise, text, args.steps, args.cfg)
+
+    def finish(images):
+        return resize_and_crop(images, height, width) if (gen_h, gen_w) != (height, width) else images
+
+    settings = {**m["settings"], "solver": p.scheduler_config.get("_class_name"), "shift": args.shift,
+                "resolution_binning": binning, "instruction": p.instruction, "size": [height, width],
+                "latent_shape": list(shape)}  # fmt: skip
+    plan = {**settings, "model": model_source(settings["model"]), "autoencoder": None, "dtype": args.dtype}
+    run = ImageSampler(latents, m["autoencoder"], m["scaling"], shape, args.seed, device, args.dtype,
+                       seed_of=lambda seed, i: seed + i, finish=finish)  # fmt: skip
+    paths = write_samples(run.images, values, out, len(values), args.batch_size, args.overwrite, rank, world,
+                          settings=plan, condition="prompt", stale=stale)  # fmt: skip
+    return paths, settings, rank
+
+
 def _load_for_sampling(args, device) -> dict:
     """Network, process, text encoder, autoencoder and settings from one of our checkpoints or a pipeline."""
     from dcae.diffusion.cache import load_autoencoder
@@ -80,12 +122,13 @@ def _load_for_sampling(args, device) -> dict:
         from dcae.diffusion.processes.flow import FlowMatching
         from dcae.diffusion.t2i.pipeline import load_pipeline
 
-        p = load_pipeline(args.model, device=device)
+        p = load_pipeline(args.model, device=device, instruction=False if args.no_instruction else None)
 
         model, encoder, ae, scaling = p.transformer.to(device).eval(), p.text_encoder, p.autoencoder, p.scaling_factor
         settings, ae_source = {"model": str(args.model)}, None  # the pipeline's own vae
         process, shift, resolution = FlowMatching(), p.shift, p.resolution
         defaults = {"solver": p.solver, "steps": p.steps, "cfg": p.guidance_scale}
+        pipeline = p if not p.exported and args.solver == "auto" else None  # sampled as SanaPipeline does
     else:
         model, process, meta = load_checkpoint(args.ckpt, use_ema=not args.no_ema, device=device)
         conditioning, lat = conditioning_of(meta), meta["latents"]
@@ -104,6 +147,7 @@ def _load_for_sampling(args, device) -> dict:
                             f"was trained on latents scaled by {scaling:g} ({lat.autoencoder})")  # fmt: skip
         settings = {"checkpoint": meta["path"], "step": meta["step"], "ema": not args.no_ema}
         defaults = {"solver": "euler", "steps": 20, "cfg": 4.5}
+        pipeline = None
     if ae.latent_channels != model.in_channels:
         raise UserError(f"the autoencoder has {ae.latent_channels} latent channels, the model {model.in_channels}")
     solver = args.solver if args.solver != "auto" else defaults["solver"]
@@ -114,7 +158,7 @@ def _load_for_sampling(args, device) -> dict:
     return {"model": model, "process": process, "encoder": encoder, "autoencoder": ae.to(device).eval(),
             "scaling": scaling, "shift": shift, "solver": solver, "settings": settings, "resolution": resolution,
             "compression": ae.spatial_compression, "patch": int(model.config.get("patch_size", 1)),
-            "autoencoder_source": ae_source}  # fmt: skip
+            "autoencoder_source": ae_source, "pipeline": pipeline}  # fmt: skip
 
 
 def _latent_size(text: str | None, resolution: int | None, compression: int, patch: int) -> tuple[int, int]:
@@ -159,7 +203,14 @@ def add_sampling_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--shift", type=flow_shift, help="flow shift of the time grid, > 0 (default: the model's)")
     s.add_argument("--size", type=image_size,
                    help="HEIGHTxWIDTH in pixels (default: the training resolution, square)")  # fmt: skip
-    add_seed(s, "image i's noise is seeded by (seed, i)")
+    add_seed(s, "image i's noise is seeded by (seed, i); a released pipeline's image i: as diffusers with seed + i")
+    s.add_argument(
+        "--no-resolution-binning",
+        action="store_true",
+        help="a released pipeline: generate at --size itself, not at the nearest of SANA's bins",
+    )
+    s.add_argument("--no-instruction", action="store_true",
+                   help="a Gemma pipeline: no complex human instruction before the prompts")  # fmt: skip
     add_batch_size(s, 4, "images per batch")
     s.add_argument("--text-encoder", help="override the text encoder the checkpoint records")
     s.add_argument("--autoencoder", help="override the autoencoder the checkpoint records")
