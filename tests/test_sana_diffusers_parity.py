@@ -164,3 +164,16 @@ def test_dynamic_shifting_is_one_line(pipes, tmp_path, capsys):
     assert main(["t2i", "sample", "--model", str(folder), "--prompt", PROMPT, "-o", str(tmp_path / "o")]) != 0
     err = capsys.readouterr().err.strip()
     assert "needs a mu" in err and len(err.splitlines()) == 1
+
+
+def test_sana_sprint_is_refused_by_name(pipes, tmp_path, capsys):
+    import json
+    import shutil
+
+    folder = tmp_path / "sprint"
+    shutil.copytree(pipes["euler"][0], folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps(index | {"_class_name": "SanaSprintPipeline"}))
+    assert main(["t2i", "sample", "--model", str(folder), "--prompt", PROMPT, "-o", str(tmp_path / "o")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "SanaSprintPipeline is not supported" in err and len(err.splitlines()) == 1

@@ -17,6 +17,10 @@ as an uncased tokenizer does anyway); or pass `prompt_embeds` etc. from our `Tex
 be multiples of 32. Time grids: our `sample(..., steps=N, shift=s)` uses sigmas linspace(1, 0, N + 1) shifted;
 diffusers' FlowMatchEulerDiscreteScheduler by default stops at sigma 1/1000 before 0, so pass
 `sigmas=numpy.linspace(1, 0, N + 1)[:-1]` (the scheduler shifts them) to get our grid exactly.
+
+A pipeline not exported by dcae (no `_dcae` record) is sampled by `dcae t2i sample --model` as SanaPipeline.__call__
+samples it (dcae.diffusion.t2i.sana_call: its own scheduler, binning, seeding); only `SanaPipeline` folders load
+(SANA-Sprint's SanaSprintPipeline is refused by name).
 """
 
 from __future__ import annotations
@@ -237,6 +241,8 @@ def load_pipeline(source: str | Path, *, device: str | torch.device = "cpu", dty
     name = index.get("_class_name")
     if not str(name).startswith("Sana"):
         raise UserError(f"{folder}: model_index.json describes a {name}, not a SANA pipeline")
+    if name != "SanaPipeline":  # SanaSprintPipeline (SCMScheduler, TrigFlow, guidance embedding), SanaPAG, ...
+        raise UserError(f"{folder}: a {name} is not supported; dcae samples SanaPipeline folders")
     missing = [f"{c}/" for c in COMPONENTS if not (folder / c).is_dir() or not any((folder / c).iterdir())]
     if missing:
         raise UserError(f"{folder}: incomplete SANA pipeline, missing {' and '.join(missing)}")
