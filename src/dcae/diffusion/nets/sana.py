@@ -18,9 +18,9 @@ same x_t = (1 - sigma) x0 + sigma noise and steps along the same v. So t = sigma
 `model(x, t * 1000, cond) == SanaTransformer2DModel(x, timestep=t * 1000 * timestep_scale, ...)`: this module
 applies `timestep_scale` itself (1.0 in every released SANA; SANA-Sprint's teacher uses another).
 
-Every option of diffusers' config is honoured or refused by name: SANA-Sprint's guidance embedding
-(`guidance_embeds`), q/k norms other than SANA 1.5's `rms_norm_across_heads`, and a `cross_attention_dim` other
-than the width (which diffusers' own model cannot run either).
+Every option of diffusers' config is honoured (SANA-Sprint's guidance embedding, `guidance_embeds`:
+`model(x, t, cond, guidance=...)`) or refused by name: q/k norms other than SANA 1.5's `rms_norm_across_heads`,
+and a `cross_attention_dim` other than the width (which diffusers' own model cannot run either).
 """
 
 from __future__ import annotations
@@ -189,6 +189,22 @@ class AdaLNSingle(nn.Module):
         return self.linear(F.silu(emb)), emb
 
 
+class GuidanceTimeEmbed(nn.Module):
+    """SANA-Sprint's time embedding (diffusers' SanaCombinedTimestepGuidanceEmbeddings): the timestep's and the
+    guidance scale's sinusoidal embeddings, each through its MLP, summed; then as adaLN-single."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.timestep_embedder = TimestepMLP(dim)
+        self.guidance_embedder = TimestepMLP(dim)
+        self.linear = nn.Linear(dim, 6 * dim)
+
+    def forward(self, t: torch.Tensor, dtype: torch.dtype, guidance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = self.timestep_embedder(timestep_embedding(t, 256).to(dtype))
+        emb = emb + self.guidance_embedder(timestep_embedding(guidance, 256).to(dtype))
+        return self.linear(F.silu(emb)), emb
+
+
 class CaptionProjection(nn.Module):
     def __init__(self, in_features: int, dim: int) -> None:
         super().__init__()
@@ -243,7 +259,8 @@ class SanaTransformer(nn.Module):
         self.grad_checkpointing = False
 
         self.patch_embed = PatchEmbed(patch_size, in_channels, dim)
-        self.time_embed = AdaLNSingle(dim)
+        self.guidance_embeds = bool(guidance_embeds)
+        self.time_embed = GuidanceTimeEmbed(dim) if guidance_embeds else AdaLNSingle(dim)
         self.caption_projection = CaptionProjection(caption_channels, dim)
         self.caption_norm = RMSNorm(dim, eps=1e-5)
         self.transformer_blocks = nn.ModuleList(
@@ -270,12 +287,18 @@ class SanaTransformer(nn.Module):
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patch_embed.proj.bias)
-        mlp = self.time_embed.emb["timestep_embedder"]
-        for layer in (mlp.linear_1, mlp.linear_2, self.time_embed.linear,
+        mlps = [self.time_embed.timestep_embedder, self.time_embed.guidance_embedder] if self.guidance_embeds else [
+            self.time_embed.emb["timestep_embedder"]]  # fmt: skip
+        for layer in (*(m for mlp in mlps for m in (mlp.linear_1, mlp.linear_2)), self.time_embed.linear,
                       self.caption_projection.linear_1, self.caption_projection.linear_2):  # fmt: skip
             nn.init.normal_(layer.weight, std=0.02)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond: Text | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond: Text | None = None,
+                guidance: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """`guidance`: SANA-Sprint's embedded guidance (B,), as diffusers' `guidance` (the scale times
+        guidance_embeds_scale); required exactly when the config has guidance_embeds."""
+        if (guidance is None) == self.guidance_embeds:
+            raise ValueError("a guidance-embedded SANA (Sprint) takes `guidance`; another SANA takes none")
         if cond is None:
             raise ValueError(
                 "SANA is a text-to-image model and has no null prompt of its own: pass a Text condition (its "
@@ -295,7 +318,11 @@ class SanaTransformer(nn.Module):
         t = torch.as_tensor(t, device=x.device).float().reshape(-1).expand(B)
         if self.timestep_scale != 1.0:
             t = t * self.timestep_scale
-        mod, temb = self.time_embed(t, tokens.dtype)
+        if self.guidance_embeds:
+            g = torch.as_tensor(guidance, device=x.device).reshape(-1).expand(B)
+            mod, temb = self.time_embed(t, tokens.dtype, g)
+        else:
+            mod, temb = self.time_embed(t, tokens.dtype)
         text = self.caption_norm(self.caption_projection(cond.emb.to(self.caption_projection.linear_1.weight.dtype)))
         bias = ((1 - cond.mask.to(tokens.dtype)) * MASK_BIAS)[:, None, None, :]  # B x 1 x 1 x L
         for block in self.transformer_blocks:
@@ -316,8 +343,6 @@ DIFFUSERS_FIELDS = tuple(k for k in inspect.signature(SanaTransformer).parameter
 def _check(c: dict[str, Any], dim: int) -> None:
     """Refuse, all at once and by name, what diffusers' model would build differently or not at all."""
     problems = []
-    if c["guidance_embeds"]:
-        problems.append("guidance_embeds = True: SANA-Sprint's guidance embedding (sCM / TrigFlow) is not supported")
     if c["qk_norm"] not in QK_NORMS:
         problems.append(f"qk_norm = {c['qk_norm']!r}: supported are None (SANA) and 'rms_norm_across_heads' (SANA 1.5)")
     if c["cross_attention_dim"] != dim:
