@@ -166,14 +166,70 @@ def test_dynamic_shifting_is_one_line(pipes, tmp_path, capsys):
     assert "needs a mu" in err and len(err.splitlines()) == 1
 
 
-def test_sana_sprint_is_refused_by_name(pipes, tmp_path, capsys):
+def test_other_sana_pipelines_are_refused_by_name(pipes, tmp_path, capsys):
     import json
     import shutil
 
-    folder = tmp_path / "sprint"
+    folder = tmp_path / "pag"
     shutil.copytree(pipes["euler"][0], folder)
     index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps(index | {"_class_name": "SanaSprintPipeline"}))
+    (folder / "model_index.json").write_text(json.dumps(index | {"_class_name": "SanaPAGPipeline"}))
     assert main(["t2i", "sample", "--model", str(folder), "--prompt", PROMPT, "-o", str(tmp_path / "o")]) != 0
     err = capsys.readouterr().err.strip()
-    assert "SanaSprintPipeline is not supported" in err and len(err.splitlines()) == 1
+    assert "SanaPAGPipeline is not supported" in err and len(err.splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def sprint(tmp_path_factory):
+    """A tiny SANA-Sprint: guidance-embedded transformer with q/k norm across heads, sample_size 32 (the only
+    one SanaSprintPipeline bins), SCMScheduler."""
+    from test_text_encoders import _gemma
+
+    root = tmp_path_factory.mktemp("sprint")
+    text_dir = _gemma(root / "gemma", layout="pipeline")
+    tiny_f32_autoencoder().save_pretrained(root / "ae", format="diffusers")
+    torch.manual_seed(2)
+    transformer = diffusers.SanaTransformer2DModel(
+        in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+        num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32, caption_channels=32,
+        sample_size=32, guidance_embeds=True, qk_norm="rms_norm_across_heads",
+    )  # fmt: skip
+    pipe = diffusers.SanaSprintPipeline(
+        tokenizer=transformers.AutoTokenizer.from_pretrained(text_dir / "tokenizer"),
+        text_encoder=transformers.AutoModel.from_pretrained(text_dir / "text_encoder"),
+        vae=diffusers.AutoencoderDC.from_pretrained(root / "ae"), transformer=transformer,
+        scheduler=diffusers.SCMScheduler(),
+    )  # fmt: skip
+    pipe.save_pretrained(root / "pipe")
+    pipe = diffusers.SanaSprintPipeline.from_pretrained(root / "pipe")
+    pipe.set_progress_bar_config(disable=True)
+    return root / "pipe", pipe
+
+
+@pytest.mark.parametrize(
+    "steps,size,extra",
+    [(None, "400x640", ()), (1, "1024x1024", ()), (4, "256x320", ("--no-resolution-binning", "--no-instruction"))],
+)
+def test_sprint_same_seed_same_picture(sprint, tmp_path, steps, size, extra):  # fmt: skip
+    folder, pipe = sprint
+    kw = {} if steps == 2 or steps is None else {"intermediate_timesteps": None}
+    if "--no-instruction" in extra:
+        kw["complex_human_instruction"] = None
+    if "--no-resolution-binning" in extra:
+        kw["use_resolution_binning"] = False
+    ours = _dcae(folder, tmp_path / "out", 7, steps, size, None, extra)
+    theirs = _diffusers(pipe, 7, steps, size, None, **kw)
+    _same_picture(ours, theirs, f"sprint {steps} steps {size} {extra}")
+
+
+def test_sprint_image_i_of_a_batch_is_seed_plus_i(sprint, tmp_path):
+    """Each image of a batch draws the scheduler's noise from its own generator, as a single-image call does."""
+    folder, pipe = sprint
+    argv = ["t2i", "sample", "--model", str(folder), "--prompt", PROMPT, "--prompt", "a blue ball", "--seed", "5",
+            "--size", "256x256", "--no-resolution-binning", "--batch-size", "2", "-o", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    for i, prompt in enumerate((PROMPT, "a blue ball")):
+        ours = np.asarray(Image.open(tmp_path / "images" / f"{i:06d}.png").convert("RGB"))
+        image = pipe(prompt, generator=torch.Generator("cpu").manual_seed(5 + i), height=256, width=256,
+                     use_resolution_binning=False, output_type="np").images[0]  # fmt: skip
+        _same_picture(ours, (image * 255).round().astype(np.uint8), f"sprint image {i} of seed 5")

@@ -19,8 +19,8 @@ diffusers' FlowMatchEulerDiscreteScheduler by default stops at sigma 1/1000 befo
 `sigmas=numpy.linspace(1, 0, N + 1)[:-1]` (the scheduler shifts them) to get our grid exactly.
 
 A pipeline not exported by dcae (no `_dcae` record) is sampled by `dcae t2i sample --model` as SanaPipeline.__call__
-samples it (dcae.diffusion.t2i.sana_call: its own scheduler, binning, seeding); only `SanaPipeline` folders load
-(SANA-Sprint's SanaSprintPipeline is refused by name).
+(or SanaSprintPipeline.__call__) samples it (dcae.diffusion.t2i.sana_call: its own scheduler, binning, seeding);
+only `SanaPipeline` and `SanaSprintPipeline` folders load (other Sana* pipelines are refused by name).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from dcae.utils.numbers import SHIFT
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 SANA_STEPS, SANA_GUIDANCE = 20, 4.5  # SanaPipeline.__call__'s defaults
+SPRINT_STEPS = 2  # SanaSprintPipeline.__call__'s (guidance 4.5 too)
 SANA_MAX_TOKENS = 300  # SanaPipeline's max_sequence_length for Gemma
 _MODEL_FILES = ("config.json", "generation_config.json", "model*.safetensors*")
 _TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
@@ -74,6 +75,7 @@ class SanaPipelineModels:
     scheduler_path: Path | None = None
     exported: bool = False  # written by `dcae t2i export` (model_index.json's _dcae record)
     instruction: bool = False  # the complex human instruction is prepended to prompts
+    sprint: bool = False  # a SanaSprintPipeline (SCMScheduler, TrigFlow, embedded guidance)
 
 
 # ----------------------------------------------------------------------------- export
@@ -208,10 +210,15 @@ def _read_json(path: Path, what: str) -> dict:
     return data
 
 
-def _scheduler_settings(folder: Path) -> tuple[str, float, dict]:
+def _scheduler_settings(folder: Path, sprint: bool = False) -> tuple[str, float, dict]:
     path = folder / "scheduler" / "scheduler_config.json"
     config = _read_json(path, "scheduler_config.json")
     name = config.get("_class_name")
+    if sprint or name == "SCMScheduler":
+        if not (sprint and name == "SCMScheduler"):
+            raise UserError(f"{path}: a SanaSprintPipeline samples with SCMScheduler only, this one is {name!r}"
+                            if sprint else f"{path}: SCMScheduler belongs to a SanaSprintPipeline")  # fmt: skip
+        return "scm", 1.0, config
     if name not in SCHEDULERS:
         raise UserError(f"{path}: scheduler {name!r} is not one dcae samples with ({', '.join(SCHEDULERS)})")
     solver, key = SCHEDULERS[name]
@@ -241,13 +248,15 @@ def load_pipeline(source: str | Path, *, device: str | torch.device = "cpu", dty
     name = index.get("_class_name")
     if not str(name).startswith("Sana"):
         raise UserError(f"{folder}: model_index.json describes a {name}, not a SANA pipeline")
-    if name != "SanaPipeline":  # SanaSprintPipeline (SCMScheduler, TrigFlow, guidance embedding), SanaPAG, ...
-        raise UserError(f"{folder}: a {name} is not supported; dcae samples SanaPipeline folders")
+    if name not in ("SanaPipeline", "SanaSprintPipeline"):  # SanaPAGPipeline, SanaControlNetPipeline, ...
+        raise UserError(f"{folder}: a {name} is not supported; dcae samples SanaPipeline and SanaSprintPipeline "
+                        "folders")  # fmt: skip
+    sprint = name == "SanaSprintPipeline"
     missing = [f"{c}/" for c in COMPONENTS if not (folder / c).is_dir() or not any((folder / c).iterdir())]
     if missing:
         raise UserError(f"{folder}: incomplete SANA pipeline, missing {' and '.join(missing)}")
     record = index.get("_dcae") if isinstance(index.get("_dcae"), dict) else {}
-    solver, shift, scheduler_config = _scheduler_settings(folder)
+    solver, shift, scheduler_config = _scheduler_settings(folder, sprint)
     family = FAMILIES.get(_model_type(folder / "text_encoder"))
     gemma = family is not None and family.name == "gemma"
     max_tokens = record.get("max_tokens") or (SANA_MAX_TOKENS if gemma else None)
@@ -271,9 +280,9 @@ def load_pipeline(source: str | Path, *, device: str | torch.device = "cpu", dty
     return SanaPipelineModels(
         transformer=transformer.to(device).eval(), text_encoder=encoder, autoencoder=autoencoder.to(device).eval(),
         scaling_factor=float(autoencoder.scaling_factor), shift=shift, solver=solver,
-        steps=int(record.get("steps") or SANA_STEPS),
+        steps=int(record.get("steps") or (SPRINT_STEPS if sprint else SANA_STEPS)),
         guidance_scale=float(record.get("guidance_scale") or SANA_GUIDANCE),
         resolution=int(resolution), source=str(source), scheduler_config=scheduler_config,
         scheduler_path=folder / "scheduler" / "scheduler_config.json", exported=bool(record),
-        instruction=bool(instruction),
+        instruction=bool(instruction), sprint=sprint,
     )  # fmt: skip

@@ -76,7 +76,13 @@ def _generate_as_pipeline(args, m: dict, values: list[str], out: Path, stale, ra
     """A released SANA pipeline sampled as SanaPipeline.__call__ does (dcae.diffusion.t2i.sana_call): its own
     scheduler, resolution binning, image i seeded seed + i."""
     from dcae.diffusion.generation import ImageSampler, model_source, write_samples
-    from dcae.diffusion.t2i.sana_call import binned_size, make_scheduler, resize_and_crop, sample_as_pipeline
+    from dcae.diffusion.t2i.sana_call import (
+        binned_size,
+        make_scheduler,
+        resize_and_crop,
+        sample_as_pipeline,
+        sample_as_sprint,
+    )
 
     p = m["pipeline"]
     binning = not args.no_resolution_binning
@@ -85,7 +91,7 @@ def _generate_as_pipeline(args, m: dict, values: list[str], out: Path, stale, ra
     else:
         height = width = int(m["resolution"])
     if binning:
-        gen_h, gen_w = binned_size(m["model"].sample_size, height, width)
+        gen_h, gen_w = binned_size(m["model"].sample_size, height, width, sprint=p.sprint)
     else:
         gen_h, gen_w = height, width
         _latent_size(f"{height}x{width}", None, m["compression"], m["patch"])
@@ -95,6 +101,9 @@ def _generate_as_pipeline(args, m: dict, values: list[str], out: Path, stale, ra
 
     def latents(noise, batch_prompts: list[str], seeds: list[int], generators):
         text = m["encoder"].encode(batch_prompts)
+        if p.sprint:
+            return sample_as_sprint(m["model"], lambda: make_scheduler(p.scheduler_config, p.scheduler_path), noise,
+                                    text, args.steps, args.cfg, generators)  # fmt: skip
         scheduler = make_scheduler(p.scheduler_config, p.scheduler_path, args.shift)
         return sample_as_pipeline(m["model"], scheduler, noise, text, args.steps, args.cfg)
 
@@ -129,6 +138,8 @@ def _load_for_sampling(args, device) -> dict:
         process, shift, resolution = FlowMatching(), p.shift, p.resolution
         defaults = {"solver": p.solver, "steps": p.steps, "cfg": p.guidance_scale}
         pipeline = p if not p.exported and args.solver == "auto" else None  # sampled as SanaPipeline does
+        if p.sprint and pipeline is None:
+            raise UserError(f"{args.model}: a SanaSprintPipeline samples with its SCMScheduler only (--solver auto)")
     else:
         model, process, meta = load_checkpoint(args.ckpt, use_ema=not args.no_ema, device=device)
         conditioning, lat = conditioning_of(meta), meta["latents"]

@@ -35,15 +35,17 @@ BIN_TABLES = {128: "ASPECT_RATIO_4096_BIN", 64: "ASPECT_RATIO_2048_BIN", 32: "AS
               16: "ASPECT_RATIO_512_BIN"}  # fmt: skip  # SanaPipeline.__call__: transformer sample_size -> table
 
 
-def binned_size(sample_size: int, height: int, width: int) -> tuple[int, int]:
-    """The size SanaPipeline generates a height x width image at: the nearest bin of sample_size's table."""
+def binned_size(sample_size: int, height: int, width: int, sprint: bool = False) -> tuple[int, int]:
+    """The size SanaPipeline generates a height x width image at: the nearest bin of sample_size's table
+    (SanaSprintPipeline: only sample_size 32, the 1024 px table)."""
     from diffusers.image_processor import PixArtImageProcessor
     from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha as tables
 
-    name = BIN_TABLES.get(int(sample_size))
+    known = {32: BIN_TABLES[32]} if sprint else BIN_TABLES
+    name = known.get(int(sample_size))
     if name is None:
         raise UserError(f"resolution binning has no table for a transformer of sample_size {sample_size} (SANA's: "
-                        f"{', '.join(map(str, sorted(BIN_TABLES)))}); pass --no-resolution-binning")  # fmt: skip
+                        f"{', '.join(map(str, sorted(known)))}); pass --no-resolution-binning")  # fmt: skip
     return PixArtImageProcessor.classify_height_width_bin(height, width, ratios=getattr(tables, name))
 
 
@@ -59,6 +61,10 @@ def make_scheduler(config: dict, path: Path | str, shift: float | None = None):
     import diffusers
 
     name = config.get("_class_name")
+    if name == "SCMScheduler":  # SANA-Sprint's: TrigFlow, no flow shift
+        if shift is not None:
+            raise UserError(f"{path}: SCMScheduler has no flow shift (--shift)")
+        return diffusers.SCMScheduler.from_config(config)
     if name not in SCHEDULERS:
         raise UserError(f"{path}: scheduler {name!r} is not one dcae samples with ({', '.join(SCHEDULERS)})")
     if config.get("stochastic_sampling") or str(config.get("algorithm_type", "")).startswith("sde"):
@@ -98,3 +104,52 @@ def sample_as_pipeline(transformer, scheduler, noise: torch.Tensor, text: Text, 
             pred = pred.chunk(2, dim=1)[0]
         latents = scheduler.step(pred, t, latents, return_dict=False)[0]
     return latents
+
+
+SPRINT_MAX_TIMESTEP, SPRINT_INTERMEDIATE_TIMESTEP = 1.57080, 1.3  # SanaSprintPipeline.__call__'s defaults
+
+
+@torch.no_grad()
+def sample_as_sprint(transformer, scheduler_of, noise: torch.Tensor, text: Text, steps: int, guidance_scale: float,
+                     generators: list[torch.Generator]) -> torch.Tensor:  # fmt: skip
+    """SanaSprintPipeline.__call__'s loop (SCMScheduler, TrigFlow), one image at a time: image i's generator
+    (after its noise) draws the scheduler's noise between steps, as the pipeline's one generator does for a
+    single image. The intermediate timestep 1.3 is used at 2 steps (diffusers refuses it at other counts: there
+    the pipeline is called with intermediate_timesteps=None). `scheduler_of()` makes a fresh SCMScheduler."""
+    out = []
+    saved = transformer.timestep_scale
+    transformer.timestep_scale = 1.0  # the pipeline passes the TrigFlow time as it is
+    try:
+        for i in range(len(noise)):
+            emb, mask = text.emb[i : i + 1], text.mask[i : i + 1]
+            out.append(_sprint_one(transformer, scheduler_of(), noise[i : i + 1], Text(emb, mask, text.null_emb,
+                                   text.null_mask), steps, guidance_scale, generators[i]))  # fmt: skip
+    finally:
+        transformer.timestep_scale = saved
+    return torch.cat(out)
+
+
+def _sprint_one(transformer, scheduler, noise, text: Text, steps: int, guidance_scale: float, generator):
+    device = noise.device
+    dtype = next(transformer.parameters()).dtype
+    intermediate = SPRINT_INTERMEDIATE_TIMESTEP if steps == 2 else None
+    scheduler.set_timesteps(steps, device=device, max_timesteps=SPRINT_MAX_TIMESTEP,
+                            intermediate_timesteps=intermediate)  # fmt: skip
+    scheduler.set_begin_index(0)
+    sigma_data = scheduler.config.sigma_data
+    latents = noise.float() * sigma_data
+    guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32)
+    guidance = guidance.expand(latents.shape[0]).to(text.emb.dtype) * transformer.config["guidance_embeds_scale"]
+    cond = Text(text.emb.to(device, dtype), text.mask.to(device), text.null_emb.to(device), text.null_mask.to(device))
+    denoised = latents
+    for t in scheduler.timesteps[:-1]:
+        timestep = t.expand(latents.shape[0])
+        x = latents / sigma_data
+        scm = torch.sin(timestep) / (torch.cos(timestep) + torch.sin(timestep))
+        s = scm.view(-1, 1, 1, 1)
+        x = x * torch.sqrt(s**2 + (1 - s) ** 2)
+        pred = transformer(x.to(dtype), scm, cond, guidance=guidance)
+        pred = ((1 - 2 * s) * x + (1 - 2 * s + 2 * s**2) * pred) / torch.sqrt(s**2 + (1 - s) ** 2)
+        pred = pred.float() * sigma_data
+        latents, denoised = scheduler.step(pred, timestep, latents, generator=generator, return_dict=False)
+    return denoised / sigma_data
