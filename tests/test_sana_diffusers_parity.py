@@ -93,7 +93,7 @@ def _same_picture(ours: np.ndarray, theirs: np.ndarray, what: str) -> None:
     assert theirs.std() > 5, what  # a picture, not a flat field
 
 
-CASES = [  # scheduler, steps, size (binned: 400x640 -> 384x608, back by resize and crop), cfg, extra options
+CASES = [  # scheduler, steps, size (binned: 400x640 -> 384x640, 256x256 -> 512x512, then back), cfg, options
     ("euler", 1, "400x640", None, ()),
     ("euler", 2, "400x640", None, ()),
     ("euler", 4, "400x640", 2.0, ("--no-instruction",)),
