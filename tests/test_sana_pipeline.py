@@ -1,7 +1,8 @@
 """dcae <-> diffusers SANA pipelines (dcae.diffusion.t2i.pipeline): a tiny text-to-image run (tiny DC-AE, the
 bundled all-MiniLM-L6-v2 encoder, SANA-tiny, 2 steps) exported as a SanaPipeline folder; diffusers' SanaPipeline
-samples the same images as our sampler; load_pipeline gives back the same models; one-line errors. CPU, fp32,
-no downloads."""
+samples the same images as our sampler (with our time grid passed as `sigmas`) and, called as the docs say, the
+same picture as `dcae t2i sample --model` and `--ckpt` (its scheduler, noise seed + i); load_pipeline gives back
+the same models; one-line errors. CPU, fp32, no downloads."""
 
 from __future__ import annotations
 
@@ -113,6 +114,31 @@ def test_diffusers_pipeline_samples_our_images(run):
                                         max_sequence_length=MAX_TOKENS, complex_human_instruction=None)  # fmt: skip
     assert torch.equal(pe, text.emb) and torch.equal(pm, text.mask)
     assert torch.equal(ne, null_emb) and torch.equal(nm, null_mask)
+
+
+def test_dcae_samples_the_exported_pipeline_as_diffusers_does(run, tmp_path):
+    """`dcae t2i sample --model FOLDER` and `--ckpt RUN` (same solver and shift) give the PNG diffusers gives with
+    `generator=torch.Generator("cpu").manual_seed(S + i)`, max_sequence_length=the record's, no instruction and
+    no binning: its scheduler's time grid (shift 3, ending at a shifted sigma_min), not a linspace."""
+    from dcae.cli import main
+
+    pipe = diffusers.SanaPipeline.from_pretrained(run["folder"])
+    pipe.set_progress_bar_config(disable=True)
+    common = ["--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--seed", "7", "--size", "32x32", "--steps", str(STEPS),
+              "--cfg", str(CFG), "-o"]  # fmt: skip
+    assert main(["t2i", "sample", "--model", str(run["folder"]), *common, str(tmp_path / "model")]) == 0
+    assert main(["t2i", "sample", "--ckpt", str(run["root"] / "run"), "--shift", str(SHIFT), *common,
+                 str(tmp_path / "ckpt")]) == 0  # fmt: skip
+    for i, prompt in enumerate(PROMPTS):
+        ours = np.asarray(Image.open(tmp_path / "model" / "images" / f"{i:06d}.png").convert("RGB"))
+        ckpt = np.asarray(Image.open(tmp_path / "ckpt" / "images" / f"{i:06d}.png").convert("RGB"))
+        assert np.array_equal(ours, ckpt)
+        image = pipe(prompt, generator=torch.Generator("cpu").manual_seed(7 + i), height=32, width=32,
+                     max_sequence_length=MAX_TOKENS, complex_human_instruction=None, use_resolution_binning=False,
+                     num_inference_steps=STEPS, guidance_scale=CFG, output_type="np").images[0]  # fmt: skip
+        diff = np.abs(ours.astype(int) - (image * 255).round().astype(int))
+        print(f"image {i}: max {diff.max()} levels, {(diff > 0).mean():.3%} of values differ")
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
 
 
 def test_load_pipeline_gives_back_the_models(run):

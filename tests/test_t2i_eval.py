@@ -127,3 +127,19 @@ def test_eval_fid_against_a_reference_folder(trained, meta, clip_dir, tmp_path):
     expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt
     assert results["fid"] == pytest.approx(expected, rel=1e-3)
     assert f"FID: {results['fid']:.2f}" in (out / "results.md").read_text()
+
+
+def test_eval_of_a_pipeline_samples_as_t2i_sample(trained, meta, clip_dir, tmp_path):  # noqa: F811
+    """`dcae t2i eval --model PIPELINE` goes through `dcae t2i sample`'s path: its image 0 (prompt a1) is the
+    PNG `sample` makes for that prompt and seed, as for `--ckpt`."""
+    assert _cli("t2i", "export", "--ckpt", trained, "-o", tmp_path / "pipe", "--solver", "dpm++")[0] == 0
+    for flag, source in (("--model", tmp_path / "pipe"), ("--ckpt", trained)):
+        rc, err = _cli("t2i", "eval", flag, source, "--prompts", meta, "--clip", clip_dir, "--steps", 2, "--size",
+                       "32x32", "--seed", 3, "--solver", "dpm++", "-o", tmp_path / f"eval{flag}")  # fmt: skip
+        assert rc == 0, err
+        rc, err = _cli("t2i", "sample", flag, source, "--prompt", META["a1"]["prompt"], "--steps", 2, "--size",
+                       "32x32", "--seed", 3, "--solver", "dpm++", "-o", tmp_path / f"sample{flag}")  # fmt: skip
+        assert rc == 0, err
+        a, b = (np.asarray(Image.open(tmp_path / d / "images" / "000000.png")) for d in (f"eval{flag}",
+                                                                                      f"sample{flag}"))  # fmt: skip
+        assert np.array_equal(a, b), flag

@@ -14,13 +14,16 @@ with `complex_human_instruction=None` and `max_sequence_length=` the cache's tok
 `_dcae.max_tokens`): then its prompt path gives our encoder's embeddings (tested for BERT; it lower-cases prompts,
 as an uncased tokenizer does anyway); or pass `prompt_embeds` etc. from our `TextEncoder`. A transformer whose
 `sample_size` is not 16, 32, 64 or 128 (latent pixels) needs `use_resolution_binning=False`; height and width must
-be multiples of 32. Time grids: our `sample(..., steps=N, shift=s)` uses sigmas linspace(1, 0, N + 1) shifted;
-diffusers' FlowMatchEulerDiscreteScheduler by default stops at sigma 1/1000 before 0, so pass
-`sigmas=numpy.linspace(1, 0, N + 1)[:-1]` (the scheduler shifts them) to get our grid exactly.
+be multiples of 32. `dcae t2i sample` (--model of such a folder, or --ckpt with the same solver and shift)
+samples it as SanaPipeline.__call__ does with that scheduler (dcae.diffusion.t2i.sana_call; image i seeded
+seed + i), so diffusers called with `generator=torch.Generator("cpu").manual_seed(seed)`, those arguments and
+`use_resolution_binning=False` gives the same picture. (Our own `sample(..., steps=N, shift=s)`, used for ddim,
+has sigmas linspace(1, 0, N + 1) shifted: pass `sigmas=numpy.linspace(1, 0, N + 1)[:-1]` to diffusers for it.)
 
 A pipeline not exported by dcae (no `_dcae` record) is sampled by `dcae t2i sample --model` as SanaPipeline.__call__
-(or SanaSprintPipeline.__call__) samples it (dcae.diffusion.t2i.sana_call: its own scheduler, binning, seeding);
-only `SanaPipeline` and `SanaSprintPipeline` folders load (other Sana* pipelines are refused by name).
+(or SanaSprintPipeline.__call__) samples it, binning and instruction included (dcae.diffusion.t2i.sana_call: its
+own scheduler, binning, seeding); only `SanaPipeline` and `SanaSprintPipeline` folders load (other Sana* pipelines
+are refused by name).
 """
 
 from __future__ import annotations

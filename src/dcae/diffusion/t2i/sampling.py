@@ -40,16 +40,29 @@ def generate_images(
     the same plan makes the missing ones only, another is refused unless --overwrite, which also removes the
     files `stale` derived from the images), split across processes. Returns every path, the settings and
     this process's rank."""
-    import torch
-
-    from dcae.diffusion.generation import ImageSampler, model_source, write_samples
-    from dcae.diffusion.processes.sampling import sample
+    from dcae.diffusion.generation import write_samples
     from dcae.utils.devices import process_group_from_env
 
     rank, world, device = process_group_from_env(args.device)
+    run, settings, plan = build_sampler(args, device)
+    paths = write_samples(run.images, values, out, len(values), args.batch_size, args.overwrite, rank, world,
+                          settings=plan, condition="prompt", stale=stale)  # fmt: skip
+    return paths, settings, rank
+
+
+def build_sampler(args: argparse.Namespace, device):
+    """The model of --ckpt / --model loaded and its sampler: (ImageSampler, settings, the folder's plan).
+    Every solver with a diffusers scheduler (euler, heun, dpm++; a pipeline's own scheduler with --solver auto)
+    samples as SanaPipeline.__call__ does (dcae.diffusion.t2i.sana_call), image i seeded seed + i; others
+    (ddim) with our sampler, image i seeded seed * 1_000_003 + i."""
     m = _load_for_sampling(args, device)
-    if m["pipeline"] is not None:
-        return _generate_as_pipeline(args, m, values, out, stale, rank, world, device)
+    if m["scheduler"] is not None:
+        return _pipeline_sampler(args, m, device)
+    import torch
+
+    from dcae.diffusion.generation import ImageSampler, model_source
+    from dcae.diffusion.processes.sampling import sample
+
     size = _latent_size(args.size, m["resolution"], m["compression"], m["patch"])
     shape = (m["model"].in_channels, *size)
 
@@ -67,15 +80,14 @@ def generate_images(
         if key in plan:
             plan[key] = model_source(plan[key])
     run = ImageSampler(latents, m["autoencoder"], m["scaling"], shape, args.seed, device, args.dtype)
-    paths = write_samples(run.images, values, out, len(values), args.batch_size, args.overwrite, rank, world,
-                          settings=plan, condition="prompt", stale=stale)  # fmt: skip
-    return paths, settings, rank
+    return run, settings, plan
 
 
-def _generate_as_pipeline(args, m: dict, values: list[str], out: Path, stale, rank: int, world: int, device):
-    """A released SANA pipeline sampled as SanaPipeline.__call__ does (dcae.diffusion.t2i.sana_call): its own
-    scheduler, resolution binning, image i seeded seed + i."""
-    from dcae.diffusion.generation import ImageSampler, model_source, write_samples
+def _pipeline_sampler(args, m: dict, device):
+    """SanaPipeline.__call__'s sampling (dcae.diffusion.t2i.sana_call) with the scheduler m["scheduler"] (a
+    released pipeline's own, a dcae-exported pipeline's, or the one `dcae t2i export` writes for a checkpoint's
+    solver and shift): resolution binning where m["binning"], image i seeded seed + i."""
+    from dcae.diffusion.generation import ImageSampler, model_source
     from dcae.diffusion.t2i.sana_call import (
         binned_size,
         make_scheduler,
@@ -84,51 +96,59 @@ def _generate_as_pipeline(args, m: dict, values: list[str], out: Path, stale, ra
         sample_as_sprint,
     )
 
-    p = m["pipeline"]
-    binning = not args.no_resolution_binning
+    config, where, sprint = m["scheduler"], m["scheduler_path"], m["sprint"]
+    binning = m["binning"] and not args.no_resolution_binning
     if args.size:
         height, width = size_of(args.size)
     else:
         height = width = int(m["resolution"])
     if binning:
-        gen_h, gen_w = binned_size(m["model"].sample_size, height, width, sprint=p.sprint)
+        gen_h, gen_w = binned_size(m["model"].sample_size, height, width, sprint=sprint)
     else:
         gen_h, gen_w = height, width
         _latent_size(f"{height}x{width}", None, m["compression"], m["patch"])
     f = m["compression"]
     shape = (m["model"].in_channels, gen_h // f, gen_w // f)
-    make_scheduler(p.scheduler_config, p.scheduler_path, args.shift)  # an unsupported one: one line, before any work
+    make_scheduler(config, where, args.shift)  # an unsupported one: one line, before any work
 
     def latents(noise, batch_prompts: list[str], seeds: list[int], generators):
         text = m["encoder"].encode(batch_prompts)
-        if p.sprint:
-            return sample_as_sprint(m["model"], lambda: make_scheduler(p.scheduler_config, p.scheduler_path), noise,
-                                    text, args.steps, args.cfg, generators)  # fmt: skip
-        scheduler = make_scheduler(p.scheduler_config, p.scheduler_path, args.shift)
-        return sample_as_pipeline(m["model"], scheduler, noise, text, args.steps, args.cfg)
+        if sprint:
+            return sample_as_sprint(m["model"], lambda: make_scheduler(config, where), noise, text, args.steps,
+                                    args.cfg, generators)  # fmt: skip
+        return sample_as_pipeline(m["model"], make_scheduler(config, where, args.shift), noise, text, args.steps,
+                                  args.cfg)  # fmt: skip
 
     def finish(images):
         return resize_and_crop(images, height, width) if (gen_h, gen_w) != (height, width) else images
 
-    settings = {**m["settings"], "solver": p.scheduler_config.get("_class_name"), "shift": args.shift,
-                "resolution_binning": binning, "instruction": p.instruction, "size": [height, width],
+    shift = args.shift if args.shift is not None else m["shift"]
+    settings = {**m["settings"], "scheduler": config.get("_class_name"), "shift": shift,
+                "resolution_binning": binning, "instruction": m["instruction"], "size": [height, width],
                 "latent_shape": list(shape)}  # fmt: skip
-    plan = {**settings, "model": model_source(settings["model"]), "autoencoder": None, "dtype": args.dtype}
+    if m["released"]:
+        settings["solver"] = config.get("_class_name")
+    plan = {**settings, "autoencoder": model_source(m["autoencoder_source"]), "dtype": args.dtype}
+    for key in ("checkpoint", "model"):
+        if key in plan:
+            plan[key] = model_source(plan[key])
     run = ImageSampler(latents, m["autoencoder"], m["scaling"], shape, args.seed, device, args.dtype,
                        seed_of=lambda seed, i: seed + i, finish=finish)  # fmt: skip
-    paths = write_samples(run.images, values, out, len(values), args.batch_size, args.overwrite, rank, world,
-                          settings=plan, condition="prompt", stale=stale)  # fmt: skip
-    return paths, settings, rank
+    return run, settings, plan
 
 
 def _load_for_sampling(args, device) -> dict:
-    """Network, process, text encoder, autoencoder and settings from one of our checkpoints or a pipeline."""
+    """Network, process, text encoder, autoencoder, the diffusers scheduler config to sample with (None: our
+    sampler) and settings from one of our checkpoints or a pipeline."""
     from dcae.diffusion.cache import load_autoencoder
+    from dcae.diffusion.processes.flow import FlowMatching
+    from dcae.diffusion.solvers import EXPORT_SOLVERS
     from dcae.diffusion.t2i.encoders import TextEncoder
+    from dcae.diffusion.t2i.pipeline import _scheduler_config
     from dcae.diffusion.train.checkpoint import conditioning_of, load_checkpoint
 
+    released, sprint, instruction, scheduler, where = False, False, False, None, None
     if args.model:
-        from dcae.diffusion.processes.flow import FlowMatching
         from dcae.diffusion.t2i.pipeline import load_pipeline
 
         p = load_pipeline(args.model, device=device, instruction=False if args.no_instruction else None)
@@ -137,9 +157,11 @@ def _load_for_sampling(args, device) -> dict:
         settings, ae_source = {"model": str(args.model)}, None  # the pipeline's own vae
         process, shift, resolution = FlowMatching(), p.shift, p.resolution
         defaults = {"solver": p.solver, "steps": p.steps, "cfg": p.guidance_scale}
-        pipeline = p if not p.exported and args.solver == "auto" else None  # sampled as SanaPipeline does
-        if p.sprint and pipeline is None:
+        released, sprint, instruction = not p.exported, p.sprint, p.instruction
+        if p.sprint and args.solver != "auto":
             raise UserError(f"{args.model}: a SanaSprintPipeline samples with its SCMScheduler only (--solver auto)")
+        if args.solver in ("auto", p.solver):  # the pipeline's own scheduler
+            scheduler, where = p.scheduler_config, p.scheduler_path
     else:
         model, process, meta = load_checkpoint(args.ckpt, use_ema=not args.no_ema, device=device)
         conditioning, lat = conditioning_of(meta), meta["latents"]
@@ -158,10 +180,12 @@ def _load_for_sampling(args, device) -> dict:
                             f"was trained on latents scaled by {scaling:g} ({lat.autoencoder})")  # fmt: skip
         settings = {"checkpoint": meta["path"], "step": meta["step"], "ema": not args.no_ema}
         defaults = {"solver": "euler", "steps": 20, "cfg": 4.5}
-        pipeline = None
     if ae.latent_channels != model.in_channels:
         raise UserError(f"the autoencoder has {ae.latent_channels} latent channels, the model {model.in_channels}")
     solver = args.solver if args.solver != "auto" else defaults["solver"]
+    if scheduler is None and solver in EXPORT_SOLVERS and isinstance(process, FlowMatching):
+        scheduler = _scheduler_config(solver, shift)  # what `dcae t2i export` writes for this solver and shift
+        where = f"the {solver} scheduler"
     args.steps = args.steps or defaults["steps"]
     args.cfg = defaults["cfg"] if args.cfg is None else args.cfg
     settings |= {"text_encoder": encoder.name, "solver": solver, "steps": args.steps, "cfg": args.cfg,
@@ -169,7 +193,8 @@ def _load_for_sampling(args, device) -> dict:
     return {"model": model, "process": process, "encoder": encoder, "autoencoder": ae.to(device).eval(),
             "scaling": scaling, "shift": shift, "solver": solver, "settings": settings, "resolution": resolution,
             "compression": ae.spatial_compression, "patch": int(model.config.get("patch_size", 1)),
-            "autoencoder_source": ae_source, "pipeline": pipeline}  # fmt: skip
+            "autoencoder_source": ae_source, "scheduler": scheduler, "scheduler_path": where, "sprint": sprint,
+            "released": released, "binning": released, "instruction": instruction}  # fmt: skip
 
 
 def _latent_size(text: str | None, resolution: int | None, compression: int, patch: int) -> tuple[int, int]:
@@ -214,7 +239,7 @@ def add_sampling_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--shift", type=flow_shift, help="flow shift of the time grid, > 0 (default: the model's)")
     s.add_argument("--size", type=image_size,
                    help="HEIGHTxWIDTH in pixels (default: the training resolution, square)")  # fmt: skip
-    add_seed(s, "image i's noise is seeded by (seed, i); a released pipeline's image i: as diffusers with seed + i")
+    add_seed(s, "image i: as diffusers with generator seed + i (--solver ddim: seed * 1000003 + i)")
     s.add_argument(
         "--no-resolution-binning",
         action="store_true",
@@ -229,3 +254,41 @@ def add_sampling_options(s: argparse.ArgumentParser) -> None:
     add_device(s)
     add_dtype(s, "diffusion model compute", fp16=False)
     add_overwrite(s, "replace existing images")
+
+
+def generate(source, prompts, *, seed: int = 0, steps: int | None = None, guidance_scale: float | None = None,
+             height: int | None = None, width: int | None = None, solver: str = "auto", shift: float | None = None,
+             batch_size: int = 4, device: str = "auto", dtype: str = "fp32", resolution_binning: bool = True,
+             instruction: bool = True, use_ema: bool = True, text_encoder: str | None = None,
+             autoencoder: str | None = None) -> list:  # fmt: skip
+    """Images (PIL, RGB) of `prompts` (one string or a list: image i of prompts[i]) from `source`: a diffusers
+    SANA pipeline folder or Hub id (`dcae t2i sample --model`), or one of our text-to-image runs or checkpoints
+    (`--ckpt`; a folder without model_index.json). The same code as `dcae t2i sample` (`build_sampler`): image i
+    equals that command's images/%06d.png i for the same seed and settings. None: the model's default (steps,
+    guidance, the training resolution); height alone: a square. `resolution_binning` / `instruction` False: as
+    --no-resolution-binning / --no-instruction (they apply to released pipelines only)."""
+    from PIL import Image
+
+    from dcae.data.images import tensor_to_uint8
+    from dcae.utils.devices import resolve_device
+
+    prompts = [prompts] if isinstance(prompts, str) else [str(p) for p in prompts]
+    path = Path(str(source)).expanduser()
+    pipeline = not path.exists() or (path.is_dir() and (path / "model_index.json").is_file())
+    parser = argparse.ArgumentParser(prog="dcae.diffusion.t2i.generate")
+    add_sampling_options(parser)
+    args = parser.parse_args([])
+    if height is not None or width is not None:
+        h = height if height is not None else width
+        args.size = f"{h}x{width if width is not None else h}"
+    args.model, args.ckpt = (str(source), None) if pipeline else (None, str(source))
+    args.seed, args.steps, args.cfg, args.solver, args.shift = int(seed), steps, guidance_scale, solver, shift
+    args.batch_size, args.device, args.dtype = int(batch_size), device, dtype
+    args.no_resolution_binning, args.no_instruction, args.no_ema = not resolution_binning, not instruction, not use_ema
+    args.text_encoder, args.autoencoder = text_encoder, autoencoder
+    run, _, _ = build_sampler(args, resolve_device(device))
+    out = []
+    for start in range(0, len(prompts), args.batch_size):
+        idx = list(range(start, min(start + args.batch_size, len(prompts))))
+        out += [Image.fromarray(tensor_to_uint8(img)) for img in run.images(idx, prompts)]
+    return out

@@ -1,7 +1,8 @@
 """Sampling a released diffusers SANA pipeline as `SanaPipeline.__call__` does, with our transformer.
 
-What `dcae t2i sample --model P` does for a pipeline that dcae did not export (no `_dcae` record) and no
---solver of ours, mirroring diffusers' `pipelines/sana/pipeline_sana.py`:
+What `dcae t2i sample` does for every solver with a diffusers scheduler (a released pipeline's own, a
+dcae-exported pipeline's, or for --ckpt the one `dcae t2i export` would write; binning and the instruction
+for released pipelines only), mirroring diffusers' `pipelines/sana/pipeline_sana.py`:
 
 - the scheduler is the pipeline's own diffusers class, made from its scheduler_config.json (a fresh one per
   batch: multistep schedulers keep state), driven as SanaPipeline drives it: `set_timesteps(steps)`, then for
