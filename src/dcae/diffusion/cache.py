@@ -395,10 +395,12 @@ def latent_rms(out: Path, index: CacheIndex) -> float | None:
     return (sumsq / max(numel, 1)) ** 0.5
 
 
-def recorded_source(source: str | os.PathLike) -> str:
-    """How a cache records a model it was made with (the autoencoder, the text encoder): a local folder or file as
-    an absolute path (so that the record means the same thing from any working directory), a zoo name or Hub id
-    as given."""
+def recorded_source(source: str | os.PathLike | None) -> str | None:
+    """How a cache, a checkpoint's summary or a sample folder's plan records a model (the autoencoder, the text
+    encoder, a checkpoint, a pipeline): a local folder or file as an absolute path (so that the record means the
+    same thing from any working directory), a zoo name or Hub id as given; None stays None."""
+    if source is None:
+        return None
     path = Path(source).expanduser()
     return str(path.resolve()) if path.exists() else str(source)
 

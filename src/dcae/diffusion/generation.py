@@ -13,7 +13,6 @@ images makes the new ones; any other plan is refused in one line naming the fold
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -30,6 +29,8 @@ from dcae.metrics.fid import GaussianStats, InceptionFeatures, fid_from_stats
 from dcae.utils.io import atomic_write_json
 
 PLAN_NAME, PLAN_FORMAT = "plan.json", "dcae-samples-plan/1"
+# What `dcae sample` derives from a folder's images (removed with them by --overwrite).
+SAMPLE_REPORTS = ("grid.png", "samples.json", "fid.json")
 _IMAGE_NAME = re.compile(r"^\d{6}\.png$")
 
 
@@ -143,14 +144,6 @@ def sample_plan(settings: dict, condition: str, values: list) -> dict:
     (`condition` names its kind: "prompt", "class"), as JSON stores it."""
     plan = {"format": PLAN_FORMAT, "settings": settings, "condition": condition, "values": list(values)}
     return json.loads(json.dumps(plan, default=str))
-
-
-def model_source(source) -> str | None:
-    """A model's source as a plan records it: an existing path made absolute (the same model from another
-    working folder is the same), a name or Hub id as given."""
-    if source is None:
-        return None
-    return os.path.abspath(source) if os.path.exists(source) else str(source)
 
 
 def record_plan(out: Path, plan: dict) -> None:

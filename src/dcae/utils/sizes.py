@@ -19,7 +19,6 @@ import os
 
 from dcae.errors import UserError
 
-FLOAT32_RGB = 3 * 4  # bytes of one float32 RGB pixel
 COPIES = 2  # float32 copies of a batch that exist at once, at least
 
 

@@ -102,8 +102,8 @@ def cmd_latents(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from dcae.diffusion.cache import load_autoencoder
-    from dcae.diffusion.generation import ImageSampler, condition_values, model_source, write_samples
+    from dcae.diffusion.cache import load_autoencoder, recorded_source
+    from dcae.diffusion.generation import SAMPLE_REPORTS, ImageSampler, condition_values, write_samples
     from dcae.diffusion.processes.sampling import sample
     from dcae.diffusion.train.checkpoint import conditioning_of, load_checkpoint
     from dcae.diffusion.train.samples import default_solver
@@ -148,12 +148,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     scaling = lat.scaling_factor  # what the latents it learned were multiplied by, whatever --autoencoder says
     run = ImageSampler(latents, ae, scaling, shape, args.seed, device, args.dtype)
     out = Path(args.output)
-    plan = {"checkpoint": model_source(meta["path"]), "step": meta["step"], "ema": not args.no_ema,
-            "autoencoder": model_source(source), "solver": solver, "steps": args.steps, "cfg": args.cfg,
+    plan = {"checkpoint": recorded_source(meta["path"]), "step": meta["step"], "ema": not args.no_ema,
+            "autoencoder": recorded_source(source), "solver": solver, "steps": args.steps, "cfg": args.cfg,
             "guidance_interval": list(interval), "eta": args.eta, "seed": args.seed, "dtype": args.dtype,
             "latent_shape": list(shape)}  # fmt: skip
     paths = write_samples(run.images, values, out, args.n, args.batch_size, args.overwrite, rank, world,
-                          settings=plan, condition="class", stale=("grid.png", "samples.json", "fid.json"))  # fmt: skip
+                          settings=plan, condition="class", stale=SAMPLE_REPORTS)  # fmt: skip
     if rank == 0:
         _sample_report(args, out, paths, values, meta, {"autoencoder": source, "solver": solver,
                                                          "guidance_interval": list(interval)}, device)  # fmt: skip

@@ -60,7 +60,7 @@ def build_sampler(args: argparse.Namespace, device):
         return _pipeline_sampler(args, m, device)
     import torch
 
-    from dcae.diffusion.generation import ImageSampler, model_source
+    from dcae.diffusion.generation import ImageSampler
     from dcae.diffusion.processes.sampling import sample
 
     size = _latent_size(args.size, m["resolution"], m["compression"], m["patch"])
@@ -75,10 +75,7 @@ def build_sampler(args: argparse.Namespace, device):
                       generator=torch.Generator(device).manual_seed(seeds[0]))  # fmt: skip
 
     settings = {**m["settings"], "shift": shift, "latent_shape": list(shape)}
-    plan = {**settings, "autoencoder": model_source(m["autoencoder_source"]), "dtype": args.dtype}
-    for key in ("checkpoint", "model"):
-        if key in plan:
-            plan[key] = model_source(plan[key])
+    plan = _plan(settings, m, args)
     run = ImageSampler(latents, m["autoencoder"], m["scaling"], shape, args.seed, device, args.dtype)
     return run, settings, plan
 
@@ -87,7 +84,7 @@ def _pipeline_sampler(args, m: dict, device):
     """SanaPipeline.__call__'s sampling (dcae.diffusion.t2i.sana_call) with the scheduler m["scheduler"] (a
     released pipeline's own, a dcae-exported pipeline's, or the one `dcae t2i export` writes for a checkpoint's
     solver and shift): resolution binning where m["binning"], image i seeded seed + i."""
-    from dcae.diffusion.generation import ImageSampler, model_source
+    from dcae.diffusion.generation import ImageSampler
     from dcae.diffusion.t2i.sana_call import (
         binned_size,
         make_scheduler,
@@ -128,13 +125,22 @@ def _pipeline_sampler(args, m: dict, device):
                 "latent_shape": list(shape)}  # fmt: skip
     if m["released"]:
         settings["solver"] = config.get("_class_name")
-    plan = {**settings, "autoencoder": model_source(m["autoencoder_source"]), "dtype": args.dtype}
-    for key in ("checkpoint", "model"):
-        if key in plan:
-            plan[key] = model_source(plan[key])
+    plan = _plan(settings, m, args)
     run = ImageSampler(latents, m["autoencoder"], m["scaling"], shape, args.seed, device, args.dtype,
                        seed_of=lambda seed, i: seed + i, finish=finish)  # fmt: skip
     return run, settings, plan
+
+
+def _plan(settings: dict, m: dict, args: argparse.Namespace) -> dict:
+    """The sample folder's plan: the settings with every model source recorded as a path from anywhere
+    (dcae.diffusion.cache.recorded_source), the autoencoder's and the dtype."""
+    from dcae.diffusion.cache import recorded_source
+
+    plan = {**settings, "autoencoder": recorded_source(m["autoencoder_source"]), "dtype": args.dtype}
+    for key in ("checkpoint", "model"):
+        if key in plan:
+            plan[key] = recorded_source(plan[key])
+    return plan
 
 
 def _load_for_sampling(args, device) -> dict:

@@ -85,14 +85,7 @@ def sample_as_pipeline(transformer, scheduler, noise: torch.Tensor, text: Text, 
     dtype = next(transformer.parameters()).dtype
     scheduler.set_timesteps(steps, device=device)
     cfg = guidance_scale > 1.0
-    if cfg:
-        b = len(text)
-        null_emb = text.null_emb.expand(b, *text.null_emb.shape).to(text.emb.dtype)
-        null_mask = text.null_mask.expand(b, *text.null_mask.shape).to(text.mask.dtype)
-        cond = Text(torch.cat([null_emb, text.emb]), torch.cat([null_mask, text.mask]), text.null_emb, text.null_mask)
-    else:
-        cond = text
-    cond = Text(cond.emb.to(device, dtype), cond.mask.to(device), cond.null_emb.to(device), cond.null_mask.to(device))
+    cond = _on(text.null().cat(text) if cfg else text, device, dtype)  # [uncond; cond], as the pipeline batches
     latents = noise.float()
     channels = latents.shape[1]
     for t in scheduler.timesteps:
@@ -105,6 +98,11 @@ def sample_as_pipeline(transformer, scheduler, noise: torch.Tensor, text: Text, 
             pred = pred.chunk(2, dim=1)[0]
         latents = scheduler.step(pred, t, latents, return_dict=False)[0]
     return latents
+
+
+def _on(text: Text, device, dtype: torch.dtype) -> Text:
+    """The prompts on `device`, their embeddings in the transformer's dtype (as the pipeline passes them)."""
+    return Text(text.emb.to(device, dtype), text.mask.to(device), text.null_emb.to(device), text.null_mask.to(device))
 
 
 SPRINT_MAX_TIMESTEP, SPRINT_INTERMEDIATE_TIMESTEP = 1.57080, 1.3  # SanaSprintPipeline.__call__'s defaults
@@ -141,7 +139,7 @@ def _sprint_one(transformer, scheduler, noise, text: Text, steps: int, guidance_
     latents = noise.float() * sigma_data
     guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32)
     guidance = guidance.expand(latents.shape[0]).to(text.emb.dtype) * transformer.config["guidance_embeds_scale"]
-    cond = Text(text.emb.to(device, dtype), text.mask.to(device), text.null_emb.to(device), text.null_mask.to(device))
+    cond = _on(text, device, dtype)
     denoised = latents
     for t in scheduler.timesteps[:-1]:
         timestep = t.expand(latents.shape[0])

@@ -16,7 +16,14 @@ import torch
 from dcae.data.images import load_image, make_grid, save_image
 from dcae.diffusion.c2i.released.models import load_released
 from dcae.diffusion.c2i.released.sampling import check_inputs, default_steps, generate, samplers_for
-from dcae.diffusion.generation import ImageSampler, compute_gfid, condition_values, model_source, write_samples
+from dcae.diffusion.cache import recorded_source
+from dcae.diffusion.generation import (
+    SAMPLE_REPORTS,
+    ImageSampler,
+    compute_gfid,
+    condition_values,
+    write_samples,
+)
 from dcae.errors import UserError
 from dcae.models import DCAE
 from dcae.utils.devices import process_group_from_env
@@ -59,10 +66,15 @@ def cmd_sample_released(args: argparse.Namespace) -> int:
 
     run = ImageSampler(latents, ae, release.scaling_factor, shape, args.seed, device, args.dtype)
     out = Path(args.output)
-    plan = {**settings, "source": model_source(args.model), "autoencoder": model_source(source), "dtype": args.dtype}
+    plan = {
+        **settings,
+        "source": recorded_source(args.model),
+        "autoencoder": recorded_source(source),
+        "dtype": args.dtype,
+    }
     paths = write_samples(run.images, labels, out, args.n, args.batch_size, args.overwrite, rank, world,
                           desc=f"sampling ({solver})", settings=plan, condition="class",
-                          stale=("grid.png", "samples.json", "fid.json"))  # fmt: skip
+                          stale=SAMPLE_REPORTS)  # fmt: skip
     if rank == 0:
         _report(args, out, paths, labels, settings, device)
     return 0
