@@ -35,32 +35,38 @@ def tiny_f32_autoencoder() -> DCAE:
     return DCAE(DCAEConfig(name="tiny-f32c8", latent_channels=8, scaling_factor=0.5, **six))
 
 
-@pytest.fixture(scope="module")
-def pipes(tmp_path_factory) -> dict:
+def _components(root, seed: int, **transformer_kw) -> dict:
+    """A random Gemma-2 with its tokenizer, the tiny f32 autoencoder and a tiny SanaTransformer2DModel (seeded),
+    all built from diffusers' and transformers' own classes: a pipeline's components but its scheduler."""
     from test_text_encoders import _gemma
 
-    root = tmp_path_factory.mktemp("parity")
     text_dir = _gemma(root / "gemma", layout="pipeline")
     tiny_f32_autoencoder().save_pretrained(root / "ae", format="diffusers")
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     transformer = diffusers.SanaTransformer2DModel(
         in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=16, num_layers=2,
         num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32, caption_channels=32,
-        sample_size=16,
+        **transformer_kw,
     )  # fmt: skip
-    out = {}
-    for kind, (name, config) in SCHEDULERS.items():
-        pipe = diffusers.SanaPipeline(
-            tokenizer=transformers.AutoTokenizer.from_pretrained(text_dir / "tokenizer"),
-            text_encoder=transformers.AutoModel.from_pretrained(text_dir / "text_encoder"),
-            vae=diffusers.AutoencoderDC.from_pretrained(root / "ae"), transformer=transformer,
-            scheduler=getattr(diffusers, name)(**config),
-        )  # fmt: skip
-        pipe.save_pretrained(root / kind)
-        pipe = diffusers.SanaPipeline.from_pretrained(root / kind)
-        pipe.set_progress_bar_config(disable=True)
-        out[kind] = (root / kind, pipe)
-    return out
+    return {"tokenizer": transformers.AutoTokenizer.from_pretrained(text_dir / "tokenizer"),
+            "text_encoder": transformers.AutoModel.from_pretrained(text_dir / "text_encoder"),
+            "vae": diffusers.AutoencoderDC.from_pretrained(root / "ae"), "transformer": transformer}  # fmt: skip
+
+
+def _saved(pipe_class, components: dict, scheduler, folder):
+    """The pipeline saved with save_pretrained and loaded back as diffusers loads it."""
+    pipe_class(**components, scheduler=scheduler).save_pretrained(folder)
+    pipe = pipe_class.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return folder, pipe
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("parity")
+    components = _components(root, seed=1, sample_size=16)
+    return {kind: _saved(diffusers.SanaPipeline, components, getattr(diffusers, name)(**config), root / kind)
+            for kind, (name, config) in SCHEDULERS.items()}  # fmt: skip
 
 
 def _dcae(folder, out, seed, steps, size, cfg=None, extra=()) -> np.ndarray:
@@ -183,27 +189,9 @@ def test_other_sana_pipelines_are_refused_by_name(pipes, tmp_path, capsys):
 def sprint(tmp_path_factory):
     """A tiny SANA-Sprint: guidance-embedded transformer with q/k norm across heads, sample_size 32 (the only
     one SanaSprintPipeline bins), SCMScheduler."""
-    from test_text_encoders import _gemma
-
     root = tmp_path_factory.mktemp("sprint")
-    text_dir = _gemma(root / "gemma", layout="pipeline")
-    tiny_f32_autoencoder().save_pretrained(root / "ae", format="diffusers")
-    torch.manual_seed(2)
-    transformer = diffusers.SanaTransformer2DModel(
-        in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=16, num_layers=2,
-        num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32, caption_channels=32,
-        sample_size=32, guidance_embeds=True, qk_norm="rms_norm_across_heads",
-    )  # fmt: skip
-    pipe = diffusers.SanaSprintPipeline(
-        tokenizer=transformers.AutoTokenizer.from_pretrained(text_dir / "tokenizer"),
-        text_encoder=transformers.AutoModel.from_pretrained(text_dir / "text_encoder"),
-        vae=diffusers.AutoencoderDC.from_pretrained(root / "ae"), transformer=transformer,
-        scheduler=diffusers.SCMScheduler(),
-    )  # fmt: skip
-    pipe.save_pretrained(root / "pipe")
-    pipe = diffusers.SanaSprintPipeline.from_pretrained(root / "pipe")
-    pipe.set_progress_bar_config(disable=True)
-    return root / "pipe", pipe
+    components = _components(root, seed=2, sample_size=32, guidance_embeds=True, qk_norm="rms_norm_across_heads")
+    return _saved(diffusers.SanaSprintPipeline, components, diffusers.SCMScheduler(), root / "pipe")
 
 
 @pytest.mark.parametrize(
