@@ -1,7 +1,9 @@
 """Training checkpoints: one file per saved step, written atomically, the last N kept, every process's RNG
 state inside, read back with weights_only (a checkpoint from elsewhere cannot run code when loaded).
 
-What goes in the file is the trainer's business; the file names are `step_<digits>.pt` in one folder.
+What goes in the file is the trainer's business; the file names are `step_<digits>.pt` in one folder. A run
+sharded with FSDP writes folders `step_<digits>/` instead (dcae.runtime.sharding); they list, rotate and load
+(consolidated, on the CPU) like the files.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ import torch
 from dcae.errors import UserError, brief
 from dcae.utils.io import atomic_torch_save
 
-CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
+CKPT_RE = re.compile(r"^step_(\d+)(\.pt)?$")  # a file, or a sharded checkpoint's folder
 
 
 # ----------------------------------------------------------------------------- RNG
@@ -85,8 +88,16 @@ def save_checkpoint(state: dict[str, Any], path: Path, keep_last: int) -> Path:
     """Atomic write (temp file + rename), then delete all but the newest `keep_last` in the same folder."""
     path = atomic_torch_save(state, path)
     for old in list_checkpoints(path.parent)[:-keep_last]:
-        old.unlink(missing_ok=True)
+        remove_checkpoint(old)
     return path
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint file or a sharded checkpoint's folder."""
+    if Path(path).is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        Path(path).unlink(missing_ok=True)
 
 
 def remove_stale_temp_files(folder: Path) -> None:
@@ -98,6 +109,13 @@ def remove_stale_temp_files(folder: Path) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint file, or a sharded checkpoint's folder consolidated on the CPU."""
+    if Path(path).is_dir():
+        from dcae.runtime import sharding
+
+        if not sharding.is_checkpoint(path):
+            raise UserError(f"cannot read training checkpoint {path}: a folder without {sharding.META}")
+        return sharding.consolidated(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

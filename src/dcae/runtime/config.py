@@ -53,6 +53,32 @@ class LogConfig:
     tensorboard: bool = True  # also log to tensorboard/ when the tensorboard package is installed
 
 
+STRATEGIES = ("ddp", "fsdp")
+
+
+@dataclass
+class ParallelConfig:
+    """How several processes share a run (dcae.runtime.sharding). ddp: every process holds the whole model,
+    optimizer and EMA; fsdp: FSDP2 shards them over the processes, one transformer block (or autoencoder
+    stage) gathered at a time, and checkpoints become folders written with torch.distributed.checkpoint."""
+
+    strategy: str = "ddp"  # ddp | fsdp
+    reshard_after_forward: bool = True  # fsdp: free each gathered block after its forward (ZeRO-3); false: ZeRO-2
+    timeout_s: int = 1800  # collective timeout of the process group (multi-node: raise it for slow first steps)
+
+
+def parallel_problems(p: ParallelConfig, mixed_precision: str) -> list[str]:
+    """What is wrong with a `parallel:` section, one phrase each (the trainers' validation joins them)."""
+    problems = []
+    if p.strategy not in STRATEGIES:
+        problems.append(f"parallel.strategy must be one of {', '.join(STRATEGIES)}, got {p.strategy!r}")
+    elif p.strategy == "fsdp" and mixed_precision == "fp16":
+        problems.append("parallel.strategy=fsdp trains in bf16 or fp32 (mixed_precision bf16 or no), not fp16")
+    if isinstance(p.timeout_s, bool) or not isinstance(p.timeout_s, int) or p.timeout_s < 1:
+        problems.append(f"parallel.timeout_s must be a whole number of seconds >= 1, got {p.timeout_s!r}")
+    return problems
+
+
 def load_config(
     cls: type[T],
     source: str | Path | dict | None = None,

@@ -9,6 +9,7 @@ from dcae.diffusion.nets.registry import (
     list_diffusion_models,
     parse_model_name,
     set_grad_checkpointing,
+    transformer_blocks,
 )
 from dcae.diffusion.nets.sana import SanaTransformer
 from dcae.diffusion.nets.uvit import UViT
@@ -24,4 +25,5 @@ __all__ = [
     "list_diffusion_models",
     "parse_model_name",
     "set_grad_checkpointing",
+    "transformer_blocks",
 ]

@@ -7,9 +7,9 @@ import re
 
 import torch.nn as nn
 
-from dcae.diffusion.nets.dit import DiT
-from dcae.diffusion.nets.sana import SanaTransformer
-from dcae.diffusion.nets.uvit import UViT
+from dcae.diffusion.nets.dit import DiT, DiTBlock
+from dcae.diffusion.nets.sana import SanaBlock, SanaTransformer
+from dcae.diffusion.nets.uvit import UViT, UViTBlock
 from dcae.errors import UnknownModelError, UserError
 
 # (depth, width, heads). DiT sizes from the DiT paper (Table 1); U-ViT sizes from the U-ViT paper (depth counts
@@ -121,3 +121,9 @@ def _create_sana(name, in_channels, input_size, num_classes, learn_sigma, kwargs
 def set_grad_checkpointing(model: nn.Module, enabled: bool = True) -> None:
     """Recompute each transformer block in the backward pass: less activation memory for ~30% more compute."""
     model.grad_checkpointing = enabled
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a DiT, U-ViT or SANA, in order: the units that sharded training (FSDP2) gathers
+    and frees one at a time (dcae.runtime.sharding)."""
+    return [m for m in model.modules() if isinstance(m, (DiTBlock, UViTBlock, SanaBlock))]

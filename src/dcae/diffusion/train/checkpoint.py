@@ -20,6 +20,7 @@ from dcae.diffusion.processes.flow import FlowMatching
 from dcae.diffusion.train.config import DiffusionConfig, recorded_config
 from dcae.errors import UserError, brief
 from dcae.runtime import checkpoint as ckpt
+from dcae.runtime.sharding import is_checkpoint as is_sharded_checkpoint
 
 DIGITS = 7  # step_0000100.pt
 
@@ -34,9 +35,9 @@ def list_checkpoints(out: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or the newest one in a run folder."""
+    """A checkpoint file or sharded checkpoint folder, or the newest one in a run folder."""
     path = Path(path)
-    if path.is_file():
+    if path.is_file() or is_sharded_checkpoint(path):
         return path
     found = list_checkpoints(path)
     if not found:

@@ -13,7 +13,7 @@ from typing import Any
 
 from dcae.errors import UserError
 from dcae.runtime import config as runtime_config
-from dcae.runtime.config import CheckpointConfig, LogConfig
+from dcae.runtime.config import CheckpointConfig, LogConfig, ParallelConfig, parallel_problems
 from dcae.runtime.schedule import SCHEDULES
 from dcae.utils import numbers as num
 from dcae.utils.numbers import field_problems, fields_problems, items_problems
@@ -90,6 +90,7 @@ class TrainConfig:
     resume: str = "auto"  # "auto" (latest checkpoint in out_dir), "none", or a checkpoint path
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=5000, keep_last=3))
     log: LogConfig = field(default_factory=lambda: LogConfig(every=50, tensorboard=True))
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -178,6 +179,7 @@ def validate_config(cfg: TrainConfig) -> None:
         problems.append(f"optim.betas must be two numbers (Adam's beta1, beta2), got {betas}")
     problems += items_problems("optim.betas", betas[:2], num.FRACTION)
     problems += _override_problems(cfg.model.overrides)
+    problems += parallel_problems(cfg.parallel, cfg.mixed_precision)
     if problems:
         raise UserError("invalid training config: " + "; ".join(problems))
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from dcae.data.images import make_grid, save_image
 from dcae.diffusion.cache import CacheDataset
 from dcae.diffusion.conditioning import Condition, Conditioning, chunk
-from dcae.diffusion.nets import set_grad_checkpointing
+from dcae.diffusion.nets import set_grad_checkpointing, transformer_blocks
 from dcae.diffusion.train import checkpoint as run_ckpt
 from dcae.diffusion.train.config import TrainConfig, config_to_dict, validate_config
 from dcae.diffusion.train.data import data_batches, open_cache
@@ -35,6 +35,7 @@ from dcae.diffusion.train.samples import AutoencoderCache, grid_condition, sampl
 from dcae.errors import NonFiniteError, UserError
 from dcae.runtime import batch as global_batch
 from dcae.runtime import checkpoint as ckpt
+from dcae.runtime import sharding
 from dcae.runtime.accelerator import make_accelerator
 from dcae.runtime.config import dump_yaml
 from dcae.runtime.ema import EMA
@@ -57,7 +58,9 @@ def accumulate_gradients(accelerator, train_model, model, process, x, cond: Cond
     only on the last); micro-batch k draws its noise from `gen` seeded with seeds[k]. Returns the mean loss."""
     accum, total = len(seeds), 0.0
     for k, (xk, ck) in enumerate(zip(x.chunk(accum), chunk(cond, accum))):
-        sync = accelerator.no_sync(model) if k < accum - 1 else contextlib.nullcontext()
+        sync = contextlib.nullcontext()
+        if k < accum - 1:  # FSDP: no reduce-scatter; DDP: no all-reduce
+            sync = sharding.no_sync(model) if sharding.is_sharded(model) else accelerator.no_sync(model)
         gen.manual_seed(seeds[k])
         with sync, accelerator.autocast():
             loss = process.loss(train_model, xk, ck, generator=gen).mean() / accum
@@ -81,6 +84,7 @@ class _Run:
     ema: EMA
     opt: torch.optim.Optimizer
     process: object
+    template: torch.nn.Module | None = None  # parallel.strategy=fsdp: the unsharded network, without storage
 
     @property
     def out(self) -> Path:
@@ -93,25 +97,27 @@ class _Run:
     def save_checkpoint(self, step: int) -> Path:
         """Atomic checkpoint (every process's RNG state included), keep-last-N, and the loss plot."""
         path = run_ckpt.checkpoint_path(self.out, step)
-        rng = ckpt.all_rng_states(self.accelerator)
-        if self.main:
-            state = {
-                "model": self.raw_model.state_dict(),
-                "ema": self.ema.state_dict_for(self.raw_model),
-                "optimizer": self.opt.state_dict(),
-                "step": step,
-                "rng": rng,
-                "config": config_to_dict(self.cfg),
-                "model_args": self.model_args,
-                "latents": self.ds.index.summary(),
-            }
+        info = {"step": step, "rng": ckpt.all_rng_states(self.accelerator), "config": config_to_dict(self.cfg),
+                "model_args": self.model_args, "latents": self.ds.index.summary()}  # fmt: skip
+        if self.template is not None:  # sharded: a folder, every process writes its shards
+            path = sharding.save(path.with_suffix(""), self.raw_model, self.opt, self.ema.shadow, info,
+                                 self.cfg.checkpoint.keep_last, self.main)  # fmt: skip
+        elif self.main:
+            state = {"model": self.raw_model.state_dict(), "ema": self.ema.state_dict_for(self.raw_model),
+                     "optimizer": self.opt.state_dict(), **info}  # fmt: skip
             ckpt.save_checkpoint(state, path, self.cfg.checkpoint.keep_last)
+        if self.main:
             plot_curves({"train": read_log(self.out / "log.csv")}, self.out / "loss.png", "diffusion training")
         self.accelerator.wait_for_everyone()
         return path
 
-    def ema_model(self) -> torch.nn.Module:
-        """A copy of the network with the EMA weights, in eval mode, for sampling."""
+    def ema_model(self) -> torch.nn.Module | None:
+        """A copy of the network with the EMA weights, in eval mode, for sampling. Sharded: gathered into an
+        unsharded copy on the main process (None on the others; every process must call it)."""
+        if self.template is not None:
+            model = sharding.full_model(self.template, self.raw_model, self.ema.shadow, self.main,
+                                        self.accelerator.device)  # fmt: skip
+            return model.eval() if model is not None else None
         model = copy.deepcopy(self.raw_model)  # a copy draws no random numbers, unlike a new network
         model.load_state_dict(self.ema.state_dict_for(self.raw_model))
         return model.eval()
@@ -119,11 +125,12 @@ class _Run:
     def save_samples(self, step: int, autoencoders: AutoencoderCache) -> None:
         """A grid of fixed-seed EMA samples, decoded (or saved as latents when no autoencoder loads)."""
 
+        ema_model = self.ema_model() if self.main or self.template is not None else None
         if self.main:
             ae = autoencoders.get()
             scaling = self.ds.index.scaling_factor
             with self.accelerator.autocast():
-                imgs = sample_grid(self.ema_model(), self.process, self.grid_cond, self.cfg.sample,
+                imgs = sample_grid(ema_model, self.process, self.grid_cond, self.cfg.sample,
                                    self.ds.latent_shape, self.accelerator.device, ae, scaling)  # fmt: skip
             path = self.out / "samples" / f"step_{step:0{run_ckpt.DIGITS}d}"
             if ae is not None:
@@ -137,7 +144,7 @@ def _setup(cfg: TrainConfig) -> tuple[_Run, int]:
     """Build (or resume) a run; returns it and the step it starts at."""
     validate_config(cfg)
     check_output_dir(cfg.out_dir, "out_dir")  # before anything is loaded: a file there is one error line
-    accelerator = make_accelerator(cfg.mixed_precision)
+    accelerator = make_accelerator(cfg.mixed_precision, timeout_s=cfg.parallel.timeout_s)
     rank, world, accum = accelerator.process_index, accelerator.num_processes, cfg.grad_accum
     global_batch.micro_batch(cfg.batch_size, world, accum)  # or a one-line error naming batch_size
     torch.manual_seed(cfg.seed + rank)
@@ -145,6 +152,11 @@ def _setup(cfg: TrainConfig) -> tuple[_Run, int]:
     model_args = _model_args(cfg, ds)
     model = run_ckpt.build_model(model_args)
     set_grad_checkpointing(model, cfg.model.gradient_checkpointing)
+    template = None
+    if cfg.parallel.strategy == "fsdp":  # before the EMA and the optimizer: they hold the shards
+        template = sharding.meta_copy(model)
+        sharding.shard(model, transformer_blocks(model), cfg.mixed_precision, cfg.parallel.reshard_after_forward,
+                       accelerator.device)  # fmt: skip
     ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup)
     process = run_ckpt.make_process(cfg.diffusion, cfg.model.learn_sigma)
     opt = torch.optim.AdamW(
@@ -159,12 +171,13 @@ def _setup(cfg: TrainConfig) -> tuple[_Run, int]:
             file=sys.stderr,
         )
     ema.to(accelerator.device)
-    model, opt = accelerator.prepare(model, opt)
+    if template is None:
+        model, opt = accelerator.prepare(model, opt)
     conditioning = ds.conditioning
     main = accelerator.is_main_process
     grid_cond = grid_condition(conditioning, cfg.sample, accelerator.device) if main else None
     run = _Run(cfg, accelerator, ds, conditioning, grid_cond, model_args, model, accelerator.unwrap_model(model),
-               ema, opt, process)  # fmt: skip
+               ema, opt, process, template)  # fmt: skip
     return run, step
 
 
@@ -185,17 +198,23 @@ def _resume(cfg: TrainConfig, model_args: dict, model, ema: EMA, opt, rank: int,
         resume_from = run_ckpt.latest_checkpoint(cfg.resume)
     if resume_from is None:
         return 0
-    state = ckpt.load_checkpoint(resume_from)
+    folder = sharding.is_checkpoint(resume_from)  # sharded: read in place, resharded, below
+    state = sharding.load_meta(resume_from) if folder else ckpt.load_checkpoint(resume_from)
     with ckpt.restoring(resume_from):
         if run_ckpt.normalized_model_args(state["model_args"]) != model_args:
             raise UserError(
                 f"{resume_from} was trained with {state['model_args']}, this config builds {model_args}; "
                 "use another `out` folder or resume=none"
             )
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])  # the averaged weights as a model state dict
+        if folder:
+            sharding.load(resume_from, model, opt, ema.shadow)
+        elif sharding.is_sharded(model):
+            sharding.load_full(model, opt, ema.shadow, state)
+        else:
+            model.load_state_dict(state["model"])
+            ema.load_state_dict(state["ema"])  # the averaged weights as a model state dict
+            opt.load_state_dict(state["optimizer"])
         ema.num_updates = step = ckpt.counter(state, "step")
-        opt.load_state_dict(state["optimizer"])
         ckpt.restore_rng(state["rng"], rank)
     if main:
         print(f"resuming from {resume_from} (step {step})", file=sys.stderr)
@@ -238,7 +257,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         set_lr(opt, lr)
         seeds = [_step_seed(cfg.seed, step, rank * accum + k) for k in range(accum)]
         loss = accumulate_gradients(acc, train_model, model, run.process, x, cond, gen, seeds)
-        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
+        clip = cfg.optim.grad_clip or float("inf")
+        grad_norm = sharding.clip_grad_norm(model.parameters(), clip) if run.template is not None else \
+            acc.clip_grad_norm_(model.parameters(), clip)  # fmt: skip
         opt.step()
         opt.zero_grad(set_to_none=True)
         run.ema.update(run.raw_model)
@@ -268,6 +289,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         if window_n == 0:  # restart the throughput clock after logging, checkpointing or sampling
             window_t0 = time.perf_counter()
     bar.close()
+    sharding.release_process_group()
     if logger is not None:
         logger.close()
     if last_ckpt is None and run.main:
