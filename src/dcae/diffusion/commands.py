@@ -49,7 +49,39 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="dcae diffusion train CONFIG.yaml [key=value ...] [--quiet] (options and overrides in any order)",
     )
     add_train_arguments(t, "YAML config (see configs/diffusion_*.yaml)")
+    add_consolidate(dsub)
     p.set_defaults(func=lambda args: p.print_help() or 2)
+
+
+# ----------------------------------------------------------------------------- dcae diffusion consolidate
+def cmd_consolidate(args: argparse.Namespace) -> int:
+    from dcae.diffusion.train.checkpoint import latest_checkpoint
+    from dcae.errors import UserError
+    from dcae.runtime import sharding
+
+    folder = latest_checkpoint(args.ckpt)
+    if not sharding.is_checkpoint(folder):
+        raise UserError(f"{folder} is not a sharded checkpoint folder (parallel.strategy=fsdp writes those)")
+    # default: beside checkpoints/, where it is not taken for one more checkpoint of the run
+    out = Path(args.output) if args.output else folder.parent.parent / f"{folder.name}.pt"
+    sharding.consolidate(folder, out, optimizer=not args.weights_only)
+    print(f"{folder} -> {out}")
+    return 0
+
+
+def add_consolidate(sub: argparse._SubParsersAction) -> None:
+    """`consolidate`: a sharded checkpoint (FSDP run) -> one ordinary checkpoint file, read on the CPU."""
+    c = sub.add_parser(
+        "consolidate",
+        help="a sharded checkpoint folder (parallel.strategy=fsdp) -> one ordinary .pt checkpoint, on the CPU",
+        description="Sampling and export read sharded checkpoints directly; this writes the file once (e.g. to "
+        "copy it elsewhere, or to resume under DDP).",
+    )
+    c.add_argument("ckpt", help="checkpoint folder checkpoints/step_XXXXXXX, or a run folder (its newest)")
+    c.add_argument("-o", "--output", help="output .pt (default: RUN/step_XXXXXXX.pt, beside checkpoints/)")
+    c.add_argument("--weights-only", action="store_true",
+                   help="leave out the optimizer (half the size): samples and exports, does not resume")  # fmt: skip
+    c.set_defaults(func=cmd_consolidate)
 
 
 def add_train_arguments(t: argparse.ArgumentParser, config_help: str) -> None:

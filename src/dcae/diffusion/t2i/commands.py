@@ -134,7 +134,7 @@ def _sample_fits(args: argparse.Namespace) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from dcae.diffusion.commands import add_train_arguments
+    from dcae.diffusion.commands import add_consolidate, add_train_arguments
     from dcae.diffusion.solvers import EXPORT_SOLVERS
 
     p = sub.add_parser("t2i", help="text-to-image on DC-AE latents: cache, train, sample (SANA-style)")
@@ -164,6 +164,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         description="dcae t2i train CONFIG.yaml [key=value ...]: the diffusion trainer on text "
                         "latents (see configs/t2i_tiny.yaml)")  # fmt: skip
     add_train_arguments(t, "YAML config")
+    add_consolidate(tsub)
 
     e = tsub.add_parser("export", help="a diffusers SANA pipeline folder from a text-to-image run of ours")
     e.add_argument("--ckpt", required=True, help="run folder or checkpoint")

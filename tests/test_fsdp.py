@@ -1,0 +1,195 @@
+"""Sharded training (parallel.strategy=fsdp: FSDP2 fully_shard, torch.distributed.checkpoint) on the CPU with
+gloo, launched like a GPU job (`torchrun -m dcae.cli ...`), checked against what we did not write: a plain
+1-process run with gradient accumulation (torch's AdamW on whole tensors), DCP's own checkpoint metadata, and
+uninterrupted runs."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_diffusion_train import latents  # noqa: F401  (module fixture: class-conditional latents)
+from test_t2i import cache  # noqa: F401  (module fixture: captioned text latents)
+from test_train_helpers import torchrun_dcae
+
+from dcae.cli import main as cli
+from dcae.diffusion.train.checkpoint import build_model, list_checkpoints
+from dcae.errors import UserError
+from dcae.runtime import checkpoint as ckpt
+from dcae.runtime import sharding
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+DIT = ["diffusion", "train", "batch_size=4", "log.every=1", "mixed_precision=no", "num_workers=0", "sample.every=0",
+       "sample.decode=false", "sample.steps=2", "sample.num=2", "log.tensorboard=false", "optim.lr=1e-3",
+       "model.overrides={depth: 2, hidden_size: 32, num_heads: 2}", "--quiet"]  # fmt: skip
+STEPS = 12
+
+
+def _torchrun(*args: str, **popen) -> subprocess.CompletedProcess:
+    return subprocess.run([*torchrun_dcae(), *map(str, args)], env=ENV, capture_output=True, text=True, **popen)
+
+
+def _losses(out: Path) -> list[float]:
+    return [float(r["loss"]) for r in csv.DictReader((out / "log.csv").read_text().splitlines())]
+
+
+def _newest(out: Path) -> dict:
+    return ckpt.load_checkpoint(list_checkpoints(out)[-1])  # a sharded folder is consolidated on the CPU
+
+
+def _assert_close(a: dict, b: dict, atol: float, skip: tuple[str, ...] = ()) -> None:
+    """Weights, EMA and AdamW moments of two checkpoints, parameter by parameter (but those named in `skip`)."""
+    assert a["step"] == b["step"]
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            if not k.endswith(skip):
+                torch.testing.assert_close(a[part][k], b[part][k], rtol=0, atol=atol, msg=f"{part}.{k}")
+    names = [n for n, _ in build_model(a["model_args"]).named_parameters()]  # the optimizer's order
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys() == set(range(len(names)))
+    assert a["optimizer"]["param_groups"][0]["params"] == b["optimizer"]["param_groups"][0]["params"]
+    for i in sa:
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            if not names[i].endswith(skip):
+                torch.testing.assert_close(sa[i][k].float(), sb[i][k].float(), rtol=0, atol=atol, msg=f"{names[i]} {k}")
+
+
+@pytest.fixture(scope="module")
+def sharded_dit(latents, tmp_path_factory) -> Path:  # noqa: F811
+    """A DiT trained STEPS steps on 2 processes with FSDP, checkpoint folders every 4 steps."""
+    out = tmp_path_factory.mktemp("fsdp") / "run"
+    proc = _torchrun(*DIT, f"data={latents}", f"max_steps={STEPS}", "checkpoint.every=4", "checkpoint.keep_last=2",
+                     "parallel.strategy=fsdp", f"out_dir={out}")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "2 process(es) (DistributedType.MULTI_CPU" in proc.stderr
+    return out
+
+
+@pytest.mark.slow
+def test_dit_two_processes_sharded_equal_one_process(sharded_dit, latents, tmp_path):  # noqa: F811
+    """2 processes x FSDP == 1 process x 2 accumulation steps without FSDP: the same loss curve and, after STEPS
+    steps, the same weights, EMA and AdamW moments (up to the summation order of the gradients)."""
+    assert [p.name for p in list_checkpoints(sharded_dit)] == ["step_0000008", "step_0000012"]  # keep_last=2
+    folder = list_checkpoints(sharded_dit)[-1]
+    assert sorted(p.name for p in folder.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    assert not list((sharded_dit / "checkpoints").glob(".*"))  # no temp folder left behind
+    plain = tmp_path / "plain"
+    assert cli([*DIT, f"data={latents}", f"max_steps={STEPS}", "checkpoint.every=4", "grad_accum=2",
+                f"out_dir={plain}"]) == 0  # fmt: skip
+    np.testing.assert_allclose(_losses(sharded_dit), _losses(plain), rtol=2e-5)
+    _assert_close(_newest(sharded_dit), _newest(plain), atol=2e-6)
+
+
+@pytest.mark.slow
+def test_ema_and_optimizer_are_sharded_in_the_checkpoint(sharded_dit):
+    """DCP's own metadata: every EMA, weight and AdamW tensor was written as two row-halves, one per process
+    (no process held a full copy to save), and the loaded EMA matches the model shapes."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(list_checkpoints(sharded_dit)[-1]).read_metadata().state_dict_metadata
+    qkv = "blocks.0.attn.qkv.weight"  # 96 x 32: rows 0-47 on rank 0, 48-95 on rank 1
+    for key in (f"ema.{qkv}", f"model.{qkv}", f"optimizer.state.{qkv}.exp_avg", f"optimizer.state.{qkv}.exp_avg_sq"):
+        chunks = sorted((tuple(c.offsets), tuple(c.sizes)) for c in meta[key].chunks)
+        assert chunks == [((0, 0), (48, 32)), ((48, 0), (48, 32))], key
+    ema_keys = {k for k in meta if k.startswith("ema.")}
+    assert ema_keys and all(len(meta[k].chunks) == 2 for k in ema_keys if meta[k].size[0] >= 2)
+
+
+@pytest.mark.slow
+def test_two_process_checkpoint_resumes_on_one_process(sharded_dit, latents, tmp_path):  # noqa: F811
+    """DCP reshards: step 8 of the 2-process run, resumed on 1 process (its own process group, still sharded)
+    with 2 accumulation steps, reaches the 2-process run's step 12 (same data and noise slots)."""
+    out = tmp_path / "one"
+    shutil.copytree(list_checkpoints(sharded_dit)[0], out / "checkpoints" / "step_0000008")
+    assert cli([*DIT, f"data={latents}", f"max_steps={STEPS}", "checkpoint.every=4", "grad_accum=2",
+                "parallel.strategy=fsdp", f"out_dir={out}"]) == 0  # fmt: skip
+    _assert_close(_newest(out), _newest(sharded_dit), atol=2e-6)
+    # ... and under DDP too (a sharded checkpoint read into a whole model), writing an ordinary checkpoint
+    ddp = tmp_path / "ddp"
+    shutil.copytree(list_checkpoints(sharded_dit)[0], ddp / "checkpoints" / "step_0000008")
+    assert cli([*DIT, f"data={latents}", f"max_steps={STEPS}", "checkpoint.every=4", "grad_accum=2",
+                f"out_dir={ddp}"]) == 0  # fmt: skip
+    assert list_checkpoints(ddp)[-1].name == "step_0000012.pt"
+    _assert_close(_newest(ddp), _newest(sharded_dit), atol=2e-6)
+
+
+@pytest.mark.slow
+def test_sigkill_during_sharded_run_then_resume_equals_uninterrupted(sharded_dit, latents, tmp_path):  # noqa: F811
+    """SIGKILL of the launcher and both workers after a checkpoint; the rerun ends bit-identical to the
+    uninterrupted 2-process run."""
+    out = tmp_path / "killed"
+    args = [*torchrun_dcae(), *DIT, f"data={latents}", f"max_steps={STEPS}", "checkpoint.every=2",
+            "checkpoint.keep_last=2", "parallel.strategy=fsdp", f"out_dir={out}"]  # fmt: skip
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not list_checkpoints(out):
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = [int(p.name.split("_")[1]) for p in list_checkpoints(out)]
+    assert done and max(done) < STEPS, f"the kill should interrupt training (checkpoints at {done})"
+    rerun = subprocess.run(args, env=ENV, capture_output=True, text=True)
+    assert rerun.returncode == 0 and "resuming from" in rerun.stderr, rerun.stderr[-3000:]
+    a, b = _newest(out), _newest(sharded_dit)
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k}"
+    for i, s in a["optimizer"]["state"].items():
+        assert all(torch.equal(s[k], b["optimizer"]["state"][i][k]) for k in s), i
+    np.testing.assert_array_equal(_losses(out)[-4:], _losses(sharded_dit)[-4:])
+
+
+@pytest.mark.slow
+def test_sana_two_processes_sharded_equal_one_process(cache, tmp_path):  # noqa: F811
+    """Text-to-image: SANA-tiny on 2 processes with FSDP == 1 process with 2 accumulation steps, and the
+    end-of-run sample grid (EMA weights gathered to rank 0 from the shards, decoded) is the same picture."""
+    common = ["t2i", "train", f"data={cache}", "model.name=SANA-tiny", "batch_size=2", "max_steps=3", "log.every=1",
+              "checkpoint.every=3", "mixed_precision=no", "num_workers=0", "sample.every=0", "sample.steps=2",
+              "sample.num=2", "optim.lr=1e-3", "log.tensorboard=false", "sample.prompts=[a red square]",
+              "--quiet"]  # fmt: skip
+    proc = _torchrun(*common, "parallel.strategy=fsdp", f"out_dir={tmp_path / 'fsdp'}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert cli([*common, "grad_accum=2", f"out_dir={tmp_path / 'plain'}"]) == 0
+    np.testing.assert_allclose(_losses(tmp_path / "fsdp"), _losses(tmp_path / "plain"), rtol=2e-5)
+    # The key bias of a softmax cross-attention has a gradient of exactly 0 (adding q.b_k to every logit of a
+    # query leaves its softmax unchanged): only rounding noise, which AdamW scales up to steps of ~lr. Its
+    # value is noise in either run, and is left out.
+    _assert_close(_newest(tmp_path / "fsdp"), _newest(tmp_path / "plain"), atol=2e-6, skip=("attn2.to_k.bias",))
+    grids = [np.asarray(Image.open(tmp_path / r / "samples" / "step_0000003.png"), np.int16) for r in ("fsdp", "plain")]
+    assert np.abs(grids[0] - grids[1]).max() <= 1
+
+    # export and sampling read the sharded checkpoint directly, and its consolidated file the same
+    assert cli(["diffusion", "consolidate", str(tmp_path / "fsdp"), "-o", str(tmp_path / "c.pt")]) == 0
+    full = ckpt.load_checkpoint(tmp_path / "c.pt")
+    _assert_close(full, _newest(tmp_path / "fsdp"), atol=0)
+    assert cli(["t2i", "export", "--ckpt", str(tmp_path / "fsdp"), "-o", str(tmp_path / "pipe")]) == 0
+    assert (tmp_path / "pipe" / "transformer").is_dir()
+
+
+def test_bad_parallel_settings_and_checkpoints_are_refused_by_name(tmp_path, capsys):
+    from dcae.diffusion.train.config import load_config
+
+    with pytest.raises(UserError, match="parallel.strategy must be one of ddp, fsdp, got 'zero3'"):
+        load_config(None, ["data=x", "parallel.strategy=zero3"])
+    with pytest.raises(UserError, match="parallel.strategy=fsdp trains in bf16 or fp32"):
+        load_config(None, ["data=x", "parallel.strategy=fsdp", "mixed_precision=fp16"])
+    with pytest.raises(UserError, match="parallel.timeout_s"):
+        load_config(None, ["data=x", "parallel.timeout_s=0"])
+    (tmp_path / "step_0000001").mkdir()
+    with pytest.raises(UserError, match="without meta.pt"):
+        ckpt.load_checkpoint(tmp_path / "step_0000001")
+    assert not sharding.is_checkpoint(tmp_path / "step_0000001")
+    (tmp_path / "x.pt").write_bytes(b"")
+    assert cli(["diffusion", "consolidate", str(tmp_path / "x.pt")]) == 2
+    assert "not a sharded checkpoint folder" in capsys.readouterr().err
