@@ -98,11 +98,6 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def meta_copy(model: nn.Module) -> nn.Module:
-    """A copy of an unsharded model without storage (meta tensors): the template `full_model` fills."""
-    return copy.deepcopy(model).to("meta")
-
-
 @contextlib.contextmanager
 def no_sync(model: nn.Module):
     """Accumulate gradients without reduce-scatter (a non-final micro-batch)."""
@@ -131,9 +126,10 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def full_model(template: nn.Module, model: nn.Module, params: dict[str, torch.Tensor], main: bool,
                device: torch.device) -> nn.Module | None:  # fmt: skip
-    """An unsharded copy of `model` on rank 0 (None elsewhere) whose parameters are `params` (e.g. the EMA
-    shadow; the model's own for the others) and whose buffers are the model's. Gathered one tensor at a time,
-    so besides the copy no rank holds more than one full tensor; every rank must call it."""
+    """An unsharded copy of `model` on rank 0 (None elsewhere; `template`: the network on the meta device) whose
+    parameters are `params` (e.g. the EMA shadow; the model's own for the others) and whose buffers are the
+    model's. Gathered one tensor at a time, so besides the copy no rank holds more than one full tensor; every
+    rank must call it."""
     net = copy.deepcopy(template).to_empty(device=device) if main else None
     target = dict(net.named_parameters()) if main else {}
     for name, p in model.named_parameters():

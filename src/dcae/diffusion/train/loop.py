@@ -31,6 +31,7 @@ from dcae.diffusion.nets import set_grad_checkpointing, transformer_blocks
 from dcae.diffusion.train import checkpoint as run_ckpt
 from dcae.diffusion.train.config import TrainConfig, config_to_dict, validate_config
 from dcae.diffusion.train.data import data_batches, open_cache
+from dcae.diffusion.train.plan import memory_plan
 from dcae.diffusion.train.samples import AutoencoderCache, grid_condition, sample_grid
 from dcae.errors import NonFiniteError, UserError
 from dcae.runtime import batch as global_batch
@@ -154,7 +155,8 @@ def _setup(cfg: TrainConfig) -> tuple[_Run, int]:
     set_grad_checkpointing(model, cfg.model.gradient_checkpointing)
     template = None
     if cfg.parallel.strategy == "fsdp":  # before the EMA and the optimizer: they hold the shards
-        template = sharding.meta_copy(model)
+        with torch.device("meta"):  # the unsharded network without storage, for sample grids
+            template = run_ckpt.build_model(model_args)
         sharding.shard(model, transformer_blocks(model), cfg.mixed_precision, cfg.parallel.reshard_after_forward,
                        accelerator.device)  # fmt: skip
     ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup)
@@ -165,6 +167,7 @@ def _setup(cfg: TrainConfig) -> tuple[_Run, int]:
     # Resume before `prepare`, so every process starts from the same weights.
     step = _resume(cfg, model_args, model, ema, opt, rank, accelerator.is_main_process)
     if accelerator.is_main_process:
+        print(memory_plan(cfg, model_args, ds.latent_shape, ds.conditioning, world).describe(), file=sys.stderr)
         print(
             f"{world} process(es) ({accelerator.distributed_type}, {accelerator.device}, mixed precision "
             f"{accelerator.mixed_precision}); {len(ds)} latents, {global_batch.describe(cfg.batch_size, world, accum)}",
