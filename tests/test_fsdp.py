@@ -6,6 +6,7 @@ uninterrupted runs."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -193,3 +194,73 @@ def test_bad_parallel_settings_and_checkpoints_are_refused_by_name(tmp_path, cap
     (tmp_path / "x.pt").write_bytes(b"")
     assert cli(["diffusion", "consolidate", str(tmp_path / "x.pt")]) == 2
     assert "not a sharded checkpoint folder" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- memory plan
+@pytest.mark.slow
+def test_memory_plan_state_is_exact_under_fsdp(tmp_path):
+    """After one real sharded step on 2 processes, the storages of the weights, gradients, AdamW state and EMA
+    on rank 0 hold exactly the planned bytes; rank 1's padded weight and gradient shards too, its optimizer and
+    EMA (not padded) no more."""
+    worker = Path(__file__).parent / "fsdp_memory_worker.py"
+    cmd = [*torchrun_dcae()[:-2], str(worker), str(tmp_path)]  # torchrun ... worker.py instead of -m dcae.cli
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["measured"] == r0["planned"]
+    assert r1["measured"]["parameters"] == r1["planned"]["parameters"]
+    assert r1["measured"]["gradients"] == r1["planned"]["gradients"]
+    assert r1["measured"]["optimizer"] < r1["planned"]["optimizer"] and r1["measured"]["ema"] < r1["planned"]["ema"]
+
+
+def _tiny(name: str):
+    from dcae.diffusion.conditioning import ClassConditioning, TextConditioning
+
+    if name == "SANA-tiny":
+        return dict(in_channels=4, input_size=8, caption_channels=24, max_tokens=8), TextConditioning(24, 8)
+    dit = dict(in_channels=4, input_size=8, num_classes=10, depth=3, hidden_size=64, num_heads=4)
+    return dit, ClassConditioning(10)
+
+
+@pytest.mark.parametrize("name", ["DiT-S/1", "SANA-tiny"])
+def test_memory_plan_state_is_exact_in_one_process(name):
+    """One real AdamW step and EMA update of a whole model: the storages hold exactly the planned bytes."""
+    from dcae.diffusion.nets import create_diffusion_model
+    from dcae.runtime import memory
+    from dcae.runtime.ema import EMA
+
+    args, cond = _tiny(name)
+    model = create_diffusion_model(name, **args)
+    ema, opt = EMA(model, 0.99), torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 4, 8, 8), torch.rand(2), cond.random(2)).square().mean().backward()
+    opt.step()
+    ema.update(model)
+    with torch.device("meta"):
+        planned = memory.state_bytes(create_diffusion_model(name, **args), "ddp", 1)
+    assert memory.measured_state_bytes(model, opt, ema.shadow) == planned
+    assert planned["parameters"] == 4 * sum(p.numel() for p in model.parameters())  # plain fp32
+
+
+@pytest.mark.parametrize("name", ["DiT-S/1", "SANA-tiny"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_activation_estimate_within_2_percent_of_allocations(name, checkpointing):
+    """The plan's activations (a meta-device forward) against what the CPU allocator still holds after a real
+    forward (torch.profiler's memory events: allocations minus frees, the output left out): within 2%."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from dcae.diffusion.nets import create_diffusion_model, transformer_blocks
+    from dcae.runtime.memory import activation_bytes
+
+    args, cond = _tiny(name)
+    model = create_diffusion_model(name, **args)
+    model.grad_checkpointing = checkpointing
+    x, t, c = torch.randn(8, 4, 8, 8), torch.rand(8), cond.random(8)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = model(x, t, c)
+    held = sum(e.self_cpu_memory_usage for e in prof.key_averages()) - out.numel() * out.element_size()
+    with torch.device("meta"):
+        meta = create_diffusion_model(name, **args)
+    kept, recomputed = activation_bytes(meta, (x.to("meta"), t.to("meta"), cond.random(8, device="meta")),
+                                        transformer_blocks(meta), checkpointing)  # fmt: skip
+    assert abs(held - kept) <= 0.02 * held, (held, kept)
+    assert (recomputed > 0) == checkpointing

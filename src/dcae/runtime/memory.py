@@ -23,10 +23,12 @@ Estimated:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 GiB = 1024**3
@@ -113,10 +115,29 @@ def communication_bytes(model: nn.Module, units: list[nn.Module], strategy: str,
     return gathered * param_bytes + grads
 
 
-def activation_bytes(model: nn.Module, inputs: tuple, units: list[nn.Module], checkpointing: bool) -> int:
-    """Bytes autograd saves for backward in `model(*inputs)` (parameters excluded, each storage once). With
-    `checkpointing`: what is saved outside the units, the units' inputs, and the largest unit's own saved
-    tensors (it is recomputed during backward). Run it on a meta-device copy: shapes only."""
+@contextlib.contextmanager
+def _fused_attention():
+    """On the meta device scaled_dot_product_attention takes the math path, which saves the whole attention
+    matrix; the fused kernels that run on GPUs (and CPUs) save q, k, v, the output and the log-sum-exp only.
+    Meanwhile, the meta forward calls the CPU flash kernel's op (it has shape rules), which saves those."""
+    original = F.scaled_dot_product_attention
+
+    def fused(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        return flash(q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+
+    F.scaled_dot_product_attention = fused
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+def activation_bytes(model: nn.Module, inputs: tuple, units: list[nn.Module], checkpointing: bool) -> tuple[int, int]:
+    """(kept, recomputed): the bytes autograd saves for backward in `model(*inputs)` and holds at the end of the
+    forward (parameters excluded, each storage once), and what backward adds on top at its peak: with
+    `checkpointing`, kept is what is saved outside the units plus the units' inputs, and recomputed the largest
+    unit's own saved tensors (rebuilt during backward); without, 0. Run it on a meta-device copy (shapes only)."""
     seen: set[int] = set()
     params = {p.untyped_storage()._cdata for p in model.parameters()}
     inside: list[int | None] = [None]
@@ -136,7 +157,7 @@ def activation_bytes(model: nn.Module, inputs: tuple, units: list[nn.Module], ch
         return t
 
     def enter(i: int):
-        def hook(_module, args, kwargs=None):
+        def hook(_module, args):
             inside[0] = i
             for a in args:
                 if isinstance(a, torch.Tensor):
@@ -152,7 +173,7 @@ def activation_bytes(model: nn.Module, inputs: tuple, units: list[nn.Module], ch
     was = getattr(model, "grad_checkpointing", False)
     model.grad_checkpointing = False  # count what each unit saves; checkpointing is applied below
     try:
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.enable_grad(), _fused_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model.train()
             model(*inputs)
     finally:
@@ -160,8 +181,8 @@ def activation_bytes(model: nn.Module, inputs: tuple, units: list[nn.Module], ch
         for h in handles:
             h.remove()
     if not checkpointing:
-        return outside[0] + sum(per_unit)
-    return outside[0] + sum(unit_inputs.values()) + max(per_unit, default=0)
+        return outside[0] + sum(per_unit), 0
+    return outside[0] + sum(unit_inputs.values()), max(per_unit, default=0)
 
 
 def device_memory() -> int | None:
@@ -180,9 +201,10 @@ def plan(model: nn.Module, units: list[nn.Module], inputs: tuple, *, strategy: s
     state = state_bytes(model, strategy, world)
     comm = communication_bytes(model, units, strategy, world, param_bytes, reshard_after_forward, grad_accum)
     act_model = model.to(torch.bfloat16) if param_bytes == 2 else model
-    acts = activation_bytes(act_model, inputs, units, checkpointing)
+    kept, recomputed = activation_bytes(act_model, inputs, units, checkpointing)
+    memory = memory if memory is not None else device_memory()
     return MemoryPlan(strategy, world, micro_batch, state["parameters"], state["gradients"], state["optimizer"],
-                      state["ema"], comm, acts, memory if memory is not None else device_memory())  # fmt: skip
+                      state["ema"], comm, kept + recomputed, memory)  # fmt: skip
 
 
 def measured_state_bytes(model: nn.Module, opt: torch.optim.Optimizer, ema_shadow: dict[str, torch.Tensor]) -> dict:
