@@ -25,7 +25,6 @@ from test_train_helpers import torchrun_dcae
 from dcae.cli import main as cli
 from dcae.diffusion.train.checkpoint import build_model, list_checkpoints
 from dcae.errors import UserError
-from dcae.runtime import checkpoint as ckpt
 from dcae.runtime import sharding
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -45,7 +44,7 @@ def _losses(out: Path) -> list[float]:
 
 
 def _newest(out: Path) -> dict:
-    return ckpt.load_checkpoint(list_checkpoints(out)[-1])  # a sharded folder is consolidated on the CPU
+    return sharding.load_checkpoint(list_checkpoints(out)[-1])  # a sharded folder is consolidated on the CPU
 
 
 def _assert_close(a: dict, b: dict, atol: float, skip: tuple[str, ...] = ()) -> None:
@@ -172,7 +171,7 @@ def test_sana_two_processes_sharded_equal_one_process(cache, tmp_path):  # noqa:
 
     # export and sampling read the sharded checkpoint directly, and its consolidated file the same
     assert cli(["diffusion", "consolidate", str(tmp_path / "fsdp"), "-o", str(tmp_path / "c.pt")]) == 0
-    full = ckpt.load_checkpoint(tmp_path / "c.pt")
+    full = sharding.load_checkpoint(tmp_path / "c.pt")
     _assert_close(full, _newest(tmp_path / "fsdp"), atol=0)
     assert cli(["t2i", "export", "--ckpt", str(tmp_path / "fsdp"), "-o", str(tmp_path / "pipe")]) == 0
     assert (tmp_path / "pipe" / "transformer").is_dir()
@@ -189,10 +188,10 @@ def test_bad_parallel_settings_and_checkpoints_are_refused_by_name(tmp_path, cap
         load_config(None, ["data=x", "parallel.timeout_s=0"])
     (tmp_path / "step_0000001").mkdir()
     with pytest.raises(UserError, match="without meta.pt"):
-        ckpt.load_checkpoint(tmp_path / "step_0000001")
+        sharding.load_checkpoint(tmp_path / "step_0000001")
     assert not sharding.is_checkpoint(tmp_path / "step_0000001")
     (tmp_path / "x.pt").write_bytes(b"")
-    assert cli(["diffusion", "consolidate", str(tmp_path / "x.pt")]) == 2
+    assert cli(["diffusion", "consolidate", str(tmp_path / "x.pt"), "-o", str(tmp_path / "y.pt")]) == 2
     assert "not a sharded checkpoint folder" in capsys.readouterr().err
 
 

@@ -10,7 +10,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dcae.utils.cliargs import IntermixedParser, add_device, add_dtype, nonnegative_int, positive_int
+from dcae.utils import numbers
+from dcae.utils.cliargs import (
+    IntermixedParser,
+    add_device,
+    add_dtype,
+    add_output,
+    nonnegative_int,
+    number_type,
+    positive_int,
+)
 
 
 # ----------------------------------------------------------------------------- dcae diffusion train
@@ -30,6 +39,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
+    if args.plan:
+        return _print_plan(cfg, args)
     check_output_dir(cfg.out_dir, "out_dir")
     check_input(cfg.data, "data folder")
     if cfg.resume not in ("auto", "none", ""):
@@ -37,6 +48,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg, progress=not args.quiet)
     if result["checkpoint"]:
         print(f"step {result['step']}, loss {result['loss']:.4f}, checkpoint {result['checkpoint']}")
+    return 0
+
+
+def _print_plan(cfg, args: argparse.Namespace) -> int:
+    """`--plan`: the memory plan of the config's model on its latent cache, without training."""
+    import os
+
+    from dcae.diffusion.train.data import open_cache
+    from dcae.diffusion.train.loop import _model_args
+    from dcae.diffusion.train.plan import memory_plan
+    from dcae.runtime.memory import GiB
+    from dcae.utils.io import check_input
+
+    check_input(cfg.data, "data folder")
+    ds = open_cache(cfg.data, seed=cfg.seed, use_flip=cfg.use_flip)
+    world = args.processes or int(os.environ.get("WORLD_SIZE", "1"))
+    memory = int(args.gpu_memory * GiB) if args.gpu_memory else None
+    print(memory_plan(cfg, _model_args(cfg, ds), ds.latent_shape, ds.conditioning, world, memory).describe())
     return 0
 
 
@@ -62,8 +91,7 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
     folder = latest_checkpoint(args.ckpt)
     if not sharding.is_checkpoint(folder):
         raise UserError(f"{folder} is not a sharded checkpoint folder (parallel.strategy=fsdp writes those)")
-    # default: beside checkpoints/, where it is not taken for one more checkpoint of the run
-    out = Path(args.output) if args.output else folder.parent.parent / f"{folder.name}.pt"
+    out = Path(args.output)
     sharding.consolidate(folder, out, optimizer=not args.weights_only)
     print(f"{folder} -> {out}")
     return 0
@@ -78,7 +106,7 @@ def add_consolidate(sub: argparse._SubParsersAction) -> None:
         "copy it elsewhere, or to resume under DDP).",
     )
     c.add_argument("ckpt", help="checkpoint folder checkpoints/step_XXXXXXX, or a run folder (its newest)")
-    c.add_argument("-o", "--output", help="output .pt (default: RUN/step_XXXXXXX.pt, beside checkpoints/)")
+    add_output(c, "the consolidated checkpoint file (e.g. RUN/step_XXXXXXX.pt, beside checkpoints/)")
     c.add_argument("--weights-only", action="store_true",
                    help="leave out the optimizer (half the size): samples and exports, does not resume")  # fmt: skip
     c.set_defaults(func=cmd_consolidate)
@@ -91,6 +119,18 @@ def add_train_arguments(t: argparse.ArgumentParser, config_help: str) -> None:
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=2e-4 max_steps=1000")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the memory plan per process (weights, gradients, AdamW, EMA, activations) and exit",
+    )
+    t.add_argument(
+        "--processes",
+        type=positive_int,
+        help="--plan: the number of processes (default: the launcher's WORLD_SIZE, else 1)",
+    )
+    t.add_argument("--gpu-memory", type=number_type(numbers.POSITIVE, "gpu_memory", "GiB"),
+                   help="--plan: GiB of memory per GPU to check against (default: this machine's GPU)")  # fmt: skip
     t.set_defaults(func=cmd_train)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import torch
 
 
@@ -12,8 +14,6 @@ def make_accelerator(mixed_precision: str = "no", find_unused_parameters: bool =
     otherwise each process of a CPU torchrun would train alone. mixed_precision "no" defers to the
     launcher (`accelerate launch --mixed_precision bf16`); an explicit value wins. `timeout_s`: how long a
     collective may wait (config `parallel.timeout_s`; multi-node runs whose first steps compile or read slowly)."""
-    from datetime import timedelta
-
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 

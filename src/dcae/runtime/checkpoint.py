@@ -2,8 +2,8 @@
 state inside, read back with weights_only (a checkpoint from elsewhere cannot run code when loaded).
 
 What goes in the file is the trainer's business; the file names are `step_<digits>.pt` in one folder. A run
-sharded with FSDP writes folders `step_<digits>/` instead (dcae.runtime.sharding); they list, rotate and load
-(consolidated, on the CPU) like the files.
+sharded with FSDP writes folders `step_<digits>/` instead (dcae.runtime.sharding, whose load_checkpoint reads
+both); they list and rotate like the files.
 """
 
 from __future__ import annotations
@@ -109,13 +109,6 @@ def remove_stale_temp_files(folder: Path) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint file, or a sharded checkpoint's folder consolidated on the CPU."""
-    if Path(path).is_dir():
-        from dcae.runtime import sharding
-
-        if not sharding.is_checkpoint(path):
-            raise UserError(f"cannot read training checkpoint {path}: a folder without {sharding.META}")
-        return sharding.consolidated(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

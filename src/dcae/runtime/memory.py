@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 GiB = 1024**3
 FP32 = 4
@@ -50,6 +51,7 @@ class MemoryPlan:
     communication: int
     activations: int
     device_memory: int | None = None
+    detail: str = ""  # precision and checkpointing, for the heading
 
     @property
     def total(self) -> int:
@@ -68,7 +70,7 @@ class MemoryPlan:
     def describe(self) -> str:
         """The plan as lines of text (printed at the start of training and by `--plan`)."""
         head = (f"memory plan per process ({self.strategy}, {self.world} process(es), micro-batch "
-                f"{self.micro_batch}):")  # fmt: skip
+                f"{self.micro_batch}{', ' + self.detail if self.detail else ''}):")  # fmt: skip
         lines = [head, *(f"  {name:<26}{size(n):>12}" for name, n in self.rows())]
         if self.device_memory is None:
             lines.append("  device memory unknown (no GPU here): fits is not checked")
@@ -204,13 +206,13 @@ def plan(model: nn.Module, units: list[nn.Module], inputs: tuple, *, strategy: s
     kept, recomputed = activation_bytes(act_model, inputs, units, checkpointing)
     memory = memory if memory is not None else device_memory()
     return MemoryPlan(strategy, world, micro_batch, state["parameters"], state["gradients"], state["optimizer"],
-                      state["ema"], comm, kept + recomputed, memory)  # fmt: skip
+                      state["ema"], comm, kept + recomputed, memory,
+                      f"{mixed_precision}, gradient checkpointing {'on' if checkpointing else 'off'}")  # fmt: skip
 
 
 def measured_state_bytes(model: nn.Module, opt: torch.optim.Optimizer, ema_shadow: dict[str, torch.Tensor]) -> dict:
     """What this process's parameters, gradients, optimizer state and EMA hold (each storage counted once, local
     shards of DTensors): the measurement `state_bytes` is checked against."""
-    from torch.distributed.tensor import DTensor
 
     def local(t: torch.Tensor) -> torch.Tensor:
         return t._local_tensor if isinstance(t, DTensor) else t

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from dcae.errors import UserError, brief
 from dcae.runtime import checkpoint as ckpt
@@ -75,8 +77,6 @@ def shard(model: nn.Module, units: list[nn.Module], mixed_precision: str, reshar
           device: torch.device) -> nn.Module:  # fmt: skip
     """fully_shard each unit, then the root (which owns what is left: embeddings, final layer). In place; the
     parameters become DTensors, so the optimizer and the EMA must be built after this."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     ensure_process_group(device)
     if not units:
         raise UserError(f"parallel.strategy=fsdp: {type(model).__name__} has no units to shard")
@@ -93,8 +93,6 @@ def shard(model: nn.Module, units: list[nn.Module], mixed_precision: str, reshar
 
 
 def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
     return isinstance(model, FSDPModule)
 
 
@@ -110,16 +108,12 @@ def no_sync(model: nn.Module):
 
 def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
     """torch's clip_grad_norm_ over DTensor gradients (the norm is reduced over the shards); a plain tensor."""
-    from torch.distributed.tensor import DTensor
-
     norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor from a DTensor (a collective: every rank calls it), or the tensor itself."""
-    from torch.distributed.tensor import DTensor
-
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
@@ -183,6 +177,15 @@ def save(path: Path, model: nn.Module, opt: torch.optim.Optimizer, shadow: dict[
     return path
 
 
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint file, or a sharded checkpoint's folder consolidated on the CPU."""
+    if not Path(path).is_dir():
+        return ckpt.load_checkpoint(path)
+    if not is_checkpoint(path):
+        raise UserError(f"cannot read training checkpoint {path}: a folder without {META}")
+    return consolidated(path)
+
+
 def load_meta(path: Path) -> dict[str, Any]:
     return ckpt.load_checkpoint(Path(path) / META)
 
@@ -244,7 +247,6 @@ def load_full(model: nn.Module, opt: torch.optim.Optimizer, shadow: dict[str, to
     """Put an ordinary (full) checkpoint's model, optimizer and EMA into a sharded model, its optimizer and EMA
     shadow: a DDP run continued under FSDP. Every rank reads the file and keeps its shards."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-    from torch.distributed.tensor import DTensor, distribute_tensor
 
     full = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, state["model"], options=full)

@@ -20,7 +20,7 @@ from dcae.diffusion.processes.flow import FlowMatching
 from dcae.diffusion.train.config import DiffusionConfig, recorded_config
 from dcae.errors import UserError, brief
 from dcae.runtime import checkpoint as ckpt
-from dcae.runtime.sharding import is_checkpoint as is_sharded_checkpoint
+from dcae.runtime import sharding
 
 DIGITS = 7  # step_0000100.pt
 
@@ -37,7 +37,7 @@ def list_checkpoints(out: str | Path) -> list[Path]:
 def latest_checkpoint(path: str | Path) -> Path:
     """A checkpoint file or sharded checkpoint folder, or the newest one in a run folder."""
     path = Path(path)
-    if path.is_file() or is_sharded_checkpoint(path):
+    if path.is_file() or sharding.is_checkpoint(path):
         return path
     found = list_checkpoints(path)
     if not found:
@@ -79,7 +79,7 @@ def conditioning_of(meta: dict) -> Conditioning:
 def load_checkpoint(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"):
     """(model in eval mode, diffusion process, checkpoint metadata) from a training checkpoint or run folder."""
     path = latest_checkpoint(path)
-    state = ckpt.load_checkpoint(path)
+    state = sharding.load_checkpoint(path)  # a sharded folder: consolidated on the CPU
     if not isinstance(state, dict) or "model_args" not in state:
         raise UserError(f"{path} is not a `dcae diffusion train` checkpoint")
     try:  # what the checkpoint records builds the model, the process and the metadata, or it is damaged
