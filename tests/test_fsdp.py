@@ -263,3 +263,51 @@ def test_activation_estimate_within_2_percent_of_allocations(name, checkpointing
                                         transformer_blocks(meta), checkpointing)  # fmt: skip
     assert abs(held - kept) <= 0.02 * held, (held, kept)
     assert (recomputed > 0) == checkpointing
+
+
+# ----------------------------------------------------------------------------- autoencoder trainer
+@pytest.mark.slow
+def test_autoencoder_two_processes_sharded_equal_one_process(tmp_path):
+    """`torchrun --nproc_per_node 2 dcae train --phase all` with parallel.strategy=fsdp (each block of the
+    encoder's and decoder's stages a unit; phases 2 and 3 with frozen parameters in the units) == one process
+    with grad_accum=2 without FSDP: the sharded checkpoint folders consolidate to the same weights and EMA, and
+    the exported models (EMA gathered to rank 0) agree."""
+    import yaml
+    from test_train_helpers import tiny_config, write_photos
+
+    from dcae.models import DCAE
+    from dcae.train.config import load_config
+    from dcae.train.trainer import train
+
+    photos = write_photos(tmp_path / "photos", n=10)
+    runs = {}
+    for label, accum in (("fsdp", 1), ("plain", 2)):
+        cfg = tiny_config(tmp_path / label, [str(photos)], grad_accum=accum)
+        cfg["phase1"]["batch_size"], cfg["phase2"]["batch_size"] = 4, 2
+        cfg["model"]["config"]["decoder_norms"] = ["trms2d"] * 6  # no BatchNorm: its statistics are per process
+        cfg["phase3"]["loss"]["gan_weight"] = 0.0  # with a GAN, phase 3 trains unsharded (dcae.train.sharded)
+        if label == "fsdp":
+            cfg["parallel"] = {"strategy": "fsdp"}
+        runs[label] = tmp_path / label
+        if label == "fsdp":
+            config = tmp_path / "fsdp.yaml"
+            config.write_text(yaml.safe_dump(cfg))
+            proc = _torchrun("train", config, "--phase", "all")
+            assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+        else:
+            train(load_config(cfg), phases=[1, 2, 3])
+    for n in (1, 2, 3):
+        folder = list_checkpoints(runs["fsdp"] / f"phase{n}")[-1]
+        assert sharding.is_checkpoint(folder), folder
+        a, b = (
+            sharding.load_checkpoint(folder),
+            sharding.load_checkpoint(list_checkpoints(runs["plain"] / f"phase{n}")[-1]),
+        )
+        assert a["step"] == b["step"] == 2
+        for name in b["model"]:
+            torch.testing.assert_close(a["model"][name], b["model"][name], rtol=0, atol=2e-6, msg=f"phase {n} {name}")
+        for name in b["ema"]["shadow"]:
+            torch.testing.assert_close(a["ema"][name], b["ema"]["shadow"][name], rtol=0, atol=2e-6, msg=name)
+        exported = [DCAE.from_pretrained(runs[k] / f"phase{n}" / "model").state_dict() for k in ("fsdp", "plain")]
+        for name in exported[1]:
+            torch.testing.assert_close(exported[0][name], exported[1][name], rtol=0, atol=2e-6, msg=name)

@@ -101,11 +101,12 @@ def remove_checkpoint(path: Path) -> None:
 
 
 def remove_stale_temp_files(folder: Path) -> None:
-    """A SIGKILL during a save leaves `.step_*.pt.*.tmp` behind; it is never a valid checkpoint."""
+    """A SIGKILL during a save leaves `.step_*.pt.*.tmp` (a sharded save: `.step_*.tmp/`) behind; it is never a
+    valid checkpoint."""
     folder = Path(folder)
     if folder.is_dir():
         for p in folder.glob(".step_*.tmp"):
-            p.unlink(missing_ok=True)
+            remove_checkpoint(p)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -92,6 +92,15 @@ def shard(model: nn.Module, units: list[nn.Module], mixed_precision: str, reshar
     return model
 
 
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of an unsharded model on the meta device (no storage: nothing is copied), the `template` of
+    `full_model`: structure, parameter names and requires_grad as the model's."""
+    memo: dict[int, Any] = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+                            for p in model.parameters()}  # fmt: skip
+    memo.update({id(b): torch.empty_like(b, device="meta") for b in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
 def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 

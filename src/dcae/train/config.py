@@ -22,7 +22,7 @@ from typing import Any
 
 from dcae.models.config import expand_residual
 from dcae.runtime import config as runtime_config
-from dcae.runtime.config import CheckpointConfig, ConfigError
+from dcae.runtime.config import CheckpointConfig, ConfigError, ParallelConfig, parallel_problems
 from dcae.runtime.config import LogConfig as _LogConfig
 from dcae.runtime.schedule import SCHEDULES
 from dcae.utils import numbers as num
@@ -188,6 +188,7 @@ class TrainConfig:
     phase3: PhaseConfig = field(default_factory=_phase3)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # fsdp: phases without the GAN are sharded
     val: ValConfig = field(default_factory=ValConfig)
     decoder: DecoderRecipeConfig = field(default_factory=DecoderRecipeConfig)
 
@@ -310,6 +311,7 @@ def validate(cfg: TrainConfig) -> None:
         if p.disc.norm not in ("bn", "none"):
             problems.append(f"{where}.disc.norm must be bn or none, got {p.disc.norm!r}")
     problems += _decoder_recipe_problems(cfg)
+    problems += parallel_problems(cfg.parallel, cfg.mixed_precision)
     if problems:
         raise ConfigError("invalid training config: " + "; ".join(problems))
 

@@ -35,6 +35,7 @@ from dcae.models import DCAE, DCAEConfig
 from dcae.models.config import get_config
 from dcae.runtime import batch as global_batch
 from dcae.runtime import checkpoint as ckpt
+from dcae.runtime import sharding
 from dcae.runtime.accelerator import make_accelerator
 from dcae.runtime.config import dump_yaml
 from dcae.runtime.ema import EMA
@@ -51,6 +52,7 @@ from dcae.train.data import (
     split_items,
 )
 from dcae.train.losses import AutoencoderLoss, PatchDiscriminator, build_perceptual
+from dcae.train.sharded import shard_autoencoder, sharded_phase, whole
 from dcae.utils.io import atomic_write_json, atomic_write_text, check_output_dir
 
 
@@ -85,7 +87,8 @@ def train(
 ) -> dict[str, Any]:
     """Run `phases` in order; returns {"phases": {n: metrics}, "model": path of the last export}."""
     out = check_output_dir(cfg.out_dir, "out_dir")  # before anything is loaded: a file there is one error line
-    accelerator = accelerator or make_accelerator(cfg.mixed_precision, cfg.find_unused_parameters)
+    accelerator = accelerator or make_accelerator(cfg.mixed_precision, cfg.find_unused_parameters,
+                                                  cfg.parallel.timeout_s)  # fmt: skip
     for n in phases:  # every phase's global batch splits into the processes and accumulation steps, or stop now
         size, processes = cfg.phase(n).batch_size, accelerator.num_processes
         global_batch.micro_batch(size, processes, cfg.grad_accum, f"phase{n}.batch_size")
@@ -115,6 +118,7 @@ def train(
         plot_curves({k: v for k, v in logs.items() if v}, out / "loss_curves.png", "DC-AE training", monitor.CURVES)
         atomic_write_json(out / "summary.json", {"model": str(export), "phases": results})
     accelerator.wait_for_everyone()
+    sharding.release_process_group()
     return {"model": export, "phases": results}
 
 
@@ -181,6 +185,7 @@ class Phase:
     trainable: list[torch.Tensor]
     trainable_names: list[str]
     distill: nn.Module | None = None  # decoder recipe: the teacher-decoder term
+    template: nn.Module | None = None  # sharded (parallel.strategy=fsdp): the network without storage
 
     @property
     def ckpt_dir(self) -> Path:
@@ -208,7 +213,9 @@ def run_phase(s: Session, n: int, first: bool) -> tuple[Path, dict[str, Any]]:
         raise UserError(f"{folder} holds a previous run: pass --resume to continue it, or choose another --out")
 
     ph = _setup_phase(s, n, first, folder)
-    ck = ckpt.load_checkpoint(latest) if latest is not None else None
+    ck = None
+    if latest is not None:  # a sharded checkpoint's folder: its metadata here, the tensors in _resume_phase
+        ck = sharding.load_meta(latest) if sharding.is_checkpoint(latest) else ckpt.load_checkpoint(latest)
     step, batches, skipped, elapsed = _resume_phase(s, ph, ck, latest)
     sampler, data_iter = _phase_data(s, ph, batches)
     # RNG after the loader: creating its iterator draws a worker seed from the global generator.
@@ -221,11 +228,13 @@ def run_phase(s: Session, n: int, first: bool) -> tuple[Path, dict[str, Any]]:
     resume_step = step if ck is not None else None
     logger = Logger(folder, monitor.LOG_COLUMNS, resume_step, cfg.log.tensorboard) if s.main else None
     start_metrics = None
+    net = whole(ph.template, ph.raw, s.main, acc.device) if ck is None else None  # sharded: gathered on rank 0
     if s.main and first and ck is None and s.val_images and cfg.val.at_start:
-        start_metrics = _evaluate_all(s, ph.raw, ph.cfg.resolution, ph.perceptual)
+        start_metrics = _evaluate_all(s, net, ph.cfg.resolution, ph.perceptual)
         s.print(f"held-out before phase {n}: {_fmt_metrics(start_metrics)}")
     if s.main and ck is None:
-        _grid(s, ph.raw, ph.cfg.resolution, folder / "samples" / f"step_{step:08d}.png")
+        _grid(s, net, ph.cfg.resolution, folder / "samples" / f"step_{step:08d}.png")
+    del net
 
     params.set_train_mode(ph.model)
     if ph.disc is not None:
@@ -266,8 +275,10 @@ def run_phase(s: Session, n: int, first: bool) -> tuple[Path, dict[str, Any]]:
             bar.set_postfix(
                 {k: f"{row[k]:.4f}" for k in ("loss", "lpips", "d_loss") if k in row} | {"img/s": f"{speed:.1f}"}
             )
-        if s.main and cfg.log.image_every and step % cfg.log.image_every == 0:
-            _grid(s, ph.raw, phase.resolution, folder / "samples" / f"step_{step:08d}.png")
+        if cfg.log.image_every and step % cfg.log.image_every == 0:
+            net = whole(ph.template, ph.raw, s.main, acc.device)
+            if s.main:
+                _grid(s, net, phase.resolution, folder / "samples" / f"step_{step:08d}.png")
             params.set_train_mode(ph.model)
 
         if phase.max_minutes is not None:
@@ -312,8 +323,11 @@ def _setup_phase(s: Session, n: int, first: bool, folder: Path) -> Phase:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder / "trainable.txt", params.full_list(model) + "\n")
 
+    template = shard_autoencoder(model, cfg, acc.device) if sharded_phase(cfg, phase) else None
+    if cfg.parallel.strategy == "fsdp" and template is None:
+        s.print(f"phase {n} has a GAN term: it trains unsharded (DDP), see dcae.train.sharded")
     o = phase.optim
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad]  # sharded: DTensors, so after shard
     opt = torch.optim.AdamW(trainable, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     disc = d_opt = None
     if phase.loss.gan_weight > 0:
@@ -326,7 +340,9 @@ def _setup_phase(s: Session, n: int, first: bool, folder: Path) -> Phase:
         perceptual.to(acc.device)
     ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup) if cfg.ema_decay > 0 else None
 
-    if disc is not None:
+    if template is not None:  # FSDP did the model's part; a sharded phase has no discriminator
+        pass
+    elif disc is not None:
         model, opt, disc, d_opt = acc.prepare(model, opt, disc, d_opt)
     else:
         model, opt = acc.prepare(model, opt)
@@ -337,7 +353,7 @@ def _setup_phase(s: Session, n: int, first: bool, folder: Path) -> Phase:
     loss_fn = AutoencoderLoss(phase.loss, raw_disc, perceptual)
     return Phase(n, phase, folder, model, raw, opt, disc, d_opt, raw_disc, ema, perceptual, loss_fn,
                  last_decoder_layer(raw), trainable, trainable_names,
-                 decoder.distiller(cfg, s.init, acc.device))  # fmt: skip
+                 decoder.distiller(cfg, s.init, acc.device), template)  # fmt: skip
 
 
 def _resume_phase(s: Session, ph: Phase, ck: dict | None, path: Path | None) -> tuple[int, int, int, float]:
@@ -346,13 +362,20 @@ def _resume_phase(s: Session, ph: Phase, ck: dict | None, path: Path | None) -> 
     if ck is None:
         return 0, 0, 0, 0.0
     with ckpt.restoring(path):
-        ph.raw.load_state_dict(ck["model"])
-        ph.opt.load_state_dict(ck["optimizer"])
+        if sharding.is_checkpoint(path):  # model, optimizer and EMA resharded to this run's processes
+            sharding.load(path, ph.raw, ph.opt, ph.ema.shadow if ph.ema is not None else {})
+        elif ph.template is not None:
+            sharding.load_full(ph.raw, ph.opt, ph.ema.shadow if ph.ema is not None else {}, ck)
+        else:
+            ph.raw.load_state_dict(ck["model"])
+            ph.opt.load_state_dict(ck["optimizer"])
         if ph.disc is not None:
             ph.raw_disc.load_state_dict(ck["disc"])
             ph.d_opt.load_state_dict(ck["disc_optimizer"])
-        if ph.ema is not None:
+        if ph.ema is not None and not sharding.is_checkpoint(path) and ph.template is None:
             ph.ema.load_state_dict(ck["ema"])
+        if ph.ema is not None:
+            ph.ema.num_updates = int(ck["ema"]["num_updates"])
         scaler = s.accelerator.scaler
         if scaler is not None and ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
@@ -414,9 +437,11 @@ def _phase_data(s: Session, ph: Phase, batches: int):
 def _log_row(s: Session, ph: Phase, step: int, row: dict, logger) -> None:
     """Held-out PSNR/SSIM when due, then the row to the CSV/TensorBoard log (main process)."""
     cfg = s.cfg
-    if cfg.val.every and step % cfg.val.every == 0 and s.main and s.val_images:
+    due = cfg.val.every and step % cfg.val.every == 0
+    net = whole(ph.template, ph.raw, s.main, s.accelerator.device) if due else None  # sharded: all take part
+    if due and s.main and s.val_images:
         lp = ph.perceptual if cfg.val.lpips else None
-        m = monitor.evaluate(ph.raw, s.val_images, ph.cfg.resolution, cfg.val.batch_size, s.accelerator.device, lp)
+        m = monitor.evaluate(net, s.val_images, ph.cfg.resolution, cfg.val.batch_size, s.accelerator.device, lp)
         row.update(val_psnr=m["psnr"], val_ssim=m["ssim"], **({"val_lpips": m["lpips"]} if lp is not None else {}))
         params.set_train_mode(ph.model)
     if logger is not None:
@@ -429,11 +454,8 @@ def _save_checkpoint(s: Session, ph: Phase, step: int, data: dict) -> None:
     ck = {
         "phase": ph.n,
         "step": step,
-        "model": ph.raw.state_dict(),
-        "optimizer": ph.opt.state_dict(),
         "disc": ph.raw_disc.state_dict() if ph.raw_disc is not None else None,
         "disc_optimizer": ph.d_opt.state_dict() if ph.d_opt is not None else None,
-        "ema": ph.ema.state_dict() if ph.ema is not None else None,
         "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
         "data": data["position"],
         "skipped": data["skipped"],
@@ -441,8 +463,16 @@ def _save_checkpoint(s: Session, ph: Phase, step: int, data: dict) -> None:
         "rng": ckpt.all_rng_states(acc),
         "config": s.cfg.to_dict(),
     }
-    if s.main:
-        ckpt.save_checkpoint(ck, ckpt.checkpoint_path(ph.ckpt_dir, step), s.cfg.checkpoint.keep_last)
+    path = ckpt.checkpoint_path(ph.ckpt_dir, step)
+    if ph.template is not None:  # a folder: model, optimizer and EMA shards from every process, the rest in meta
+        ema = {"decay": ph.ema.decay, "num_updates": ph.ema.num_updates} if ph.ema is not None else None
+        shadow = ph.ema.shadow if ph.ema is not None else {}
+        sharding.save(path.with_suffix(""), ph.raw, ph.opt, shadow, {**ck, "ema": ema}, s.cfg.checkpoint.keep_last,
+                      s.main)  # fmt: skip
+    elif s.main:
+        ck.update(model=ph.raw.state_dict(), optimizer=ph.opt.state_dict(),
+                  ema=ph.ema.state_dict() if ph.ema is not None else None)  # fmt: skip
+        ckpt.save_checkpoint(ck, path, s.cfg.checkpoint.keep_last)
     acc.wait_for_everyone()
 
 
@@ -450,7 +480,12 @@ def _end_phase(s: Session, ph: Phase, skipped: int, summary: dict) -> dict[str, 
     """Export (EMA weights when enabled), evaluate, plot; metrics.json is written last: it marks the phase
     as complete."""
     acc = s.accelerator
-    final_sd = ph.ema.state_dict_for(ph.raw) if ph.ema is not None else ph.raw.state_dict()
+    if ph.template is not None:  # gathered on the main process (every process takes part)
+        shadow = ph.ema.shadow if ph.ema is not None else {}
+        net = sharding.full_model(ph.template, ph.raw, shadow, s.main, acc.device)
+        final_sd = net.state_dict() if s.main else None
+    else:
+        final_sd = ph.ema.state_dict_for(ph.raw) if ph.ema is not None else ph.raw.state_dict()
     skipped_total = int(acc.reduce(torch.tensor(skipped, device=acc.device), reduction="sum").item())
     result: dict[str, Any] = {}
     if s.main:
@@ -489,7 +524,9 @@ def _train_step(s: Session, ph: Phase, data_iter, step: int, batches: int, skipp
         x = x.to(acc.device, non_blocking=True)
         skipped += n_skipped
         batches += 1
-        sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(model)
+        sync = contextlib.nullcontext()
+        if micro < accum - 1:
+            sync = sharding.no_sync(model) if ph.template is not None else acc.no_sync(model)
         with sync:
             with acc.autocast():
                 slot = acc.process_index * accum + micro  # the same draw on n processes as on 1 with accumulation
@@ -504,7 +541,11 @@ def _train_step(s: Session, ph: Phase, data_iter, step: int, batches: int, skipp
         if gan:
             pairs.append((x, rec.detach()))
     if ph.cfg.optim.grad_clip > 0:
-        acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], ph.cfg.optim.grad_clip)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if ph.template is not None:
+            sharding.clip_grad_norm(trainable, ph.cfg.optim.grad_clip)
+        else:
+            acc.clip_grad_norm_(trainable, ph.cfg.optim.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
 
