@@ -1,8 +1,8 @@
 """The autoencoder trainer under `parallel.strategy: fsdp` (dcae.runtime.sharding): every block of the encoder's
-and decoder's stages is one FSDP unit, the root holds the input and output layers. The phases with a GAN term run unsharded:
-their adaptive weight differentiates the loss with respect to the last decoder layer's weight (under FSDP a
-sharded tensor the forward never sees), and the phase that has it (3) trains the decoder head only, a few
-million parameters that fit any GPU."""
+and decoder's stages is one FSDP unit, the root holds the input and output layers. The phases with a GAN term
+run unsharded: their adaptive weight differentiates the loss with respect to the last decoder layer's weight
+(under FSDP a sharded tensor the forward never sees), and the phase that has it (3) trains the decoder head
+only, a few million parameters that fit any GPU."""
 
 from __future__ import annotations
 
