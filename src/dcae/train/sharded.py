@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from dcae.runtime import sharding
+from dcae.runtime.memory import MemoryPlan, plan
 
 
 def sharded_phase(cfg, phase) -> bool:
@@ -38,3 +39,16 @@ def whole(template: nn.Module | None, model: nn.Module, main: bool, device) -> n
     if template is None:
         return model
     return sharding.full_model(template, model, {}, main, device)
+
+
+def phase_plan(model: nn.Module, cfg, phase, world: int, micro_batch: int) -> MemoryPlan:
+    """The memory plan of a phase's autoencoder (its trainable set as selected; the discriminator and the
+    perceptual network are not in it), before sharding."""
+    meta = sharding.meta_copy(model)
+    meta.enable_gradient_checkpointing(False)  # activation_bytes applies checkpointing itself
+    dtype = torch.bfloat16 if cfg.mixed_precision in ("bf16", "fp16") else torch.float32
+    x = torch.empty(micro_batch, 3, phase.resolution, phase.resolution, device="meta", dtype=dtype)
+    strategy = "fsdp" if sharded_phase(cfg, phase) else "ddp"
+    return plan(meta, stage_units(meta), (x,), strategy=strategy, world=world, micro_batch=micro_batch,
+                mixed_precision=cfg.mixed_precision, checkpointing=cfg.model.gradient_checkpointing,
+                reshard_after_forward=cfg.parallel.reshard_after_forward, grad_accum=cfg.grad_accum)  # fmt: skip

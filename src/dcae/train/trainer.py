@@ -52,7 +52,7 @@ from dcae.train.data import (
     split_items,
 )
 from dcae.train.losses import AutoencoderLoss, PatchDiscriminator, build_perceptual
-from dcae.train.sharded import shard_autoencoder, sharded_phase, whole
+from dcae.train.sharded import phase_plan, shard_autoencoder, sharded_phase, whole
 from dcae.utils.io import atomic_write_json, atomic_write_text, check_output_dir
 
 
@@ -323,6 +323,9 @@ def _setup_phase(s: Session, n: int, first: bool, folder: Path) -> Phase:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder / "trainable.txt", params.full_list(model) + "\n")
 
+    if s.main:  # the autoencoder's memory per process (dcae.runtime.memory), before it is sharded
+        micro = global_batch.micro_batch(phase.batch_size, acc.num_processes, cfg.grad_accum, f"phase{n}.batch_size")
+        s.print(phase_plan(model, cfg, phase, acc.num_processes, micro).describe())
     template = shard_autoencoder(model, cfg, acc.device) if sharded_phase(cfg, phase) else None
     if cfg.parallel.strategy == "fsdp" and template is None:
         s.print(f"phase {n} has a GAN term: it trains unsharded (DDP), see dcae.train.sharded")
