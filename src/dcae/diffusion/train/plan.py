@@ -30,7 +30,8 @@ def plan_network(model: torch.nn.Module, micro_batch: int, latent_shape: tuple[i
     dtype = torch.bfloat16 if kw["mixed_precision"] in ("bf16", "fp16") else torch.float32
     x = torch.empty(micro_batch, *latent_shape, device="meta", dtype=dtype)
     t = torch.empty(micro_batch, device="meta")
-    cond = conditioning.random(micro_batch, device="meta")
+    gen = torch.Generator().manual_seed(0)  # a plan must not move the run's global random state
+    cond = conditioning.random(micro_batch, device="meta", generator=gen)
     return plan(model, transformer_blocks(model), (x, t, cond), micro_batch=micro_batch, **kw)
 
 
