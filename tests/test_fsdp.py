@@ -90,6 +90,15 @@ def test_dit_two_processes_sharded_equal_one_process(sharded_dit, latents, tmp_p
     np.testing.assert_allclose(_losses(sharded_dit), _losses(plain), rtol=2e-5)
     _assert_close(_newest(sharded_dit), _newest(plain), atol=2e-6)
 
+    # a DDP run's ordinary checkpoint continues sharded (every process keeps its shards of the full tensors)
+    cont = tmp_path / "continued"
+    (cont / "checkpoints").mkdir(parents=True)
+    shutil.copy(plain / "checkpoints" / "step_0000008.pt", cont / "checkpoints")
+    assert cli([*DIT, f"data={latents}", f"max_steps={STEPS}", "checkpoint.every=4", "grad_accum=2",
+                "parallel.strategy=fsdp", f"out_dir={cont}"]) == 0  # fmt: skip
+    assert list_checkpoints(cont)[-1].name == "step_0000012"
+    _assert_close(_newest(cont), _newest(plain), atol=2e-6)
+
 
 @pytest.mark.slow
 def test_ema_and_optimizer_are_sharded_in_the_checkpoint(sharded_dit):
