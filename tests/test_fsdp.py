@@ -345,3 +345,17 @@ def test_planned_activations_and_gradients_bound_the_measured_peak(checkpointing
     p = plan_network(meta, 8, (8, 16, 16), cond, strategy="ddp", world=1, mixed_precision="no",
                      checkpointing=checkpointing)  # fmt: skip
     assert 0.85 * (p.activations + p.gradients) <= tracker.peak <= p.activations + p.gradients
+
+
+def test_text_cache_read_item_by_item_equals_the_cache_in_memory(cache):  # noqa: F811
+    """A text cache above 2 GB is not held whole by every training process: its items are read from the
+    shards as slices. They equal the in-memory items, also through DataLoader worker processes."""
+    from dcae.diffusion.t2i.cache import TextLatentDataset
+
+    whole, lazy = TextLatentDataset(cache), TextLatentDataset(cache, in_memory=False)
+    assert whole.parts is not None and lazy.parts is None and lazy.latent_shape == whole.latent_shape
+    for i in range(len(whole)):
+        for a, b in zip(whole[i], lazy[i]):
+            assert a.dtype == b.dtype and torch.equal(a, b), i
+    loader = torch.utils.data.DataLoader(lazy, batch_size=None, num_workers=1)  # handles opened in the worker
+    assert all(torch.equal(x[0], whole[i][0]) for i, x in enumerate(loader))

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -202,12 +203,17 @@ def _encode_shard(autoencoder, encoder, items: list[Captioned], bucket, batch_si
 
 # ----------------------------------------------------------------------------- reading back
 class TextLatentDataset(CacheDataset):
-    """Items (latent C x h x w float32, text embeddings L x D, mask L) of a `dcae t2i cache` folder, in memory.
-    Batches come from one bucket each (`epoch_batches`); `condition` turns a batch's text into a `Text`."""
+    """Items (latent C x h x w float32, text embeddings L x D, mask L) of a `dcae t2i cache` folder. Batches
+    come from one bucket each (`epoch_batches`); `condition` turns a batch's text into a `Text`. A cache of up
+    to 2 GB is held in memory; a larger one (or in_memory=False) is read item by item from the shards
+    (safetensors slices), so that each training process reads only the items of its share of the batches
+    instead of holding the whole cache once per process."""
 
     def __init__(
-        self, root: str | os.PathLike, use_flip: bool = False, seed: int = 0, index: CacheIndex | None = None
-    ) -> None:  # use_flip: text caches hold no mirrored latents (a caption may say left or right)
+        self, root: str | os.PathLike, use_flip: bool = False, seed: int = 0, index: CacheIndex | None = None,
+        in_memory: bool | None = None,
+    ) -> None:  # fmt: skip
+        # use_flip: text caches hold no mirrored latents (a caption may say left or right)
 
         self.root, self.seed, self.epoch = Path(root), seed, 0
         self.index = index or cache.read_index(self.root)
@@ -215,12 +221,16 @@ class TextLatentDataset(CacheDataset):
             raise UserError(f"{root} is a cache of class labels or no condition, not of captions")
         null = _load(self.root / NULL_NAME, load_file)
         self.null_emb, self.null_mask = null["null_emb"], null["null_mask"].long()
-        self.parts = [_load(self.root / s.file, load_file) for s in self.index.shards]
-        self.counts = [len(p["latents"]) for p in self.parts]
+        self._handles: dict[int, object] = {}
+        self.shapes = [_shapes(self.root / s.file) for s in self.index.shards]  # key -> shape, from the headers
+        self.counts = [sh["latents"][0] for sh in self.shapes]
         self.offsets = np.cumsum([0, *self.counts]).tolist()
-        for s, p, n in zip(self.index.shards, self.parts, self.counts):
-            if n != s.count or p["text_emb"].shape[1:] != self.null_emb.shape:
+        for s, sh, n in zip(self.index.shards, self.shapes, self.counts):
+            if n != s.count or tuple(sh["text_emb"][1:]) != tuple(self.null_emb.shape):
                 raise UserError(f"{self.root / s.file} does not match its index (count or text shape)")
+        if in_memory is None:
+            in_memory = sum((self.root / s.file).stat().st_size for s in self.index.shards) <= 2 * 1024**3
+        self.parts = [_load(self.root / s.file, load_file) for s in self.index.shards] if in_memory else None
 
     @property
     def conditioning(self) -> TextConditioning:
@@ -234,15 +244,27 @@ class TextLatentDataset(CacheDataset):
     def latent_shape(self) -> tuple[int, int, int]:
         """The channels and the size of the most common bucket (for sample grids)."""
         k = int(np.argmax(self.counts))
-        return tuple(self.parts[k]["latents"].shape[1:])
+        return tuple(self.shapes[k]["latents"][1:])
 
     def __len__(self) -> int:
         return self.offsets[-1]
 
     def __getitem__(self, i: int):
         k = bisect_right(self.offsets, i) - 1
-        p, j = self.parts[k], i - self.offsets[k]
-        return p["latents"][j].float(), p["text_emb"][j], p["text_mask"][j].long()
+        j = i - self.offsets[k]
+        if self.parts is not None:
+            p = self.parts[k]
+            return p["latents"][j].float(), p["text_emb"][j], p["text_mask"][j].long()
+        if k not in self._handles:
+            self._handles[k] = _open(self.root / self.index.shards[k].file)
+        h = self._handles[k]
+        row = [h.get_slice(key)[j : j + 1][0] for key in ("latents", "text_emb", "text_mask")]
+        return row[0].float(), row[1], row[2].long()
+
+    def __getstate__(self) -> dict:  # file handles do not cross process boundaries (DataLoader workers)
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        return state
 
     def condition(self, fields: list[torch.Tensor], device) -> Text:
         emb, mask = fields  # stored in half precision: the network takes fp32 (autocast casts where it runs)
@@ -278,6 +300,22 @@ class TextLatentDataset(CacheDataset):
             batches += [idx[b : b + batch_size] for b in range(0, len(idx) - batch_size + 1, batch_size)]
         rng.shuffle(batches)
         return batches
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as exc:
+        raise UserError(f"cannot read {path}: {type(exc).__name__}: {brief(exc)}") from None
+
+
+def _shapes(path: Path) -> dict[str, list[int]]:
+    """The tensors' shapes of a shard, from its header (nothing else is read)."""
+    h = _open(path)
+    try:
+        return {key: list(h.get_slice(key).get_shape()) for key in ("latents", "text_emb", "text_mask")}
+    except Exception as exc:
+        raise UserError(f"{path} does not match its index ({type(exc).__name__}: {brief(exc)})") from None
 
 
 def _load(path: Path, load_file) -> dict:
