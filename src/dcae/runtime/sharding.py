@@ -186,13 +186,14 @@ def save(path: Path, model: nn.Module, opt: torch.optim.Optimizer, shadow: dict[
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint file, or a sharded checkpoint's folder consolidated on the CPU."""
+def load_checkpoint(path: str | Path, optimizer: bool = True) -> dict[str, Any]:
+    """A checkpoint file, or a sharded checkpoint's folder consolidated on the CPU (optimizer=False: without
+    the AdamW moments, for sampling and export)."""
     if not Path(path).is_dir():
         return ckpt.load_checkpoint(path)
     if not is_checkpoint(path):
         raise UserError(f"cannot read training checkpoint {path}: a folder without {META}")
-    return consolidated(path)
+    return consolidated(path, optimizer)
 
 
 def load_meta(path: Path) -> dict[str, Any]:

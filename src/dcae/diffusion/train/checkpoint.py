@@ -79,7 +79,7 @@ def conditioning_of(meta: dict) -> Conditioning:
 def load_checkpoint(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"):
     """(model in eval mode, diffusion process, checkpoint metadata) from a training checkpoint or run folder."""
     path = latest_checkpoint(path)
-    state = sharding.load_checkpoint(path)  # a sharded folder: consolidated on the CPU
+    state = sharding.load_checkpoint(path, optimizer=False)  # a sharded folder: consolidated on the CPU
     if not isinstance(state, dict) or "model_args" not in state:
         raise UserError(f"{path} is not a `dcae diffusion train` checkpoint")
     try:  # what the checkpoint records builds the model, the process and the metadata, or it is damaged
