@@ -195,6 +195,12 @@ def test_bad_parallel_settings_and_checkpoints_are_refused_by_name(tmp_path, cap
         load_config(None, ["data=x", "parallel.strategy=fsdp", "mixed_precision=fp16"])
     with pytest.raises(UserError, match="parallel.timeout_s"):
         load_config(None, ["data=x", "parallel.timeout_s=0"])
+    from datetime import timedelta
+
+    from dcae.runtime.accelerator import make_accelerator
+
+    # parallel.timeout_s reaches init_process_group through accelerate's InitProcessGroupKwargs
+    assert make_accelerator("no", timeout_s=77).init_handler.to_kwargs() == {"timeout": timedelta(seconds=77)}
     (tmp_path / "step_0000001").mkdir()
     with pytest.raises(UserError, match="without meta.pt"):
         sharding.load_checkpoint(tmp_path / "step_0000001")
