@@ -124,8 +124,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
         return cmd_sample_released(args)
     if not args.ckpt:
         raise UserError("pass --ckpt (a checkpoint or training run folder) or --model (a released model)")
-    if args.channels:
-        raise UserError("--channels applies to the released DC-AE 1.5 models (--model)")
     args.steps = args.steps or 50
     args.cfg = 1.5 if args.cfg is None else args.cfg
     # Under torchrun / `accelerate launch` process r samples the missing images i with i % n == r, on its own GPU.
@@ -144,7 +142,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
                       solver=solver, cfg_scale=args.cfg, guidance_interval=interval, eta=args.eta,
                       generator=torch.Generator(device).manual_seed(seeds[0]))  # fmt: skip
 
-    shape = lat.latent_shape or (model.in_channels, model.input_size, model.input_size)
+    shape = subset_shape(lat.latent_shape or (model.in_channels, model.input_size, model.input_size), model,
+                         args.channels, meta["path"])  # fmt: skip
+    if shape[0] != model.in_channels and not ae.config.decoder_sliceable_in:
+        raise UserError(f"--channels {args.channels}: the autoencoder {source} decodes only all "
+                        f"{model.in_channels} channels (a structured, DC-AE 1.5 decoder decodes leading subsets)")
     scaling = lat.scaling_factor  # what the latents it learned were multiplied by, whatever --autoencoder says
     run = ImageSampler(latents, ae, scaling, shape, args.seed, device, args.dtype)
     out = Path(args.output)
@@ -158,6 +160,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
         _sample_report(args, out, paths, values, meta, {"autoencoder": source, "solver": solver,
                                                          "guidance_interval": list(interval)}, device)  # fmt: skip
     return 0
+
+
+def subset_shape(shape, model, channels: int | None, source: str) -> tuple[int, ...]:
+    """The latent shape to generate: all channels, or with --channels a leading subset, which a model trained
+    with DC-AE 1.5's augmented training (adaptive channels) generates and a structured decoder decodes."""
+    if not channels:
+        return tuple(shape)
+    full = shape[0]
+    if not getattr(model, "adaptive_channel", False):
+        raise UserError(f"--channels {channels}: {source} was not trained with augmented training (augmented.channels)"
+                        f"; it generates all {full} channels")  # fmt: skip
+    if not 1 <= channels <= full:
+        raise UserError(f"--channels {channels}: {source} generates 1..{full} latent channels")
+    return (channels, *shape[1:])
 
 
 def _sample_report(args, out: Path, paths: list[Path], labels: list, meta: dict, settings: dict, device) -> None:
@@ -264,7 +280,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "released models also take dpm++ and ddim (flow ones heun, euler, and heun2, midpoint, rk4 on --steps "
         "grid points)",
     )
-    p.add_argument("--channels", type=positive_int, help="DC-AE 1.5 models: generate the first N latent channels only")
+    p.add_argument("--channels", type=positive_int,
+                   help="DC-AE 1.5 (released, or trained with augmented.channels): generate the first N latent "
+                   "channels only; the structured decoder decodes them")  # fmt: skip
     p.add_argument("--eta", type=number_type(ETA, "eta", "DDIM's eta"), default=0.0,
                    help="DDIM stochasticity, 0..1 (0: deterministic)")  # fmt: skip
     add_seed(p, "image i's noise is seeded by (seed, i)")
