@@ -221,3 +221,50 @@ def test_sample_at_a_subset_width_decodes_only_those_channels(structured, tmp_pa
     plain = ["sample", "--ckpt", str(tmp_path / "plain"), "-n", "1", "--steps", "2", "-o", str(tmp_path / "p")]
     assert cli([*plain, "--channels", "4"]) == 2
     assert "was not trained with augmented training" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def text_cache(tmp_path_factory):
+    """Coloured squares with captions -> a `dcae t2i cache` of a structured (DC-AE 1.5) f4c8 autoencoder."""
+    from test_t2i import COLORS, _cli
+
+    from dcae.diffusion.t2i.encoders import all_minilm_l6_v2
+
+    root = tmp_path_factory.mktemp("t2i")
+    (root / "data").mkdir()
+    for i, (name, c) in enumerate(COLORS.items()):
+        Image.fromarray(np.full((16, 16, 3), c, np.uint8)).save(root / "data" / f"{i}.png")
+        (root / "data" / f"{i}.txt").write_text(f"a {name} square")
+    ae_dir = tiny_autoencoder(8, root / "ae")
+    rc, err = _cli("t2i", "cache", "--data", root / "data", "--model", ae_dir, "--text-encoder", all_minilm_l6_v2(),
+                   "-o", root / "cache", "--resolution", 16, "--max-tokens", 8)  # fmt: skip
+    assert rc == 0, err
+    return root / "cache"
+
+
+def test_text_to_image_augmented_training_and_sampling(text_cache, tmp_path, monkeypatch):
+    """`dcae t2i train` with augmented.channels: SANA with adaptive channels, exact resume; `dcae t2i sample
+    --channels 4` generates 4 channels, which the structured decoder decodes."""
+    from test_t2i import _cli, _overrides
+
+    from dcae.diffusion.train.config import load_config
+
+    aug = {"augmented.channels": "[2, 4]", "max_steps": 4, "checkpoint.every": 2}
+    train(load_config(None, _overrides(text_cache, tmp_path / "full", **aug)), progress=False)
+    train(load_config(None, _overrides(text_cache, tmp_path / "split", **{**aug, "max_steps": 2})), progress=False)
+    train(load_config(None, _overrides(text_cache, tmp_path / "split", **aug)), progress=False)
+    a, b = (torch.load(sorted((tmp_path / d / "checkpoints").glob("*.pt"))[-1], weights_only=True)
+            for d in ("full", "split"))  # fmt: skip
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    model, _, _ = load_checkpoint(tmp_path / "full")
+    assert model.adaptive_channel
+
+    decoded = []
+    original = DCAE.decode
+    monkeypatch.setattr(DCAE, "decode", lambda self, z, *a, **k: decoded.append(z.shape) or original(self, z, *a, **k))
+    rc, err = _cli("t2i", "sample", "--ckpt", tmp_path / "full", "--prompt", "a red square", "--steps", 2,
+                   "--channels", 4, "-o", tmp_path / "s", "--grid", 0)  # fmt: skip
+    assert rc == 0, err
+    assert decoded and all(s[1] == 4 for s in decoded)
+    plan = json.loads((tmp_path / "s" / "plan.json").read_text())
+    assert plan["settings"]["latent_shape"][0] == 4

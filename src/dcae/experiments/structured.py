@@ -237,7 +237,7 @@ def adherence_at(run_dir: Path, b: Budget, captions: list[str], seed: int, chann
     n = b.samples_per_class * len(captions)
     argv = ["sample", "--ckpt", str(ckpt or run_dir), "-o", str(out), "-n", str(n), "--cfg", str(GUIDANCE),
             "--steps", str(b.sample_steps), "--solver", "euler", "--seed", str(1000 + seed), "--batch-size",
-            str(n), "--grid", "0", "--overwrite"]  # fmt: skip
+            str(n), "--grid", "0"]  # fmt: skip
     if channels:
         argv += ["--channels", str(channels)]
     _cli(argv)

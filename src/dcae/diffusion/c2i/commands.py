@@ -103,7 +103,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from dcae.diffusion.cache import load_autoencoder, recorded_source
-    from dcae.diffusion.generation import SAMPLE_REPORTS, ImageSampler, condition_values, write_samples
+    from dcae.diffusion.generation import (
+        SAMPLE_REPORTS,
+        ImageSampler,
+        condition_values,
+        leading_channels,
+        write_samples,
+    )
     from dcae.diffusion.processes.sampling import sample
     from dcae.diffusion.train.checkpoint import conditioning_of, load_checkpoint
     from dcae.diffusion.train.samples import default_solver
@@ -142,11 +148,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
                       solver=solver, cfg_scale=args.cfg, guidance_interval=interval, eta=args.eta,
                       generator=torch.Generator(device).manual_seed(seeds[0]))  # fmt: skip
 
-    shape = subset_shape(lat.latent_shape or (model.in_channels, model.input_size, model.input_size), model,
-                         args.channels, meta["path"])  # fmt: skip
-    if shape[0] != model.in_channels and not ae.config.decoder_sliceable_in:
-        raise UserError(f"--channels {args.channels}: the autoencoder {source} decodes only all "
-                        f"{model.in_channels} channels (a structured, DC-AE 1.5 decoder decodes leading subsets)")
+    shape = leading_channels(lat.latent_shape or (model.in_channels, model.input_size, model.input_size), model,
+                             args.channels, ae, meta["path"])  # fmt: skip
     scaling = lat.scaling_factor  # what the latents it learned were multiplied by, whatever --autoencoder says
     run = ImageSampler(latents, ae, scaling, shape, args.seed, device, args.dtype)
     out = Path(args.output)
@@ -160,20 +163,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
         _sample_report(args, out, paths, values, meta, {"autoencoder": source, "solver": solver,
                                                          "guidance_interval": list(interval)}, device)  # fmt: skip
     return 0
-
-
-def subset_shape(shape, model, channels: int | None, source: str) -> tuple[int, ...]:
-    """The latent shape to generate: all channels, or with --channels a leading subset, which a model trained
-    with DC-AE 1.5's augmented training (adaptive channels) generates and a structured decoder decodes."""
-    if not channels:
-        return tuple(shape)
-    full = shape[0]
-    if not getattr(model, "adaptive_channel", False):
-        raise UserError(f"--channels {channels}: {source} was not trained with augmented training (augmented.channels)"
-                        f"; it generates all {full} channels")  # fmt: skip
-    if not 1 <= channels <= full:
-        raise UserError(f"--channels {channels}: {source} generates 1..{full} latent channels")
-    return (channels, *shape[1:])
 
 
 def _sample_report(args, out: Path, paths: list[Path], labels: list, meta: dict, settings: dict, device) -> None:
