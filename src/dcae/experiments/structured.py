@@ -34,6 +34,7 @@ import torch
 
 from dcae.cli import main
 from dcae.data.images import load_image_uint8, save_image
+from dcae.diffusion.train.checkpoint import list_checkpoints
 from dcae.diffusion.train.config import load_config
 from dcae.diffusion.train.loop import train
 from dcae.experiments import common, plots, shapes
@@ -248,8 +249,6 @@ def adherence_at(run_dir: Path, b: Budget, captions: list[str], seed: int, chann
 
 def convergence(run_dir: Path, b: Budget, captions: list[str], seed: int) -> list[dict[str, float]]:
     """Adherence at every kept checkpoint, and the training loss there."""
-    from dcae.diffusion.train.checkpoint import list_checkpoints
-
     losses = {r["step"]: r["loss"] for r in read_log(run_dir / "log.csv") if "loss" in r}
     rows = []
     for ckpt in list_checkpoints(run_dir):
