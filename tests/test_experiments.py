@@ -110,17 +110,17 @@ def test_structured_smoke(tmp_path):
         assert [row["step"] for row in curves[0]] == [2, 4]
         assert all(0 <= row["all"] <= 1 for row in curves[0])
     ae = r["autoencoders"]
-    assert ae["structured-c64"]["structured"] and set(ae["structured-c64"]["held_out_psnr_by_channels"]) == {
-        "16", "32", "48", "64"}  # fmt: skip
-    assert [ae[k]["latent_channels"] for k in ("plain-c64", "plain-c16")] == [64, 16]
+    assert ae["structured-c32"]["structured"] and set(ae["structured-c32"]["held_out_psnr_by_channels"]) == {
+        "8", "16", "24", "32"}  # fmt: skip
+    assert [ae[k]["latent_channels"] for k in ("plain-c32", "plain-c8")] == [32, 8]
     runs = tmp_path / "structured" / "runs"
     from dcae.diffusion.train.checkpoint import load_checkpoint
 
-    augmented, _, _ = load_checkpoint(runs / "c__structured_c64___augmented" / "seed0")
-    plain, _, _ = load_checkpoint(runs / "b__structured_c64" / "seed0")
+    augmented, _, _ = load_checkpoint(runs / "c__structured_c32___augmented" / "seed0")
+    plain, _, _ = load_checkpoint(runs / "b__structured_c32" / "seed0")
     assert augmented.adaptive_channel and not plain.adaptive_channel
-    plan = json.loads((runs / "c__structured_c64___augmented" / "seed0" / "samples-subset" / "plan.json").read_text())
-    assert plan["settings"]["latent_shape"] == [16, 4, 4]  # sampled at a leading subset
+    plan = json.loads((runs / "c__structured_c32___augmented" / "seed0" / "samples-subset" / "plan.json").read_text())
+    assert plan["settings"]["latent_shape"] == [8, 8, 8]  # sampled at a leading subset
     again = _smoke("structured", tmp_path)  # finished work is read back
     assert again["curves"] == r["curves"] and len(again["run_minutes"]) == 2
 

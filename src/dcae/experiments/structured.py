@@ -6,14 +6,14 @@ converges more slowly; a structured latent (the first channels carry the content
 decoder is trained to reconstruct from any leading subset) plus augmented diffusion training (the loss also on
 leading channel subsets) closes that gap. Here, class-conditional generation of rendered scenes
 (dcae.experiments.shapes; each class one scene kind, "a red circle above a blue square", drawn with jitter) at
-64 px, the autoencoders trained on them (f16, 4x4 latents):
+64 px, the autoencoders trained on them (f8, 8x8 latents):
 
-(a) plain high-channel: the tiny DC-AE with 64 latent channels;
-(b) structured: the same network with DC-AE 1.5's sliceable latent, trained on leading subsets (16/32/48/64);
-(c) the structured autoencoder's latents with augmented diffusion training (subsets 16/32/48 + the whole);
-(d) reference: the plain tiny DC-AE with 16 latent channels.
+(a) plain high-channel: the tiny DC-AE with 32 latent channels;
+(b) structured: the same network with DC-AE 1.5's sliceable latent, trained on leading subsets (8/16/24/32);
+(c) the structured autoencoder's latents with augmented diffusion training (subsets 8/16/24 + the whole);
+(d) reference: the plain tiny DC-AE with 8 latent channels.
 
-The same class-conditional DiT (4 blocks, width 128, patch 1) trains on each with the same steps, batch,
+The same class-conditional DiT (4 blocks, width 128, patch 2: 16 tokens) trains on each with the same steps, batch,
 learning rate and seeds (`dcae latents`, `dcae diffusion train`); at several steps `dcae sample` draws
 pictures of every class from the EMA weights, and the scene checker measures the share that show their class's
 scene (colours, shapes, arrangement). Convergence is that share against training steps, mean ± std over seeds,
@@ -44,19 +44,20 @@ from dcae.runtime.log import read_log
 DEFAULT_SEEDS = 3
 OWN_DATA = "rendered scenes of coloured shapes, one scene kind per class (dcae.experiments.shapes)"  # no --data
 SIZE = 64
-FACTOR = 16
-HIGH, LOW = 64, 16
-AE_SUBSETS = [16, 32, 48, 64]  # the structured autoencoder reconstructs from each (DC-AE 1.5)
-DIFFUSION_SUBSETS = [16, 32, 48]  # augmented training: one of these per micro-batch, plus all 64
+FACTOR = 8
+PATCH = 2
+HIGH, LOW = 32, 8
+AE_SUBSETS = [8, 16, 24, 32]  # the structured autoencoder reconstructs from each (DC-AE 1.5)
+DIFFUSION_SUBSETS = [8, 16, 24]  # augmented training: one of these per micro-batch, plus all 32
 GUIDANCE = 3.0
 # label -> (autoencoder, augmented diffusion training)
 ARMS = {
-    "(a) plain c64": ("plain-c64", False),
-    "(b) structured c64": ("structured-c64", False),
-    "(c) structured c64 + augmented": ("structured-c64", True),
-    "(d) plain c16 (reference)": ("plain-c16", False),
+    "(a) plain c32": ("plain-c32", False),
+    "(b) structured c32": ("structured-c32", False),
+    "(c) structured c32 + augmented": ("structured-c32", True),
+    "(d) plain c8 (reference)": ("plain-c8", False),
 }
-AUTOENCODERS = {"plain-c64": (HIGH, False), "structured-c64": (HIGH, True), "plain-c16": (LOW, False)}
+AUTOENCODERS = {"plain-c32": (HIGH, False), "structured-c32": (HIGH, True), "plain-c8": (LOW, False)}
 NETWORK = {"depth": 4, "hidden_size": 128, "num_heads": 4}
 ASPECT_LABELS = [(a, f"{a} (share of pictures)") for a in shapes.ASPECTS]
 
@@ -73,7 +74,7 @@ class Budget:
     sample_steps: int
 
 
-FULL = Budget(12, 128, 700, 800, 32, 200, 8, 20)
+FULL = Budget(12, 128, 1200, 800, 32, 200, 8, 20)
 SMOKE = Budget(3, 4, 2, 4, 4, 2, 1, 2)
 
 
@@ -161,7 +162,7 @@ def render_data(folder: Path, kinds: list[shapes.Scene], b: Budget):
 
 # ----------------------------------------------------------------------------- autoencoders
 def train_autoencoder(p: Protocol, b: Budget, name: str, channels: int, structured: bool, data: Path):
-    """The tiny f16 DC-AE (L1, 64 px, batch 16, seed 0); structured: DC-AE 1.5's sliceable latent (no bottleneck
+    """The tiny f8 DC-AE (L1, 64 px, batch 16, seed 0); structured: DC-AE 1.5's sliceable latent (no bottleneck
     shortcuts), trained on the leading subsets AE_SUBSETS. Saved with its scaling factor (1 / held-out RMS)."""
     run_dir, out = p.run_dir(name, "autoencoder"), p.out / "autoencoders" / name
     model = common.tiny_model(FACTOR, channels)
@@ -221,7 +222,7 @@ def train_dit(p: Protocol, b: Budget, cache: Path, run_dir: Path, seed: int, aug
         "mixed_precision": "no", "num_workers": 0, "ema_decay": 0.999,
         "log": {"every": p.steps(25, 1), "tensorboard": False},
         "checkpoint": {"every": b.eval_every, "keep_last": b.steps // b.eval_every + 1},
-        "model": {"name": "DiT-S/1", "overrides": NETWORK},
+        "model": {"name": f"DiT-S/{PATCH}", "overrides": NETWORK},
         "diffusion": {"objective": "flow", "t_sampling": "logit_normal", "cond_dropout": 0.1},
         "optim": {"lr": 5e-4, "warmup_steps": p.steps(50, 0)},
         "sample": {"every": 0, "num": 4, "steps": b.sample_steps, "solver": "euler", "cfg_scale": GUIDANCE,
@@ -281,8 +282,9 @@ def _markdown(b, truth, chance, autoencoders, ceilings, curves, table, at_subset
     steps = [r["step"] for r in next(iter(curves.values()))[0]]
     lines = [
         f"{b.classes} classes, each one scene kind of two coloured shapes drawn with jittered sizes and places at "
-        f"{SIZE} px ({b.per_class} training pictures per class, 4 held out); tiny f{FACTOR} DC-AEs (4x4 latents, "
-        f"L1, {b.ae_steps} steps); the same DiT (4 blocks, width 128, patch 1) trained {b.steps} steps at batch "
+        f"{SIZE} px ({b.per_class} training pictures per class, 4 held out); tiny f{FACTOR} DC-AEs ({SIZE // FACTOR}x"
+        f"{SIZE // FACTOR} latents, L1, {b.ae_steps} steps); the same DiT (4 blocks, width 128, patch {PATCH}) "
+        f"trained {b.steps} steps at batch "
         f"{b.batch}, lr 5e-4, flow matching, on each latent; {b.samples_per_class} samples per class from the EMA "
         f"weights at steps {steps} (Euler {b.sample_steps} steps, guidance {GUIDANCE:g}). Adherence: the share of "
         "samples in which the scene checker finds their class's colours (and no other), shapes and arrangement; "
