@@ -210,7 +210,7 @@ def test_sample_at_a_subset_width_decodes_only_those_channels(structured, tmp_pa
     assert plan["settings"]["latent_shape"] == [4, 4, 4]
     assert len(list((tmp_path / "c4" / "images").glob("*.png"))) == 2
     # The structured decoder got 4 channels and decoded them as the latent with channels 4..7 zeroed would be.
-    (z, images), = decoded
+    ((z, images),) = decoded
     assert z.shape == (2, 4, 4, 4)
     ae = DCAE.from_pretrained(structured.parent / "ae").eval()
     with torch.no_grad():

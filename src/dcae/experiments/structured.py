@@ -126,8 +126,12 @@ def run(p: Protocol) -> dict[str, Any]:
         "augmented_at_subset": {"channels": DIFFUSION_SUBSETS[0],
                                 **{a: spread([r[a] for r in subset_rows]) for a in shapes.ASPECTS}},
     }  # fmt: skip
-    plots.plot_curves(curves, ASPECT_LABELS[::-1][:2], p.out / "convergence.png",
-                      f"class adherence of samples against training steps (mean ± std over {len(p.seeds)} seeds)")
+    plots.plot_curves(
+        curves,
+        [k for k in ASPECT_LABELS if k[0] != "shape"],
+        p.out / "convergence.png",
+        f"class adherence of samples against training steps (mean ± std over {len(p.seeds)} seeds)",
+    )
     markdown = _markdown(b, truth, chance, autoencoders, ceilings, curves, table, results["augmented_at_subset"])
     common.write_report(p, "DC-AE 1.5: structured latent and augmented diffusion training", markdown, results)
     return results
@@ -263,7 +267,7 @@ def final_row(rows: list[list[dict]]) -> dict[str, dict]:
     """Per aspect: the spread over seeds at the last step, and of the mean over the curve (area under it)."""
     return {
         **{a: spread([r[-1][a] for r in rows]) for a in shapes.ASPECTS},
-        "curve_mean_all": spread([float(np.mean([x["all"] for x in r])) for r in rows]),
+        **{f"curve_mean_{a}": spread([float(np.mean([x[a] for x in r])) for r in rows]) for a in shapes.ASPECTS},
     }
 
 
@@ -292,27 +296,30 @@ def _markdown(b, truth, chance, autoencoders, ceilings, curves, table, at_subset
         "(one subset + the whole latent).",
         "",
         "| autoencoder | channels | structured | held-out PSNR (dB) | PSNR from leading subsets | checker on its "
-        "reconstructions (all) |",
+        "reconstructions (colour / position / all) |",
         "|---|---|---|---|---|---|",
     ]
     for name, info in autoencoders.items():
         subsets = ", ".join(f"{c}: {v:.2f}" for c, v in info["held_out_psnr_by_channels"].items())
-        lines.append(f"| {name} | {info['latent_channels']} | {'yes' if info['structured'] else 'no'} | "
-                     f"{info['psnr']:.2f} | {subsets} | {100 * ceilings[name]['all']:.1f} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {info['latent_channels']} | {'yes' if info['structured'] else 'no'} | "
+            f"{info['psnr']:.2f} | {subsets} | "
+            + " / ".join(f"{100 * ceilings[name][a]:.1f}" for a in ("colour", "position", "all"))
+            + " |"
+        )
     lines += [
         "",
         f"Checker on the rendered truth: {100 * truth['all']:.1f}% (all); chance (true pictures, another class's "
-        f"caption): {100 * chance['all']:.1f}%.",
-        "",
-        "| diffusion arm | " + " | ".join(f"all @ {s}" for s in steps) + " | colour | shape | position | "
-        "mean of the curve (all) |",
-        "|---|" + "---|" * (len(steps) + 4),
+        "caption): " + ", ".join(f"{a} {100 * chance[a]:.1f}%" for a in shapes.ASPECTS) + ".",
     ]
-    for label, rows in curves.items():
-        at = [_pct(spread([r[i]["all"] for r in rows])) for i in range(len(steps))]
-        t = table[label]
-        lines.append(f"| {label} | " + " | ".join(at) + " | " + " | ".join(_pct(t[a]) for a in
-                     ("colour", "shape", "position")) + f" | {_pct(t['curve_mean_all'])} |")  # fmt: skip
+    for aspect in ("colour", "position", "all"):
+        lines += ["", f"**{aspect}** (share of samples) against training steps:", "",
+                  "| diffusion arm | " + " | ".join(f"step {s}" for s in steps) + " | mean over the curve |",
+                  "|---|" + "---|" * (len(steps) + 1)]  # fmt: skip
+        for label, rows in curves.items():
+            at = [_pct(spread([r[i][aspect] for r in rows])) for i in range(len(steps))]
+            mean = _pct(spread([float(np.mean([x[aspect] for x in r])) for r in rows]))
+            lines.append(f"| {label} | " + " | ".join(at) + f" | {mean} |")
     lines += [
         "",
         f"Arm (c) sampled at its first {at_subset['channels']} channels only (`dcae sample --channels "

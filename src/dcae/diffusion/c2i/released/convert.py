@@ -75,8 +75,10 @@ def _check(net) -> None:
     """What the DC-Gen config can describe: a U-ViT without the options no release has."""
     if not isinstance(net, UViT):
         raise UserError(f"the released DC-AE 1.5 layout holds a U-ViT, not a {type(net).__name__}")
-    if net.learn_sigma or not isinstance(net.time_embed, torch.nn.Identity) or not isinstance(
-        net.final_layer, torch.nn.Identity
+    if (
+        net.learn_sigma
+        or not isinstance(net.time_embed, torch.nn.Identity)
+        or not isinstance(net.final_layer, torch.nn.Identity)
     ):
         raise UserError("the released layout has no learned variance, time MLP or final conv")
     if net.num_classes <= 0:
