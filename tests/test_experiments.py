@@ -102,6 +102,29 @@ def test_t2i_smoke(tmp_path):
     assert len(again["run_minutes"]) == 2 and again["adherence"] == r["adherence"]
 
 
+def test_structured_smoke(tmp_path):
+    r = _smoke("structured", tmp_path)
+    arms = _arms("structured")
+    assert set(r["curves"]) == set(arms) and set(r["final"]) == set(arms)
+    for curves in r["curves"].values():  # one curve per seed, adherence at every kept checkpoint
+        assert [row["step"] for row in curves[0]] == [2, 4]
+        assert all(0 <= row["all"] <= 1 for row in curves[0])
+    ae = r["autoencoders"]
+    assert ae["structured-c32"]["structured"] and set(ae["structured-c32"]["held_out_psnr_by_channels"]) == {
+        "8", "16", "24", "32"}  # fmt: skip
+    assert [ae[k]["latent_channels"] for k in ("plain-c32", "plain-c8")] == [32, 8]
+    runs = tmp_path / "structured" / "runs"
+    from dcae.diffusion.train.checkpoint import load_checkpoint
+
+    augmented, _, _ = load_checkpoint(runs / "c__structured_c32___augmented" / "seed0")
+    plain, _, _ = load_checkpoint(runs / "b__structured_c32" / "seed0")
+    assert augmented.adaptive_channel and not plain.adaptive_channel
+    plan = json.loads((runs / "c__structured_c32___augmented" / "seed0" / "samples-subset" / "plan.json").read_text())
+    assert plan["settings"]["latent_shape"] == [8, 8, 8]  # sampled at a leading subset
+    again = _smoke("structured", tmp_path)  # finished work is read back
+    assert again["curves"] == r["curves"] and len(again["run_minutes"]) == 2
+
+
 def test_t2i_makes_its_own_data(tmp_path, capsys):
     assert main(["experiment", "t2i", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "makes its own data" in capsys.readouterr().err

@@ -41,6 +41,24 @@ def condition_values(conditioning: Conditioning, text: str | None, n: int, meta:
     return conditioning.values(text, n, meta)
 
 
+def leading_channels(shape: tuple, model, channels: int | None, autoencoder, source: str) -> tuple[int, ...]:
+    """The latent shape to generate: all channels, or with --channels a leading subset, which a model trained
+    with DC-AE 1.5's augmented training (adaptive channels) generates and a structured decoder decodes (its
+    first conv's first input channels: as if the others were zero)."""
+    if not channels or channels == shape[0]:
+        return tuple(shape)
+    full = shape[0]
+    if not getattr(model, "adaptive_channel", False):
+        raise UserError(f"--channels {channels}: {source} was not trained with augmented training "
+                        f"(augmented.channels); it generates all {full} channels")  # fmt: skip
+    if not 1 <= channels <= full:
+        raise UserError(f"--channels {channels}: {source} generates 1..{full} latent channels")
+    if not autoencoder.config.decoder_sliceable_in:
+        raise UserError(f"--channels {channels}: the autoencoder {autoencoder.config.name} decodes only all {full} "
+                        "channels (a structured, DC-AE 1.5 decoder decodes leading subsets)")  # fmt: skip
+    return (channels, *shape[1:])
+
+
 class ImageSampler:
     """Decoded samples for given image indices. Image i's noise comes from a generator seeded by
     seed * 1_000_003 + i (`seed_of(seed, i)` where given: a diffusers pipeline's images are seeded seed + i), so

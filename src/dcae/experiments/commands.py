@@ -21,7 +21,8 @@ A killed experiment continues where it stopped when run again with the same --ou
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "experiment",
-        help="reproduce one of the paper's findings at small scale (residual, adaptation, gan, decoder, t2i)",
+        help="reproduce one of the paper's findings at small scale (residual, adaptation, gan, decoder, t2i, "
+        "structured)",
         description="\n".join(f"{k}: {v[1]}" for k, v in EXPERIMENTS.items()),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

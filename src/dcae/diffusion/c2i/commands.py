@@ -103,7 +103,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from dcae.diffusion.cache import load_autoencoder, recorded_source
-    from dcae.diffusion.generation import SAMPLE_REPORTS, ImageSampler, condition_values, write_samples
+    from dcae.diffusion.generation import (
+        SAMPLE_REPORTS,
+        ImageSampler,
+        condition_values,
+        leading_channels,
+        write_samples,
+    )
     from dcae.diffusion.processes.sampling import sample
     from dcae.diffusion.train.checkpoint import conditioning_of, load_checkpoint
     from dcae.diffusion.train.samples import default_solver
@@ -124,8 +130,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
         return cmd_sample_released(args)
     if not args.ckpt:
         raise UserError("pass --ckpt (a checkpoint or training run folder) or --model (a released model)")
-    if args.channels:
-        raise UserError("--channels applies to the released DC-AE 1.5 models (--model)")
     args.steps = args.steps or 50
     args.cfg = 1.5 if args.cfg is None else args.cfg
     # Under torchrun / `accelerate launch` process r samples the missing images i with i % n == r, on its own GPU.
@@ -144,7 +148,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
                       solver=solver, cfg_scale=args.cfg, guidance_interval=interval, eta=args.eta,
                       generator=torch.Generator(device).manual_seed(seeds[0]))  # fmt: skip
 
-    shape = lat.latent_shape or (model.in_channels, model.input_size, model.input_size)
+    shape = leading_channels(lat.latent_shape or (model.in_channels, model.input_size, model.input_size), model,
+                             args.channels, ae, meta["path"])  # fmt: skip
     scaling = lat.scaling_factor  # what the latents it learned were multiplied by, whatever --autoencoder says
     run = ImageSampler(latents, ae, scaling, shape, args.seed, device, args.dtype)
     out = Path(args.output)
@@ -264,7 +269,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "released models also take dpm++ and ddim (flow ones heun, euler, and heun2, midpoint, rk4 on --steps "
         "grid points)",
     )
-    p.add_argument("--channels", type=positive_int, help="DC-AE 1.5 models: generate the first N latent channels only")
+    p.add_argument("--channels", type=positive_int,
+                   help="DC-AE 1.5 (released, or trained with augmented.channels): generate the first N latent "
+                   "channels only; the structured decoder decodes them")  # fmt: skip
     p.add_argument("--eta", type=number_type(ETA, "eta", "DDIM's eta"), default=0.0,
                    help="DDIM stochasticity, 0..1 (0: deterministic)")  # fmt: skip
     add_seed(p, "image i's noise is seeded by (seed, i)")

@@ -19,6 +19,9 @@ from dcae.diffusion.nets.layers import (
     Mlp,
     PatchEmbed,
     TimestepEmbedder,
+    adaptive_head,
+    adaptive_patch_embed,
+    check_channels,
     modulate,
     sincos_pos_embed_2d,
     unpatchify,
@@ -46,13 +49,18 @@ class DiTBlock(nn.Module):
 class FinalLayer(nn.Module):
     def __init__(self, dim: int, patch_size: int, out_channels: int) -> None:
         super().__init__()
+        self.patch_size = patch_size
         self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, channels: int | None = None, full: int = 0) -> torch.Tensor:
+        """`channels` < `full`: only the rows of the first `channels` output channels (DC-AE 1.5)."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        x = modulate(self.norm_final(x), shift, scale)
+        if channels is None or channels == full:
+            return self.linear(x)
+        return adaptive_head(self.linear, x, channels, full, self.patch_size)
 
 
 class DiT(nn.Module):
@@ -71,6 +79,7 @@ class DiT(nn.Module):
         num_classes: int = 1000,
         learn_sigma: bool = False,
         released_layout: bool = False,
+        adaptive_channel: bool = False,
     ) -> None:
         super().__init__()
         if input_size % patch_size:
@@ -79,6 +88,10 @@ class DiT(nn.Module):
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.learn_sigma, self.num_classes = learn_sigma, num_classes
         self.conditioning = conditioning_for(num_classes)
+        # DC-AE 1.5: one set of weights serves any leading subset of the latent channels (structured latents).
+        self.adaptive_channel = adaptive_channel
+        if adaptive_channel and learn_sigma:
+            raise ValueError("adaptive_channel needs learn_sigma=False (the output channels follow the input)")
         self.grid = input_size // patch_size
         self.grad_checkpointing = False
 
@@ -124,7 +137,9 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Condition | torch.Tensor | None = None) -> torch.Tensor:
-        x = self.x_embedder(x) + self.pos_embed  # B x T x D
+        channels = x.shape[1]
+        check_channels(channels, self.in_channels, self.adaptive_channel)
+        x = adaptive_patch_embed(self.x_embedder, x, self.in_channels) + self.pos_embed  # B x T x D
         c = self.t_embedder(t)
         if self.y_embedder is not None:
             c = c + self.y_embedder(class_labels(cond, x.shape[0], self.num_classes, x.device))
@@ -133,5 +148,6 @@ class DiT(nn.Module):
                 x = checkpoint(block, x, c, use_reentrant=False)
             else:
                 x = block(x, c)
-        x = self.final_layer(x, c)
-        return unpatchify(x, self.out_channels, self.patch_size, self.grid)
+        x = self.final_layer(x, c, channels, self.in_channels)
+        out_channels = self.out_channels if channels == self.in_channels else channels
+        return unpatchify(x, out_channels, self.patch_size, self.grid)

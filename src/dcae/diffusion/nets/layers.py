@@ -118,3 +118,39 @@ def unpatchify(x: torch.Tensor, channels: int, patch_size: int, grid: int) -> to
     x = x.reshape(B, grid, grid, p, p, channels)
     x = torch.einsum("nhwpqc->nchpwq", x)
     return x.reshape(B, channels, grid * p, grid * p)
+
+
+# ----------------------------------------------------------------------------- DC-AE 1.5 adaptive channels
+def check_channels(c: int, full: int, adaptive: bool) -> None:
+    """A latent of c channels fits a model of `full` channels: all of them, or (adaptive) a leading subset."""
+    if c == full:
+        return
+    if not adaptive or not 0 < c < full:
+        raise ValueError(
+            f"the model takes {full} latent channels"
+            + (f" or fewer (adaptive channels), got {c}" if adaptive else f", got {c}")
+        )
+
+
+def adaptive_patch_embed(embed: nn.Module, x: torch.Tensor, full: int) -> torch.Tensor:
+    """DC-AE 1.5's adaptive patch embedding: a c-channel latent through the first c input channels of the patch
+    conv (`embed.proj`), as if the missing channels were zero. B x c x H x W -> B x T x D. All channels go
+    through the module itself (whatever wraps it, e.g. a LoRA layer, stays in the path)."""
+    c = x.shape[1]
+    if c == full:
+        return embed(x)
+    proj = embed.proj
+    return F.conv2d(x, proj.weight[:, :c], proj.bias, stride=proj.stride).flatten(2).transpose(1, 2)
+
+
+def adaptive_head(linear: nn.Linear, x: torch.Tensor, channels: int, full: int, patch_size: int) -> torch.Tensor:
+    """DC-AE 1.5's sliced output head: of the p*p*full outputs per token (laid out p, p, channel as `unpatchify`
+    reads them) only those of the first `channels` channels, so the output is a p*p*channels token."""
+    if channels == full:
+        return linear(x)
+    if patch_size == 1:
+        keep: slice | torch.Tensor = slice(0, channels)
+    else:
+        rows = torch.arange(patch_size * patch_size * full, device=linear.weight.device)
+        keep = rows[rows % full < channels]
+    return F.linear(x, linear.weight[keep], linear.bias[keep] if linear.bias is not None else None)

@@ -37,7 +37,14 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from dcae.diffusion.conditioning import Text, TextConditioning
-from dcae.diffusion.nets.layers import PatchEmbed, RMSNorm, timestep_embedding
+from dcae.diffusion.nets.layers import (
+    PatchEmbed,
+    RMSNorm,
+    adaptive_head,
+    adaptive_patch_embed,
+    check_channels,
+    timestep_embedding,
+)
 from dcae.errors import UserError, WeightsError
 from dcae.models.layers import relu_linear_attention
 from dcae.models.weights import (
@@ -246,6 +253,7 @@ class SanaTransformer(nn.Module):
         qk_norm: str | None = None,
         timestep_scale: float = 1.0,
         max_tokens: int = 300,
+        adaptive_channel: bool = False,
     ) -> None:
         super().__init__()
         self.config = {k: v for k, v in locals().items() if k in DIFFUSERS_FIELDS}
@@ -257,6 +265,11 @@ class SanaTransformer(nn.Module):
         self.interpolation_scale = interpolation_scale
         self.conditioning = TextConditioning(caption_channels, max_tokens)
         self.grad_checkpointing = False
+        # DC-AE 1.5: any leading subset of the latent channels through the same weights (not a diffusers field:
+        # the weights are diffusers' own, only the first / last layer is sliced at run time)
+        self.adaptive_channel = adaptive_channel
+        if adaptive_channel and out_channels != in_channels:
+            raise SanaConfigError(f"adaptive_channel needs out_channels = in_channels, got {out_channels}")
 
         self.patch_embed = PatchEmbed(patch_size, in_channels, dim)
         self.guidance_embeds = bool(guidance_embeds)
@@ -311,7 +324,9 @@ class SanaTransformer(nn.Module):
         if H % p or W % p:
             raise ValueError(f"latents of {H} x {W} are not divisible by the patch size {p}")
         grid = (H // p, W // p)
-        tokens = self.patch_embed(x)  # B x T x D
+        channels = x.shape[1]
+        check_channels(channels, self.in_channels, self.adaptive_channel)
+        tokens = adaptive_patch_embed(self.patch_embed, x, self.in_channels)  # B x T x D
         if self.interpolation_scale is not None:
             pe = sincos_pos_embed(tokens.shape[-1], *grid, self.sample_size // p, self.interpolation_scale, x.device)
             tokens = (tokens + pe).to(tokens.dtype)
@@ -331,13 +346,17 @@ class SanaTransformer(nn.Module):
             else:
                 tokens = block(tokens, text, bias, mod, grid)
         shift, scale = (self.scale_shift_table[None] + temb[:, None]).chunk(2, dim=1)
-        out = self.proj_out(self.norm_out(tokens) * (1 + scale) + shift)
-        out = out.reshape(B, *grid, p, p, self.out_channels).permute(0, 5, 1, 3, 2, 4)  # B C h p w p
-        return out.reshape(B, self.out_channels, H, W)
+        tokens = self.norm_out(tokens) * (1 + scale) + shift
+        out_channels = self.out_channels if channels == self.in_channels else channels
+        out = adaptive_head(self.proj_out, tokens, out_channels, self.out_channels, p)
+        out = out.reshape(B, *grid, p, p, out_channels).permute(0, 5, 1, 3, 2, 4)  # B C h p w p
+        return out.reshape(B, out_channels, H, W)
 
 
 # ----------------------------------------------------------------------------- config and weights
-DIFFUSERS_FIELDS = tuple(k for k in inspect.signature(SanaTransformer).parameters if k != "max_tokens")
+DIFFUSERS_FIELDS = tuple(
+    k for k in inspect.signature(SanaTransformer).parameters if k not in ("max_tokens", "adaptive_channel")
+)
 
 
 def _check(c: dict[str, Any], dim: int) -> None:

@@ -7,11 +7,19 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from dcae.diffusion.conditioning import Condition, class_labels, conditioning_for
-from dcae.diffusion.nets.layers import Attention, Mlp, PatchEmbed, timestep_embedding, unpatchify
+from dcae.diffusion.nets.layers import (
+    Attention,
+    Mlp,
+    PatchEmbed,
+    adaptive_head,
+    adaptive_patch_embed,
+    check_channels,
+    timestep_embedding,
+    unpatchify,
+)
 
 
 class UViTBlock(nn.Module):
@@ -112,24 +120,12 @@ class UViT(nn.Module):
 
     def _embed_patches(self, x: torch.Tensor) -> torch.Tensor:
         """Patch tokens; with adaptive channels a c-channel input uses the first c input channels of the conv."""
-        c = x.shape[1]
-        if c == self.in_channels:
-            return self.patch_embed(x)
-        if not self.adaptive_channel or not 0 < c < self.in_channels:
-            raise ValueError(
-                f"the model takes {self.in_channels} latent channels"
-                + (f" or fewer (adaptive channels), got {c}" if self.adaptive_channel else f", got {c}")
-            )
-        proj = self.patch_embed.proj
-        x = F.conv2d(x, proj.weight[:, :c], proj.bias, stride=proj.stride)
-        return x.flatten(2).transpose(1, 2)
+        check_channels(x.shape[1], self.in_channels, self.adaptive_channel)
+        return adaptive_patch_embed(self.patch_embed, x, self.in_channels)
 
     def _predict(self, x: torch.Tensor, channels: int) -> torch.Tensor:
-        """Tokens -> output channels; with adaptive channels only the first channels * p * p rows of the head."""
-        if channels == self.in_channels:
-            return self.decoder_pred(x)
-        rows = channels * self.patch_size**2
-        return F.linear(x, self.decoder_pred.weight[:rows], self.decoder_pred.bias[:rows])
+        """Tokens -> output channels; with adaptive channels only the head's rows of the first channels."""
+        return adaptive_head(self.decoder_pred, x, channels, self.in_channels, self.patch_size)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Condition | torch.Tensor | None = None) -> torch.Tensor:
         channels = x.shape[1]

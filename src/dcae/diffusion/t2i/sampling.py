@@ -64,7 +64,7 @@ def build_sampler(args: argparse.Namespace, device):
     from dcae.diffusion.processes.sampling import sample
 
     size = _latent_size(args.size, m["resolution"], m["compression"], m["patch"])
-    shape = (m["model"].in_channels, *size)
+    shape = _channels((m["model"].in_channels, *size), m, args)
 
     shift = args.shift if args.shift is not None else m["shift"]
 
@@ -105,7 +105,7 @@ def _pipeline_sampler(args, m: dict, device):
         gen_h, gen_w = height, width
         _latent_size(f"{height}x{width}", None, m["compression"], m["patch"])
     f = m["compression"]
-    shape = (m["model"].in_channels, gen_h // f, gen_w // f)
+    shape = _channels((m["model"].in_channels, gen_h // f, gen_w // f), m, args)
     make_scheduler(config, where, args.shift)  # an unsupported one: one line, before any work
 
     def latents(noise, batch_prompts: list[str], seeds: list[int], generators):
@@ -141,6 +141,14 @@ def _plan(settings: dict, m: dict, args: argparse.Namespace) -> dict:
         if key in plan:
             plan[key] = recorded_source(plan[key])
     return plan
+
+
+def _channels(shape: tuple, m: dict, args: argparse.Namespace) -> tuple:
+    """--channels N: the first N latent channels of a model trained with augmented training (DC-AE 1.5)."""
+    from dcae.diffusion.generation import leading_channels
+
+    source = getattr(args, "ckpt", None) or getattr(args, "model", None) or "the model"
+    return leading_channels(shape, m["model"], getattr(args, "channels", None), m["autoencoder"], str(source))
 
 
 def _load_for_sampling(args, device) -> dict:
@@ -245,6 +253,9 @@ def add_sampling_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--shift", type=flow_shift, help="flow shift of the time grid, > 0 (default: the model's)")
     s.add_argument("--size", type=image_size,
                    help="HEIGHTxWIDTH in pixels (default: the training resolution, square)")  # fmt: skip
+    s.add_argument("--channels", type=positive_int,
+                   help="a model trained with augmented.channels (DC-AE 1.5): generate the first N latent channels "
+                   "only; the structured decoder decodes them")  # fmt: skip
     add_seed(s, "image i: as diffusers with generator seed + i (--solver ddim: seed * 1000003 + i)")
     s.add_argument(
         "--no-resolution-binning",

@@ -74,6 +74,18 @@ class SampleConfig:
 
 
 @dataclass
+class AugmentedConfig:
+    """DC-AE 1.5's augmented diffusion training on a structured latent (dcae.diffusion.train.augmented): each
+    micro-batch's loss is the mean of the losses on `subsets` leading channel subsets latent[:, :c], c drawn
+    uniformly from `channels`, plus the whole latent when `include_full`. Empty `channels`: off. On, the network
+    is built with adaptive channels (model overrides gain adaptive_channel: true)."""
+
+    channels: list[int] = field(default_factory=list)  # e.g. [16, 32, 48] for a 64-channel latent
+    subsets: int = 1  # subsets drawn per micro-batch (with replacement)
+    include_full: bool = True  # also the loss on all channels, every micro-batch
+
+
+@dataclass
 class TrainConfig:
     data: str = ""  # folder written by `dcae latents` or `dcae t2i cache`
     out_dir: str = "runs/diffusion"
@@ -95,6 +107,7 @@ class TrainConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    augmented: AugmentedConfig = field(default_factory=AugmentedConfig)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
@@ -141,6 +154,7 @@ NUMBERS = {
     "sample.steps": num.COUNT,
     "sample.cfg_scale": num.GUIDANCE,
     "sample.seed": num.SEED,
+    "augmented.subsets": num.COUNT,
 }
 # model.overrides: what a number given for one of the networks' arguments may be (other numbers: finite).
 OVERRIDE_NUMBERS = {"mlp_ratio": num.POSITIVE, "norm_eps": num.POSITIVE, "interpolation_scale": num.POSITIVE,
@@ -180,6 +194,9 @@ def validate_config(cfg: TrainConfig) -> None:
     problems += items_problems("optim.betas", betas[:2], num.FRACTION)
     problems += _override_problems(cfg.model.overrides)
     problems += parallel_problems(cfg.parallel, cfg.mixed_precision)
+    problems += items_problems("augmented.channels", cfg.augmented.channels, num.WIDTH)
+    if cfg.augmented.channels and cfg.model.learn_sigma:
+        problems.append("augmented.channels needs model.learn_sigma=false (the output channels follow the input)")
     if problems:
         raise UserError("invalid training config: " + "; ".join(problems))
 

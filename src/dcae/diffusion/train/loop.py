@@ -28,6 +28,7 @@ from dcae.data.images import make_grid, save_image
 from dcae.diffusion.cache import CacheDataset
 from dcae.diffusion.conditioning import Condition, Conditioning, chunk
 from dcae.diffusion.nets import set_grad_checkpointing, transformer_blocks
+from dcae.diffusion.train import augmented
 from dcae.diffusion.train import checkpoint as run_ckpt
 from dcae.diffusion.train.config import TrainConfig, config_to_dict, validate_config
 from dcae.diffusion.train.data import data_batches, open_cache
@@ -188,8 +189,10 @@ def _model_args(cfg: TrainConfig, ds: CacheDataset) -> dict:
     """What builds the network, recorded in every checkpoint (and compared on resume): the name, sizes and
     overrides of the config, the latent channels and size and the conditioning of the cache."""
     C, H, W = ds.latent_shape
+    augmented.check(cfg.augmented, C)
     return {"name": cfg.model.name, "in_channels": C, "input_size": H, "learn_sigma": cfg.model.learn_sigma,
-            "overrides": dict(cfg.model.overrides), "conditioning": ds.conditioning.spec()}  # fmt: skip
+            "overrides": augmented.model_overrides(cfg.model.overrides, cfg.augmented),
+            "conditioning": ds.conditioning.spec()}  # fmt: skip
 
 
 def _resume(cfg: TrainConfig, model_args: dict, model, ema: EMA, opt, rank: int, main: bool) -> int:
@@ -251,6 +254,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     window_loss, window_n, window_t0, t_start = 0.0, 0, time.perf_counter(), time.perf_counter()
     last_loss, last_ckpt = float("nan"), None
     gen = torch.Generator(device)
+    trainer = augmented.training_process(run.process, cfg.augmented)  # the process, or DC-AE 1.5's averaged loss
     train_model.train()
     while step < cfg.max_steps:
         x, *rest = next(batches)
@@ -259,7 +263,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         lr = lr_at(step, cfg.max_steps, cfg.optim)
         set_lr(opt, lr)
         seeds = [_step_seed(cfg.seed, step, rank * accum + k) for k in range(accum)]
-        loss = accumulate_gradients(acc, train_model, model, run.process, x, cond, gen, seeds)
+        loss = accumulate_gradients(acc, train_model, model, trainer, x, cond, gen, seeds)
         clip = cfg.optim.grad_clip or float("inf")
         grad_norm = sharding.clip_grad_norm(model.parameters(), clip) if run.template is not None else \
             acc.clip_grad_norm_(model.parameters(), clip)  # fmt: skip
