@@ -74,6 +74,26 @@ class SampleConfig:
 
 
 @dataclass
+class LoraSettings:
+    """LoRA through peft (dcae.diffusion.train.lora): rank 0 trains every weight (full fine-tuning)."""
+
+    rank: int = 0
+    alpha: float | None = None  # peft's lora_alpha (None: the rank, so the update is B A unscaled)
+    dropout: float = 0.0
+    # SANA's attention projections, as diffusers' train_dreambooth_lora_sana.py (feed-forward: conv_inverted,
+    # conv_point are 1x1 convolutions that peft adapts too)
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class FinetuneConfig:
+    """Start from a pretrained model (dcae.diffusion.t2i.finetune) instead of random weights."""
+
+    pretrained: str = ""  # a SANA pipeline folder or Hub id, a transformer folder, or one of our runs / checkpoints
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+@dataclass
 class TrainConfig:
     data: str = ""  # folder written by `dcae latents` or `dcae t2i cache`
     out_dir: str = "runs/diffusion"
@@ -94,6 +114,7 @@ class TrainConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
@@ -140,6 +161,8 @@ NUMBERS = {
     "sample.steps": num.COUNT,
     "sample.cfg_scale": num.GUIDANCE,
     "sample.seed": num.SEED,
+    "finetune.lora.rank": num.NONNEGATIVE_INT,
+    "finetune.lora.dropout": num.PROBABILITY,
 }
 # model.overrides: what a number given for one of the networks' arguments may be (other numbers: finite).
 OVERRIDE_NUMBERS = {"mlp_ratio": num.POSITIVE, "norm_eps": num.POSITIVE, "interpolation_scale": num.POSITIVE,
@@ -178,6 +201,11 @@ def validate_config(cfg: TrainConfig) -> None:
         problems.append(f"optim.betas must be two numbers (Adam's beta1, beta2), got {betas}")
     problems += items_problems("optim.betas", betas[:2], num.FRACTION)
     problems += _override_problems(cfg.model.overrides)
+    lora = cfg.finetune.lora
+    if lora.alpha is not None:
+        field_problems(problems, "finetune.lora.alpha", lora.alpha, num.POSITIVE)
+    if lora.rank and not lora.target_modules:
+        problems.append("finetune.lora.target_modules is empty: name the layers LoRA adapts (e.g. to_q, to_k)")
     if problems:
         raise UserError("invalid training config: " + "; ".join(problems))
 

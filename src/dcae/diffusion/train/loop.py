@@ -28,6 +28,7 @@ from dcae.data.images import make_grid, save_image
 from dcae.diffusion.cache import CacheDataset
 from dcae.diffusion.conditioning import Condition, Conditioning, chunk
 from dcae.diffusion.nets import set_grad_checkpointing
+from dcae.diffusion.t2i import finetune
 from dcae.diffusion.train import checkpoint as run_ckpt
 from dcae.diffusion.train.config import TrainConfig, config_to_dict, validate_config
 from dcae.diffusion.train.data import data_batches, open_cache
@@ -143,7 +144,10 @@ def _setup(cfg: TrainConfig) -> tuple[_Run, int]:
     torch.manual_seed(cfg.seed + rank)
     ds = open_cache(cfg.data, seed=cfg.seed, use_flip=cfg.use_flip)
     model_args = _model_args(cfg, ds)
-    model = run_ckpt.build_model(model_args)
+    if cfg.finetune.pretrained or cfg.finetune.lora.rank:  # a pretrained network and / or LoRA adapters
+        model_args, model = finetune.pretrained_model(cfg, ds, model_args)
+    else:
+        model = run_ckpt.build_model(model_args)
     set_grad_checkpointing(model, cfg.model.gradient_checkpointing)
     ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup)
     process = run_ckpt.make_process(cfg.diffusion, cfg.model.learn_sigma)
