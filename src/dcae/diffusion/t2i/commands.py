@@ -116,6 +116,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     check_input(args.ckpt, "--ckpt")
     check_output_dir(args.output, "output folder (-o)")
+    if args.lora:
+        from dcae.diffusion.t2i.lora_io import export_lora
+
+        path = export_lora(args.ckpt, args.output, overwrite=args.overwrite, use_ema=not args.no_ema)
+        print(f"diffusers SANA LoRA: {path} (SanaPipeline.load_lora_weights, or dcae t2i sample --lora)")
+        return 0
     folder = export_pipeline(args.ckpt, args.output, overwrite=args.overwrite, solver=args.solver, shift=args.shift,
                              use_ema=not args.no_ema)  # fmt: skip
     print(f"diffusers SANA pipeline: {folder} (diffusers.SanaPipeline.from_pretrained, or dcae t2i sample --model)")
@@ -171,6 +177,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_solver(e, EXPORT_SOLVERS, default="euler", what="its scheduler")
     e.add_argument("--shift", type=flow_shift, default=1.0, help="the scheduler's flow shift (> 0; 1: none)")
     e.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
+    e.add_argument("--lora", action="store_true",
+                   help="a LoRA run: only its adapters, as diffusers' pytorch_lora_weights.safetensors (default: "
+                   "the whole pipeline with the adapters merged)")  # fmt: skip
     add_overwrite(e, "replace an existing pipeline folder")
     e.set_defaults(func=cmd_export)
 

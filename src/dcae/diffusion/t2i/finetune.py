@@ -18,10 +18,13 @@ import torch
 
 from dcae.diffusion.cache import CacheIndex
 from dcae.diffusion.nets.sana import SanaTransformer, config_kwargs, from_diffusers
+from dcae.diffusion.t2i.encoders import TextEncoder
+from dcae.diffusion.t2i.pipeline import load_pipeline
 from dcae.diffusion.train import lora as lora_mod
 from dcae.diffusion.train.checkpoint import build_model, latest_checkpoint, load_checkpoint
 from dcae.errors import UserError
 from dcae.models import weights
+from dcae.utils.devices import resolve_dtype
 
 
 @dataclass
@@ -34,7 +37,7 @@ class Pretrained:
     autoencoder_fingerprint: str | None = None
     scaling_factor: float | None = None
     text_encoder: str | None = None
-    text_encoder_fingerprint: str | None = None
+    text_encoder_fingerprint: str | set[str] | None = None  # a set: any of these
 
 
 def _is_checkpoint(path: Path) -> bool:
@@ -55,15 +58,14 @@ def load_pretrained(source: str, text_dtype: str = "fp32") -> Pretrained:
                           lat.text_encoder, lat.text_encoder_fingerprint)  # fmt: skip
     if path.is_dir() and (path / "config.json").is_file() and not (path / "model_index.json").is_file():
         return Pretrained(from_diffusers(path, dtype=torch.float32), str(path))  # a transformer folder
-    from dcae.diffusion.t2i.encoders import TextEncoder
-    from dcae.diffusion.t2i.pipeline import load_pipeline
-
     p = load_pipeline(source, instruction=False)
     p.transformer.float()
     folder = Path(p.scheduler_path).parent.parent  # the pipeline's folder (a Hub id: its snapshot)
-    encoder = TextEncoder.from_pretrained(folder, dtype=text_dtype)
+    encoder = TextEncoder.from_pretrained(folder).model
+    # the cache fingerprints its encoder as loaded: fp32, or in the dtype it records
+    prints = {weights.fingerprint(encoder), weights.fingerprint(encoder.to(resolve_dtype(text_dtype)))}
     return Pretrained(p.transformer, str(source), str(folder / "vae"), weights.fingerprint(p.autoencoder),
-                      p.scaling_factor, str(folder / "text_encoder"), weights.fingerprint(encoder.model))  # fmt: skip
+                      p.scaling_factor, str(folder / "text_encoder"), prints)  # fmt: skip
 
 
 def check_matches(pre: Pretrained, index: CacheIndex, data: str, what: str = "finetune.pretrained") -> None:
@@ -87,8 +89,9 @@ def check_matches(pre: Pretrained, index: CacheIndex, data: str, what: str = "fi
     if pre.scaling_factor and abs(pre.scaling_factor - index.scaling_factor) > 1e-6 * index.scaling_factor:
         raise UserError(f"{where} was trained on latents scaled by {pre.scaling_factor:g}, the cache {data} "
                         f"scales them by {index.scaling_factor:g}")  # fmt: skip
-    if pre.text_encoder_fingerprint and index.text_encoder_fingerprint and (
-            pre.text_encoder_fingerprint != index.text_encoder_fingerprint):  # fmt: skip
+    prints = pre.text_encoder_fingerprint
+    prints = {prints} if isinstance(prints, str) else prints
+    if prints and index.text_encoder_fingerprint and index.text_encoder_fingerprint not in prints:
         raise UserError(f"{where} was trained with text encoder {pre.text_encoder}, the cache {data} with another "
                         f"one, {index.text_encoder} (weights differ)")  # fmt: skip
 

@@ -18,6 +18,7 @@ from dcae.diffusion.nets import create_diffusion_model
 from dcae.diffusion.processes.ddpm import GaussianDiffusion
 from dcae.diffusion.processes.flow import FlowMatching
 from dcae.diffusion.train.config import DiffusionConfig, recorded_config
+from dcae.diffusion.train.lora import add_lora
 from dcae.errors import UserError, brief
 from dcae.runtime import checkpoint as ckpt
 
@@ -70,8 +71,6 @@ def build_model(model_args: dict) -> torch.nn.Module:
     lora = a.pop("lora", None)  # a LoRA run: the adapters (dcae.diffusion.train.lora) on the same network
     model = create_diffusion_model(a.pop("name"), **{**a.pop("overrides"), **a, **conditioning.network_args()})
     if lora:
-        from dcae.diffusion.train.lora import add_lora
-
         add_lora(model, lora)
     return model
 
