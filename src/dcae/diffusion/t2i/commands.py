@@ -128,6 +128,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- dcae t2i adapt
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from dcae.diffusion.t2i.adapt import cmd_adapt as run
+
+    return run(args)
+
+
 # ----------------------------------------------------------------------------- the parser
 def _cache_fits(args: argparse.Namespace) -> None:
     """A batch of images at the bucket resolution (about R^2 pixels each) fits in memory, or one line now."""
@@ -170,6 +177,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                         description="dcae t2i train CONFIG.yaml [key=value ...]: the diffusion trainer on text "
                         "latents (see configs/t2i_tiny.yaml)")  # fmt: skip
     add_train_arguments(t, "YAML config")
+
+    a = tsub.add_parser("adapt", help="DC-Gen: move a text-to-image model onto a deeper autoencoder (3 stages)",
+                        description="dcae t2i adapt CONFIG.yaml [key=value ...]: embedding alignment, embedder + "
+                        "head, LoRA end to end, merge (see dcae.diffusion.t2i.adapt); resumes")  # fmt: skip
+    add_train_arguments(a, "YAML config (teacher, teacher_data, data, out_dir, stage steps)")
+    a.set_defaults(func=cmd_adapt)
 
     e = tsub.add_parser("export", help="a diffusers SANA pipeline folder from a text-to-image run of ours")
     e.add_argument("--ckpt", required=True, help="run folder or checkpoint")

@@ -124,8 +124,10 @@ def pretrained_model(cfg, ds, model_args: dict) -> tuple[dict, torch.nn.Module]:
         model = build_model(model_args)
     if f.lora.rank:
         model_args = {**model_args, "lora": lora_mod.spec(f.lora.rank, f.lora.alpha, f.lora.dropout,
-                                                          f.lora.target_modules)}  # fmt: skip
+                                                          f.lora.target_modules, f.trainable)}  # fmt: skip
         lora_mod.add_lora(model, model_args["lora"])
+    if f.trainable:
+        lora_mod.train_only(model, f.trainable)
     return model_args, model
 
 

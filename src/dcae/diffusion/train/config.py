@@ -90,6 +90,9 @@ class FinetuneConfig:
     """Start from a pretrained model (dcae.diffusion.t2i.finetune) instead of random weights."""
 
     pretrained: str = ""  # a SANA pipeline folder or Hub id, a transformer folder, or one of our runs / checkpoints
+    # Only these modules (fnmatch patterns of module names, e.g. [patch_embed, proj_out]) train, besides any LoRA
+    # adapters; the rest is frozen. Empty: all weights train (LoRA: only the adapters).
+    trainable: list[str] = field(default_factory=list)
     lora: LoraSettings = field(default_factory=LoraSettings)
 
 

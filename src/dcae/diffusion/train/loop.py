@@ -144,7 +144,7 @@ def _setup(cfg: TrainConfig) -> tuple[_Run, int]:
     torch.manual_seed(cfg.seed + rank)
     ds = open_cache(cfg.data, seed=cfg.seed, use_flip=cfg.use_flip)
     model_args = _model_args(cfg, ds)
-    if cfg.finetune.pretrained or cfg.finetune.lora.rank:  # a pretrained network and / or LoRA adapters
+    if cfg.finetune.pretrained or cfg.finetune.lora.rank or cfg.finetune.trainable:  # pretrained, LoRA, frozen
         model_args, model = finetune.pretrained_model(cfg, ds, model_args)
     else:
         model = run_ckpt.build_model(model_args)

@@ -49,6 +49,17 @@ def add_lora(model: nn.Module, s: dict) -> nn.Module:
     return model
 
 
+def train_only(model: nn.Module, patterns) -> None:
+    """Freeze every weight but those of the modules `patterns` names and the LoRA adapters (if any)."""
+    names = [n for n, _ in model.named_modules()]
+    missing = [p for p in patterns if not any(fnmatch.fnmatch(n, p) or n == p for n in names)]
+    if missing:
+        raise UserError(f"finetune.trainable: no module named {', '.join(missing)} in {type(model).__name__} "
+                        "(e.g. patch_embed, proj_out, transformer_blocks.*)")  # fmt: skip
+    for name, p in model.named_parameters():
+        p.requires_grad_(".lora_" in name or _in_trainable(name, patterns))
+
+
 def _in_trainable(param: str, patterns) -> bool:
     module = param.rsplit(".", 1)[0]
     return any(fnmatch.fnmatch(module, pat) or module.startswith(pat + ".") or module == pat for pat in patterns)
