@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from dcae.diffusion.nets.sana import SanaTransformer
+from dcae.diffusion.t2i.cache import CAPTIONS_NAME
 from dcae.diffusion.t2i.finetune import check_matches, load_pretrained, model_args_of
 from dcae.diffusion.train import checkpoint as run_ckpt
 from dcae.diffusion.train import lora as lora_mod
@@ -43,7 +44,7 @@ from dcae.runtime import config as runtime_config
 from dcae.runtime.config import dump_yaml
 from dcae.runtime.log import Logger
 from dcae.utils import numbers as num
-from dcae.utils.io import atomic_write_text, check_output_dir
+from dcae.utils.io import atomic_write_text, check_input, check_output_dir
 from dcae.utils.numbers import fields_problems
 
 STAGES = ("align", "head", "lora")
@@ -126,8 +127,6 @@ def student_from(teacher: SanaTransformer, channels: int, patch_size: int, spati
 def check_paired(a_root: str, b_root: str, a, b) -> None:
     """The two caches hold the same images and captions in the same order (captions.jsonl), made with the same
     text encoder: item i of one is item i of the other."""
-    from dcae.diffusion.t2i.cache import CAPTIONS_NAME
-
     if b.index.text_encoder_fingerprint != a.index.text_encoder_fingerprint:
         raise UserError(f"data={b_root} and teacher_data={a_root} were made with different text encoders "
                         f"({b.index.conditioning.text_encoder} vs {a.index.conditioning.text_encoder})")  # fmt: skip
@@ -285,8 +284,6 @@ def adapt(cfg: AdaptConfig, progress: bool = True) -> dict:
 
 
 def cmd_adapt(args) -> int:
-    from dcae.utils.io import check_input
-
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not Path(config).exists():  # no config file, only overrides
         config, overrides = None, [config, *overrides]
