@@ -10,4 +10,5 @@ EXPERIMENTS = {
     "gan": ("dcae.experiments.gan", "head-only GAN vs no GAN vs GAN on the full model (phase 3)"),
     "decoder": ("dcae.experiments.decoder", "smaller decoders for a frozen encoder: speed vs quality"),
     "t2i": ("dcae.experiments.t2i", "text-to-image: prompt adherence, DC-AE f32 patch 1 vs f8 patch 2"),
+    "adapt": ("dcae.experiments.adapt", "DC-Gen: a text-to-image model moved onto a deeper autoencoder vs scratch"),
 }
