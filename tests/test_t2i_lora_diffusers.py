@@ -147,3 +147,21 @@ def test_bad_loras_are_one_line(setup, tmp_path, capsys):
         rc = main(["t2i", "sample", "--model", str(folder), *SAME, "-o", str(tmp_path / "o"), "--lora", str(path)])
         err = capsys.readouterr().err.strip()
         assert rc != 0 and len(err.splitlines()) == 1 and words in err and path.name in err, (what, err)
+
+
+def test_full_finetune_from_a_transformer_folder_starts_from_its_weights(setup, tmp_path):
+    """finetune.pretrained = diffusers' transformer folder, every weight trained: at lr 1e-12 one step leaves the
+    weights diffusers' (Adam moves each by at most about the learning rate)."""
+    root, folder, _ = setup
+    run = tmp_path / "ft"
+    assert main(["t2i", "train", "--quiet", f"data={root / 'cache'}", f"out_dir={run}",
+                 f"finetune.pretrained={folder / 'transformer'}", "batch_size=2", "max_steps=1", "optim.lr=1e-12",
+                 "mixed_precision=no", "num_workers=0", "sample.every=0", "sample.steps=1", "sample.num=1",
+                 "log.tensorboard=false", "sample.prompts=[a red cube]"]) == 0  # fmt: skip
+    from dcae.diffusion.train.checkpoint import list_checkpoints
+
+    ours = torch.load(list_checkpoints(run)[-1], weights_only=True)["model"]
+    theirs = diffusers.SanaTransformer2DModel.from_pretrained(folder / "transformer").state_dict()
+    assert ours.keys() == theirs.keys()
+    for k in theirs:
+        torch.testing.assert_close(ours[k], theirs[k], atol=1e-9, rtol=0, msg=k)

@@ -130,8 +130,3 @@ def pretrained_model(cfg, ds, model_args: dict) -> tuple[dict, torch.nn.Module]:
         lora_mod.train_only(model, f.trainable)
     return model_args, model
 
-
-def describe(model: torch.nn.Module) -> str:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return f"{trainable:,} of {total:,} parameters trainable"
