@@ -87,3 +87,24 @@ def test_pretrained_of_other_latents_is_refused_by_name(cache, base, tmp_path): 
     assert rc != 0
     line = err.strip().splitlines()[-1]
     assert "autoencoder" in line and str(tmp_path / "ae1") in line and "finetune.pretrained" in line
+
+
+@pytest.mark.slow
+def test_lora_under_ddp_equals_one_process_with_grad_accum(cache, base, tmp_path):  # noqa: F811
+    """`torchrun --nproc_per_node 2 dcae t2i train` with LoRA (frozen base weights under DDP) and one process
+    with grad_accum=2 train the same adapters."""
+    import subprocess
+
+    from test_t2i import ENV
+    from test_train_helpers import torchrun_dcae
+
+    kw = {"finetune.pretrained": base, **LORA, "batch_size": 4, "max_steps": 2}
+    train(load_config(None, _overrides(cache, tmp_path / "one", grad_accum=2, **kw)), progress=False)
+    proc = subprocess.run([*torchrun_dcae(), "t2i", "train", "--quiet", *_overrides(cache, tmp_path / "two", **kw)],
+                          env=ENV, capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    one, two = _ckpt(tmp_path / "one")["model"], _ckpt(tmp_path / "two")["model"]
+    lora_keys = [k for k in one if ".lora_" in k]
+    assert lora_keys and any(one[k].abs().max() > 0 for k in lora_keys if "lora_B" in k)
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=1e-4, msg=k)
