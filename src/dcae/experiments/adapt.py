@@ -214,7 +214,7 @@ def _markdown(b, budget, truth, chance, table, compute, seconds, speed, ae_info)
         f"{ae_info[F32]['psnr']:.2f} dB). The adapted student starts from the same seed's teacher; "
         "its compute counts the adaptation only (the teacher's training is already paid).",
         "",
-        "| | tokens | training steps | training PFLOPs (vs teacher) | training loop s (1 CPU thread) | colour | "
+        "| | tokens | training steps | training TFLOPs (vs teacher) | training loop s (1 CPU thread) | colour | "
         "shape | position | all |",
         "|---|---|---|---|---|---|---|---|---|",
         "| checker on the rendered truth | | | | | " + " | ".join(f"{100 * truth[a]:.1f}" for a in shapes.ASPECTS)
@@ -224,7 +224,7 @@ def _markdown(b, budget, truth, chance, table, compute, seconds, speed, ae_info)
     ]  # fmt: skip
     for arm in ARMS:
         lines.append(
-            f"| **{arm}** | {tokens[arm]} | {steps[arm]} | {compute[arm] / 1e15:.3f} "
+            f"| **{arm}** | {tokens[arm]} | {steps[arm]} | {compute[arm] / 1e12:.2f} "
             f"({compute[arm] / compute[teacher_arm]:.2f}x) | {np.mean(seconds[arm]):.0f} | "
             + " | ".join(_pct(table[arm][a]) for a in shapes.ASPECTS) + " |"
         )  # fmt: skip
