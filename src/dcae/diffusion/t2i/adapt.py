@@ -133,14 +133,16 @@ def check_paired(a_root: str, b_root: str, a, b) -> None:
     rows = []
     for root in (a_root, b_root):
         path = Path(root) / CAPTIONS_NAME
-        rows.append([(r["image"], r["caption"]) for r in map(json.loads, path.read_text().splitlines())])
+        rows.append([(r["image"], r["caption"], tuple(r.get("bucket") or ())) for r in
+                     map(json.loads, path.read_text().splitlines())])  # fmt: skip
     if len(rows[0]) != len(rows[1]):
         raise UserError(f"data={b_root} holds {len(rows[1])} items, teacher_data={a_root} {len(rows[0])}: not the "
                         "same images (cache the same --data through both autoencoders)")  # fmt: skip
     for i, (ra, rb) in enumerate(zip(*rows)):
         if ra != rb:
-            raise UserError(f"data={b_root} item {i} is {rb[0]} ({rb[1]!r}), teacher_data={a_root} item {i} is "
-                            f"{ra[0]} ({ra[1]!r}): the caches do not pair item for item")  # fmt: skip
+            raise UserError(f"data={b_root} item {i} is {rb[0]} ({rb[1]!r}, bucket {rb[2]}), teacher_data={a_root} "
+                            f"item {i} is {ra[0]} ({ra[1]!r}, bucket {ra[2]}): the caches do not pair item for item "
+                            "(cache the same --data at the same --resolution through both)")  # fmt: skip
 
 
 def alignment_loss(student_embed, teacher_embed, z_student: torch.Tensor, z_teacher: torch.Tensor,
@@ -188,13 +190,14 @@ def _stage1(cfg: AdaptConfig, teacher: SanaTransformer, a, b, out: Path) -> Path
     log = Logger(run, ("step", "loss", "elapsed_s"), step if step else None, False)
     t_patch = teacher.patch_size
     teacher_embed = teacher.patch_embed.eval()
-    n = min(len(a), len(b))
-    per_epoch = max(1, n // cfg.batch_size)
+    # B's batches (one resolution bucket each, shuffled per epoch from the seed); item i of A pairs with item i
+    per_epoch = len(b.epoch_batches(0, cfg.seed, cfg.batch_size))
+    if per_epoch == 0:
+        raise UserError(f"data={cfg.data} holds fewer items per bucket than batch_size={cfg.batch_size}")
     t0, last = time.perf_counter(), None
     while step < steps:
         epoch, k = divmod(step, per_epoch)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-        idx = perm[k * cfg.batch_size : (k + 1) * cfg.batch_size].tolist()
+        idx = b.epoch_batches(epoch, cfg.seed, cfg.batch_size)[k]
         za = torch.stack([a[i][0] for i in idx])
         zb = torch.stack([b[i][0] for i in idx])
         loss = alignment_loss(student.patch_embed, teacher_embed, zb, za, cfg.patch_size, t_patch)
