@@ -39,8 +39,26 @@ def f8_autoencoder() -> DCAE:
 def _cache(root, data, ae, name, patch):
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        rc = main(["t2i", "cache", "--data", str(data), "--model", str(ae), "--text-encoder", str(all_minilm_l6_v2()),
-                   "-o", str(root / name), "--resolution", "32", "--max-tokens", "16", "--patch-size", str(patch)])
+        rc = main(
+            [
+                "t2i",
+                "cache",
+                "--data",
+                str(data),
+                "--model",
+                str(ae),
+                "--text-encoder",
+                str(all_minilm_l6_v2()),
+                "-o",
+                str(root / name),
+                "--resolution",
+                "32",
+                "--max-tokens",
+                "16",
+                "--patch-size",
+                str(patch),
+            ]
+        )
     assert rc == 0, err.getvalue()
     return root / name
 

@@ -35,8 +35,10 @@ def test_full_finetune_starts_from_the_pretrained_ema_weights(cache, base, tmp_p
     pretrained, _, _ = load_checkpoint(base)
     out = tmp_path / "ft"
     # lr tiny and one step: the weights move by at most lr per step (Adam), so they are the pretrained ones
-    result = train(load_config(None, _overrides(cache, out, max_steps=1, **{"finetune.pretrained": base,
-                                                                             "optim.lr": "1e-12"})), progress=False)
+    result = train(
+        load_config(None, _overrides(cache, out, max_steps=1, **{"finetune.pretrained": base, "optim.lr": "1e-12"})),
+        progress=False,
+    )
     assert np.isfinite(result["loss"])
     state = _ckpt(out)["model"]
     for k, v in pretrained.state_dict().items():

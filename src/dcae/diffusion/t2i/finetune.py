@@ -101,8 +101,9 @@ def model_args_of(model: SanaTransformer, conditioning: dict) -> dict:
     diffusers config as overrides of SANA-tiny."""
     cfg = config_kwargs(model.config)
     # caption width and tokens come from the conditioning (normalized_model_args keeps them there only)
-    overrides = {k: v for k, v in cfg.items()
-                 if k not in ("in_channels", "out_channels", "sample_size", "caption_channels")}
+    overrides = {
+        k: v for k, v in cfg.items() if k not in ("in_channels", "out_channels", "sample_size", "caption_channels")
+    }
     return {"name": "SANA-tiny", "in_channels": cfg["in_channels"], "input_size": cfg["sample_size"],
             "learn_sigma": False, "overrides": overrides, "conditioning": conditioning}  # fmt: skip
 
@@ -129,4 +130,3 @@ def pretrained_model(cfg, ds, model_args: dict) -> tuple[dict, torch.nn.Module]:
     if f.trainable:
         lora_mod.train_only(model, f.trainable)
     return model_args, model
-

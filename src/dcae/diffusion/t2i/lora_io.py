@@ -46,8 +46,12 @@ def export_lora(checkpoint_or_run: str | Path, folder: str | Path, overwrite: bo
         raise UserError(f"{path} already exists (pass --overwrite to replace it)")
     layers = {k: v.contiguous() for k, v in lora_mod.lora_state_dict(model).items()}
     with atomic_path(path) as tmp:
-        SanaPipeline.save_lora_weights(tmp.parent, transformer_lora_layers=layers, weight_name=tmp.name,
-                                       transformer_lora_adapter_metadata=lora_mod.peft_config(spec).to_dict())
+        SanaPipeline.save_lora_weights(
+            tmp.parent,
+            transformer_lora_layers=layers,
+            weight_name=tmp.name,
+            transformer_lora_adapter_metadata=lora_mod.peft_config(spec).to_dict(),
+        )
     return path
 
 

@@ -262,8 +262,12 @@ def add_sampling_options(s: argparse.ArgumentParser) -> None:
                    help="a Gemma pipeline: no complex human instruction before the prompts")  # fmt: skip
     add_batch_size(s, 4, "images per batch")
     s.add_argument("--lora", help="a diffusers-format SANA LoRA (pytorch_lora_weights.safetensors or its folder)")
-    s.add_argument("--lora-scale", type=number_type(numbers.FINITE, "lora_scale", "scales"), default=1.0,
-                   help="the LoRA update's scale (default 1; 0: the base model)")
+    s.add_argument(
+        "--lora-scale",
+        type=number_type(numbers.FINITE, "lora_scale", "scales"),
+        default=1.0,
+        help="the LoRA update's scale (default 1; 0: the base model)",
+    )
     s.add_argument("--text-encoder", help="override the text encoder the checkpoint records")
     s.add_argument("--autoencoder", help="override the autoencoder the checkpoint records")
     s.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
