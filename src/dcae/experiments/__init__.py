@@ -11,4 +11,5 @@ EXPERIMENTS = {
     "decoder": ("dcae.experiments.decoder", "smaller decoders for a frozen encoder: speed vs quality"),
     "t2i": ("dcae.experiments.t2i", "text-to-image: prompt adherence, DC-AE f32 patch 1 vs f8 patch 2"),
     "structured": ("dcae.experiments.structured", "DC-AE 1.5: structured latent + augmented diffusion training"),
+    "adapt": ("dcae.experiments.adapt", "DC-Gen: a text-to-image model moved onto a deeper autoencoder vs scratch"),
 }

@@ -14,6 +14,7 @@ examples:
   dcae experiment gan --smoke --out /tmp/gan     # pipeline check on bundled photos, in seconds
   dcae experiment adaptation --data ~/photos     # another folder: sorted, the last 100 held out
   dcae experiment t2i --smoke                    # text-to-image on rendered scenes (makes its own data)
+  dcae experiment adapt --smoke                  # DC-Gen: move the t2i teacher onto the f32 autoencoder
 A killed experiment continues where it stopped when run again with the same --out.
 """
 
@@ -22,7 +23,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "experiment",
         help="reproduce one of the paper's findings at small scale (residual, adaptation, gan, decoder, t2i, "
-        "structured)",
+        "structured, adapt)",
         description="\n".join(f"{k}: {v[1]}" for k, v in EXPERIMENTS.items()),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -116,10 +116,23 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     check_input(args.ckpt, "--ckpt")
     check_output_dir(args.output, "output folder (-o)")
+    if args.lora:
+        from dcae.diffusion.t2i.lora_io import export_lora
+
+        path = export_lora(args.ckpt, args.output, overwrite=args.overwrite, use_ema=not args.no_ema)
+        print(f"diffusers SANA LoRA: {path} (SanaPipeline.load_lora_weights, or dcae t2i sample --lora)")
+        return 0
     folder = export_pipeline(args.ckpt, args.output, overwrite=args.overwrite, solver=args.solver, shift=args.shift,
                              use_ema=not args.no_ema)  # fmt: skip
     print(f"diffusers SANA pipeline: {folder} (diffusers.SanaPipeline.from_pretrained, or dcae t2i sample --model)")
     return 0
+
+
+# ----------------------------------------------------------------------------- dcae t2i adapt
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from dcae.diffusion.t2i.adapt import cmd_adapt as run
+
+    return run(args)
 
 
 # ----------------------------------------------------------------------------- the parser
@@ -166,12 +179,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_train_arguments(t, "YAML config")
     add_consolidate(tsub)
 
+    a = tsub.add_parser("adapt", help="DC-Gen: move a text-to-image model onto a deeper autoencoder (3 stages)",
+                        description="dcae t2i adapt CONFIG.yaml [key=value ...]: embedding alignment, embedder + "
+                        "head, LoRA end to end, merge (see dcae.diffusion.t2i.adapt); resumes")  # fmt: skip
+    add_train_arguments(a, "YAML config (teacher, teacher_data, data, out_dir, stage steps)")
+    a.set_defaults(func=cmd_adapt)
+
     e = tsub.add_parser("export", help="a diffusers SANA pipeline folder from a text-to-image run of ours")
     e.add_argument("--ckpt", required=True, help="run folder or checkpoint")
     add_output(e, "the pipeline folder")
     add_solver(e, EXPORT_SOLVERS, default="euler", what="its scheduler")
     e.add_argument("--shift", type=flow_shift, default=1.0, help="the scheduler's flow shift (> 0; 1: none)")
     e.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
+    e.add_argument("--lora", action="store_true",
+                   help="a LoRA run: only its adapters, as diffusers' pytorch_lora_weights.safetensors (default: "
+                   "the whole pipeline with the adapters merged)")  # fmt: skip
     add_overwrite(e, "replace an existing pipeline folder")
     e.set_defaults(func=cmd_export)
 

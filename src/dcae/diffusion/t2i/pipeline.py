@@ -44,6 +44,7 @@ from dcae.diffusion.processes.flow import FlowMatching
 from dcae.diffusion.solvers import EXPORT_SOLVERS, SCHEDULERS
 from dcae.diffusion.t2i.encoders import FAMILIES, SANA_INSTRUCTION, TextEncoder, _folders, _model_type, _transformers
 from dcae.diffusion.train.checkpoint import load_checkpoint
+from dcae.diffusion.train.lora import merge_lora
 from dcae.errors import MissingInputError, UserError, brief
 from dcae.models import DCAE
 from dcae.models.weights import _diffusers_version, hub_snapshot
@@ -142,6 +143,8 @@ def export_pipeline(checkpoint_or_run: str | Path, folder: str | Path, overwrite
     if not isinstance(model, SanaTransformer) or not isinstance(process, FlowMatching):
         what = meta["model_args"].get("name")
         raise UserError(f"{meta['path']}: a SanaPipeline needs a SANA flow-matching text-to-image model, not {what}")
+    if meta["model_args"].get("lora"):  # a LoRA run: the adapters folded into the weights (peft's merge)
+        model = merge_lora(model)
     lat = meta["latents"]
     if lat.kind != "text" or not lat.text_encoder:
         raise UserError(f"{meta['path']}: the checkpoint records no text encoder of its latents")

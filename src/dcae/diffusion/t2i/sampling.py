@@ -8,6 +8,7 @@ import argparse
 from pathlib import Path
 
 from dcae.errors import UserError
+from dcae.utils import numbers
 from dcae.utils.cliargs import (
     add_batch_size,
     add_device,
@@ -18,6 +19,7 @@ from dcae.utils.cliargs import (
     flow_shift,
     guidance_scale,
     image_size,
+    number_type,
     positive_int,
     size_of,
 )
@@ -137,7 +139,7 @@ def _plan(settings: dict, m: dict, args: argparse.Namespace) -> dict:
     from dcae.diffusion.cache import recorded_source
 
     plan = {**settings, "autoencoder": recorded_source(m["autoencoder_source"]), "dtype": args.dtype}
-    for key in ("checkpoint", "model"):
+    for key in ("checkpoint", "model", "lora"):
         if key in plan:
             plan[key] = recorded_source(plan[key])
     return plan
@@ -194,6 +196,11 @@ def _load_for_sampling(args, device) -> dict:
                             f"was trained on latents scaled by {scaling:g} ({lat.autoencoder})")  # fmt: skip
         settings = {"checkpoint": meta["path"], "step": meta["step"], "ema": not args.no_ema}
         defaults = {"solver": "euler", "steps": 20, "cfg": 4.5}
+    if getattr(args, "lora", None):  # a diffusers-format LoRA on top (dcae.diffusion.t2i.lora_io)
+        from dcae.diffusion.t2i.lora_io import load_lora
+
+        model = load_lora(model, args.lora, args.lora_scale)
+        settings |= {"lora": args.lora, "lora_scale": args.lora_scale}
     if ae.latent_channels != model.in_channels:
         raise UserError(f"the autoencoder has {ae.latent_channels} latent channels, the model {model.in_channels}")
     solver = args.solver if args.solver != "auto" else defaults["solver"]
@@ -265,6 +272,13 @@ def add_sampling_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--no-instruction", action="store_true",
                    help="a Gemma pipeline: no complex human instruction before the prompts")  # fmt: skip
     add_batch_size(s, 4, "images per batch")
+    s.add_argument("--lora", help="a diffusers-format SANA LoRA (pytorch_lora_weights.safetensors or its folder)")
+    s.add_argument(
+        "--lora-scale",
+        type=number_type(numbers.FINITE, "lora_scale", "scales"),
+        default=1.0,
+        help="the LoRA update's scale (default 1; 0: the base model)",
+    )
     s.add_argument("--text-encoder", help="override the text encoder the checkpoint records")
     s.add_argument("--autoencoder", help="override the autoencoder the checkpoint records")
     s.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")

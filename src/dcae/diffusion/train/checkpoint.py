@@ -18,6 +18,7 @@ from dcae.diffusion.nets import create_diffusion_model
 from dcae.diffusion.processes.ddpm import GaussianDiffusion
 from dcae.diffusion.processes.flow import FlowMatching
 from dcae.diffusion.train.config import DiffusionConfig, recorded_config
+from dcae.diffusion.train.lora import add_lora
 from dcae.errors import UserError, brief
 from dcae.runtime import checkpoint as ckpt
 from dcae.runtime import sharding
@@ -68,7 +69,11 @@ def normalized_model_args(model_args: dict) -> dict:
 def build_model(model_args: dict) -> torch.nn.Module:
     a = normalized_model_args(model_args)
     conditioning = from_spec(a.pop("conditioning"))
-    return create_diffusion_model(a.pop("name"), **{**a.pop("overrides"), **a, **conditioning.network_args()})
+    lora = a.pop("lora", None)  # a LoRA run: the adapters (dcae.diffusion.train.lora) on the same network
+    model = create_diffusion_model(a.pop("name"), **{**a.pop("overrides"), **a, **conditioning.network_args()})
+    if lora:
+        add_lora(model, lora)
+    return model
 
 
 def conditioning_of(meta: dict) -> Conditioning:

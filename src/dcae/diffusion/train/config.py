@@ -86,6 +86,29 @@ class AugmentedConfig:
 
 
 @dataclass
+class LoraSettings:
+    """LoRA through peft (dcae.diffusion.train.lora): rank 0 trains every weight (full fine-tuning)."""
+
+    rank: int = 0
+    alpha: float | None = None  # peft's lora_alpha (None: the rank, so the update is B A unscaled)
+    dropout: float = 0.0
+    # SANA's attention projections, as diffusers' train_dreambooth_lora_sana.py (feed-forward: conv_inverted,
+    # conv_point are 1x1 convolutions that peft adapts too)
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class FinetuneConfig:
+    """Start from a pretrained model (dcae.diffusion.t2i.finetune) instead of random weights."""
+
+    pretrained: str = ""  # a SANA pipeline folder or Hub id, a transformer folder, or one of our runs / checkpoints
+    # Only these modules (fnmatch patterns of module names, e.g. [patch_embed, proj_out]) train, besides any LoRA
+    # adapters; the rest is frozen. Empty: all weights train (LoRA: only the adapters).
+    trainable: list[str] = field(default_factory=list)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+@dataclass
 class TrainConfig:
     data: str = ""  # folder written by `dcae latents` or `dcae t2i cache`
     out_dir: str = "runs/diffusion"
@@ -108,6 +131,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     augmented: AugmentedConfig = field(default_factory=AugmentedConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
@@ -155,6 +179,8 @@ NUMBERS = {
     "sample.cfg_scale": num.GUIDANCE,
     "sample.seed": num.SEED,
     "augmented.subsets": num.COUNT,
+    "finetune.lora.rank": num.NONNEGATIVE_INT,
+    "finetune.lora.dropout": num.PROBABILITY,
 }
 # model.overrides: what a number given for one of the networks' arguments may be (other numbers: finite).
 OVERRIDE_NUMBERS = {"mlp_ratio": num.POSITIVE, "norm_eps": num.POSITIVE, "interpolation_scale": num.POSITIVE,
@@ -197,6 +223,11 @@ def validate_config(cfg: TrainConfig) -> None:
     problems += items_problems("augmented.channels", cfg.augmented.channels, num.WIDTH)
     if cfg.augmented.channels and cfg.model.learn_sigma:
         problems.append("augmented.channels needs model.learn_sigma=false (the output channels follow the input)")
+    lora = cfg.finetune.lora
+    if lora.alpha is not None:
+        field_problems(problems, "finetune.lora.alpha", lora.alpha, num.POSITIVE)
+    if lora.rank and not lora.target_modules:
+        problems.append("finetune.lora.target_modules is empty: name the layers LoRA adapts (e.g. to_q, to_k)")
     if problems:
         raise UserError("invalid training config: " + "; ".join(problems))
 

@@ -28,6 +28,7 @@ from dcae.data.images import make_grid, save_image
 from dcae.diffusion.cache import CacheDataset
 from dcae.diffusion.conditioning import Condition, Conditioning, chunk
 from dcae.diffusion.nets import set_grad_checkpointing, transformer_blocks
+from dcae.diffusion.t2i import finetune
 from dcae.diffusion.train import augmented
 from dcae.diffusion.train import checkpoint as run_ckpt
 from dcae.diffusion.train.config import TrainConfig, config_to_dict, validate_config
@@ -152,7 +153,10 @@ def _setup(cfg: TrainConfig) -> tuple[_Run, int]:
     torch.manual_seed(cfg.seed + rank)
     ds = open_cache(cfg.data, seed=cfg.seed, use_flip=cfg.use_flip)
     model_args = _model_args(cfg, ds)
-    model = run_ckpt.build_model(model_args)
+    if cfg.finetune.pretrained or cfg.finetune.lora.rank or cfg.finetune.trainable:  # pretrained, LoRA, frozen
+        model_args, model = finetune.pretrained_model(cfg, ds, model_args)
+    else:
+        model = run_ckpt.build_model(model_args)
     set_grad_checkpointing(model, cfg.model.gradient_checkpointing)
     template = None
     if cfg.parallel.strategy == "fsdp":  # before the EMA and the optimizer: they hold the shards
