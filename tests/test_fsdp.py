@@ -365,3 +365,51 @@ def test_text_cache_read_item_by_item_equals_the_cache_in_memory(cache):  # noqa
             assert a.dtype == b.dtype and torch.equal(a, b), i
     loader = torch.utils.data.DataLoader(lazy, batch_size=None, num_workers=1)  # handles opened in the worker
     assert all(torch.equal(x[0], whole[i][0]) for i, x in enumerate(loader))
+
+
+# ----------------------------------------------------------------------------- with LoRA and augmented training
+@pytest.mark.slow
+def test_lora_and_augmented_training_shard_like_plain_training(cache, tmp_path):  # noqa: F811
+    """LoRA adapters (only they train) and DC-AE 1.5's averaged subset loss under FSDP on 2 processes == 1
+    process with 2 accumulation steps: the same losses, weights, EMA, and AdamW state for the same tensors."""
+    common = ["t2i", "train", f"data={cache}", "model.name=SANA-tiny", "batch_size=2", "max_steps=3", "log.every=1",
+              "checkpoint.every=3", "mixed_precision=no", "num_workers=0", "sample.every=0", "sample.decode=false",
+              "optim.lr=1e-3", "log.tensorboard=false", "finetune.lora.rank=4", "augmented.channels=[2]",
+              "--quiet"]  # fmt: skip
+    proc = _torchrun(*common, "parallel.strategy=fsdp", f"out_dir={tmp_path / 'fsdp'}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert cli([*common, "grad_accum=2", f"out_dir={tmp_path / 'plain'}"]) == 0
+    np.testing.assert_allclose(_losses(tmp_path / "fsdp"), _losses(tmp_path / "plain"), rtol=2e-5)
+    a, b = _newest(tmp_path / "fsdp"), _newest(tmp_path / "plain")
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            torch.testing.assert_close(a[part][k], b[part][k], rtol=0, atol=2e-6, msg=f"{part}.{k}")
+    lora = [k for k in b["ema"] if ".lora_" in k]
+    assert lora and len(a["optimizer"]["state"]) == len(b["optimizer"]["state"]) == len(lora)  # adapters only
+
+
+@pytest.mark.parametrize("extra", [["finetune.lora.rank=4"], ["finetune.trainable=[patch_embed, proj_out]"]])
+def test_memory_plan_counts_only_what_trains(cache, extra):  # noqa: F811
+    """`--plan` of a LoRA or partly frozen run: gradients, AdamW and EMA of the trainable weights only, exactly
+    what one real step of the network the training loop builds holds."""
+    from dcae.diffusion.t2i import finetune
+    from dcae.diffusion.train.config import load_config
+    from dcae.diffusion.train.data import open_cache
+    from dcae.diffusion.train.loop import _model_args
+    from dcae.diffusion.train.plan import memory_plan
+    from dcae.runtime import memory
+    from dcae.runtime.ema import EMA
+
+    cfg = load_config(None, [f"data={cache}", "model.name=SANA-tiny", *extra])
+    ds = open_cache(cfg.data, seed=0, use_flip=False)
+    planned = memory_plan(cfg, _model_args(cfg, ds), ds.latent_shape, ds.conditioning, 1)
+    _, model = finetune.pretrained_model(cfg, ds, _model_args(cfg, ds))
+    ema, opt = EMA(model, 0.99), torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randn(2, *ds.latent_shape)
+    model(x, torch.rand(2), ds.conditioning.random(2)).square().mean().backward()
+    opt.step()
+    ema.update(model)
+    measured = memory.measured_state_bytes(model, opt, ema.shadow)
+    assert {k: getattr(planned, k) for k in measured} == measured
+    assert 0 < measured["gradients"] < measured["parameters"] / 4

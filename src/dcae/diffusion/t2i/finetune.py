@@ -124,8 +124,7 @@ def pretrained_model(cfg, ds, model_args: dict) -> tuple[dict, torch.nn.Module]:
     else:
         model = build_model(model_args)
     if f.lora.rank:
-        model_args = {**model_args, "lora": lora_mod.spec(f.lora.rank, f.lora.alpha, f.lora.dropout,
-                                                          f.lora.target_modules, f.trainable)}  # fmt: skip
+        model_args = {**model_args, "lora": lora_mod.spec_of(f)}
         lora_mod.add_lora(model, model_args["lora"])
     if f.trainable:
         lora_mod.train_only(model, f.trainable)

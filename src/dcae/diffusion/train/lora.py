@@ -26,6 +26,12 @@ def spec(rank: int, alpha: float | None, dropout: float, target_modules, trainab
             "target_modules": [str(t) for t in target_modules], "trainable": [str(t) for t in trainable]}  # fmt: skip
 
 
+def spec_of(finetune) -> dict:
+    """The spec of a config's `finetune:` section (FinetuneConfig)."""
+    f = finetune
+    return spec(f.lora.rank, f.lora.alpha, f.lora.dropout, f.lora.target_modules, f.trainable)
+
+
 def peft_config(s: dict):
     from peft import LoraConfig
 

@@ -8,6 +8,7 @@ import torch
 
 from dcae.diffusion.nets import create_diffusion_model, transformer_blocks
 from dcae.diffusion.train import checkpoint as run_ckpt
+from dcae.diffusion.train.lora import spec_of, train_only
 from dcae.runtime.memory import MemoryPlan, plan
 
 
@@ -15,8 +16,12 @@ def memory_plan(cfg, model_args: dict, latent_shape: tuple[int, int, int], condi
                 memory: int | None = None) -> MemoryPlan:  # fmt: skip
     """The plan of `cfg` on `world` processes, for the network `model_args` builds and one micro-batch of
     latents of `latent_shape` (the most common bucket of a text cache)."""
+    if cfg.finetune.lora.rank and "lora" not in model_args:  # --plan: before the training loop adds them
+        model_args = {**model_args, "lora": spec_of(cfg.finetune)}
     with torch.device("meta"):  # shapes only: a 4.8B network costs nothing here
-        model = run_ckpt.build_model(model_args)
+        model = run_ckpt.build_model(model_args)  # with its LoRA adapters, if any (only they train)
+    if cfg.finetune.trainable:  # frozen weights need no gradients, optimizer state or EMA
+        train_only(model, cfg.finetune.trainable)
     micro = max(cfg.batch_size // (world * cfg.grad_accum), 1)
     return plan_network(model, micro, latent_shape, conditioning, strategy=cfg.parallel.strategy, world=world,
                         mixed_precision=cfg.mixed_precision, checkpointing=cfg.model.gradient_checkpointing,
