@@ -149,7 +149,7 @@ def test_bad_loras_are_one_line(setup, tmp_path, capsys):
         assert rc != 0 and len(err.splitlines()) == 1 and words in err and path.name in err, (what, err)
 
 
-def test_full_finetune_from_a_transformer_folder_starts_from_its_weights(setup, tmp_path):
+def test_full_finetune_from_a_transformer_folder_starts_from_its_weights(setup, tmp_path, capsys):
     """finetune.pretrained = diffusers' transformer folder, every weight trained: at lr 1e-12 one step leaves the
     weights diffusers' (Adam moves each by at most about the learning rate)."""
     root, folder, _ = setup
@@ -165,3 +165,13 @@ def test_full_finetune_from_a_transformer_folder_starts_from_its_weights(setup, 
     assert ours.keys() == theirs.keys()
     for k in theirs:
         torch.testing.assert_close(ours[k], theirs[k], atol=1e-9, rtol=0, msg=k)
+    # `--plan` reads the same network from the configs alone (transformer folder, pipeline folder): the model
+    # arguments the run recorded, and the plan's parameter bytes those of diffusers' model
+    from dcae.diffusion.t2i.finetune import planned_model_args
+
+    recorded = torch.load(list_checkpoints(run)[-1], weights_only=True)["model_args"]
+    for source in (folder / "transformer", folder):
+        assert planned_model_args(str(source), recorded["conditioning"]) == recorded
+    main(["t2i", "train", f"data={root / 'cache'}", f"finetune.pretrained={folder}", "--plan"])
+    planned = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("parameters"))
+    assert f"{4 * sum(v.numel() for v in theirs.values()) / 2**20:.2f} MiB" in planned

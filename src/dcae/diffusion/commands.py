@@ -65,7 +65,12 @@ def _print_plan(cfg, args: argparse.Namespace) -> int:
     ds = open_cache(cfg.data, seed=cfg.seed, use_flip=cfg.use_flip)
     world = args.processes or int(os.environ.get("WORLD_SIZE", "1"))
     memory = int(args.gpu_memory * GiB) if args.gpu_memory else None
-    print(memory_plan(cfg, _model_args(cfg, ds), ds.latent_shape, ds.conditioning, world, memory).describe())
+    model_args = _model_args(cfg, ds)
+    if cfg.finetune.pretrained:  # the pretrained model's network, from its config (no weights loaded)
+        from dcae.diffusion.t2i.finetune import planned_model_args
+
+        model_args = planned_model_args(cfg.finetune.pretrained, model_args["conditioning"])
+    print(memory_plan(cfg, model_args, ds.latent_shape, ds.conditioning, world, memory).describe())
     return 0
 
 

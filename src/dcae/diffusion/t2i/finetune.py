@@ -99,7 +99,30 @@ def check_matches(pre: Pretrained, index: CacheIndex, data: str, what: str = "fi
 def model_args_of(model: SanaTransformer, conditioning: dict) -> dict:
     """The model_args (dcae.diffusion.train.checkpoint.build_model) that build `model`'s network: its whole
     diffusers config as overrides of SANA-tiny."""
-    cfg = config_kwargs(model.config)
+    return _model_args_of_config(model.config, conditioning)
+
+
+def planned_model_args(source: str, conditioning: dict) -> dict:
+    """`--plan` of a fine-tuning run: the model_args of `source`'s network from its config alone (a pipeline's
+    transformer/config.json, a transformer folder's config.json, a Hub id's, fetched without the weights), so
+    that planning a 4.8B model loads no weights. One of our runs: its recorded model_args."""
+    import json
+
+    path = Path(source).expanduser()
+    if path.exists() and _is_checkpoint(path):
+        args = dict(load_checkpoint(latest_checkpoint(path))[2]["model_args"])
+        args.pop("lora", None)  # a LoRA run's adapters are merged when it is the start of another run
+        return args
+    if not path.exists():  # a Hub id: its transformer's config only
+        path = weights.hub_snapshot(source, allow_patterns=["transformer/config.json", "model_index.json"])
+    config = path / "transformer" / "config.json" if (path / "model_index.json").is_file() else path / "config.json"
+    if not config.is_file():
+        raise UserError(f"finetune.pretrained={source}: no transformer config.json ({config})")
+    return _model_args_of_config(json.loads(config.read_text()), conditioning)
+
+
+def _model_args_of_config(config: dict, conditioning: dict) -> dict:
+    cfg = config_kwargs(config)
     # caption width and tokens come from the conditioning (normalized_model_args keeps them there only)
     overrides = {
         k: v for k, v in cfg.items() if k not in ("in_channels", "out_channels", "sample_size", "caption_channels")
