@@ -60,9 +60,12 @@ def ensure_process_group(device: torch.device) -> None:
 
 
 def release_process_group() -> None:
-    """Destroy the group ensure_process_group made (a launcher's group is the launcher's business)."""
+    """At the end of training: every process waits for the others, then the process group is destroyed (ours
+    or the launcher's). A gloo group left to the interpreter's exit can abort a process that has finished its
+    work ("terminate called without an active exception"), failing a complete run."""
     global _OWN_GROUP
-    if _OWN_GROUP and dist.is_initialized():
+    if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
     _OWN_GROUP = False
 
