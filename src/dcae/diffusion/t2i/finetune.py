@@ -11,6 +11,7 @@ the widths are compared.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,8 +107,6 @@ def planned_model_args(source: str, conditioning: dict) -> dict:
     """`--plan` of a fine-tuning run: the model_args of `source`'s network from its config alone (a pipeline's
     transformer/config.json, a transformer folder's config.json, a Hub id's, fetched without the weights), so
     that planning a 4.8B model loads no weights. One of our runs: its recorded model_args."""
-    import json
-
     path = Path(source).expanduser()
     if path.exists() and _is_checkpoint(path):
         args = dict(load_checkpoint(latest_checkpoint(path))[2]["model_args"])
