@@ -160,8 +160,7 @@ def _setup(cfg: TrainConfig) -> tuple[_Run, int]:
     set_grad_checkpointing(model, cfg.model.gradient_checkpointing)
     template = None
     if cfg.parallel.strategy == "fsdp":  # before the EMA and the optimizer: they hold the shards
-        with torch.device("meta"):  # the unsharded network without storage, for sample grids
-            template = run_ckpt.build_model(model_args)
+        template = sharding.meta_copy(model)  # the unsharded network without storage, for sample grids
         sharding.shard(model, transformer_blocks(model), cfg.mixed_precision, cfg.parallel.reshard_after_forward,
                        accelerator.device)  # fmt: skip
     ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup)
