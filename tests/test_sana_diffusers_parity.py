@@ -116,16 +116,21 @@ CASES = [  # scheduler, steps, size (binned: 400x640 -> 384x640, 256x256 -> 512x
 ]
 
 
-@pytest.mark.parametrize("kind,steps,size,cfg,extra", CASES)
-def test_same_seed_same_picture(pipes, tmp_path, kind, steps, size, cfg, extra):
-    folder, pipe = pipes[kind]
+def _diffusers_options(extra: tuple[str, ...]) -> dict:
+    """The arguments of diffusers' pipeline call that do what our flags `extra` do."""
     kw = {}
     if "--no-instruction" in extra:
         kw["complex_human_instruction"] = None
     if "--no-resolution-binning" in extra:
         kw["use_resolution_binning"] = False
+    return kw
+
+
+@pytest.mark.parametrize("kind,steps,size,cfg,extra", CASES)
+def test_same_seed_same_picture(pipes, tmp_path, kind, steps, size, cfg, extra):
+    folder, pipe = pipes[kind]
     ours = _dcae(folder, tmp_path / "out", 7, steps, size, cfg, extra)
-    theirs = _diffusers(pipe, 7, steps, size, cfg, **kw)
+    theirs = _diffusers(pipe, 7, steps, size, cfg, **_diffusers_options(extra))
     _same_picture(ours, theirs, f"{kind} {steps} steps {size} {extra}")
 
 
@@ -201,10 +206,7 @@ def sprint(tmp_path_factory):
 def test_sprint_same_seed_same_picture(sprint, tmp_path, steps, size, extra):  # fmt: skip
     folder, pipe = sprint
     kw = {} if steps == 2 or steps is None else {"intermediate_timesteps": None}
-    if "--no-instruction" in extra:
-        kw["complex_human_instruction"] = None
-    if "--no-resolution-binning" in extra:
-        kw["use_resolution_binning"] = False
+    kw.update(_diffusers_options(extra))
     ours = _dcae(folder, tmp_path / "out", 7, steps, size, None, extra)
     theirs = _diffusers(pipe, 7, steps, size, None, **kw)
     _same_picture(ours, theirs, f"sprint {steps} steps {size} {extra}")
