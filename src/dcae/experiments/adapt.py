@@ -32,7 +32,7 @@ from dcae.diffusion.t2i.adapt import adapt
 from dcae.diffusion.t2i.adapt import load_config as load_adapt_config
 from dcae.diffusion.t2i.encoders import all_minilm_l6_v2
 from dcae.experiments import common, plots, shapes, t2i
-from dcae.experiments.common import Protocol, pm, spread
+from dcae.experiments.common import Protocol, figures, pct, spread
 from dcae.runtime.log import read_log
 
 DEFAULT_SEEDS = 3
@@ -194,10 +194,6 @@ def _pictures(p, table, chance, losses, samples, test_images, prompts) -> None:
                      column_titles=[c.removeprefix("a ").replace(" a ", "\n") for c in prompts[:k]])  # fmt: skip
 
 
-def _pct(s: dict[str, Any]) -> str:
-    return pm({**s, "mean": 100 * s["mean"], "std": 100 * s["std"] if not math.isnan(s["std"]) else s["std"]}, 1)
-
-
 def _markdown(b, budget, truth, chance, table, compute, seconds, speed, ae_info) -> str:
     teacher_arm, student_arm, same_arm, full_arm = ARMS
     steps = {teacher_arm: f"{b.teacher_steps}",
@@ -226,7 +222,7 @@ def _markdown(b, budget, truth, chance, table, compute, seconds, speed, ae_info)
         lines.append(
             f"| **{arm}** | {tokens[arm]} | {steps[arm]} | {compute[arm] / 1e12:.2f} "
             f"({compute[arm] / compute[teacher_arm]:.2f}x) | {np.mean(seconds[arm]):.0f} | "
-            + " | ".join(_pct(table[arm][a]) for a in shapes.ASPECTS) + " |"
+            + " | ".join(pct(table[arm][a]) for a in shapes.ASPECTS) + " |"
         )  # fmt: skip
     f8, f32 = speed[F8], speed[F32]
     lines += [
@@ -236,11 +232,5 @@ def _markdown(b, budget, truth, chance, table, compute, seconds, speed, ae_info)
         f"f32 patch 1 {f32['train_img_s']:.0f} and {f32['sample_img_s']:.1f}: the adapted student samples "
         f"{f32['sample_img_s'] / f8['sample_img_s']:.2f}x as fast as its teacher "
         f"({f8['tokens'] // f32['tokens']}x fewer tokens).",
-        "",
-        "![adherence](adherence.png)",
-        "",
-        "![samples](samples.png)",
-        "",
-        "![loss](loss.png)",
-    ]
+    ] + figures("adherence", "samples", "loss")
     return "\n".join(lines)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from dcae.experiments import common, plots
-from dcae.experiments.common import Protocol, pm, spread
+from dcae.experiments.common import Protocol, figures, pm, spread
 from dcae.models import DCAE
 from dcae.models.memory import TensorMemoryTracker
 from dcae.train import params
@@ -199,5 +199,5 @@ def _markdown(table: dict, cost: dict, steps1: int, steps2: int, batch2: int) ->
         first = next(iter(by_res.values()))
         cells = [f"{c['peak_mib']:.0f} | {c['step_s']:.2f}" for c in by_res.values()]
         lines.append(f"| {arm} | {first['trainable_parameters']:,} | " + " | ".join(cells) + " |")
-    lines += ["", "![quality](quality.png)", "", "![cost](cost.png)", "", "![reconstructions](reconstructions.png)"]
+    lines += figures("quality", "cost", "reconstructions")
     return "\n".join(lines)

@@ -259,6 +259,16 @@ def pm(s: dict[str, Any], digits: int = 2) -> str:
     return f"{s['mean']:.{digits}f}" + ("" if math.isnan(s["std"]) else f" ± {s['std']:.{digits}f}")
 
 
+def pct(s: dict[str, Any]) -> str:
+    """A spread of shares (0-1) in percent: '12.3 ± 0.4'."""
+    return pm({**s, "mean": 100 * s["mean"], "std": 100 * s["std"]}, 1)
+
+
+def figures(*names: str) -> list[str]:
+    """The report's pictures NAME.png as Markdown lines, each after an empty line."""
+    return [line for name in names for line in ("", f"![{name}]({name}.png)")]
+
+
 def mean_curves(curves: list[list[dict[str, float]]], key: str) -> tuple[list[float], list[float], list[float]]:
     """(steps, mean, std) of one metric over seeds, on the steps every seed has."""
     steps = sorted(set.intersection(*(set(r["step"] for r in c) for c in curves)))

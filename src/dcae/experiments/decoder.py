@@ -23,7 +23,7 @@ import torch
 
 from dcae.data.images import center_crop_arr, uint8_to_tensor
 from dcae.experiments import common, plots
-from dcae.experiments.common import Protocol, pm, spread
+from dcae.experiments.common import Protocol, figures, pm, spread
 
 DEFAULT_SEEDS = 1  # five trainings per seed: one seed fits the ~15 min budget (--seeds N for more)
 RESOLUTION = 64
@@ -192,5 +192,5 @@ def _markdown(table: dict, speed: dict, params: dict, checks: dict, steps: int) 
             f"{d64:+.2f} | {pm(q128['psnr'])} | {d128:+.2f} | {pm(q128['ssim'], 3)} | {pm(q128['lpips'], 3)} | "
             f"{dl:+.3f} | {same} |"
         )
-    lines += ["", "![tradeoff](tradeoff.png)", "", "![reconstructions](reconstructions.png)"]
+    lines += figures("tradeoff", "reconstructions")
     return "\n".join(lines)

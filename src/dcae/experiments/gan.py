@@ -25,7 +25,7 @@ import warnings
 from typing import Any
 
 from dcae.experiments import common, plots
-from dcae.experiments.common import Protocol, pm, spread
+from dcae.experiments.common import Protocol, figures, pm, spread
 from dcae.metrics.fid import FewImagesWarning, InceptionFeatures
 from dcae.runtime.log import read_log
 
@@ -145,5 +145,5 @@ def _markdown(table: dict, steps: int) -> str:
             f"| {arm} | {pm(r['psnr'])} | {pm(r['ssim'], 3)} | {pm(r['lpips'], 3)} | {pm(r['fid'], 1)} | "
             f"{pm(r['sharpness'], 3)} |"
         )
-    lines += ["", "![final](final.png)", "", "![training](training.png)", "", "![reconstructions](reconstructions.png)"]
+    lines += figures("final", "training", "reconstructions")
     return "\n".join(lines)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from dcae.experiments import common, plots
-from dcae.experiments.common import Protocol, pm, spread
+from dcae.experiments.common import Protocol, figures, pm, spread
 from dcae.models import DCAE, DCAEConfig
 
 FACTORS = {32: 32, 64: 128}  # spatial factor -> latent channels (the paper's f32c32 and f64c128)
@@ -98,5 +98,5 @@ def _markdown(table: dict, gaps: dict, params: dict, steps: int) -> str:
     lines += ["", "| factor | PSNR gap (dB) | SSIM gap | LPIPS gap (lower is better) |", "|---|---|---|---|"]
     for f, g in gaps.items():
         lines.append(f"| {f} | {pm(g['psnr'])} | {pm(g['ssim'], 3)} | {pm(g['lpips'], 3)} |")
-    lines += ["", "![curves](curves.png)", "", "![final](final.png)", "", "![reconstructions](reconstructions.png)"]
+    lines += figures("curves", "final", "reconstructions")
     return "\n".join(lines)

@@ -38,7 +38,7 @@ from dcae.diffusion.train.checkpoint import list_checkpoints
 from dcae.diffusion.train.config import load_config
 from dcae.diffusion.train.loop import train
 from dcae.experiments import common, plots, shapes
-from dcae.experiments.common import Protocol, pm, spread
+from dcae.experiments.common import Protocol, figures, pct, spread
 from dcae.runtime.log import read_log
 
 DEFAULT_SEEDS = 3
@@ -278,11 +278,6 @@ def _cli(argv: list[str]) -> None:
 
 
 # ----------------------------------------------------------------------------- report
-def _pct(s: dict[str, Any]) -> str:
-    scaled = {**s, "mean": 100 * s["mean"], "std": 100 * s["std"] if not math.isnan(s["std"]) else s["std"]}
-    return pm(scaled, 1)
-
-
 def _markdown(b, truth, chance, autoencoders, ceilings, curves, table, at_subset) -> str:
     steps = [r["step"] for r in next(iter(curves.values()))[0]]
     lines = [
@@ -319,15 +314,13 @@ def _markdown(b, truth, chance, autoencoders, ceilings, curves, table, at_subset
                   "| diffusion arm | " + " | ".join(f"step {s}" for s in steps) + " | mean over the curve |",
                   "|---|" + "---|" * (len(steps) + 1)]  # fmt: skip
         for label, rows in curves.items():
-            at = [_pct(spread([r[i][aspect] for r in rows])) for i in range(len(steps))]
-            mean = _pct(spread([float(np.mean([x[aspect] for x in r])) for r in rows]))
+            at = [pct(spread([r[i][aspect] for r in rows])) for i in range(len(steps))]
+            mean = pct(spread([float(np.mean([x[aspect] for x in r])) for r in rows]))
             lines.append(f"| {label} | " + " | ".join(at) + f" | {mean} |")
     lines += [
         "",
         f"Arm (c) sampled at its first {at_subset['channels']} channels only (`dcae sample --channels "
-        f"{at_subset['channels']}`, the structured decoder decoding those): all {_pct(at_subset['all'])}, colour "
-        f"{_pct(at_subset['colour'])}, shape {_pct(at_subset['shape'])}, position {_pct(at_subset['position'])}.",
-        "",
-        "![convergence](convergence.png)",
-    ]
+        f"{at_subset['channels']}`, the structured decoder decoding those): all {pct(at_subset['all'])}, colour "
+        f"{pct(at_subset['colour'])}, shape {pct(at_subset['shape'])}, position {pct(at_subset['position'])}.",
+    ] + figures("convergence")
     return "\n".join(lines)

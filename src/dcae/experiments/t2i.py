@@ -20,7 +20,6 @@ several-fold higher throughput. Here, on rendered scenes whose prompts a program
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -36,7 +35,7 @@ from dcae.diffusion.t2i.encoders import all_minilm_l6_v2
 from dcae.diffusion.train.config import load_config
 from dcae.diffusion.train.loop import train
 from dcae.experiments import common, plots, shapes
-from dcae.experiments.common import Protocol, pm, spread
+from dcae.experiments.common import Protocol, figures, pct, spread
 from dcae.models import DCAE, DCAEConfig
 from dcae.runtime.log import read_log
 from dcae.utils.io import atomic_write_text
@@ -268,11 +267,6 @@ def _pictures(p, table, chance, ceilings, losses, samples, test_images, prompts)
                      column_titles=[c.removeprefix("a ").replace(" a ", "\n") for c in prompts[:k]])  # fmt: skip
 
 
-def _pct(s: dict[str, Any]) -> str:
-    scaled = {**s, "mean": 100 * s["mean"], "std": 100 * s["std"] if not math.isnan(s["std"]) else s["std"]}
-    return pm(scaled, 1)
-
-
 def _markdown(b, truth, chance, ceilings, autoencoders, table, speed, coverage) -> str:
     f32, f8 = list(ARMS)
     lines = [
@@ -298,7 +292,7 @@ def _markdown(b, truth, chance, ceilings, autoencoders, table, speed, coverage) 
                      + " | ".join(f"{100 * c[a]:.1f}" for a in shapes.ASPECTS) + " |")  # fmt: skip
     for label, by_g in table.items():
         for g, row in by_g.items():
-            lines.append(f"| **{label}, guidance {g:g}** | " + " | ".join(_pct(row[a]) for a in shapes.ASPECTS) + " |")
+            lines.append(f"| **{label}, guidance {g:g}** | " + " | ".join(pct(row[a]) for a in shapes.ASPECTS) + " |")
     lines += ["", "| | tokens | network img/s, training | sampling | decode | AE held-out PSNR (dB) | AE params |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip
     for label, s in speed.items():
@@ -312,11 +306,5 @@ def _markdown(b, truth, chance, ceilings, autoencoders, table, speed, coverage) 
         f"{ratio['train_img_s']:.2f}x, sampling {ratio['sample_img_s']:.2f}x, decoding {ratio['decode_img_s']:.2f}x "
         f"the throughput (fp32, {speed[f32]['threads']} CPU threads, batch {b.t2i_batch}; sampling: "
         f"{b.sample_steps} guided steps).",
-        "",
-        "![adherence](adherence.png)",
-        "",
-        "![samples](samples.png)",
-        "",
-        "![loss](loss.png)",
-    ]
+    ] + figures("adherence", "samples", "loss")
     return "\n".join(lines)
